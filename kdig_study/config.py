@@ -1,0 +1,422 @@
+"""Study files -> frozen dataclasses.
+
+A study file (``studies/<name>.toml``) describes data, teacher, student, their training, the
+method switches (kd, ig, at), the method's hyperparameters, the search space, and scale
+presets (``[scales.smoke]``, ``[scales.cpu]``, ``[scales.paper]``) whose tables override the
+base tables. ``inherit = "<study>"`` starts from another study file in the same folder.
+
+Every check runs here, before any work starts: an unknown key, a wrong type or an
+out-of-range value raises :class:`KdigError` with one line naming the file, the key, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kdig_study.errors import KdigError
+
+SCALES: tuple[str, ...] = ("smoke", "cpu", "paper")
+Scale = Literal["smoke", "cpu", "paper"]
+SEARCH_PARAMS: tuple[str, ...] = (
+    "temperature",
+    "alpha",
+    "overlay_strength",
+    "overlay_prob",
+    "ig_steps",
+    "lr",
+    "at_weight",
+)
+
+
+def _bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
+             le: float | None = None) -> Any:
+    """A dataclass field with a numeric range that the loader checks."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["cifar10", "synthetic"] = "cifar10"
+    # Data folder or archive; "" means --data-dir, then $KDIG_DATA, then ./data, ../shared/data.
+    path: str = ""
+    val_size: int = _bounded(5000, ge=10)  # held out of the training set, stratified
+    test_size: int = _bounded(0, ge=0)  # 0: the whole test split
+    split_seed: int = 0
+    normalize: bool = True  # mean/std of the training split, applied after any overlay
+    pad: int = _bounded(4, ge=0, le=16)  # random-crop padding
+    flip: bool = True
+    # Synthetic data only: how many images to generate for the training pool and the test set.
+    synthetic_train: int = _bounded(2000, ge=20)
+    synthetic_test: int = _bounded(500, ge=10)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["mobilenetv2", "convnet"] = "mobilenetv2"
+    width: float = _bounded(1.0, gt=0.0, le=4.0)
+    # Trailing modules of `features` removed (the paper's student: 5, keeping 13 blocks).
+    drop_blocks: int = _bounded(0, ge=0, le=17)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = _bounded(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = _bounded(0.0, ge=0.0)
+    momentum: float = _bounded(0.9, ge=0.0, le=1.0)
+    schedule: Literal["constant", "onecycle", "cosine"] = "constant"
+    epochs: int = _bounded(100, ge=1)
+    batch_size: int = _bounded(64, ge=1)
+    label_smoothing: float = _bounded(0.0, ge=0.0, le=1.0)
+    # 0: the whole training split; else a stratified subset of that many images.
+    train_size: int = _bounded(0, ge=0)
+    seed: int = 0
+    # auto: bfloat16 autocast where the hardware runs it fast (CUDA; CPUs with AMX), else fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    kd: bool = True
+    ig: bool = True
+    at: bool = False
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    temperature: float = _bounded(2.5, gt=0.0, le=100.0)
+    alpha: float = _bounded(0.01, ge=0.0, le=1.0)  # weight of the KD term (DESIGN.md)
+
+
+@dataclass(frozen=True)
+class ATConfig:
+    weight: float = _bounded(0.8, ge=0.0)
+
+
+@dataclass(frozen=True)
+class IGConfig:
+    steps: int = _bounded(50, ge=1, le=4096)
+    method: Literal["gausslegendre", "riemann_middle", "riemann_left", "riemann_right",
+                    "riemann_trapezoid"] = "gausslegendre"
+    baseline: Literal["zeros", "black", "blur"] = "zeros"
+    reduce: Literal["abs_sum", "sum_abs", "l2"] = "abs_sum"
+    batch_size: int = _bounded(64, ge=1)  # images per IG chunk (and per resumable step)
+    internal_batch: int = _bounded(128, ge=1)  # points x images per forward/backward pass
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    max_gap: float = _bounded(0.05, gt=0.0)  # bound on the median relative completeness gap
+    overlay_prob: float = _bounded(0.1, ge=0.0, le=1.0)
+    overlay_strength: float = _bounded(0.5, ge=0.0, le=1.0)  # lam in x' = (1-lam) x + lam M
+    exponent_low: float = _bounded(1.0, gt=0.0)
+    exponent_high: float = _bounded(2.0, gt=0.0)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One search dimension: a float/int range (optionally log) or a list of choices."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    n_trials: int = _bounded(20, ge=1)
+    timeout: float = _bounded(0.0, ge=0.0)  # seconds; 0 means none
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    seed: int = 0
+    space: dict[str, ParamSpec] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    source: str  # the study file, for messages
+    scale: Scale
+    description: str = ""
+    data: DataConfig = DataConfig()
+    teacher: ModelConfig = ModelConfig()
+    student: ModelConfig = ModelConfig(drop_blocks=5)
+    teacher_train: TrainConfig = TrainConfig()
+    student_train: TrainConfig = TrainConfig()
+    method: MethodConfig = MethodConfig()
+    kd: KDConfig = KDConfig()
+    at: ATConfig = ATConfig()
+    ig: IGConfig = IGConfig()
+    search: SearchConfig = SearchConfig()
+    expected_minutes: float = 0.0  # measured wall time of `optimize` at this scale, for the banner
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results (not the file's path or description)."""
+        d = self.to_dict()
+        for k in ("source", "description", "expected_minutes"):
+            d.pop(k)
+        d["data"].pop("path")  # the same data found at another path is the same data
+        return _hash(d)
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "teacher": ModelConfig,
+    "student": ModelConfig,
+    "teacher_train": TrainConfig,
+    "student_train": TrainConfig,
+    "method": MethodConfig,
+    "kd": KDConfig,
+    "at": ATConfig,
+    "ig": IGConfig,
+    "search": SearchConfig,
+}
+_TOP_KEYS = ("inherit", "description", "expected_minutes", "scales")
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def studies_dir() -> Path:
+    """$KDIG_STUDIES, else ./studies, else the studies/ folder beside the package."""
+    env = os.environ.get("KDIG_STUDIES")
+    if env:
+        return Path(env)
+    local = Path("studies")
+    if local.is_dir():
+        return local
+    return Path(__file__).resolve().parent.parent / "studies"
+
+
+def study_path(study: str) -> Path:
+    """A study name (``kd_ig``) or a path to a .toml file."""
+    if study.endswith(".toml") or os.sep in study:
+        path = Path(study)
+    else:
+        path = studies_dir() / f"{study}.toml"
+    if not path.is_file():
+        folder = path.parent
+        known = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+        raise KdigError(f"unknown study '{study}': no file {path}"
+                        + (f"; known studies: {', '.join(known)}" if known else ""))
+    return path
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise KdigError(f"{path}: not valid TOML: {e}") from None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _raw_table(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    table = _read_toml(path)
+    parent = table.pop("inherit", None)
+    if parent is None:
+        return table
+    if not isinstance(parent, str):
+        raise KdigError(f"{path}: inherit = {parent!r}: must be a study name (a string)")
+    parent_path = path.parent / f"{parent}.toml"
+    if not parent_path.is_file():
+        raise KdigError(f"{path}: inherit = {parent!r}: no file {parent_path}")
+    if parent_path.resolve() in seen:
+        raise KdigError(f"{path}: inherit = {parent!r}: inheritance loop")
+    return _merge(_raw_table(parent_path, seen + (path.resolve(),)), table)
+
+
+def load_study(study: str, scale: str) -> StudyConfig:
+    """Load ``studies/<study>.toml`` (or a path) at a scale preset, fully validated."""
+    path = study_path(study)
+    if scale not in SCALES:
+        raise KdigError(f"unknown scale '{scale}'; allowed: {', '.join(SCALES)}")
+    table = _raw_table(path)
+    src = str(path)
+    for key in table:
+        if key not in _SECTIONS and key not in _TOP_KEYS:
+            allowed = ", ".join(list(_SECTIONS) + list(_TOP_KEYS))
+            raise KdigError(f"{src}: unknown key '{key}'; allowed: {allowed}")
+    scales = table.pop("scales", {})
+    if not isinstance(scales, dict):
+        raise KdigError(f"{src}: [scales] must be a table of presets ({', '.join(SCALES)})")
+    for name in scales:
+        if name not in SCALES:
+            raise KdigError(f"{src}: unknown scale preset [scales.{name}]; "
+                            f"allowed: {', '.join(SCALES)}")
+    # Check the base tables first so an error names the table it is written in.
+    _build_study(table, path.stem, src, "paper", where="")
+    preset = scales.get(scale, {})
+    for key in preset:
+        if key not in _SECTIONS and key not in ("description", "expected_minutes"):
+            raise KdigError(f"{src}: unknown key 'scales.{scale}.{key}'; "
+                            f"allowed: {', '.join(_SECTIONS)}, expected_minutes")
+    merged = _merge(table, preset)
+    return _build_study(merged, path.stem, src, scale, where=f"scales.{scale}.",
+                        overridden=preset)
+
+
+def _build_study(table: dict[str, Any], name: str, src: str, scale: str, where: str,
+                 overridden: dict[str, Any] | None = None) -> StudyConfig:
+    sections: dict[str, Any] = {}
+    for key, cls in _SECTIONS.items():
+        sub = table.get(key, {})
+        prefix = where if overridden is not None and key in overridden else ""
+        if not isinstance(sub, dict):
+            raise KdigError(f"{src}: '{prefix}{key}' must be a table [{key}], got {sub!r}")
+        sections[key] = _build(cls, sub, src, f"{prefix}{key}")
+    description = table.get("description", "")
+    if not isinstance(description, str):
+        raise KdigError(f"{src}: description = {description!r}: must be a string")
+    minutes = table.get("expected_minutes", 0.0)
+    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes < 0:
+        raise KdigError(f"{src}: expected_minutes = {minutes!r}: must be a number >= 0")
+    cfg = StudyConfig(name=name, source=src, scale=scale,  # type: ignore[arg-type]
+                      description=description, expected_minutes=float(minutes), **sections)
+    _check_study(cfg)
+    return cfg
+
+
+def _check_study(cfg: StudyConfig) -> None:
+    """Checks that span several fields."""
+    src = cfg.source
+    if cfg.ig.exponent_low > cfg.ig.exponent_high:
+        raise KdigError(f"{src}: ig.exponent_low = {cfg.ig.exponent_low} is above "
+                        f"ig.exponent_high = {cfg.ig.exponent_high}; allowed: low <= high")
+    for role in ("teacher", "student"):
+        m: ModelConfig = getattr(cfg, role)
+        if m.arch == "convnet" and m.drop_blocks:
+            raise KdigError(f"{src}: {role}.drop_blocks = {m.drop_blocks}: the convnet family "
+                            f"is compressed by width, not depth; allowed: 0")
+    if cfg.method.at and (cfg.teacher.arch != cfg.student.arch):
+        raise KdigError(f"{src}: method.at = true needs teacher and student of one family; "
+                        f"got {cfg.teacher.arch} and {cfg.student.arch}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is tuple:
+        return "a list of numbers"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(tp: Any, value: Any) -> tuple[bool, Any]:
+    """(ok, converted value) for one TOML value against a field type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            ok, v = _coerce(arg, value)
+            if ok:
+                return True, v
+        return False, value
+    if origin is tuple:
+        if not isinstance(value, list):
+            return False, value
+        items = [_coerce(typing.get_args(tp)[0], v) for v in value]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is str:
+        return isinstance(value, str), value
+    return False, value
+
+
+def _check_range(f: dataclasses.Field[Any], value: Any) -> str | None:
+    m = f.metadata
+    if not m or isinstance(value, bool):
+        return None
+    if m.get("ge") is not None and value < m["ge"]:
+        return f">= {m['ge']:g}" + (f" and <= {m['le']:g}" if m.get("le") is not None else "")
+    if m.get("gt") is not None and value <= m["gt"]:
+        return f"> {m['gt']:g}" + (f" and <= {m['le']:g}" if m.get("le") is not None else "")
+    if m.get("le") is not None and value > m["le"]:
+        low = m.get("ge") if m.get("ge") is not None else m.get("gt")
+        op = ">=" if m.get("ge") is not None else ">"
+        return (f"{op} {low:g} and " if low is not None else "") + f"<= {m['le']:g}"
+    return None
+
+
+def _build(cls: type, table: dict[str, Any], src: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise KdigError(f"{src}: unknown key '{where}.{key}'; allowed: {', '.join(fields)}")
+        tp = hints[key]
+        if cls is SearchConfig and key == "space":
+            kwargs[key] = _build_space(value, src, f"{where}.space")
+            continue
+        ok, converted = _coerce(tp, value)
+        if not ok:
+            raise KdigError(f"{src}: {where}.{key} = {value!r}: wrong type; "
+                            f"allowed: {_type_name(tp)}")
+        allowed = _check_range(fields[key], converted)
+        if allowed is not None:
+            raise KdigError(f"{src}: {where}.{key} = {value!r}: out of range; "
+                            f"allowed: {allowed}")
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _build_space(table: Any, src: str, where: str) -> dict[str, ParamSpec]:
+    if not isinstance(table, dict):
+        raise KdigError(f"{src}: {where} must be a table of parameters")
+    space: dict[str, ParamSpec] = {}
+    for name, spec_table in table.items():
+        key = f"{where}.{name}"
+        if name not in SEARCH_PARAMS:
+            raise KdigError(f"{src}: unknown search parameter '{key}'; "
+                            f"allowed: {', '.join(SEARCH_PARAMS)}")
+        if not isinstance(spec_table, dict):
+            raise KdigError(f"{src}: {key} must be a table with low/high[/log] or choices")
+        spec = _build(ParamSpec, spec_table, src, key)
+        if spec.choices:
+            if spec.low is not None or spec.high is not None:
+                raise KdigError(f"{src}: {key}: give either choices or low/high, not both")
+        elif spec.low is None or spec.high is None or spec.low > spec.high:
+            raise KdigError(f"{src}: {key}: needs low <= high (or choices); "
+                            f"got low={spec.low}, high={spec.high}")
+        elif spec.log and spec.low <= 0:
+            raise KdigError(f"{src}: {key}.low = {spec.low}: a log scale needs low > 0")
+        if name == "ig_steps" and not spec.choices:
+            raise KdigError(f"{src}: {key}: IG steps are searched over choices "
+                            f"(the counts the map store can serve), e.g. choices = [8, 16, 32]")
+        space[name] = spec
+    return space

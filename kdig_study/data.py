@@ -1,0 +1,469 @@
+"""CIFAR-10 (or any 32x32 image-folder data set) into memory, split, and batched.
+
+Sources, found from a data folder or archive:
+  * torchvision's own format: ``<dir>/cifar-10-batches-py`` (what ``download=True`` makes);
+  * an image-folder tree ``train/<class>/*``, ``test/<class>/*`` (JPEG or PNG), as a folder or
+    as a .tar / .tar.gz archive of one;
+  * synthetic shapes (``dataset = "synthetic"``), for tests.
+
+Decoding happens once; the uint8 arrays are cached under <cache>/data, keyed by the source's
+path, sizes and modification times, so a changed source is decoded again.
+
+The loader keeps the whole split as a uint8 tensor on the device and augments whole batches
+with tensor ops (random crop from a zero-padded copy, horizontal flip), the way airbench does,
+instead of one PIL call per image. Extra per-image planes (IG maps) are cropped and flipped
+with the same offsets as their image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from kdig_study import synthetic
+from kdig_study.config import DataConfig
+from kdig_study.errors import KdigError
+from kdig_study.paths import atomic_write, cache_dir, locked
+
+_CACHE_VERSION = 1
+_IMAGE_EXT = (".jpg", ".jpeg", ".png")
+_ARCHIVE_EXT = (".tar", ".tar.gz", ".tgz")
+DEFAULT_DATA_DIRS: tuple[str, ...] = ("data", "../shared/data")
+
+HOW_TO_GET = (
+    "get CIFAR-10 with `python -c \"import torchvision; torchvision.datasets.CIFAR10('data', "
+    "download=True)\"` on a machine with internet (or bring an image-folder tree "
+    "train/<class>/*.jpg, test/<class>/*.jpg, as a folder or .tar.gz), then point to it with "
+    "--data-dir DIR or KDIG_DATA=DIR"
+)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: torch.Tensor  # [N, 3, 32, 32] uint8
+    labels: torch.Tensor  # [N] int64
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, index: torch.Tensor) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index])
+
+
+@dataclass(frozen=True)
+class Source:
+    """A decoded data set: its training pool and test split."""
+
+    train: ImageSet
+    test: ImageSet
+    classes: tuple[str, ...]
+    fingerprint: str  # hash of the decoded pixels and labels
+    origin: str  # where it came from, for reports
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """The splits one study uses. ``train`` is stored in stratified order, so its first n
+    images are a class-balanced subset (:meth:`train_subset`)."""
+
+    train: ImageSet
+    train_index: torch.Tensor  # [N_train] index of each training image in the source's pool
+    val: ImageSet
+    test: ImageSet
+    classes: tuple[str, ...]
+    mean: tuple[float, float, float]  # per channel, of the training split, on [0, 1]
+    std: tuple[float, float, float]
+    fingerprint: str  # source fingerprint + split settings
+    origin: str
+    pad: int = 4  # training augmentation: random-crop padding
+    flip: bool = True  # training augmentation: horizontal flip
+
+    def train_subset(self, n: int) -> tuple[ImageSet, torch.Tensor]:
+        """The first ``n`` training images (0: all) and their indices in the source pool."""
+        if n == 0 or n >= len(self.train):
+            return self.train, self.train_index
+        return self.take_train(torch.arange(n))
+
+    def take_train(self, rows: torch.Tensor) -> tuple[ImageSet, torch.Tensor]:
+        return self.train.take(rows), self.train_index[rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and decoding the source
+
+
+def resolve_data_path(cfg: DataConfig, flag: str | None) -> Path:
+    """--data-dir, then $KDIG_DATA, then the study file's data.path, then the default folders."""
+    for given, what in ((flag, "--data-dir"), (os.environ.get("KDIG_DATA"), "KDIG_DATA"),
+                        (cfg.path or None, "data.path in the study file")):
+        if given:
+            path = Path(given).expanduser()
+            if not path.exists():
+                raise KdigError(f"data folder {path} (from {what}) does not exist; {HOW_TO_GET}")
+            return path
+    for default in DEFAULT_DATA_DIRS:
+        path = Path(default)
+        if path.exists() and _detect(path, strict=False) is not None:
+            return path
+    raise KdigError(f"no CIFAR-10 found (looked in {', '.join(DEFAULT_DATA_DIRS)}); {HOW_TO_GET}")
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(_ARCHIVE_EXT)
+
+
+def _detect(path: Path, strict: bool = True) -> tuple[str, Path] | None:
+    """('torchvision' | 'folder' | 'archive', the path to read) or None / an error."""
+    if _is_archive(path):
+        return "archive", path
+    if path.is_dir():
+        if (path / "cifar-10-batches-py" / "data_batch_1").is_file():
+            return "torchvision", path
+        if path.name == "cifar-10-batches-py" and (path / "data_batch_1").is_file():
+            return "torchvision", path.parent
+        if (path / "train").is_dir() and (path / "test").is_dir():
+            return "folder", path
+        archives = sorted(p for p in path.iterdir() if _is_archive(p))
+        if len(archives) == 1:
+            return "archive", archives[0]
+        if len(archives) > 1 and strict:
+            names = ", ".join(p.name for p in archives)
+            raise KdigError(f"data folder {path} holds several archives ({names}); point "
+                            f"--data-dir at one of them")
+    if strict:
+        raise KdigError(f"{path} holds no CIFAR-10: expected cifar-10-batches-py/, train/ and "
+                        f"test/ folders, or a .tar/.tar.gz of them; {HOW_TO_GET}")
+    return None
+
+
+def _stat_signature(kind: str, path: Path) -> list[tuple[str, int, int]]:
+    if kind == "archive":
+        st = path.stat()
+        return [(path.name, st.st_size, st.st_mtime_ns)]
+    root = path / "cifar-10-batches-py" if kind == "torchvision" else path
+    sig = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            st = p.stat()
+            sig.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns))
+    return sorted(sig)
+
+
+def _decode_image(data: bytes | Path, where: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises several types for bad files
+        raise KdigError(f"cannot decode image {where}: {e}") from None
+    if arr.shape != (32, 32, 3):
+        raise KdigError(f"image {where} is {arr.shape[1]}x{arr.shape[0]}; kdig_study expects "
+                        f"32x32 RGB images (CIFAR-10 format)")
+    return arr
+
+
+def _assemble(items: list[tuple[str, str, str, np.ndarray]], where: Path
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
+    """items: (split, class, name, HWC image) -> NCHW arrays in (class, name) order."""
+    classes = {s: sorted({c for sp, c, _, _ in items if sp == s}) for s in ("train", "test")}
+    if not classes["train"] or not classes["test"]:
+        raise KdigError(f"{where}: needs images under both train/<class>/ and test/<class>/")
+    if classes["train"] != classes["test"]:
+        raise KdigError(f"{where}: train/ and test/ have different class folders: "
+                        f"{classes['train']} vs {classes['test']}")
+    label_of = {c: i for i, c in enumerate(classes["train"])}
+    out = []
+    for split in ("train", "test"):
+        rows = sorted((label_of[c], n, a) for s, c, n, a in items if s == split)
+        x = np.stack([a for _, _, a in rows]).transpose(0, 3, 1, 2)
+        y = np.array([lab for lab, _, _ in rows], dtype=np.int64)
+        out += [np.ascontiguousarray(x), y]
+    return out[0], out[1], out[2], out[3], tuple(classes["train"])
+
+
+def _split_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
+    """('train'|'test', class) for .../train/<class>/<file>, else None."""
+    if len(parts) >= 3 and parts[-3] in ("train", "test"):
+        return parts[-3], parts[-2]
+    return None
+
+
+def _read_folder(root: Path) -> tuple:
+    files = []
+    for split in ("train", "test"):
+        for p in sorted((root / split).rglob("*")):
+            if p.suffix.lower() in _IMAGE_EXT and _split_class(p.relative_to(root).parts):
+                files.append(p)
+    items = []
+    for p in tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1.0):
+        split, cls = _split_class(p.relative_to(root).parts)  # type: ignore[misc]
+        items.append((split, cls, p.name, _decode_image(p, str(p))))
+    return _assemble(items, root)
+
+
+def _read_archive(path: Path) -> tuple:
+    items = []
+    try:
+        with tarfile.open(path, "r:*") as tar, tqdm(desc=f"decoding {path.name}", unit="img",
+                                                    mininterval=1.0) as bar:
+            for member in tar:
+                sc = _split_class(Path(member.name).parts)
+                if not member.isfile() or sc is None or \
+                        not member.name.lower().endswith(_IMAGE_EXT):
+                    continue
+                f = tar.extractfile(member)
+                assert f is not None  # a regular file always has contents
+                items.append((sc[0], sc[1], Path(member.name).name,
+                              _decode_image(f.read(), f"{path}:{member.name}")))
+                bar.update()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        detail = " ".join(str(e).split())  # tarfile's message spans several lines
+        raise KdigError(f"cannot read archive {path}: {detail}") from None
+    return _assemble(items, path)
+
+
+def _read_torchvision(root: Path) -> tuple:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        sets = [CIFAR10(str(root), train=t, download=False) for t in (True, False)]
+    except RuntimeError as e:
+        raise KdigError(f"{root}/cifar-10-batches-py is incomplete or corrupt ({e}); "
+                        f"{HOW_TO_GET}") from None
+    arrays = []
+    for ds in sets:
+        arrays += [np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)),
+                   np.asarray(ds.targets, dtype=np.int64)]
+    return arrays[0], arrays[1], arrays[2], arrays[3], tuple(sets[0].classes)
+
+
+def _content_hash(arrays: list[np.ndarray], classes: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).data)
+    h.update(json.dumps(classes).encode())
+    return h.hexdigest()
+
+
+def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = True) -> Source:
+    """Decode the data set once (cached as uint8 arrays) and return it."""
+    if cfg.dataset == "synthetic":
+        tx, ty = synthetic.generate(cfg.synthetic_train, seed=1)
+        sx, sy = synthetic.generate(cfg.synthetic_test, seed=2)
+        fp = _content_hash([tx.numpy(), ty.numpy(), sx.numpy(), sy.numpy()], synthetic.CLASSES)
+        return Source(ImageSet(tx, ty), ImageSet(sx, sy), synthetic.CLASSES, fp, "synthetic")
+    path = resolve_data_path(cfg, data_dir)
+    kind, target = _detect(path)  # type: ignore[misc]
+    key = hashlib.sha256(json.dumps(
+        [_CACHE_VERSION, kind, str(target.resolve()), _stat_signature(kind, target)]).encode()
+    ).hexdigest()[:20]
+    cache = cache_dir() / "data" / f"cifar10-{key}.npz"
+    with locked(cache):
+        if not cache.is_file():
+            reader: Callable[[Path], tuple] = {"archive": _read_archive, "folder": _read_folder,
+                                               "torchvision": _read_torchvision}[kind]
+            tx, ty, sx, sy, classes = reader(target)
+            fp = _content_hash([tx, ty, sx, sy], classes)
+
+            def write(tmp: Path) -> None:
+                with tmp.open("wb") as f:
+                    np.savez(f, train_x=tx, train_y=ty, test_x=sx, test_y=sy,
+                             classes=np.array(classes), fingerprint=np.array(fp))
+
+            atomic_write(cache, write)
+    try:
+        with np.load(cache) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError) as e:
+        cache.unlink(missing_ok=True)
+        raise KdigError(f"data cache {cache} was unreadable ({e}); it has been removed, "
+                        f"run again to rebuild it") from None
+    if len(arrays["classes"]) != 10:
+        raise KdigError(f"{target}: found {len(arrays['classes'])} classes; CIFAR-10 has 10")
+    return Source(
+        train=ImageSet(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"])),
+        test=ImageSet(torch.from_numpy(arrays["test_x"]), torch.from_numpy(arrays["test_y"])),
+        classes=tuple(str(c) for c in arrays["classes"]),
+        fingerprint=str(arrays["fingerprint"]),
+        origin=f"{kind}:{target}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def stratified_order(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """A permutation of ``range(len(labels))`` whose every prefix is (nearly) class-balanced.
+
+    Each class is shuffled, then the classes are interleaved by their relative rank
+    (i + 0.5) / n_class, so a prefix of length m holds about m * n_class / N of each class.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = labels.shape[0]
+    key = torch.empty(n, dtype=torch.float64)
+    for c in labels.unique():
+        members = (labels == c).nonzero().squeeze(1)
+        members = members[torch.randperm(members.numel(), generator=g)]
+        key[members] = (torch.arange(members.numel(), dtype=torch.float64) + 0.5) / members.numel()
+    # Equal keys (classes of equal size) fall back to label order: a stable sort over
+    # label-sorted rows keeps the result deterministic.
+    by_label = torch.argsort(labels, stable=True)
+    return by_label[torch.argsort(key[by_label], stable=True)]
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.to(torch.float64).div_(255)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3))
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def make_bundle(source: Source, cfg: DataConfig) -> DataBundle:
+    """Hold out a stratified validation split from the training pool; keep the test split
+    apart (optionally a stratified subset of it)."""
+    pool = len(source.train)
+    if cfg.val_size >= pool:
+        raise KdigError(f"data.val_size = {cfg.val_size} leaves no training images "
+                        f"(the training pool has {pool}); allowed: < {pool}")
+    order = stratified_order(source.train.labels, cfg.split_seed)
+    val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size:]
+    test = source.test
+    if cfg.test_size and cfg.test_size < len(test):
+        keep = stratified_order(test.labels, cfg.split_seed + 1)[: cfg.test_size]
+        test = test.take(keep.sort().values)
+    train = source.train.take(train_idx)
+    if cfg.normalize:
+        mean, std = _channel_stats(train.images)
+    else:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    fp = hashlib.sha256(json.dumps(
+        [source.fingerprint, cfg.val_size, cfg.test_size, cfg.split_seed, cfg.normalize,
+         cfg.pad, cfg.flip]
+    ).encode()).hexdigest()
+    return DataBundle(train=train, train_index=train_idx, val=source.train.take(val_idx),
+                      test=test, classes=source.classes, mean=mean, std=std,  # type: ignore[arg-type]
+                      fingerprint=fp, origin=source.origin, pad=cfg.pad, flip=cfg.flip)
+
+
+def load_bundle(cfg: DataConfig, data_dir: str | None = None) -> DataBundle:
+    return make_bundle(load_source(cfg, data_dir), cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loader
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor  # [B, 3, 32, 32] float, normalised, channels_last: the model's input
+    x_clean: torch.Tensor  # same, without the overlay (what a KD teacher sees); `x` if none
+    y: torch.Tensor  # [B] int64
+    index: torch.Tensor  # [B] row of each image in the loader's set (on the CPU)
+
+
+# (x01 [B, 3, H, W] in [0, 1], planes [B, P, H, W], generator) -> overlaid x01, a new tensor
+# (x01 itself stays untouched: it is what a KD teacher sees).
+Overlay = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+class BatchLoader:
+    """Batches of an in-memory uint8 image set, augmented on whole batches on its device.
+
+    Every crop of every image is a strided view of one padded copy (and, for flips, one
+    mirrored copy), so a batch is one indexing op: [flip, image, dy, dx] -> [B, C, H, W].
+    The data are stored channels-last (NHWC), so batches come out channels-last as the
+    models want them. Deterministic under ``seed``: a new loader with the same seed yields
+    the same epochs.
+    """
+
+    def __init__(self, data: ImageSet, *, batch_size: int, mean: tuple[float, ...],
+                 std: tuple[float, ...], device: torch.device | str = "cpu",
+                 train: bool = False, pad: int = 4, flip: bool = True, seed: int = 0,
+                 planes: torch.Tensor | None = None, overlay: Overlay | None = None,
+                 drop_last: bool = False) -> None:
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.train, self.pad, self.flip = train, (pad if train else 0), (flip and train)
+        self.drop_last = drop_last
+        self.n = len(data)
+        self.size = tuple(data.images.shape[-2:])
+        self.crops = self._crop_view(data.images)
+        self.labels = data.labels.to(self.device)
+        self.plane_crops = None
+        if planes is not None:
+            if planes.shape[0] != self.n or planes.shape[-2:] != data.images.shape[-2:]:
+                raise ValueError(f"planes {tuple(planes.shape)} do not match images "
+                                 f"{tuple(data.images.shape)}")
+            self.plane_crops = self._crop_view(planes)
+        self.overlay = overlay
+        mean_t = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        inv_std = 1.0 / torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.mean, self.inv_std = mean_t, inv_std
+        # uint8 -> normalised float in one fused op: x * scale + shift
+        self.scale, self.shift = inv_std / 255.0, -mean_t * inv_std
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _crop_view(self, t: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> a view [V, N, 2p+1, 2p+1, C, H, W] of every crop (V = 2 with flips)."""
+        p = self.pad
+        padded = torch.nn.functional.pad(t, (p, p, p, p))
+        versions = [padded, padded.flip(-1)] if self.flip else [padded]
+        store = torch.stack(versions).permute(0, 1, 3, 4, 2).contiguous().to(self.device)
+        v, n, hp, wp, c = store.shape
+        h, w = hp - 2 * p, wp - 2 * p
+        s = store.stride()
+        return store.as_strided((v, n, 2 * p + 1, 2 * p + 1, c, h, w),
+                                (s[0], s[1], s[2], s[3], s[4], s[2], s[3]))
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full if (self.drop_last or rest == 0) else full + 1
+
+    def _offsets(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image: mirrored or not, crop row offset, crop column offset."""
+        g, span = self.generator, 2 * self.pad + 1
+        if not self.train:
+            zero = torch.zeros(b, dtype=torch.long)
+            return zero, zero, zero
+        flip = (torch.rand(b, generator=g) < 0.5).long() if self.flip \
+            else torch.zeros(b, dtype=torch.long)
+        dy = torch.randint(0, span, (b,), generator=g)
+        dx = torch.randint(0, span, (b,), generator=g)
+        return flip, dy, dx
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.train:
+            order = torch.randperm(self.n, generator=self.generator)
+        else:
+            order = torch.arange(self.n)
+        for start in range(0, self.n, self.batch_size):
+            idx = order[start: start + self.batch_size]
+            if self.drop_last and idx.numel() < self.batch_size:
+                break
+            # One index tuple for the images and their planes: the same crop and flip.
+            at = tuple(t.to(self.device) for t in (*self._offsets(idx.numel()), idx))
+            key = (at[0], at[3], at[1], at[2])
+            images = self.crops[key]  # [B, 3, H, W] uint8, channels-last
+            y = self.labels[at[3]]
+            if self.overlay is None or self.plane_crops is None:
+                x = torch.addcmul(self.shift, images.float(), self.scale)
+                yield Batch(x, x, y, idx)
+                continue
+            x_clean01 = images.float().div_(255)
+            x01 = self.overlay(x_clean01, self.plane_crops[key].float(), self.generator)
+            yield Batch(self._normalise(x01), self._normalise(x_clean01), y, idx)
+
+    def _normalise(self, x01: torch.Tensor) -> torch.Tensor:
+        return ((x01 - self.mean) * self.inv_std).contiguous(memory_format=torch.channels_last)

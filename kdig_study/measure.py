@@ -1,0 +1,102 @@
+"""What a model costs: parameters, FLOPs, bytes, and latency measured the careful way."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from kdig_study.models import Net, count_flops, count_params, serialized_bytes
+
+
+@dataclass(frozen=True)
+class Latency:
+    device: str
+    batch_size: int
+    threads: int  # torch intra-op threads during the measurement (CPU)
+    warmup: int
+    runs: int
+    median_ms: float
+    p90_ms: float
+
+    @property
+    def method(self) -> str:
+        return (f"{self.device}, batch {self.batch_size}, {self.threads} threads, fp32, "
+                f"eval mode, channels_last, {self.warmup} warm-up passes, then median and p90 "
+                f"of {self.runs} timed forward passes")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"method": self.method}
+
+
+def default_threads() -> int:
+    """The cores this process may use (what a deployment on this box would have)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def measure_latency(model: Net, batch_size: int = 1, device: torch.device | str = "cpu",
+                    threads: int | None = None, warmup: int = 10, runs: int = 50) -> Latency:
+    """Warm forward-pass latency: ``warmup`` untimed passes, then ``runs`` timed ones.
+
+    A single cold pass (how the paper got 140 ms vs 13 ms) mostly times allocation and
+    kernel selection; warm medians are what a deployed model sees.
+    """
+    device = torch.device(device)
+    threads = threads or default_threads()
+    was_training = model.training
+    model = model.to(device).eval()
+    x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(
+        memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    with torch_threads(threads):
+        for _ in range(warmup):
+            model(x)
+        sync()
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x)
+            sync()
+            times.append((time.perf_counter() - t0) * 1000.0)
+    model.train(was_training)
+    times.sort()
+    return Latency(device=str(device), batch_size=batch_size, threads=threads, warmup=warmup,
+                   runs=runs, median_ms=statistics.median(times),
+                   p90_ms=times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))])
+
+
+def model_cost(model: Net) -> dict[str, int]:
+    """Parameters, forward FLOPs per image, and safetensors size in bytes."""
+    return {"params": count_params(model), "flops": count_flops(model),
+            "bytes": serialized_bytes(model)}
+
+
+def profile(model: Net, device: torch.device | str = "cpu", batch: int = 64,
+            runs: int = 50) -> dict[str, Any]:
+    """Cost plus latency at batch 1 and batch ``batch`` (on the CPU, and on CUDA if used)."""
+    out: dict[str, Any] = model_cost(model)
+    devices = ["cpu"] + ([str(device)] if torch.device(device).type == "cuda" else [])
+    for dev in devices:
+        tag = "" if dev == "cpu" else "_cuda"
+        for b in (1, batch):
+            lat = measure_latency(model, b, dev, runs=runs)
+            out[f"latency{tag}_b{b}"] = lat.to_dict()
+    model.to(device)
+    return out

@@ -1,0 +1,229 @@
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdig_study import data as data_mod
+from kdig_study.config import DataConfig
+from kdig_study.data import (BatchLoader, ImageSet, load_bundle, load_source, make_bundle,
+                             stratified_order)
+from kdig_study.errors import KdigError
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+           "truck"]
+
+
+def _make_tree(root: Path, per_class: int = 4, ext: str = ".png") -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", 2)):
+        for c, name in enumerate(CLASSES):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = np.full((32, 32, 3), c * 20, dtype=np.uint8)
+                arr[0, 0] = (i, c, 7)  # identifies the image exactly (PNG is lossless)
+                arr[5:9, 5:9] = rng.integers(0, 255, (4, 4, 3))
+                Image.fromarray(arr).save(d / f"{i:04d}{ext}")
+
+
+def test_stratified_order_every_prefix_is_balanced() -> None:
+    labels = torch.arange(1000) % 10
+    labels = labels[torch.randperm(1000, generator=torch.Generator().manual_seed(3))]
+    order = stratified_order(labels, seed=0)
+    assert sorted(order.tolist()) == list(range(1000))
+    for m in (10, 50, 100, 370):
+        counts = torch.bincount(labels[order[:m]], minlength=10)
+        assert counts.max() - counts.min() <= 1, (m, counts)
+    assert not torch.equal(order, stratified_order(labels, seed=1))
+    assert torch.equal(order, stratified_order(labels, seed=0))
+
+
+def test_bundle_split_is_stratified_disjoint_and_test_apart() -> None:
+    cfg = DataConfig(dataset="synthetic", synthetic_train=1000, synthetic_test=300, val_size=200)
+    src = load_source(cfg)
+    b = make_bundle(src, cfg)
+    assert len(b.train) == 800 and len(b.val) == 200 and len(b.test) == 300
+    train_idx = set(b.train_index.tolist())
+    assert len(train_idx) == 800
+    # validation rows are the pool rows not in train
+    pool = {tuple(x) for x in src.train.images.flatten(1)[:, :64].tolist()}
+    assert len(pool) == 1000  # synthetic images are distinct
+    val_rows = set(range(1000)) - train_idx
+    assert torch.equal(b.val.labels.sort().values, src.train.labels[sorted(val_rows)].sort().values)
+    assert torch.bincount(b.val.labels, minlength=10).tolist() == [20] * 10
+    # test split is the source test split, untouched
+    assert torch.equal(b.test.images, src.test.images)
+    # the train images are the pool images at train_index
+    assert torch.equal(b.train.images, src.train.images[b.train_index])
+    sub, idx = b.train_subset(100)
+    assert len(sub) == 100 and torch.bincount(sub.labels, minlength=10).tolist() == [10] * 10
+    assert torch.equal(idx, b.train_index[:100])
+
+
+def test_loader_applies_one_crop_and_flip_to_image_and_plane() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (50, 3, 32, 32), generator=g, dtype=torch.uint8)
+    planes = images[:, :1].float()  # a plane equal to the image's red channel
+    seen = []
+
+    def spy(x01: torch.Tensor, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        # after crop/flip the plane must still equal the red channel of its image
+        assert torch.equal(x01[:, 0] * 255, p[:, 0])
+        seen.append(p.shape[0])
+        return x01
+
+    loader = BatchLoader(ImageSet(images, torch.zeros(50, dtype=torch.long)), batch_size=16,
+                         mean=(0, 0, 0), std=(1, 1, 1), train=True, pad=4, flip=True, seed=1,
+                         planes=planes, overlay=spy)
+    batches = list(loader)
+    assert sum(seen) == 50 and len(batches) == 4
+    # the augmentation really moved pixels: some images differ from their un-augmented self
+    moved = sum(not torch.equal((b.x * 255).round().byte(), images[b.index]) for b in batches)
+    assert moved >= 3
+
+
+def test_loader_crop_is_a_shift_of_the_zero_padded_image() -> None:
+    img = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(1, 3, 32, 32)
+    loader = BatchLoader(ImageSet(img.repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.long)),
+                         batch_size=64, mean=(0, 0, 0), std=(1, 1, 1), train=True, pad=4,
+                         flip=True, seed=0)
+    out = (next(iter(loader)).x * 255).round().to(torch.uint8)
+    padded = torch.nn.functional.pad(img, (4, 4, 4, 4))[0]
+    candidates = [padded[:, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+    candidates += [c.flip(-1) for c in candidates]
+    for o in out:
+        assert any(torch.equal(o, c) for c in candidates)
+    # and the offsets vary
+    assert len({o.sum().item() for o in out}) > 10
+
+
+def test_loader_is_reproducible_and_normalises_channels_last() -> None:
+    cfg = DataConfig(dataset="synthetic", synthetic_train=300, synthetic_test=50, val_size=50)
+    b = load_bundle(cfg)
+
+    def epoch(seed: int) -> list[torch.Tensor]:
+        ld = BatchLoader(b.train, batch_size=64, mean=b.mean, std=b.std, train=True, seed=seed)
+        return [batch.x for batch in ld]
+
+    a, c, d = epoch(5), epoch(5), epoch(6)
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+    assert not all(torch.equal(x, y) for x, y in zip(a, d))
+    assert a[0].is_contiguous(memory_format=torch.channels_last)
+    allx = torch.cat(a)
+    assert allx.mean().abs() < 0.3 and 0.7 < allx.std() < 1.3  # roughly standardised
+
+
+def test_synthetic_is_balanced_and_not_noise() -> None:
+    x, y = data_mod.synthetic.generate(200, seed=0)
+    assert x.dtype == torch.uint8 and x.shape == (200, 3, 32, 32)
+    assert torch.bincount(y).tolist() == [20] * 10
+    # class means differ clearly: the shapes carry signal
+    xf = x.float().mean(1)  # [N, 32, 32]
+    fg = (xf - xf.mean(dim=(1, 2), keepdim=True)).abs()
+    centre = fg[:, 8:24, 8:24].mean()
+    edge = torch.cat([fg[:, :3].flatten(1), fg[:, -3:].flatten(1)], 1).mean()
+    assert centre > 2 * edge
+
+
+@pytest.mark.parametrize("form", ["folder", "tar.gz", "tar"])
+def test_image_folder_sources(tmp_path: Path, form: str) -> None:
+    root = tmp_path / "tree"
+    _make_tree(root)
+    if form == "folder":
+        path = root
+    else:
+        path = tmp_path / f"mini.{form}"
+        with tarfile.open(path, "w:gz" if form == "tar.gz" else "w") as tar:
+            tar.add(root, arcname="cifar")  # a top-level folder prefix is allowed
+    cfg = DataConfig(path=str(path), val_size=10)
+    src = load_source(cfg)
+    assert src.classes == tuple(CLASSES)
+    assert len(src.train) == 40 and len(src.test) == 20
+    # image i of class c is the file NNNN = i: label and identity survive decoding
+    for img, lab in zip(src.train.images, src.train.labels):
+        assert img[1, 0, 0].item() == lab.item()
+        assert img[0, 1, 1].item() == lab.item() * 20
+
+
+def test_cache_is_reused_and_rebuilt_when_the_source_changes(tmp_path: Path,
+                                                             isolated_storage: Path) -> None:
+    root = tmp_path / "tree"
+    _make_tree(root, per_class=2)
+    cfg = DataConfig(path=str(root), val_size=10)
+    a = load_source(cfg)
+    caches = list((isolated_storage / "cache" / "data").glob("*.npz"))
+    assert len(caches) == 1
+    again = load_source(cfg)
+    assert again.fingerprint == a.fingerprint
+    assert len(list((isolated_storage / "cache" / "data").glob("*.npz"))) == 1
+    # change one image: a new cache and a new fingerprint
+    f = root / "train" / "cat" / "0000.png"
+    arr = np.asarray(Image.open(f)).copy()
+    arr[10, 10] = 255 - arr[10, 10]
+    Image.fromarray(arr).save(f)
+    os.utime(f, ns=(1, 1))
+    b = load_source(cfg)
+    assert b.fingerprint != a.fingerprint
+    assert len(list((isolated_storage / "cache" / "data").glob("*.npz"))) == 2
+
+
+def test_torchvision_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torchvision checks the md5 of the real archive files; these are made here, so that
+    # check is bypassed and everything else (reading the pickles) is torchvision's own.
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = list(range(10)) * 2
+        batch = {"data": rng.integers(0, 255, (20, 3072), dtype=np.uint8), "labels": labels}
+        with open(d / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CLASSES}, f)
+    src = load_source(DataConfig(path=str(tmp_path)))
+    assert len(src.train) == 100 and len(src.test) == 20 and src.classes == tuple(CLASSES)
+    assert src.origin.startswith("torchvision:")
+
+
+def test_missing_and_malformed_data_say_how_to_get_cifar(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(KdigError, match=r"does not exist.*--data-dir DIR or KDIG_DATA=DIR"):
+        load_source(DataConfig(path=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KdigError, match=r"holds no CIFAR-10.*torchvision.datasets.CIFAR10"):
+        load_source(DataConfig(path=str(tmp_path / "empty")))
+    monkeypatch.setenv("KDIG_DATA", str(tmp_path / "gone"))
+    with pytest.raises(KdigError, match=r"from KDIG_DATA"):
+        load_source(DataConfig())
+    monkeypatch.delenv("KDIG_DATA")
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(b"not a tar file at all")
+    with pytest.raises(KdigError, match=r"cannot read archive") as e:
+        load_source(DataConfig(path=str(bad)))
+    assert "\n" not in str(e.value)
+    big = tmp_path / "big"
+    (big / "train" / "a").mkdir(parents=True)
+    (big / "test" / "a").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(big / "train" / "a" / "x.png")
+    with pytest.raises(KdigError, match=r"is 64x64; kdig_study expects 32x32"):
+        load_source(DataConfig(path=str(big)))
+
+
+def test_real_cifar10_tree(shared_cifar: Path) -> None:
+    src = load_source(DataConfig(path=str(shared_cifar)))
+    assert len(src.train) == 50_000 and len(src.test) == 10_000
+    assert src.classes == tuple(CLASSES)
+    assert torch.bincount(src.train.labels).tolist() == [5000] * 10
+    b = make_bundle(src, DataConfig(val_size=5000))
+    assert len(b.train) == 45_000 and torch.bincount(b.val.labels).tolist() == [500] * 10
+    assert 0.45 < b.mean[0] < 0.52 and 0.2 < b.std[2] < 0.3  # CIFAR-10 channel statistics

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdig_study.config import ModelConfig, TrainConfig, load_study
+from kdig_study.data import load_bundle
+from kdig_study.engine import (Distillation, EpochStats, evaluate, load_checkpoint,
+                               save_checkpoint, seeded_model, train)
+from kdig_study.errors import KdigError
+from kdig_study.experiment import Context, run_student
+from kdig_study.models import build_model
+from kdig_study.teacher import get_teacher, teacher_fingerprint
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    cfg = load_study("kd_ig", "smoke")
+    return cfg, load_bundle(cfg.data)
+
+
+def _small(cfg_model: ModelConfig, seed: int = 0):
+    return seeded_model(lambda: build_model(cfg_model), seed)
+
+
+def test_synthetic_set_is_learnable_at_smoke_scale(smoke) -> None:
+    cfg, data = smoke
+    model = _small(cfg.teacher)
+    res = train(model, data.train, data, cfg.teacher_train, device=CPU, progress=False)
+    assert res.epochs_run == cfg.teacher_train.epochs
+    assert res.val_acc > 0.6 and res.test_acc > 0.6  # chance is 0.1
+    assert res.history[-1].loss < res.history[0].loss
+    # the returned model holds the best epoch's weights, which scored val_acc
+    assert evaluate(model, data.val, data.mean, data.std, CPU, res.precision) == \
+        pytest.approx(res.val_acc)
+
+
+def test_same_seed_same_run_and_callback_sees_every_epoch(smoke) -> None:
+    cfg, data = smoke
+    tc = dataclasses.replace(cfg.student_train, epochs=2)
+    seen: list[EpochStats] = []
+    a = train(_small(cfg.student), data.train, data, tc, device=CPU, progress=False,
+              on_epoch=seen.append)
+    b = train(_small(cfg.student), data.train, data, tc, device=CPU, progress=False)
+    assert [s.epoch for s in seen] == [1, 2]
+    assert [h.loss for h in a.history] == [h.loss for h in b.history]
+    assert a.val_acc == b.val_acc
+
+
+def test_callback_can_stop_training(smoke) -> None:
+    cfg, data = smoke
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_one(stats: EpochStats) -> None:
+        if stats.epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(_small(cfg.student), data.train, data, cfg.student_train, device=CPU,
+              progress=False, on_epoch=stop_after_one)
+
+
+def test_kd_and_at_train_the_student_and_leave_the_teacher_alone(smoke) -> None:
+    cfg, data = smoke
+    teacher = _small(cfg.teacher, seed=1)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = _small(cfg.student)
+    tc = dataclasses.replace(cfg.student_train, epochs=1)
+    res = train(student, data.train, data, tc, device=CPU, progress=False,
+                distill=Distillation(teacher, cfg.kd, at_weight=0.8, tap=2))
+    assert res.history[0].loss > 0
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # incl. BN running stats
+
+
+def test_checkpoint_roundtrip_and_mismatch(smoke, tmp_path: Path) -> None:
+    cfg, _ = smoke
+    m = _small(cfg.student)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, m.state_dict(), {"note": "x"})
+    assert path.with_suffix(".json").is_file()
+    m2 = _small(cfg.student, seed=9)
+    load_checkpoint(path, m2)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
+                                                  m2.state_dict().values()))
+    with pytest.raises(KdigError, match="does not fit this model"):
+        load_checkpoint(path, _small(cfg.teacher))
+
+
+def test_teacher_is_trained_once_then_loaded(smoke, isolated_storage: Path) -> None:
+    cfg, data = smoke
+    cfg = dataclasses.replace(cfg, teacher_train=dataclasses.replace(cfg.teacher_train, epochs=1))
+    first = get_teacher(cfg, data, CPU, progress=False, log=lambda *_: None)
+    assert first.trained_now and first.path.is_file()
+    assert str(first.path).startswith(str(isolated_storage / "cache" / "teachers"))
+    second = get_teacher(cfg, data, CPU, progress=False, log=lambda *_: None)
+    assert not second.trained_now and second.fingerprint == first.fingerprint
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
+                                                  second.model.state_dict().values()))
+    assert second.meta["test_acc"] == first.meta["test_acc"]
+    other = dataclasses.replace(cfg, teacher_train=dataclasses.replace(cfg.teacher_train, seed=1))
+    assert teacher_fingerprint(other, data, CPU) != first.fingerprint
+
+
+def test_run_student_records_metrics(smoke) -> None:
+    cfg, data = smoke
+    cfg = dataclasses.replace(cfg, student_train=dataclasses.replace(cfg.student_train, epochs=1),
+                              teacher_train=dataclasses.replace(cfg.teacher_train, epochs=1))
+    ctx = Context(cfg, data, CPU, progress=False)
+    run = run_student(ctx)
+    m = run.metrics
+    assert set(m) >= {"val_acc", "test_acc", "params", "flops", "compression", "epochs_run",
+                      "wall_s", "seed"}
+    assert m["compression"] == pytest.approx(124_722 / m["params"])
+    assert m["epochs_run"] == 1

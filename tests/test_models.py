@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdig_study.config import ModelConfig
+from kdig_study.errors import KdigError
+from kdig_study.measure import measure_latency, model_cost
+from kdig_study.models import build_model, count_flops, count_params, serialized_bytes, tap_index
+
+TEACHER = ModelConfig("mobilenetv2", 1.0, 0)
+
+
+def test_paper_teacher_and_student_parameter_counts() -> None:
+    teacher = count_params(build_model(TEACHER))
+    assert teacher == 2_236_682
+    student = count_params(build_model(ModelConfig("mobilenetv2", 1.0, 5)))
+    assert student == 543_498
+    assert teacher / student == pytest.approx(4.115, abs=5e-4)
+
+
+@pytest.mark.parametrize("k,ratio", [(3, 2.19), (7, 7.29), (9, 12.04)])
+def test_other_depths_match_design(k: int, ratio: float) -> None:
+    s = count_params(build_model(ModelConfig("mobilenetv2", 1.0, k)))
+    assert 2_236_682 / s == pytest.approx(ratio, abs=0.006)
+
+
+def test_cifar_strides_keep_resolution() -> None:
+    m = build_model(ModelConfig("mobilenetv2", 1.0, 5)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert m.features[:2](x).shape[-1] == 32  # stem stride 1
+    assert m.features[:4](x).shape[-1] == 32  # the 24-channel stage stride 1
+    logits, fmap = m.forward_tap(x, tap_index(m, "mobilenetv2"))
+    assert logits.shape == (2, 10) and fmap.shape == (2, 96, 8, 8)
+    teacher = build_model(TEACHER).eval()
+    _, tmap = teacher.forward_tap(x, tap_index(m, "mobilenetv2"))
+    assert tmap.shape[-2:] == fmap.shape[-2:]
+
+
+def test_convnet_family_is_about_4x() -> None:
+    t = build_model(ModelConfig("convnet", 1.0, 0))
+    s = build_model(ModelConfig("convnet", 0.5, 0))
+    assert 1.9e6 < count_params(t) < 2.0e6 and 0.49e6 < count_params(s) < 0.51e6
+    assert 3.8 < count_params(t) / count_params(s) < 4.1
+    x = torch.randn(3, 3, 32, 32)
+    _, ft = t.eval().forward_tap(x, 2)
+    _, fs = s.eval().forward_tap(x, 2)
+    assert ft.shape[-2:] == fs.shape[-2:] == (8, 8)
+
+
+def test_flops_and_size() -> None:
+    t = build_model(TEACHER)
+    s = build_model(ModelConfig("mobilenetv2", 1.0, 5))
+    ft, fs = count_flops(t), count_flops(s)
+    # MobileNetV2-CIFAR is about 0.1 GMACs per 32x32 image; most sit in the kept blocks
+    assert 150e6 < ft < 250e6 and fs < ft and fs > 0.5 * ft
+    assert serialized_bytes(s) == pytest.approx(4 * count_params(s) + 4 * 10_000, rel=0.05)
+    cost = model_cost(s)
+    assert cost["params"] == 543_498 and cost["flops"] == fs
+
+
+def test_drop_too_many_blocks() -> None:
+    with pytest.raises(KdigError, match="drop_blocks = 19"):
+        build_model(ModelConfig("mobilenetv2", 1.0, 19))
+
+
+def test_latency_is_warm_median_and_p90() -> None:
+    m = build_model(ModelConfig("convnet", 0.25, 0))
+    lat = measure_latency(m, batch_size=4, threads=1, warmup=3, runs=20)
+    assert lat.runs == 20 and lat.threads == 1 and lat.batch_size == 4
+    assert 0 < lat.median_ms <= lat.p90_ms
+    assert "median and p90 of 20 timed" in lat.method
+    assert torch.get_num_threads() >= 1

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import assert_one_line_error, run_cli
+
+
+def test_smoke_student_through_the_cli(tmp_path: Path, isolated_storage: Path) -> None:
+    out = tmp_path / "out.json"
+    proc = run_cli("train", "--study", "kd_ig", "--role", "student", "--scale", "smoke",
+                   "--no-ig", "--no-progress", "--device", "cpu", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "teacher trained now" in text and "student (KD)" in text
+    assert "compression" in text and "latency batch 1: median" in text
+    res = json.loads(out.read_text())
+    assert res["student"]["test_acc"] > 0.3  # 10 classes: chance is 0.1
+    assert res["teacher"]["test_acc"] > 0.6
+    assert Path(res["student"]["checkpoint"]).is_file()
+    assert res["student"]["latency_b1"]["runs"] >= 50
+    # a second run reuses the cached teacher
+    proc = run_cli("train", "--study", "kd_ig", "--role", "teacher", "--scale", "smoke",
+                   "--no-progress")
+    assert proc.returncode == 0 and "teacher loaded from cache" in proc.stdout
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--study", "nope", "--role", "teacher", "--scale", "smoke"], ["unknown study 'nope'"]),
+    (["--study", "kd_ig", "--role", "teacher", "--scale", "huge"], ["unknown scale 'huge'"]),
+    (["--study", "kd_ig", "--role", "coach", "--scale", "smoke"], ["--role", "coach"]),
+    (["--study", "kd_ig", "--role", "teacher", "--scale", "smoke", "--bogus"], ["--bogus"]),
+    (["--study", "kd_ig", "--role", "teacher", "--scale", "cpu", "--data-dir", "/nonexistent"],
+     ["/nonexistent", "does not exist", "KDIG_DATA"]),
+    (["--study", "kd_ig", "--role", "teacher", "--scale", "smoke", "--device", "cuda:7"],
+     ["cuda:7"]),
+    (["--study", "kd_ig", "--role", "student", "--scale", "smoke", "--epochs", "0"],
+     ["--epochs 0"]),
+])
+def test_bad_arguments_give_one_line(args: list[str], fragments: list[str]) -> None:
+    assert_one_line_error(run_cli("train", *args), *fragments)
