@@ -10,6 +10,7 @@ Times are medians over ``--repeats`` runs, after a warm-up run.
 from __future__ import annotations
 
 import argparse
+import shutil
 import dataclasses
 import platform
 import statistics
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import torch
+from optuna.artifacts import FileSystemArtifactStore
 import torch.nn.functional as F
 
 from kdig_study.cli import Parser, run
@@ -28,7 +31,8 @@ from kdig_study.config import DataConfig, StudyConfig, load_study
 from kdig_study.data import BatchLoader, DataBundle, ImageSet, load_bundle
 from kdig_study.engine import autocast, resolve_device, resolve_precision, seeded_model, train
 from kdig_study.errors import KdigError
-from kdig_study.models import build_model
+from kdig_study.experiment import Context
+from kdig_study.models import build_model, fold_batchnorm
 from kdig_study.paths import write_json
 
 
@@ -183,9 +187,228 @@ def bench_engine(cfg: StudyConfig, data: DataBundle, n: int, repeats: int,
 
 
 # ---------------------------------------------------------------------------------------------
+# IG: ours vs Captum
 
 
-BENCHES = ("loader", "engine")
+def _captum_equivalent(method: str, steps: int) -> tuple[str, int, float]:
+    """Captum's rule with the same points as ours, and the factor between their weights."""
+    if method == "trapezoid":  # Captum's trapezoid on steps + 1 points, weights (n-1)/n short
+        return "riemann_trapezoid", steps + 1, (steps + 1) / steps
+    return method, steps, 1.0
+
+
+def bench_ig(cfg: StudyConfig, ctx: Context, n_images: int, repeats: int) -> list[Result]:
+    from captum.attr import IntegratedGradients
+
+    from kdig_study.attribution import (integrated_gradients, make_baseline, reduce_channels,
+                                        relative_gap, union_rule)
+    from kdig_study.experiment import ig_counts
+
+    device = ctx.device
+    teacher = ctx.teacher().model.eval().to(memory_format=torch.channels_last)
+    data = ctx.data
+    mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
+    rows = torch.arange(min(n_images, len(data.train)))
+    x = ((data.train.images[rows].to(device).float() / 255 - mean) / std).contiguous(
+        memory_format=torch.channels_last)
+    y = data.train.labels[rows].to(device)
+    base = make_baseline(cfg.ig.baseline, x, mean, std)
+    method, steps, counts = cfg.ig.method, cfg.ig.steps, ig_counts(cfg)
+    ours_precision = resolve_precision(cfg.ig.precision, device)
+
+    def captum(n: int, ibs: int, channels_last: bool, precision: str) -> torch.Tensor:
+        c_method, c_steps, factor = _captum_equivalent(method, n)
+        xx = x if channels_last else x.contiguous()
+        with autocast(precision, device):
+            a = IntegratedGradients(teacher).attribute(
+                xx, baselines=base, target=y, n_steps=c_steps, method=c_method,
+                internal_batch_size=ibs)
+        return a.float() * factor
+
+    # what the map store integrates: the same function, BN folded away
+    folded = fold_batchnorm(teacher).to(memory_format=torch.channels_last)
+
+    def ours(ns: tuple[int, ...], internal: int, precision: str) -> torch.Tensor:
+        alphas, weights = union_rule(method, ns)
+        with autocast(precision, device):
+            return integrated_gradients(folded, x, y, base, alphas, weights,
+                                        internal).attributions
+
+    # 1. Sweeps pick each side's best settings (Captum: internal batch and memory format, per
+    #    count and precision; ours: internal batch).
+    best_cfg: dict[tuple[int, str], tuple[int, bool]] = {}
+    sweep: dict[str, float] = {}
+    for n in counts:
+        for prec in ("fp32", "bf16"):
+            fastest = float("inf")
+            for ibs in (64, 128, 256):
+                for cl in (False, True):
+                    t = median_time(lambda: captum(n, ibs, cl, prec), 2)
+                    sweep[f"steps {n}, {prec}, internal_batch_size={ibs}, "
+                          f"{'channels_last' if cl else 'contiguous'}"] = len(rows) / t
+                    if t < fastest:
+                        fastest, best_cfg[(n, prec)] = t, (ibs, cl)
+    ours_sweep: dict[str, float] = {}
+    best_internal, fastest = 128, float("inf")
+    for internal in (64, 128, 256, 512):
+        t = median_time(lambda: ours((steps,), internal, ours_precision), 2)
+        ours_sweep[f"steps {steps}, internal_batch={internal}"] = len(rows) / t
+        if t < fastest:
+            best_internal, fastest = internal, t
+
+    # 2. Head to head at those settings, interleaved round by round so that drift in this
+    #    shared machine's speed hits every contender alike; medians over the rounds.
+    contenders: dict[str, Callable[[], object]] = {
+        "ours": lambda: ours((steps,), best_internal, ours_precision),
+        "ours_set": lambda: ours(counts, best_internal, ours_precision)}
+    for (n, prec), (ibs, cl) in best_cfg.items():
+        contenders[f"captum_{n}_{prec}"] = lambda n=n, prec=prec, ibs=ibs, cl=cl: \
+            captum(n, ibs, cl, prec)
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best_t, t_set = med["ours"], med["ours_set"]
+
+    ref = captum(steps, 128, True, "fp32")
+    err = {}
+    for prec in ("fp32", ours_precision):
+        a = ours((steps,), best_internal, prec)[0]
+        m, r = reduce_channels(a, cfg.ig.reduce), reduce_channels(ref, cfg.ig.reduce)
+        err[f"ours {prec}"] = ((m - r).norm() / r.norm()).item()
+    with torch.no_grad():
+        c16 = reduce_channels(captum(steps, 128, True, "bf16"), cfg.ig.reduce)
+        r = reduce_channels(ref, cfg.ig.reduce)
+        err["captum bf16"] = ((c16 - r).norm() / r.norm()).item()
+    n_img = len(rows)
+    points = {"ours": int(union_rule(method, counts)[0].numel()),
+              "captum": int(sum(_captum_equivalent(method, n)[1] for n in counts))}
+    results = []
+    for prec, why in (("fp32", "Captum's own precision"),
+                      ("bf16", "under the same bf16 autocast as ours")):
+        ibs, cl = best_cfg[(steps, prec)]
+        results.append(Result(
+            f"IG maps, {steps} {method} steps, {cfg.ig.baseline} baseline, ours {ours_precision}",
+            n_img / best_t, n_img / med[f"captum_{steps}_{prec}"], "img/s",
+            f"Captum, best settings, {why} (internal_batch_size={ibs}, "
+            f"{'channels_last' if cl else 'contiguous'})", True, ">= 3x",
+            {"ours_internal_batch": best_internal}))
+        t_all = sum(med[f"captum_{n}_{prec}"] for n in counts)
+        results.append(Result(
+            f"IG maps for all study step counts {list(counts)}, ours one pass ({points['ours']} "
+            f"points/image)", n_img / t_set, n_img / t_all, "img/s",
+            f"Captum, one best-settings call per count ({points['captum']} points/image), "
+            f"{why}", True, ">= 3x"))
+    results[0].detail |= {"map_rel_l2_err_vs_captum_fp32": err,
+                          "captum_sweep_img_s": sweep, "ours_sweep_img_s": ours_sweep}
+
+    # Completeness gap against steps, per rule: the evidence for the rule a scale uses.
+    gap_table: dict[str, dict[int, float]] = {}
+    for rule in ("trapezoid", "riemann_middle", "gausslegendre", "riemann_left"):
+        grid = (4, 8, 16, 32, 64)
+        alphas, weights = union_rule(rule, grid)
+        with autocast(ours_precision, device):
+            res = integrated_gradients(folded, x, y, base, alphas, weights, best_internal)
+        g = relative_gap(res.attributions, res.delta).median(dim=1).values
+        gap_table[rule] = {n: round(float(g[i]), 5) for i, n in enumerate(grid)}
+    results[0].detail["median_completeness_gap_by_rule_and_steps"] = gap_table
+    return results
+
+
+def bench_cache(ctx: Context) -> Result:
+    """A second run with the same teacher and IG settings: open the store vs compute it."""
+    from kdig_study.attribution import build_store, index_hash, store_root
+
+    teacher = ctx.teacher()
+    train_set, index = ctx.data.train_subset(min(256, len(ctx.data.train)))
+    n = len(train_set)
+    # A store of its own (a distinct key), removed afterwards.
+    spec = dataclasses.replace(ctx.map_spec(), images=index_hash(index), n_images=n,
+                               teacher=teacher.fingerprint + "-bench")
+    shutil.rmtree(store_root(spec), ignore_errors=True)
+
+    def build() -> float:
+        t0 = time.perf_counter()
+        build_store(spec, teacher.model, train_set.images, train_set.labels, index,
+                    ctx.data.mean, ctx.data.std, ctx.cfg.ig, ctx.device, progress=False)
+        return time.perf_counter() - t0
+
+    first, second = build(), build()
+    shutil.rmtree(store_root(spec), ignore_errors=True)
+    return Result(f"IG maps of {n} images, second run (store cached)", second, first, "s",
+                  "first run (computing the store)", False, "no IG time on a second run",
+                  {"images": n, "steps": list(spec.counts)})
+
+
+def _study_run(cfg: StudyConfig, ctx: Context, url: str, name: str, n_trials: int,
+               prune: bool) -> tuple[optuna.Study, float]:
+    """A search in-process, as `optimize` runs it; returns the study and its wall time."""
+    from kdig_study.objectives import Objective
+    from kdig_study.optimize import make_pruner, make_sampler, run_worker
+    from kdig_study.store import SlotLock, open_storage, open_study
+
+    storage = open_storage(url)
+    pruner = make_pruner(cfg) if prune else optuna.pruners.NopPruner()
+    study = open_study(storage, name, cfg, make_sampler(cfg, None), pruner, ["maximize"], url)
+    t0 = time.perf_counter()
+    artifacts = FileSystemArtifactStore(Path(url.removeprefix("sqlite:///")).parent)
+    run_worker(study, Objective(ctx, prune=prune, artifacts=artifacts), n_trials, None,
+               SlotLock(storage, name), poll_s=1.0, prefix="    ")
+    return study, time.perf_counter() - t0
+
+
+def bench_trials(data_dir: str | None, device: torch.device, n_trials: int,
+                 pruning_scale: str) -> list[Result]:
+    """Trial overhead at smoke scale, and pruning against no pruning with the same seed."""
+    import tempfile
+
+    from optuna.trial import TrialState
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        smoke = load_study("kd_ig", "smoke")
+        ctx = Context(smoke, load_bundle(smoke.data), device, progress=False)
+        study, _ = _study_run(smoke, ctx, f"sqlite:///{tmp}/overhead.db", "overhead",
+                              n_trials, prune=False)
+        fractions, overheads = [], []
+        for t in study.get_trials(states=(TrialState.COMPLETE,)):
+            total = (t.datetime_complete - t.datetime_start).total_seconds()
+            overheads.append(total - t.user_attrs["metrics"]["train_eval_s"])
+            fractions.append(overheads[-1] / total)
+        results.append(Result(
+            "trial time outside training and evaluation (smoke scale)",
+            statistics.median(overheads), statistics.median(
+                [(t.datetime_complete - t.datetime_start).total_seconds()
+                 for t in study.get_trials(states=(TrialState.COMPLETE,))]), "s",
+            "the whole trial, ask to tell", False, "<= 5% of the trial",
+            {"median_fraction": statistics.median(fractions), "max_fraction": max(fractions),
+             "trials": len(fractions)}))
+
+        cfg = load_study("kd_ig", pruning_scale)
+        pctx = Context(cfg, load_bundle(cfg.data, data_dir), device, progress=False)
+        runs = {}
+        for prune in (True, False):
+            study, wall = _study_run(cfg, pctx, f"sqlite:///{tmp}/prune{int(prune)}.db",
+                                     f"prune-{prune}", n_trials, prune)
+            trials = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+            runs[prune] = {
+                "epochs": sum(t.user_attrs["metrics"]["epochs_run"] for t in trials),
+                "best_val": max((t.value for t in trials if t.value is not None), default=0.0),
+                "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+                "wall_s": wall, "trials_per_hour": 3600 * len(trials) / wall}
+        results.append(Result(
+            f"epochs trained by {n_trials} trials, median pruner vs none ({pruning_scale} "
+            f"scale, same sampler seed)", runs[True]["epochs"], runs[False]["epochs"],
+            "epochs", "no pruning", False, "fewer epochs, same best",
+            {"with_pruning": runs[True], "without_pruning": runs[False]}))
+    return results
+
+
+BENCHES = ("loader", "engine", "ig", "cache", "trials")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -199,6 +422,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=",".join(BENCHES), help=f"comma list of {', '.join(BENCHES)}")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--images", type=int, default=5000, help="images per timed pass")
+    p.add_argument("--ig-images", type=int, default=32, help="images per timed IG call")
+    p.add_argument("--trials", type=int, default=8, help="trials per search in 'trials'")
+    p.add_argument("--pruning-scale", default="smoke",
+                   help="scale of the pruning comparison (cpu: the real figure, ~1 h)")
     p.add_argument("--json", default=None, metavar="FILE")
     return p
 
@@ -228,6 +455,14 @@ def main() -> int:
                                     args.repeats, device))
     if "engine" in only:
         results.append(bench_engine(cfg, data, args.images, args.repeats, device))
+    if "ig" in only or "cache" in only:
+        ctx = Context(cfg, data, device, progress=True)
+        if "ig" in only:
+            results += bench_ig(cfg, ctx, args.ig_images, args.repeats)
+        if "cache" in only:
+            results.append(bench_cache(ctx))
+    if "trials" in only:
+        results += bench_trials(args.data_dir, device, args.trials, args.pruning_scale)
     print()
     for r in results:
         print(f"{r.name}: ours {r.ours:,.2f} {r.unit} vs {r.baseline:,.2f} {r.unit} "
@@ -235,7 +470,9 @@ def main() -> int:
         for k, v in r.detail.items():
             if isinstance(v, dict):
                 for kk, vv in v.items():
-                    print(f"    {k}: {kk}: {vv:,.1f}")
+                    print(f"    {k}: {kk}: {vv}")
+            else:
+                print(f"    {k}: {v}")
     if args.json:
         write_json(Path(args.json), {
             "device": str(device), "torch": torch.__version__, "repeats": args.repeats,

@@ -107,8 +107,9 @@ class ATConfig:
 @dataclass(frozen=True)
 class IGConfig:
     steps: int = _bounded(50, ge=1, le=4096)
-    method: Literal["gausslegendre", "riemann_middle", "riemann_left", "riemann_right",
-                    "riemann_trapezoid"] = "gausslegendre"
+    # trapezoid: ours, nested (8/16/32/64 share points); the rest are Captum's rules
+    method: Literal["trapezoid", "gausslegendre", "riemann_middle", "riemann_left",
+                    "riemann_right", "riemann_trapezoid"] = "gausslegendre"
     baseline: Literal["zeros", "black", "blur"] = "zeros"
     reduce: Literal["abs_sum", "sum_abs", "l2"] = "abs_sum"
     batch_size: int = _bounded(64, ge=1)  # images per IG chunk (and per resumable step)
@@ -168,6 +169,9 @@ class StudyConfig:
         for k in ("source", "description", "expected_minutes"):
             d.pop(k)
         d["data"].pop("path")  # the same data found at another path is the same data
+        # How long a search runs does not change what one trial means.
+        d["search"].pop("n_trials")
+        d["search"].pop("timeout")
         return _hash(d)
 
 
@@ -395,6 +399,15 @@ def _build(cls: type, table: dict[str, Any], src: str, where: str) -> Any:
     return cls(**kwargs)
 
 
+def _param_field(name: str) -> dataclasses.Field[Any]:
+    """The config field a search parameter sets, for its range check."""
+    cls, fname = {"temperature": (KDConfig, "temperature"), "alpha": (KDConfig, "alpha"),
+                  "overlay_strength": (IGConfig, "overlay_strength"),
+                  "overlay_prob": (IGConfig, "overlay_prob"), "ig_steps": (IGConfig, "steps"),
+                  "lr": (TrainConfig, "lr"), "at_weight": (ATConfig, "weight")}[name]
+    return next(f for f in dataclasses.fields(cls) if f.name == fname)
+
+
 def _build_space(table: Any, src: str, where: str) -> dict[str, ParamSpec]:
     if not isinstance(table, dict):
         raise KdigError(f"{src}: {where} must be a table of parameters")
@@ -418,5 +431,13 @@ def _build_space(table: Any, src: str, where: str) -> dict[str, ParamSpec]:
         if name == "ig_steps" and not spec.choices:
             raise KdigError(f"{src}: {key}: IG steps are searched over choices "
                             f"(the counts the map store can serve), e.g. choices = [8, 16, 32]")
+        if name == "ig_steps" and any(c != int(c) for c in spec.choices):
+            raise KdigError(f"{src}: {key}.choices = {list(spec.choices)}: allowed: integers")
+        target = _param_field(name)
+        for value in (*spec.choices, spec.low, spec.high):
+            allowed = None if value is None else _check_range(target, value)
+            if allowed is not None:
+                raise KdigError(f"{src}: {key} = {value!r}: out of range for {name}; "
+                                f"allowed: {allowed}")
         space[name] = spec
     return space

@@ -457,13 +457,14 @@ class BatchLoader:
             key = (at[0], at[3], at[1], at[2])
             images = self.crops[key]  # [B, 3, H, W] uint8, channels-last
             y = self.labels[at[3]]
-            if self.overlay is None or self.plane_crops is None:
-                x = torch.addcmul(self.shift, images.float(), self.scale)
-                yield Batch(x, x, y, idx)
+            x_clean = torch.addcmul(self.shift, images.float(), self.scale)
+            if self.overlay is None or self.plane_crops is None or \
+                    not getattr(self.overlay, "active", True):
+                yield Batch(x_clean, x_clean, y, idx)
                 continue
-            x_clean01 = images.float().div_(255)
-            x01 = self.overlay(x_clean01, self.plane_crops[key].float(), self.generator)
-            yield Batch(self._normalise(x01), self._normalise(x_clean01), y, idx)
+            x01 = self.overlay(images.float().div_(255), self.plane_crops[key].float(),
+                               self.generator)
+            yield Batch(self._normalise(x01), x_clean, y, idx)
 
     def _normalise(self, x01: torch.Tensor) -> torch.Tensor:
         return ((x01 - self.mean) * self.inv_std).contiguous(memory_format=torch.channels_last)

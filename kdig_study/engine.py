@@ -66,9 +66,10 @@ class TrainResult:
     test_acc: float  # test accuracy of the best epoch's weights (nan if not evaluated)
     best_epoch: int
     epochs_run: int
-    wall_s: float
+    wall_s: float  # training with its per-epoch validation
     images_per_s: float  # training throughput, median over epochs
     precision: str  # resolved: fp32 or bf16
+    test_s: float = 0.0  # the final test evaluation
     history: list[EpochStats] = field(default_factory=list)
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # best weights, on the CPU
 
@@ -217,12 +218,14 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
         bar.close()
     wall = time.perf_counter() - start
     model.load_state_dict(best_state)
+    t_test = time.perf_counter()
     test_acc = evaluate(model, data.test, data.mean, data.std, device, precision) \
         if evaluate_test else float("nan")
+    test_s = time.perf_counter() - t_test
     rates = sorted(h.images_per_s for h in history)
     return TrainResult(val_acc=best_acc, test_acc=test_acc, best_epoch=best_epoch,
                        epochs_run=len(history), wall_s=wall, images_per_s=rates[len(rates) // 2],
-                       precision=precision,
+                       precision=precision, test_s=test_s,
                        history=history, state=best_state)
 
 

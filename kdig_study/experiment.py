@@ -6,17 +6,31 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from kdig_study.attribution import BuildReport, MapSpec, MapStore, build_store, index_hash
 from kdig_study.config import StudyConfig
 from kdig_study.data import DataBundle, load_bundle
 from kdig_study.engine import (Distillation, EpochCallback, TrainResult, resolve_device,
-                               seeded_model, train)
+                               resolve_precision, seeded_model, train)
+from kdig_study.errors import KdigError
 from kdig_study.measure import model_cost
 from kdig_study.models import Net, build_model, count_params, tap_index
+from kdig_study.overlay import IGOverlay, save_preview
 from kdig_study.teacher import Teacher, get_teacher
+
+
+def ig_counts(cfg: StudyConfig) -> tuple[int, ...]:
+    """Every IG step count the study may use: its default and the search choices."""
+    counts = {cfg.ig.steps}
+    spec = cfg.search.space.get("ig_steps")
+    if spec is not None:
+        counts |= {int(c) for c in spec.choices}
+    return tuple(sorted(counts))
 
 
 @dataclass
@@ -27,7 +41,10 @@ class Context:
     data: DataBundle
     device: torch.device
     progress: bool = True
+    log: Any = print
     _teacher: Teacher | None = field(default=None, repr=False)
+    _maps: BuildReport | None = field(default=None, repr=False)
+    _costs: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(cls, cfg: StudyConfig, data_dir: str | None = None, device: str = "auto",
@@ -36,8 +53,56 @@ class Context:
 
     def teacher(self) -> Teacher:
         if self._teacher is None:
-            self._teacher = get_teacher(self.cfg, self.data, self.device, self.progress)
+            self._teacher = get_teacher(self.cfg, self.data, self.device, self.progress,
+                                        log=self.log)
         return self._teacher
+
+    def map_spec(self, counts: tuple[int, ...] | None = None) -> MapSpec:
+        cfg = self.cfg
+        _, index = self.data.train_subset(cfg.student_train.train_size)
+        return MapSpec(teacher=self.teacher().fingerprint, data=self.data.fingerprint,
+                       images=index_hash(index), n_images=int(index.numel()),
+                       method=cfg.ig.method, baseline=cfg.ig.baseline, reduce=cfg.ig.reduce,
+                       counts=counts or ig_counts(cfg),
+                       precision=resolve_precision(cfg.ig.precision, self.device))
+
+    def maps(self, counts: tuple[int, ...] | None = None) -> BuildReport:
+        """The teacher's IG maps for the students' training images (computed once, cached)."""
+        if self._maps is not None and counts in (None, self._maps.store.counts):
+            return self._maps
+        cfg = self.cfg
+        train_set, index = self.data.train_subset(cfg.student_train.train_size)
+        spec = self.map_spec(counts)
+        report = build_store(spec, self.teacher().model, train_set.images, train_set.labels,
+                             index, self.data.mean, self.data.std, cfg.ig, self.device,
+                             self.progress, log=self.log)
+        for steps in spec.counts:
+            gap = report.store.gap(steps)["median"]
+            if gap > cfg.ig.max_gap:
+                self.log(f"warning: IG with {steps} {cfg.ig.method} steps has a median "
+                         f"completeness gap of {gap:.2%}, above ig.max_gap = "
+                         f"{cfg.ig.max_gap:.2%}; use more steps")
+        if counts is None:
+            self._maps = report
+        return report
+
+    def student_cost(self, cfg: StudyConfig, model: Net) -> dict[str, int]:
+        """Parameters, FLOPs, bytes of the student (same for every run of one shape)."""
+        key = repr(cfg.student)
+        if key not in self._costs:
+            self._costs[key] = model_cost(model) | {
+                "teacher_params": teacher_params(cfg, len(self.data.classes))}
+        return self._costs[key]
+
+    def preview(self, store: MapStore, steps: int, n: int = 8) -> Path:
+        """The store's preview grid (images, maps, overlays) for ``steps``, made once."""
+        path = store.root / f"preview_s{steps}_n{n}.png"
+        if not path.is_file():
+            train_set, _ = self.data.train_subset(self.cfg.student_train.train_size)
+            n = min(n, len(train_set))
+            maps = torch.from_numpy(store.maps(steps)[:n].astype(np.float32))
+            save_preview(path, train_set.images[:n], maps, self.cfg.ig.overlay_strength)
+        return path
 
 
 @dataclass
@@ -65,10 +130,24 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
         distill = Distillation(teacher=teacher.model, kd=cfg.kd if cfg.method.kd else None,
                                at_weight=cfg.at.weight if cfg.method.at else 0.0,
                                tap=tap_index(model, cfg.student.arch))
-    train_set, _ = data.train_subset(cfg.student_train.train_size)
+    train_set, index = data.train_subset(cfg.student_train.train_size)
+    planes, overlay, ig_info = None, None, {}
+    if cfg.method.ig:
+        report = ctx.maps()
+        store = report.store
+        if not np.array_equal(store.index(), index.numpy()):  # DESIGN.md defect 1
+            raise KdigError(f"IG map store {store.root} is for other images than this run's "
+                            f"training set")
+        planes = store.planes(cfg.ig.steps)  # [N, 1, 32, 32], row i = training image i
+        overlay = IGOverlay(cfg.ig.overlay_prob, cfg.ig.overlay_strength,
+                            cfg.ig.exponent_low, cfg.ig.exponent_high)
+        ig_info = {"ig_steps": cfg.ig.steps, "ig_gap_median": store.gap(cfg.ig.steps)["median"],
+                   "ig_store": str(store.root),
+                   "ig_preview": str(ctx.preview(store, cfg.ig.steps))}
     result = train(model, train_set, data, cfg.student_train, device=ctx.device,
-                   distill=distill, on_epoch=on_epoch, progress=ctx.progress, desc=desc)
-    cost = model_cost(model)
+                   distill=distill, planes=planes, overlay=overlay, on_epoch=on_epoch,
+                   progress=ctx.progress, desc=desc)
+    cost = ctx.student_cost(cfg, model)
     metrics: dict[str, Any] = {
         "val_acc": result.val_acc,
         "test_acc": result.test_acc,
@@ -79,8 +158,10 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
         "params": cost["params"],
         "flops": cost["flops"],
         "bytes": cost["bytes"],
-        "compression": teacher_params(cfg, n_classes) / cost["params"],
+        "compression": cost["teacher_params"] / cost["params"],
         "seed": cfg.student_train.seed,
+        "precision": result.precision,
         "wall_s": time.perf_counter() - t0,
+        **ig_info,
     }
     return StudentRun(model, result, metrics)

@@ -98,3 +98,24 @@ def test_config_is_frozen() -> None:
     cfg = load_study("kd_ig", "smoke")
     with pytest.raises(AttributeError):
         cfg.kd.alpha = 0.5  # type: ignore[misc]
+
+
+def test_search_bounds_are_checked_against_the_parameter() -> None:
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = _write(Path(d), "[search.space.alpha]\nlow = 0.1\nhigh = 1.5\n")
+        with pytest.raises(KdigError, match=r"search.space.alpha = 1.5: out of range for alpha"):
+            load_study(path, "cpu")
+        path = _write(Path(d), "[search.space.ig_steps]\nchoices = [8, 16.5]\n")
+        with pytest.raises(KdigError, match=r"allowed: integers"):
+            load_study(path, "cpu")
+
+
+def test_fingerprint_ignores_search_length_but_not_method() -> None:
+    import dataclasses
+
+    cfg = load_study("kd_ig", "smoke")
+    longer = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, n_trials=99))
+    assert longer.fingerprint() == cfg.fingerprint()
+    other = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, alpha=0.5))
+    assert other.fingerprint() != cfg.fingerprint()

@@ -71,3 +71,31 @@ def test_latency_is_warm_median_and_p90() -> None:
     assert 0 < lat.median_ms <= lat.p90_ms
     assert "median and p90 of 20 timed" in lat.method
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig("mobilenetv2", 1.0, 5), ModelConfig("convnet", 0.5, 0)])
+def test_folded_batchnorm_is_the_same_function(cfg: ModelConfig) -> None:
+    from torch import nn
+
+    from kdig_study.models import fold_batchnorm
+
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    # give BN non-trivial statistics, as after training
+    for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    m.eval()
+    f = fold_batchnorm(m)
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in f.modules())
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(f(x), m(x), atol=1e-4, rtol=1e-4)
+    # a negative BN scale after max-pooling must not be folded (it would change the function)
+    if cfg.arch == "convnet":
+        bn = [mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)][1]  # after a pool
+        bn.weight.data[0] = -1.0
+        g = fold_batchnorm(m)
+        assert any(isinstance(mod, nn.BatchNorm2d) for mod in g.modules())
+        assert torch.allclose(g(x), m(x), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,89 @@
+"""The IG overlay (applied by the loader after crop/flip, before normalisation) and the
+preview grid of images, maps and overlays."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kdig_study.paths import atomic_write
+
+
+def minmax(m: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Per-image min-max to [0, 1]. m: [B, H, W]."""
+    flat = m.flatten(1)
+    lo = flat.min(1).values.view(-1, 1, 1)
+    hi = flat.max(1).values.view(-1, 1, 1)
+    return (m - lo) / (hi - lo).clamp_min(eps)
+
+
+class IGOverlay:
+    """With probability ``prob`` per image: x' = (1 - lam) x + lam M, M = minmax(map ** s)
+    repeated over the 3 channels, s log-uniform in [low, high] per image (DESIGN.md).
+
+    Works on [0, 1] images, after the crop/flip that the map shared, before normalisation.
+    """
+
+    def __init__(self, prob: float, strength: float, exponent_low: float = 1.0,
+                 exponent_high: float = 2.0) -> None:
+        self.prob, self.strength = prob, strength
+        self.log_low, self.log_high = math.log(exponent_low), math.log(exponent_high)
+
+    @property
+    def active(self) -> bool:
+        return self.prob > 0 and self.strength > 0
+
+    def __call__(self, x01: torch.Tensor, planes: torch.Tensor,
+                 gen: torch.Generator) -> torch.Tensor:
+        """x01 [B, 3, H, W] in [0, 1], planes [B, 1, H, W] (the maps) -> a new [B, 3, H, W]."""
+        if not self.active:
+            return x01
+        b = x01.shape[0]
+        device = x01.device
+        chosen = (torch.rand(b, generator=gen) < self.prob).to(device)  # [B]
+        s = torch.exp(self.log_low + (self.log_high - self.log_low)
+                      * torch.rand(b, generator=gen)).to(device)  # [B]
+        m = minmax(planes[:, 0].float().clamp_min(0).pow(s.view(b, 1, 1)))  # [B, H, W]
+        blended = torch.lerp(x01, m.unsqueeze(1).expand_as(x01), self.strength)
+        return torch.where(chosen.view(b, 1, 1, 1), blended, x01)
+
+
+def _heat(m: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] -> [H, W, 3] uint8, black-red-yellow-white."""
+    r = np.clip(3 * m, 0, 1)
+    g = np.clip(3 * m - 1, 0, 1)
+    b = np.clip(3 * m - 2, 0, 1)
+    return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def preview_grid(images: torch.Tensor, maps: torch.Tensor, strength: float = 0.5,
+                 exponent: float = 1.5, scale: int = 4) -> Image.Image:
+    """One row per sample: image | map | overlay (at ``strength``, map ** ``exponent``).
+
+    images [n, 3, H, W] uint8, maps [n, H, W]."""
+    n, _, h, w = images.shape
+    x01 = images.float() / 255
+    m = minmax(maps.float().clamp_min(0).pow(exponent))
+    over = torch.lerp(x01, m.unsqueeze(1).expand_as(x01), strength)
+    pad = 2
+    canvas = np.full((n * (h + pad) + pad, 3 * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        cells = [(x01[i].permute(1, 2, 0).numpy() * 255).astype(np.uint8),
+                 _heat(m[i].numpy()),
+                 (over[i].permute(1, 2, 0).numpy() * 255).astype(np.uint8)]
+        for j, cell in enumerate(cells):
+            y0, x0 = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[y0:y0 + h, x0:x0 + w] = cell
+    img = Image.fromarray(canvas)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def save_preview(path: Path, images: torch.Tensor, maps: torch.Tensor,
+                 strength: float = 0.5) -> Path:
+    grid = preview_grid(images, maps, strength)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return path
