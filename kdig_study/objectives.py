@@ -1,0 +1,135 @@
+"""The Optuna objective: suggest -> config -> one student run -> report, prune, record.
+
+Validation accuracy is the objective; test accuracy is recorded on every trial and never
+optimised (DESIGN.md defect 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import upload_artifact
+from optuna_dashboard import save_note
+from safetensors.torch import save_file
+
+from kdig_study.config import ParamSpec, StudyConfig
+from kdig_study.experiment import Context, run_student
+from kdig_study.measure import profile
+from kdig_study.paths import storage_dir
+
+
+def relevant_space(cfg: StudyConfig) -> dict[str, ParamSpec]:
+    """The search parameters that matter for the study's method switches."""
+    needs = {"temperature": cfg.method.kd, "alpha": cfg.method.kd,
+             "overlay_strength": cfg.method.ig, "overlay_prob": cfg.method.ig,
+             "ig_steps": cfg.method.ig, "at_weight": cfg.method.at, "lr": True}
+    return {k: v for k, v in cfg.search.space.items() if needs[k]}
+
+
+def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, spec in space.items():
+        if spec.choices:
+            choices = [int(c) for c in spec.choices] if name == "ig_steps" else list(spec.choices)
+            params[name] = trial.suggest_categorical(name, choices)
+        else:
+            assert spec.low is not None and spec.high is not None
+            params[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
+    return params
+
+
+def apply_params(cfg: StudyConfig, params: dict[str, Any]) -> StudyConfig:
+    """The study config with one trial's parameters filled in."""
+    kd = dataclasses.replace(cfg.kd, temperature=params.get("temperature", cfg.kd.temperature),
+                             alpha=params.get("alpha", cfg.kd.alpha))
+    ig = dataclasses.replace(
+        cfg.ig, overlay_strength=params.get("overlay_strength", cfg.ig.overlay_strength),
+        overlay_prob=params.get("overlay_prob", cfg.ig.overlay_prob),
+        steps=int(params.get("ig_steps", cfg.ig.steps)))
+    at = dataclasses.replace(cfg.at, weight=params.get("at_weight", cfg.at.weight))
+    student_train = dataclasses.replace(cfg.student_train,
+                                        lr=params.get("lr", cfg.student_train.lr))
+    return dataclasses.replace(cfg, kd=kd, ig=ig, at=at, student_train=student_train)
+
+
+def _note(trial: optuna.Trial, cfg: StudyConfig, params: dict[str, Any],
+          m: dict[str, Any]) -> str:
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                     for k, v in params.items())
+    mode = "+".join(k.upper() for k in ("kd", "ig", "at") if getattr(cfg.method, k)) or "alone"
+    gap = f"{m['ig_gap_median']:.2%}" if "ig_gap_median" in m else "n/a"
+    return (f"## Trial {trial.number}: student ({mode}), scale `{cfg.scale}`\n\n"
+            f"**Validation accuracy {m['val_acc']:.2%}** (objective); test accuracy "
+            f"{m['test_acc']:.2%} (recorded, never optimised).\n\n"
+            f"| parameter | value |\n|---|---|\n{rows}\n\n"
+            f"{m['params']:,} parameters ({m['compression']:.2f}x fewer than the teacher), "
+            f"{m['flops'] / 1e6:.1f} MFLOPs/image; best epoch {m['best_epoch']} of "
+            f"{m['epochs_run']}; {m['wall_s']:.0f} s; seed {m['seed']}; IG completeness gap "
+            f"{gap}.\n\nArtifacts: the best epoch's weights (safetensors) and the IG preview.")
+
+
+class Objective:
+    """One trial = one student run with suggested parameters. Reports validation accuracy
+    every epoch; the pruner may stop it early."""
+
+    def __init__(self, ctx: Context, prune: bool = True, artifacts: Any = None) -> None:
+        self.ctx = ctx
+        self.space = relevant_space(ctx.cfg)
+        self.prune = prune
+        self.artifacts = artifacts
+        self._latency: dict[str, Any] | None = None  # the student's shape is fixed per study
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = suggest(trial, self.space)
+        cfg = apply_params(self.ctx.cfg, params)
+        epochs: list[float] = []
+
+        def on_epoch(stats: Any) -> None:
+            epochs.append(stats.val_acc)
+            trial.report(stats.val_acc, stats.epoch)
+            if self.prune and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}: "
+                                         f"val acc {stats.val_acc:.4f}")
+
+        try:
+            run = run_student(self.ctx, cfg, on_epoch=on_epoch, desc=f"trial {trial.number}")
+        except optuna.TrialPruned:
+            trial.set_user_attr("metrics", {"epochs_run": len(epochs)})
+            raise
+        m = run.metrics
+        # Training and evaluation, with their setup (model, data, maps); the rest of the
+        # trial is sampling, store writes, measurement and artifacts.
+        train_s = m["wall_s"]
+        if self._latency is None:
+            prof = profile(run.model, self.ctx.device, batch=cfg.student_train.batch_size)
+            self._latency = {k: v for k, v in prof.items() if k.startswith("latency")}
+        # Test accuracy as its own column in the dashboard's trial table, everything else in
+        # one "metrics" attribute: every attribute is a store transaction of its own. The
+        # trial's duration is Optuna's own (datetime_start to datetime_complete).
+        trial.set_user_attr("test_acc", m["test_acc"])
+        lat = {f"{k}_median_ms": v["median_ms"] for k, v in self._latency.items()}
+        trial.set_user_attr("metrics", {k: m[k] for k in (
+            "val_acc", "test_acc", "params", "flops", "bytes", "compression", "best_epoch",
+            "epochs_run", "seed", "precision", "train_images", "ig_steps", "ig_gap_median")
+            if k in m} | lat | {"train_eval_s": train_s})
+        if self.artifacts is not None:
+            self._upload(trial, run.result.state, m)
+        save_note(trial, _note(trial, cfg, params, m))
+        return float(m["val_acc"])
+
+    def _upload(self, trial: optuna.Trial, state: dict[str, Any], m: dict[str, Any]) -> None:
+        tmp_dir = storage_dir() / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
+            ckpt = Path(tmp) / f"trial{trial.number}-best.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt))
+            upload_artifact(artifact_store=self.artifacts, file_path=str(ckpt),
+                            study_or_trial=trial, mimetype="application/octet-stream")
+        preview = m.get("ig_preview")
+        if preview and Path(preview).is_file():
+            upload_artifact(artifact_store=self.artifacts, file_path=preview,
+                            study_or_trial=trial, mimetype="image/png")

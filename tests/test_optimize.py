@@ -1,0 +1,228 @@
+"""The main job through its command line: real SQLite files, real PostgreSQL where reachable."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from cli_helpers import assert_one_line_error, run_cli
+from conftest import REPO
+
+PG_URL = os.environ.get("KDIG_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Teacher and IG maps are computed once for the whole module (as workers share them)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def env(shared_cache: Path, isolated_storage: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.setenv("KDIG_CACHE", str(shared_cache))
+    return {"KDIG_CACHE": str(shared_cache), "KDIG_STORAGE": str(isolated_storage)}
+
+
+def _url(storage: Path) -> str:
+    return f"sqlite:///{storage / 'kdig.db'}"
+
+
+def _optimize(*args: str, env: dict | None = None, timeout: float = 600):
+    return run_cli("optimize", "--study", "kd_ig", "--scale", "smoke", "--no-progress", *args,
+                   env=env, timeout=timeout)
+
+
+def _trials(url: str, name: str = "kd_ig-smoke") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+
+def _states(trials) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in trials:
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def test_smoke_study_end_to_end_records_everything(env: dict, isolated_storage: Path) -> None:
+    proc = _optimize("--n-trials", "3", env=env)
+    assert proc.returncode == 0, proc.stderr
+    first_line = proc.stdout.splitlines()[0]
+    assert first_line.startswith("study kd_ig at scale smoke") and "3 trials" in first_line
+    url = _url(isolated_storage)
+    study = optuna.load_study(study_name="kd_ig-smoke", storage=url)
+    attrs = study.user_attrs
+    for key in ("config", "config_fingerprint", "scale", "kdig_version", "git_commit",
+                "torch_version", "teacher"):
+        assert key in attrs, key
+    assert attrs["scale"] == "smoke" and attrs["config"]["kd"]["temperature"] == 2.5
+    assert attrs["teacher"]["params"] == 124_722
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                                    for t in trials)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert done
+    t = done[0]
+    assert {"test_acc", "metrics"} <= set(t.user_attrs)
+    m = t.user_attrs["metrics"]
+    for key in ("test_acc", "params", "flops", "compression", "epochs_run", "seed",
+                "ig_gap_median", "latency_b1_median_ms", "latency_b64_median_ms"):
+        assert key in m, key
+    wall = (t.datetime_complete - t.datetime_start).total_seconds()
+    assert wall >= m["train_eval_s"] > 0
+    assert 0.0 < t.value <= 1.0 and 0.0 < t.user_attrs["test_acc"] <= 1.0
+    assert set(t.params) == {"temperature", "alpha", "overlay_strength", "overlay_prob",
+                             "ig_steps"}
+    assert len(t.intermediate_values) == m["epochs_run"]
+    pruned = [p for p in trials if p.state == TrialState.PRUNED]
+    assert all(p.user_attrs["metrics"]["epochs_run"] == len(p.intermediate_values)
+               for p in pruned)
+    metas = optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)
+    names = sorted(m.filename for m in metas)
+    assert any(n.endswith("-best.safetensors") for n in names)
+    assert any(n.endswith(".png") for n in names)
+    assert (isolated_storage / "artifacts").is_dir()
+    from optuna_dashboard import get_note
+    assert "Validation accuracy" in get_note(optuna.Trial(study, t._trial_id))
+
+
+def test_resume_counts_the_total_and_refuses_a_changed_config(env: dict, isolated_storage: Path,
+                                                               tmp_path: Path) -> None:
+    url = _url(isolated_storage)
+    assert _optimize("--n-trials", "2", env=env).returncode == 0
+    assert len(_trials(url)) == 2
+    proc = _optimize("--n-trials", "3", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(_trials(url)) == 3  # the total, not 3 more
+    proc = _optimize("--n-trials", "3", env=env)
+    assert proc.returncode == 0 and len(_trials(url)) == 3
+    # a changed config is refused, in one line that names the change and the way out
+    changed = tmp_path / "kd_ig.toml"
+    changed.write_text((REPO / "studies" / "kd_ig.toml").read_text().replace(
+        "alpha = 0.01 ", "alpha = 0.5 "))
+    proc = run_cli("optimize", "--study", str(changed), "--scale", "smoke", "--no-progress",
+                   "--n-trials", "4", env=env)
+    assert_one_line_error(proc, "another config", "kd.alpha", "--study-name")
+    assert len(_trials(url)) == 3
+
+
+def _workers_finish_exactly(url: str, env: dict, name: str, n: int = 5) -> None:
+    proc = _optimize("--n-trials", str(n), "--workers", "3", "--storage", url,
+                     "--study-name", name, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "database is locked" not in proc.stderr + proc.stdout
+    states = _states(_trials(url, name))
+    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == n, states
+    assert set(states) <= {"COMPLETE", "PRUNED"}, states
+    assert "[worker 2]" in proc.stdout
+
+
+@pytest.mark.slow
+def test_three_workers_on_sqlite(env: dict, isolated_storage: Path) -> None:
+    _workers_finish_exactly(_url(isolated_storage), env, "kd_ig-smoke")
+
+
+def _postgres_reachable() -> str | None:
+    try:
+        import sqlalchemy
+        engine = sqlalchemy.create_engine(PG_URL)
+        with engine.connect():
+            pass
+        return None
+    except Exception as e:  # no server, no driver, no database
+        return f"PostgreSQL not reachable at {PG_URL}: {str(e).splitlines()[0]}"
+
+
+@pytest.mark.slow
+def test_three_workers_on_postgresql(env: dict) -> None:
+    why = _postgres_reachable()
+    if why:
+        pytest.skip(why)
+    _workers_finish_exactly(PG_URL, env, f"kd_ig-smoke-{uuid.uuid4().hex[:8]}")
+
+
+def _wait_for_running(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if any(t.state == TrialState.RUNNING for t in _trials(url)):
+                time.sleep(1.0)  # well inside the trial
+                return
+        except KeyError:  # the study does not exist yet
+            pass
+        time.sleep(0.3)
+    raise AssertionError("no trial started")
+
+
+def _popen(env: dict, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kdig_study.optimize", "--study", "kd_ig",
+                             "--scale", "smoke", "--no-progress", *args],
+                            env=os.environ.copy() | env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_killed_worker_trial_fails_and_is_retried(env: dict, isolated_storage: Path) -> None:
+    url = _url(isolated_storage)
+    # a cached teacher and maps, so the kill lands inside a trial
+    assert _optimize("--n-trials", "1", "--study-name", "warm", env=env).returncode == 0
+    proc = _popen(env, "--n-trials", "2", "--heartbeat", "1")
+    _wait_for_running(url, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = [t for t in _trials(url) if t.state == TrialState.RUNNING]
+    assert len(killed) == 1
+    again = _optimize("--n-trials", "2", "--heartbeat", "1", env=env)
+    assert again.returncode == 0, again.stderr
+    trials = _trials(url)
+    states = _states(trials)
+    assert states.get("RUNNING", 0) == 0
+    assert trials[killed[0].number].state == TrialState.FAIL
+    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 2
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed[0].number]
+    assert len(retried) == 1 and retried[0].params == killed[0].params
+
+
+@pytest.mark.slow
+def test_ctrl_c_fails_the_trial_cleanly_and_the_command_resumes(env: dict,
+                                                                isolated_storage: Path) -> None:
+    url = _url(isolated_storage)
+    assert _optimize("--n-trials", "1", "--study-name", "warm", env=env).returncode == 0
+    proc = _popen(env, "--n-trials", "2")
+    _wait_for_running(url, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err
+    states = _states(_trials(url))
+    assert states.get("RUNNING", 0) == 0 and states.get("FAIL", 0) == 1
+    assert _optimize("--n-trials", "2", env=env).returncode == 0
+    states = _states(_trials(url))
+    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 2
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--storage", "nonsense"], ["is not a database URL"]),
+    (["--storage", "mysql://u@localhost/x"], ["unsupported database 'mysql'"]),
+    (["--storage", "postgresql+psycopg://nobody@127.0.0.1:1/none"], ["cannot connect"]),
+    (["--scale", "huge"], ["unknown scale 'huge'"]),
+    (["--n-trials", "0"], ["--n-trials"]),
+])
+def test_bad_input_is_one_line(args: list[str], fragments: list[str], env: dict) -> None:
+    proc = run_cli("optimize", "--study", "kd_ig", "--no-progress",
+                   *(args if "--scale" in args else ["--scale", "smoke", *args]), env=env)
+    assert_one_line_error(proc, *fragments)
+
+
+def test_unknown_study_is_one_line(env: dict) -> None:
+    assert_one_line_error(run_cli("optimize", "--study", "nope", "--scale", "smoke", env=env),
+                          "unknown study 'nope'", "kd_ig")
