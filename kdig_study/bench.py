@@ -349,8 +349,9 @@ def _study_run(cfg: StudyConfig, ctx: Context, url: str, name: str, n_trials: in
     """A search in-process, as `optimize` runs it; returns the study and its wall time."""
     from kdig_study.objectives import Objective
     from kdig_study.optimize import make_pruner, make_sampler, run_worker
-    from kdig_study.store import SlotLock, open_storage, open_study
+    from kdig_study.store import SlotLock, open_storage, open_study, quiet_optuna_logs
 
+    quiet_optuna_logs()
     storage = open_storage(url)
     pruner = make_pruner(cfg) if prune else optuna.pruners.NopPruner()
     study = open_study(storage, name, cfg, make_sampler(cfg, None), pruner, ["maximize"], url)

@@ -441,3 +441,29 @@ def _build_space(table: Any, src: str, where: str) -> dict[str, ParamSpec]:
                                 f"allowed: {allowed}")
         space[name] = spec
     return space
+
+
+def load_params(path: str) -> dict[str, float | int]:
+    """A ``[params]`` table of method hyperparameters (the names the search uses), checked."""
+    p = Path(path)
+    if not p.is_file():
+        raise KdigError(f"--params {path}: no such file (give 'best' or a .toml file with a "
+                        f"[params] table)")
+    table = _read_toml(p)
+    params = table.get("params")
+    if not isinstance(params, dict) or set(table) != {"params"}:
+        raise KdigError(f"{p}: expected exactly one table [params] with keys from "
+                        f"{', '.join(SEARCH_PARAMS)}")
+    out: dict[str, float | int] = {}
+    for name, value in params.items():
+        if name not in SEARCH_PARAMS:
+            raise KdigError(f"{p}: unknown key 'params.{name}'; allowed: {', '.join(SEARCH_PARAMS)}")
+        tp = int if name == "ig_steps" else float
+        ok, converted = _coerce(tp, value)
+        if not ok:
+            raise KdigError(f"{p}: params.{name} = {value!r}: wrong type; allowed: {_type_name(tp)}")
+        allowed = _check_range(_param_field(name), converted)
+        if allowed is not None:
+            raise KdigError(f"{p}: params.{name} = {value!r}: out of range; allowed: {allowed}")
+        out[name] = converted
+    return out

@@ -117,8 +117,13 @@ def teacher_params(cfg: StudyConfig, num_classes: int = 10) -> int:
 
 
 def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
-                on_epoch: EpochCallback | None = None, desc: str = "student") -> StudentRun:
-    """Train one student with the method switches of ``cfg`` (default: the context's)."""
+                on_epoch: EpochCallback | None = None, desc: str = "student",
+                rows: torch.Tensor | None = None) -> StudentRun:
+    """Train one student with the method switches of ``cfg`` (default: the context's).
+
+    ``rows``: train on these rows of the students' training set only (Monte-Carlo subsets);
+    their IG maps follow them.
+    """
     cfg = cfg or ctx.cfg
     data = ctx.data
     t0 = time.perf_counter()
@@ -133,17 +138,21 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
     train_set, index = data.train_subset(cfg.student_train.train_size)
     planes, overlay, ig_info = None, None, {}
     if cfg.method.ig:
-        report = ctx.maps()
-        store = report.store
+        counts = ig_counts(ctx.cfg)
+        store = (ctx.maps() if cfg.ig.steps in counts else ctx.maps((cfg.ig.steps,))).store
         if not np.array_equal(store.index(), index.numpy()):  # DESIGN.md defect 1
             raise KdigError(f"IG map store {store.root} is for other images than this run's "
                             f"training set")
         planes = store.planes(cfg.ig.steps)  # [N, 1, 32, 32], row i = training image i
+        if rows is not None:
+            planes = planes[rows]
         overlay = IGOverlay(cfg.ig.overlay_prob, cfg.ig.overlay_strength,
                             cfg.ig.exponent_low, cfg.ig.exponent_high)
         ig_info = {"ig_steps": cfg.ig.steps, "ig_gap_median": store.gap(cfg.ig.steps)["median"],
                    "ig_store": str(store.root),
                    "ig_preview": str(ctx.preview(store, cfg.ig.steps))}
+    if rows is not None:
+        train_set = train_set.take(rows)
     result = train(model, train_set, data, cfg.student_train, device=ctx.device,
                    distill=distill, planes=planes, overlay=overlay, on_epoch=on_epoch,
                    progress=ctx.progress, desc=desc)

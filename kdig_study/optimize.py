@@ -13,7 +13,6 @@ PostgreSQL store) share the work and never start more trials than asked for.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import subprocess
@@ -34,7 +33,8 @@ from kdig_study.experiment import Context
 from kdig_study.measure import default_threads, profile
 from kdig_study.models import build_model, count_params
 from kdig_study.objectives import Objective, relevant_space
-from kdig_study.store import SlotLock, artifact_store, default_url, open_storage, open_study
+from kdig_study.store import (SlotLock, artifact_store, default_url, open_storage, open_study,
+                              quiet_optuna_logs)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,13 +54,6 @@ def _parser() -> argparse.ArgumentParser:
                         "retried")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     return p
-
-
-class _NoInterruptTraceback(logging.Filter):
-    """Ctrl-C fails the running trial (as it should); Optuna would log it with a traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
 
 
 def make_sampler(cfg: StudyConfig, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -195,9 +188,7 @@ def main() -> int:
         print(banner(cfg, n_trials), flush=True)
     if os.environ.get("KDIG_THREADS"):
         torch.set_num_threads(int(os.environ["KDIG_THREADS"]))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for handler in logging.getLogger("optuna").handlers:
-        handler.addFilter(_NoInterruptTraceback())
+    quiet_optuna_logs()
     url = args.storage or default_url()
     storage = open_storage(url, heartbeat_interval=args.heartbeat)
     name = args.study_name or f"{cfg.name}-{cfg.scale}"

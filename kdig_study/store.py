@@ -4,6 +4,7 @@ out trial slots so that any number of workers finish exactly the trials asked fo
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import subprocess
@@ -26,6 +27,21 @@ from kdig_study.errors import KdigError
 from kdig_study.paths import storage_dir
 
 _HELP_URL = "e.g. sqlite:///storage/kdig.db or postgresql+psycopg://user@host:5432/db"
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Ctrl-C fails the running trial (as it should); Optuna would log it with a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
+def quiet_optuna_logs() -> None:
+    """Our commands print their own line per trial; Optuna's INFO lines would repeat them."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, _NoInterruptTraceback) for f in handler.filters):
+            handler.addFilter(_NoInterruptTraceback())
 
 
 def default_url() -> str:
