@@ -148,8 +148,9 @@ class Ablation:
         shape = repr(cfg.student)
         if shape not in self._profiles:
             prof = profile(result.model, self.ctx.device, batch=cfg.student_train.batch_size)
-            self._profiles[shape] = {f"{k}_median_ms": v["median_ms"]
-                                     for k, v in prof.items() if k.startswith("latency")}
+            self._profiles[shape] = {f"{k}_{stat}_ms": v[f"{stat}_ms"]
+                                     for k, v in prof.items() if k.startswith("latency")
+                                     for stat in ("median", "p90")}
         trial.set_user_attr("test_acc", m["test_acc"])
         trial.set_user_attr("metrics", {k: v for k, v in m.items()
                                         if isinstance(v, int | float | str)}

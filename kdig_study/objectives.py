@@ -111,7 +111,8 @@ class Objective:
         # one "metrics" attribute: every attribute is a store transaction of its own. The
         # trial's duration is Optuna's own (datetime_start to datetime_complete).
         trial.set_user_attr("test_acc", m["test_acc"])
-        lat = {f"{k}_median_ms": v["median_ms"] for k, v in self._latency.items()}
+        lat = {f"{k}_{stat}_ms": v[f"{stat}_ms"] for k, v in self._latency.items()
+               for stat in ("median", "p90")}
         trial.set_user_attr("metrics", {k: m[k] for k in (
             "val_acc", "test_acc", "params", "flops", "bytes", "compression", "best_epoch",
             "epochs_run", "seed", "precision", "train_images", "ig_steps", "ig_gap_median")

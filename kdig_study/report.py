@@ -1,0 +1,325 @@
+"""A self-contained HTML report of a study (and its ablation and sweep), for offline reading.
+
+    python -m kdig_study.report --study kd_ig --scale cpu
+    python -m kdig_study.report --study kd_ig --storage postgresql+psycopg://host/db --out reports/
+
+Writes reports/<study>-<scale>.html with plotly.js inlined (it opens with no network), and
+pushes the same figures to optuna-dashboard beside the study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import html
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import plotly.graph_objects as go
+from optuna.artifacts import download_artifact, get_all_artifact_meta
+from plotly.offline import get_plotlyjs
+
+from kdig_study import report_data as rd
+from kdig_study import report_figures as rf
+from kdig_study.cli import Parser, default_scale, run
+from kdig_study.config import SCALES
+from kdig_study.errors import KdigError
+from kdig_study.paths import atomic_write
+from kdig_study.store import artifact_store, default_url, open_storage, quiet_optuna_logs
+
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("summary", "Summary: teacher and best student"),
+    ("history", "Optimisation history"),
+    ("importance", "Parameter importances"),
+    ("parallel", "Parallel coordinates"),
+    ("pairs", "Temperature x alpha, overlay strength x probability"),
+    ("intermediate", "Learning curves and pruning"),
+    ("ablation", "Ablation"),
+    ("compression", "Accuracy against compression and latency"),
+    ("gallery", "IG gallery: images, maps, overlays"),
+    ("reference", "The reference paper beside this study"),
+)
+
+
+@dataclass
+class Page:
+    title: str
+    intro: str
+    sections: dict[str, list[str]] = field(default_factory=dict)  # id -> HTML fragments
+    figures: dict[str, go.Figure] = field(default_factory=dict)  # id -> figure
+
+    def add(self, sid: str, fragment: str) -> None:
+        self.sections.setdefault(sid, []).append(fragment)
+
+    def figure(self, sid: str, key: str, fig: go.Figure) -> None:
+        self.figures[key] = fig
+        self.add(sid, fig.to_html(full_html=False, include_plotlyjs=False,
+                                  div_id=f"fig-{key}", config={"displaylogo": False}))
+
+    def empty(self, sid: str, why: str) -> None:
+        self.add(sid, f'<p class="empty">{html.escape(why)}</p>')
+
+
+def _e(x: object) -> str:
+    return html.escape(str(x))
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _num(x: Any, fmt: str = "{:,}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _summary(page: Page, s: rd.Summary) -> None:
+    rows = rd.summary_rows(s)
+    states = ", ".join(f"{v} {k}" for k, v in sorted(s.states.items())) or "no trials yet"
+    page.add("summary", f"<p>Trials: {_e(states)}.</p>")
+    if not rows:
+        page.empty("summary", "No teacher recorded and no completed trial yet: run "
+                              "`python -m kdig_study.optimize` for this study.")
+        return
+    if s.best is None:
+        page.empty("summary", "No completed trial yet (all pruned, failed or running): "
+                              "the best student appears here once a trial completes.")
+    page.add("summary", _table(
+        ["model", "val acc", "test acc", "test acc kept", "parameters", "compression",
+         "MFLOPs/image", "latency b1 median / p90", "latency bN median / p90"],
+        [[_e(r["model"]), _pct(r["val_acc"]), _pct(r["test_acc"]), _pct(r["kept"]),
+          _num(r["params"]), _num(r["compression"], "{:.2f}x"),
+          _num(None if r["flops"] is None else r["flops"] / 1e6, "{:.1f}"),
+          f"{_num(r['b1_median_ms'], '{:.2f}')} / {_num(r['b1_p90_ms'], '{:.2f}')} ms",
+          f"{_num(r['bn_median_ms'], '{:.1f}')} / {_num(r['bn_p90_ms'], '{:.1f}')} ms"
+          f" (N={_num(r['bn'])})"] for r in rows]))
+    if rows and rows[0]["method"]:
+        page.add("summary", f"<p class='note'>Latency: {_e(rows[0]['method'])}.</p>")
+
+
+def _search(page: Page, study: optuna.Study) -> None:
+    trials = study.get_trials(deepcopy=False)
+    h = rd.history_data(trials)
+    if h.numbers:
+        page.figure("history", "history", rf.history_figure(h))
+    else:
+        page.empty("history", "No completed trial yet." if trials else "No trials yet.")
+    imp, why = rd.importance_data(study)
+    if imp:
+        page.figure("importance", "importance", rf.importance_figure(imp))
+    else:
+        page.empty("importance", f"Parameter importances: {why}.")
+    par = rd.parallel_data(trials)
+    if par.get("value") and len(par) > 1:
+        page.figure("parallel", "parallel", rf.parallel_figure(par))
+    else:
+        page.empty("parallel", "No completed trial with parameters yet.")
+    any_pair = False
+    for x, y, lx, ly in (("temperature", "alpha", True, True),
+                         ("overlay_strength", "overlay_prob", False, False)):
+        data = rd.pair_data(trials, x, y)
+        if data:
+            any_pair = True
+            page.figure("pairs", f"pair-{x}-{y}", rf.pair_figure(data, x, y, lx, ly))
+    if not any_pair:
+        page.empty("pairs", "No completed trial searched these parameter pairs.")
+    curves = rd.intermediate_data(trials)
+    if curves:
+        page.figure("intermediate", "intermediate", rf.intermediate_figure(curves))
+    else:
+        page.empty("intermediate", "No trial has reported an epoch yet.")
+
+
+def _ablation(page: Page, ab: rd.Ablation | None) -> None:
+    if ab is None:
+        page.empty("ablation", "No ablation yet: run `python -m kdig_study.ablate` for this "
+                               "study.")
+        return
+    page.add("ablation", f"<p>Study <code>{_e(ab.name)}</code>, factors "
+                         f"{_e(', '.join(ab.factors))}, parameters "
+                         f"<code>{_e(ab.params)}</code>; paired by seed.</p>")
+    for metric, label in (("test_acc", "test accuracy"), ("val_acc", "validation accuracy")):
+        a = ab.analysis[metric]
+        page.add("ablation", f"<h3>{_e(label.capitalize())}</h3>")
+        page.add("ablation", _table(
+            ["condition", "n", "mean +- sd", "min", "max"],
+            [[_e(s["condition"]), str(s["n"]),
+              f"{_pct(s['mean'])} +- {_pct(s['sd'] if s['n'] > 1 else None)}",
+              _pct(s["min"] if s["n"] else None), _pct(s["max"] if s["n"] else None)]
+             for s in a["summaries"]]))
+        page.add("ablation", _table(
+            ["comparison (paired)", "n", "mean difference", "95% CI", "t-test p", "Wilcoxon p"],
+            [[_e(f"{c['a']} - {c['b']}"), str(c["n"]), _signed(c["mean_diff"]),
+              f"[{_signed(c['ci_low'])}, {_signed(c['ci_high'])}]", _p(c["t_p"]),
+              _p(c["wilcoxon_p"])] for c in a["comparisons"]]
+            + [[_e(f"effect: {e['effect']}"), str(e["n"]), _signed(e["mean"]),
+                f"[{_signed(e['ci_low'])}, {_signed(e['ci_high'])}]", _p(e["t_p"]),
+                _p(e["wilcoxon_p"])] for e in a["effects"]]))
+        page.figure("ablation", f"ablation-{metric}", rf.ablation_figure(ab, metric, label))
+
+
+def _signed(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:+.2f} pt"
+
+
+def _p(x: float) -> str:
+    return "n/a" if x != x else f"{x:.3g}"
+
+
+def _compression(page: Page, sweep: dict | None, teacher: dict | None) -> None:
+    if sweep is None:
+        page.empty("compression", "No compression sweep yet: run `python -m kdig_study.ablate "
+                                  "--sweep width=...` (or drop_blocks=... for MobileNetV2).")
+        return
+    for i, fig in enumerate(rf.compression_figures(sweep, teacher)):
+        page.figure("compression", f"compression-{i}", fig)
+    page.add("compression", _table(
+        [sweep["key"], "condition", "n", "test acc", "parameters", "compression", "MFLOPs",
+         "latency b1, ms"],
+        [[f"{r['value']:g}", _e(r["condition"]), str(r["n"]), _pct(r["test_acc"]),
+          _num(r["params"]), f"{r['compression']:.2f}x", f"{r['flops'] / 1e6:.1f}",
+          _num(r["latency_b1_ms"], "{:.2f}")] for r in sweep["rows"]]))
+
+
+def _gallery(page: Page, study: optuna.Study, storage: Any) -> None:
+    done = rd.finished(study.get_trials(deepcopy=False))
+    for t in sorted(done, key=lambda t: -t.value):  # type: ignore[operator]
+        pngs = [m for m in get_all_artifact_meta(t, storage=storage)
+                if m.filename.endswith(".png")]
+        if not pngs:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "preview.png"
+            try:
+                download_artifact(artifact_store=artifact_store(), file_path=str(path),
+                                  artifact_id=pngs[0].artifact_id)
+            except Exception as e:  # an artifact store that lives on another machine
+                page.empty("gallery", f"The IG preview of trial {t.number} is in the store "
+                                      f"but its file could not be read ({e}).")
+                return
+            data = base64.b64encode(path.read_bytes()).decode()
+        page.add("gallery", f"<p>Trial {t.number}: per row, a training image, its teacher IG "
+                            f"map, and the overlay.</p><img class='gallery' alt='IG preview' "
+                            f"src='data:image/png;base64,{data}'>")
+        return
+    page.empty("gallery", "No IG preview among the completed trials (no IG method, or no "
+                          "completed trial yet).")
+
+
+def _reference(page: Page, ab: rd.Ablation | None, s: rd.Summary) -> None:
+    rows = rd.reference_rows(ab)
+    page.add("reference", f"<p>Paper: {_e(rd.PAPER_SETUP)}. This study: scale "
+                          f"<b>{_e(s.scale)}</b>, data <code>{_e(s.data.get('origin', '?'))}"
+                          f"</code>. Different data copy, models and budget: compare "
+                          f"differences between conditions, not absolute numbers.</p>")
+    def ours(r: dict[str, Any]) -> str:
+        if r["ours_mean"] is None:
+            return "n/a"
+        sd = "n/a" if r["ours_sd"] is None else f"{r['ours_sd']:.2f}"
+        return f"{r['ours_mean']:.2f} +- {sd}"
+
+    page.add("reference", _table(
+        ["condition", "paper mean +- sd (n=10)", "ours mean +- sd", "ours n"],
+        [[_e(r["condition"]), f"{r['paper_mean']:.2f} +- {r['paper_sd']:.2f}", ours(r),
+          str(r["ours_n"])] for r in rows]))
+    page.figure("reference", "reference", rf.reference_figure(rows))
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;
+color:#222}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
+margin-top:2em}table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
+td,th{border:1px solid #ddd;padding:.3em .6em;text-align:right}td:first-child,th:first-child
+{text-align:left}th{background:#f4f4f4}.empty{color:#a33;font-style:italic}.note{color:#555;
+font-size:.9em}nav a{margin-right:1em}img.gallery{max-width:100%;image-rendering:pixelated}
+"""
+
+
+def render(page: Page) -> str:
+    nav = " ".join(f"<a href='#{sid}'>{_e(title)}</a>" for sid, title in SECTIONS)
+    body = "".join(f"<section id='{sid}'><h2>{_e(title)}</h2>"
+                   f"{''.join(page.sections.get(sid, []))}</section>"
+                   for sid, title in SECTIONS if sid in page.sections)
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<title>{_e(page.title)}</title><style>{_CSS}</style>"
+            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+            f"<h1>{_e(page.title)}</h1>{page.intro}<nav>{nav}</nav>{body}</body></html>")
+
+
+def build(storage: Any, url: str, name: str) -> Page:
+    """Everything in the report for the search study ``name``."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        known = optuna.get_all_study_names(storage)
+        raise KdigError(f"no study '{name}' in {url}" + (f"; studies there: {', '.join(known)}"
+                                                         if known else "")) from None
+    s = rd.summary_data(study)
+    cfg = study.user_attrs.get("config", {})
+    method = cfg.get("method", {})
+    mode = "+".join(k.upper() for k in ("kd", "ig", "at") if method.get(k)) or "student"
+    page = Page(title=f"kdig_study report: {name}", intro=(
+        f"<p>Study <code>{_e(name)}</code> ({_e(mode)}), scale <b>{_e(s.scale)}</b>, data "
+        f"<code>{_e(s.data.get('origin', '?'))}</code> ({_e(s.data.get('train', '?'))} train /"
+        f" {_e(s.data.get('val', '?'))} val / {_e(s.data.get('test', '?'))} test); store "
+        f"<code>{_e(url)}</code>; git {_e(study.user_attrs.get('git_commit', '?'))}; "
+        f"generated {datetime.datetime.now():%Y-%m-%d %H:%M}.</p>"))
+    _summary(page, s)
+    _search(page, study)
+    ab = rd.ablation_data(storage, name)
+    _ablation(page, ab)
+    _compression(page, rd.sweep_data(storage, name), s.teacher)
+    _gallery(page, study, storage)
+    _reference(page, ab, s)
+    return page
+
+
+def push_to_dashboard(study: optuna.Study, page: Page) -> int:
+    from optuna_dashboard import save_plotly_graph_object
+
+    for key, fig in page.figures.items():
+        save_plotly_graph_object(study, fig, graph_object_id=f"kdig-{key}")
+    return len(page.figures)
+
+
+def main() -> int:
+    p = Parser(prog="python -m kdig_study.report", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", required=True, help="study name (e.g. kd_ig)")
+    p.add_argument("--scale", default=None, help=f"{' | '.join(SCALES)} (default: cpu, or "
+                                                 f"paper with a GPU)")
+    p.add_argument("--study-name", default=None, help="default: <study>-<scale>")
+    p.add_argument("--storage", default=None, help="default: sqlite:///storage/kdig.db")
+    p.add_argument("--out", default="reports", help="output folder")
+    p.add_argument("--no-dashboard", action="store_true",
+                   help="do not push the figures to optuna-dashboard")
+    args = p.parse_args()
+    scale = args.scale or default_scale()
+    if scale not in SCALES:
+        raise KdigError(f"unknown scale '{scale}'; allowed: {', '.join(SCALES)}")
+    quiet_optuna_logs()
+    url = args.storage or default_url()
+    storage = open_storage(url)
+    name = args.study_name or f"{Path(args.study).stem}-{scale}"
+    page = build(storage, url, name)
+    out = Path(args.out) / f"{name}.html"
+    text = render(page)
+    atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    print(f"report: {out} ({len(text) / 1e6:.1f} MB, {len(page.figures)} figures)")
+    if not args.no_dashboard:
+        n = push_to_dashboard(optuna.load_study(study_name=name, storage=storage), page)
+        print(f"pushed {n} figures to optuna-dashboard (study '{name}')")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

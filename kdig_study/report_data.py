@@ -1,0 +1,227 @@
+"""The data behind every report figure and table, read from the study store.
+
+Pure functions of Optuna trials and study attributes, returning plain structures (tests
+check these); kdig_study.report_figures turns them into Plotly figures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from kdig_study.ablation import FACTORS, SWEEP_KEYS, results_table
+from kdig_study.stats import analyse, condition_name
+
+# The reference paper's ablation (DESIGN.md): CIFAR-10 test accuracy, 10 runs, mean and sd.
+PAPER_ABLATION: dict[str, tuple[float, float]] = {
+    "student": (91.18, 0.31), "KD": (91.62, 0.44), "IG": (91.35, 0.32),
+    "KD+IG": (92.02, 0.34), "AT": (91.16, 0.32), "KD+AT": (91.75, 0.29),
+    "IG+AT": (91.46, 0.24), "KD+IG+AT": (91.86, 0.28),
+}
+PAPER_SETUP = ("Hernandez, Chang & Nordling, arXiv 2503.13008 (2025): original CIFAR-10, "
+               "MobileNetV2 teacher (2.24 M parameters, 93.9%) and its k=5 student "
+               "(0.54 M, 4.1x), 100 epochs, 10 runs per condition")
+
+
+def finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    return [t for t in trials if t.state == TrialState.COMPLETE]
+
+
+@dataclass
+class Summary:
+    scale: str
+    data: dict[str, Any]
+    states: dict[str, int]
+    teacher: dict[str, Any] | None
+    best: dict[str, Any] | None  # number, val_acc, test_acc, params, metrics
+
+
+def summary_data(study: optuna.Study) -> Summary:
+    trials = study.get_trials(deepcopy=False)
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    done = finished(trials)
+    best = None
+    if done:
+        b = max(done, key=lambda t: t.value)  # type: ignore[arg-type,return-value]
+        best = {"number": b.number, "val_acc": b.value, "params": dict(b.params),
+                "metrics": dict(b.user_attrs.get("metrics", {})),
+                "test_acc": b.user_attrs.get("test_acc")}
+    attrs = study.user_attrs
+    return Summary(attrs.get("scale", "?"), attrs.get("data", {}), states,
+                   attrs.get("teacher"), best)
+
+
+def summary_rows(s: Summary) -> list[dict[str, Any]]:
+    """Teacher and best student side by side (None where unknown)."""
+    rows = []
+    t = s.teacher
+    if t is not None:
+        lat = {k: v for k, v in t.items() if k.startswith("latency_b")}
+        b1 = lat.get("latency_b1", {})
+        bn_key = next((k for k in lat if k != "latency_b1"), None)
+        bn = lat.get(bn_key, {}) if bn_key else {}
+        rows.append({"model": "teacher", "val_acc": t.get("val_acc"),
+                     "test_acc": t.get("test_acc"), "kept": 1.0, "params": t.get("params"),
+                     "compression": 1.0, "flops": t.get("flops"),
+                     "b1_median_ms": b1.get("median_ms"), "b1_p90_ms": b1.get("p90_ms"),
+                     "bn": bn.get("batch_size"), "bn_median_ms": bn.get("median_ms"),
+                     "bn_p90_ms": bn.get("p90_ms"), "method": b1.get("method", "")})
+    if s.best is not None:
+        m = s.best["metrics"]
+        bn_key = next((k for k in m if k.startswith("latency_b") and k.endswith("_median_ms")
+                       and not k.startswith("latency_b1_")), None)
+        bn_size = int(bn_key.split("_")[1][1:]) if bn_key else None
+        kept = None
+        if t is not None and t.get("test_acc") and s.best["test_acc"] is not None:
+            kept = s.best["test_acc"] / t["test_acc"]
+        rows.append({"model": f"best student (trial {s.best['number']})",
+                     "val_acc": s.best["val_acc"], "test_acc": s.best["test_acc"],
+                     "kept": kept, "params": m.get("params"), "compression": m.get("compression"),
+                     "flops": m.get("flops"), "b1_median_ms": m.get("latency_b1_median_ms"),
+                     "b1_p90_ms": m.get("latency_b1_p90_ms"), "bn": bn_size,
+                     "bn_median_ms": m.get(bn_key) if bn_key else None,
+                     "bn_p90_ms": m.get(f"latency_b{bn_size}_p90_ms") if bn_size else None,
+                     "method": rows[0]["method"] if rows else ""})
+    return rows
+
+
+@dataclass
+class History:
+    numbers: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    best_so_far: list[float] = field(default_factory=list)
+
+
+def history_data(trials: list[FrozenTrial]) -> History:
+    h = History()
+    best = -math.inf
+    for t in sorted(finished(trials), key=lambda t: t.number):
+        best = max(best, t.value)  # type: ignore[type-var]
+        h.numbers.append(t.number)
+        h.values.append(float(t.value))  # type: ignore[arg-type]
+        h.best_so_far.append(float(best))
+    return h
+
+
+def importance_data(study: optuna.Study) -> tuple[dict[str, float] | None, str]:
+    """(parameter importances, "") or (None, why not)."""
+    done = finished(study.get_trials(deepcopy=False))
+    if len(done) < 2:
+        return None, f"needs at least 2 completed trials ({len(done)} so far)"
+    varied = {k for t in done for k in t.params if len({str(u.params.get(k)) for u in done}) > 1}
+    if not varied:
+        return None, "no parameter varied across the completed trials"
+    return optuna.importance.get_param_importances(study), ""
+
+
+def parallel_data(trials: list[FrozenTrial]) -> dict[str, list[float]]:
+    """{param: values, ..., "value": objective} over completed trials with every param."""
+    done = finished(trials)
+    names = sorted({k for t in done for k in t.params})
+    rows = [t for t in done if all(k in t.params for k in names)]
+    out = {k: [float(t.params[k]) for t in rows] for k in names}
+    out["value"] = [float(t.value) for t in rows]  # type: ignore[arg-type]
+    return out
+
+
+def pair_data(trials: list[FrozenTrial], x: str, y: str) -> dict[str, list[float]] | None:
+    """Points (x, y, objective) of completed trials that have both parameters."""
+    rows = [t for t in finished(trials) if x in t.params and y in t.params]
+    if not rows:
+        return None
+    return {"x": [float(t.params[x]) for t in rows], "y": [float(t.params[y]) for t in rows],
+            "value": [float(t.value) for t in rows],  # type: ignore[arg-type]
+            "number": [t.number for t in rows]}
+
+
+def intermediate_data(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
+    """Per trial with reports: its epochs, validation accuracies and final state."""
+    out = []
+    for t in trials:
+        if t.intermediate_values:
+            steps = sorted(t.intermediate_values)
+            out.append({"number": t.number, "state": t.state.name.lower(), "epochs": steps,
+                        "values": [t.intermediate_values[s] for s in steps]})
+    return out
+
+
+def _load(storage: Any, name: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+@dataclass
+class Ablation:
+    name: str
+    factors: list[str]
+    analysis: dict[str, dict[str, Any]]  # metric -> analyse() output
+    points: dict[str, dict[str, dict[int, float]]]  # metric -> condition -> seed -> value
+    params: dict[str, Any]
+
+
+def ablation_data(storage: Any, search_name: str, metrics: tuple[str, ...] = ("test_acc", "val_acc")
+                  ) -> Ablation | None:
+    study = _load(storage, f"{search_name}.ablation")
+    if study is None:
+        return None
+    trials = study.get_trials(deepcopy=False)
+    if not finished(trials):
+        return None
+    info = study.user_attrs.get("ablation", {})
+    factors = info.get("factors") or [f for f in FACTORS
+                                      if any(t.params.get(f) for t in finished(trials))]
+    analysis, points = {}, {}
+    for metric in metrics:
+        table = results_table(trials, metric)
+        analysis[metric] = analyse(table, factors)
+        points[metric] = {condition_name(c): v for c, v in table.items()}
+    return Ablation(study.study_name, factors, analysis, points, info.get("params", {}))
+
+
+def sweep_data(storage: Any, search_name: str) -> dict[str, Any] | None:
+    """Mean test accuracy, compression, FLOPs and latency per (swept value, condition)."""
+    for key in SWEEP_KEYS:
+        study = _load(storage, f"{search_name}.ablation-sweep-{key}")
+        if study is None:
+            continue
+        groups: dict[tuple[float, str], list[FrozenTrial]] = {}
+        for t in finished(study.get_trials(deepcopy=False)):
+            groups.setdefault((t.params[key], t.params["condition"]), []).append(t)
+        if not groups:
+            return None
+        rows = []
+        for (value, cond), ts in sorted(groups.items()):
+            m = [t.user_attrs["metrics"] for t in ts]
+            accs = [x["test_acc"] for x in m]
+            rows.append({"key": key, "value": value, "condition": cond, "n": len(ts),
+                         "test_acc": sum(accs) / len(accs),
+                         "sd": (sum((a - sum(accs) / len(accs)) ** 2 for a in accs)
+                                / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else float("nan"),
+                         "params": m[0]["params"], "compression": m[0]["compression"],
+                         "flops": m[0]["flops"],
+                         "latency_b1_ms": m[0].get("latency_b1_median_ms")})
+        return {"key": key, "rows": rows}
+    return None
+
+
+def reference_rows(ab: Ablation | None) -> list[dict[str, Any]]:
+    """The paper's numbers beside ours, per condition (ours where measured)."""
+    ours = {}
+    if ab is not None:
+        ours = {s["condition"]: s for s in ab.analysis["test_acc"]["summaries"]}
+    rows = []
+    for cond, (mean, sd) in PAPER_ABLATION.items():
+        o = ours.get(cond)
+        rows.append({"condition": cond, "paper_mean": mean, "paper_sd": sd, "paper_n": 10,
+                     "ours_mean": None if o is None or not o["n"] else 100 * o["mean"],
+                     "ours_sd": None if o is None or o["n"] < 2 else 100 * o["sd"],
+                     "ours_n": 0 if o is None else o["n"]})
+    return rows

@@ -1,0 +1,149 @@
+"""Plotly figures from the report's data structures (kdig_study.report_data).
+
+Text that comes from the store (parameter names, condition names) is HTML-escaped before
+it reaches a figure: Plotly renders titles and labels as HTML.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+import plotly.graph_objects as go
+
+from kdig_study.report_data import Ablation, History
+
+_LAYOUT = dict(template="plotly_white", height=420, margin=dict(l=60, r=20, t=50, b=50))
+_COLORS = {"student": "#7f7f7f", "KD": "#1f77b4", "IG": "#2ca02c", "KD+IG": "#d62728",
+           "AT": "#9467bd", "KD+AT": "#8c564b", "IG+AT": "#e377c2", "KD+IG+AT": "#bcbd22"}
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text))
+
+
+def history_figure(h: History) -> go.Figure:
+    fig = go.Figure([
+        go.Scatter(x=h.numbers, y=h.values, mode="markers", name="trial"),
+        go.Scatter(x=h.numbers, y=h.best_so_far, mode="lines", name="best so far"),
+    ])
+    return fig.update_layout(title="Optimisation history", xaxis_title="trial",
+                             yaxis_title="validation accuracy", **_LAYOUT)
+
+
+def importance_figure(imp: dict[str, float]) -> go.Figure:
+    names = list(imp)[::-1]
+    fig = go.Figure(go.Bar(x=[imp[n] for n in names], y=[_e(n) for n in names],
+                           orientation="h"))
+    return fig.update_layout(title="Parameter importances (Optuna, fANOVA)",
+                             xaxis_title="importance", **_LAYOUT)
+
+
+def parallel_figure(data: dict[str, list[float]]) -> go.Figure:
+    dims = [dict(label=_e(k), values=v) for k, v in data.items() if k != "value"]
+    dims.append(dict(label="val acc", values=data["value"]))
+    fig = go.Figure(go.Parcoords(line=dict(color=data["value"], colorscale="Viridis",
+                                           showscale=True), dimensions=dims))
+    return fig.update_layout(title="Parallel coordinates (completed trials)",
+                             **(_LAYOUT | {"margin": dict(l=60, r=40, t=110, b=40)}))
+
+
+def pair_figure(data: dict[str, list[float]], x: str, y: str, log_x: bool = False,
+                log_y: bool = False) -> go.Figure:
+    fig = go.Figure(go.Scatter(
+        x=data["x"], y=data["y"], mode="markers",
+        marker=dict(size=11, color=data["value"], colorscale="Viridis", showscale=True,
+                    colorbar=dict(title="val acc")),
+        text=[f"trial {n}: {v:.2%}" for n, v in zip(data["number"], data["value"])],
+        hoverinfo="text"))
+    fig.update_layout(title=f"{_e(x)} x {_e(y)}", xaxis_title=_e(x), yaxis_title=_e(y),
+                      **_LAYOUT)
+    if log_x:
+        fig.update_xaxes(type="log")
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def intermediate_figure(curves: list[dict]) -> go.Figure:
+    fig = go.Figure()
+    colors = {"complete": "#1f77b4", "pruned": "#d62728", "fail": "#7f7f7f",
+              "running": "#ff7f0e"}
+    shown: set[str] = set()
+    for c in curves:
+        fig.add_trace(go.Scatter(x=c["epochs"], y=c["values"], mode="lines+markers",
+                                 line=dict(color=colors.get(c["state"], "#7f7f7f")),
+                                 name=c["state"], legendgroup=c["state"],
+                                 showlegend=c["state"] not in shown,
+                                 hovertext=f"trial {c['number']} ({c['state']})"))
+        shown.add(c["state"])
+    return fig.update_layout(title="Validation accuracy per epoch (pruned trials in red)",
+                             xaxis_title="epoch", yaxis_title="validation accuracy", **_LAYOUT)
+
+
+def ablation_figure(ab: Ablation, metric: str, label: str) -> go.Figure:
+    summaries = ab.analysis[metric]["summaries"]
+    names = [s["condition"] for s in summaries]
+    fig = go.Figure(go.Bar(
+        x=names, y=[100 * s["mean"] if s["n"] else None for s in summaries],
+        error_y=dict(type="data", array=[100 * s["sd"] if s["n"] > 1 else 0
+                                         for s in summaries]),
+        marker_color=[_COLORS.get(n, "#7f7f7f") for n in names], name="mean +- sd",
+        opacity=0.7))
+    for name in names:
+        pts = ab.points[metric].get(name, {})
+        fig.add_trace(go.Scatter(x=[name] * len(pts), y=[100 * v for v in pts.values()],
+                                 mode="markers", marker=dict(color="black", size=7),
+                                 text=[f"seed {s}" for s in pts], name="per seed",
+                                 legendgroup="seeds", showlegend=name == names[0]))
+    lows = [100 * s["min"] for s in summaries if s["n"]]
+    highs = [100 * s["max"] for s in summaries if s["n"]]
+    if lows:
+        pad = max(0.5, 0.2 * (max(highs) - min(lows)))
+        fig.update_yaxes(range=[min(lows) - 3 * pad, max(highs) + pad])
+    return fig.update_layout(title=f"Ablation: {label} (mean +- sd, points: seeds)",
+                             yaxis_title=f"{label}, %", **_LAYOUT)
+
+
+def compression_figures(sweep: dict, teacher: dict | None) -> list[go.Figure]:
+    rows = sweep["rows"]
+    figs = []
+    for x_key, title, x_title, log in (
+            ("compression", "Accuracy against compression", "parameters: teacher / student",
+             False),
+            ("latency_b1_ms", "Accuracy against latency (batch 1, CPU)", "latency, ms", False)):
+        fig = go.Figure()
+        for cond in sorted({r["condition"] for r in rows}):
+            rs = sorted((r for r in rows if r["condition"] == cond), key=lambda r: r[x_key] or 0)
+            fig.add_trace(go.Scatter(
+                x=[r[x_key] for r in rs], y=[100 * r["test_acc"] for r in rs],
+                error_y=dict(type="data", array=[0 if math.isnan(r["sd"]) else 100 * r["sd"]
+                                                 for r in rs]),
+                mode="lines+markers", name=_e(cond),
+                marker=dict(color=_COLORS.get(cond, "#7f7f7f")),
+                text=[f"{r['key']}={r['value']:g}: {r['params']:,} parameters" for r in rs]))
+        if teacher is not None and teacher.get("test_acc") is not None:
+            tx = 1.0 if x_key == "compression" else teacher.get("latency_b1", {}).get("median_ms")
+            fig.add_trace(go.Scatter(x=[tx], y=[100 * teacher["test_acc"]], mode="markers",
+                                     marker=dict(symbol="star", size=16, color="black"),
+                                     name="teacher"))
+        fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="test accuracy, %",
+                          **_LAYOUT)
+        if log:
+            fig.update_xaxes(type="log")
+        figs.append(fig)
+    return figs
+
+
+def reference_figure(rows: list[dict]) -> go.Figure:
+    names = [r["condition"] for r in rows]
+    fig = go.Figure([
+        go.Bar(x=names, y=[r["paper_mean"] for r in rows],
+               error_y=dict(type="data", array=[r["paper_sd"] for r in rows]),
+               name="paper (original CIFAR-10, 10 runs)"),
+        go.Bar(x=names, y=[r["ours_mean"] for r in rows],
+               error_y=dict(type="data", array=[r["ours_sd"] or 0 for r in rows]),
+               name="ours (this study's scale and data)"),
+    ])
+    return fig.update_layout(title="Reference paper vs this study: test accuracy per condition",
+                             yaxis_title="test accuracy, %", barmode="group", **_LAYOUT)

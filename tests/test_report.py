@@ -1,0 +1,238 @@
+"""The report: data steps on a store built here, every section in the HTML, empty states,
+escaping, and the page drawn by a real headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+
+from cli_helpers import assert_one_line_error, run_cli
+from kdig_study import report_data as rd
+from kdig_study.report import SECTIONS, build, render
+
+SPACE = {"temperature": FloatDistribution(1, 10, log=True), "alpha": FloatDistribution(0.001, 1, log=True),
+         "overlay_strength": FloatDistribution(0.1, 0.9), "overlay_prob": FloatDistribution(0, 0.5),
+         "ig_steps": CategoricalDistribution([8, 16, 32])}
+TEACHER = {"val_acc": 0.80, "test_acc": 0.80, "params": 1_978_026, "flops": 303_800_000,
+           "latency_b1": {"median_ms": 2.0, "p90_ms": 2.2, "batch_size": 1, "method": "cpu, ..."},
+           "latency_b128": {"median_ms": 120.0, "p90_ms": 130.0, "batch_size": 128}}
+
+
+def _metrics(test: float, epochs: int = 3) -> dict:
+    return {"test_acc": test, "params": 495_962, "flops": 76_400_000, "compression": 3.988,
+            "epochs_run": epochs, "latency_b1_median_ms": 1.3, "latency_b1_p90_ms": 1.7,
+            "latency_b128_median_ms": 48.0, "latency_b128_p90_ms": 53.0, "seed": 0}
+
+
+def _search_study(url: str, name: str = "kd_ig-cpu", values=(0.70, 0.74, 0.72),
+                  pruned: int = 1) -> optuna.Study:
+    study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    study.set_user_attr("scale", "cpu")
+    study.set_user_attr("teacher", TEACHER)
+    study.set_user_attr("data", {"origin": "archive:cifar10-jpg.tar.gz", "train": 48000,
+                                 "val": 2000, "test": 10000})
+    study.set_user_attr("config", {"method": {"kd": True, "ig": True, "at": False}})
+    rng = np.random.default_rng(0)
+    from optuna.artifacts import upload_artifact
+
+    from kdig_study.overlay import save_preview
+    from kdig_study.store import artifact_store
+    import torch
+
+    png = save_preview(Path(url.removeprefix("sqlite:///")).parent / "preview.png",
+                       torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8),
+                       torch.rand(3, 32, 32))
+    for i, v in enumerate(values):
+        params = {"temperature": float(rng.uniform(1, 10)), "alpha": float(rng.uniform(0.01, 1)),
+                  "overlay_strength": float(rng.uniform(0.1, 0.9)),
+                  "overlay_prob": float(rng.uniform(0, 0.5)), "ig_steps": [8, 16, 32][i % 3]}
+        # as a real trial runs: asked, reported, attributes and artifact, told
+        study.enqueue_trial(params)
+        trial = study.ask(SPACE)
+        for epoch, acc in ((1, v - 0.2), (2, v - 0.1), (3, v)):
+            trial.report(acc, epoch)
+        trial.set_user_attr("test_acc", v - 0.01)
+        trial.set_user_attr("metrics", _metrics(v - 0.01))
+        upload_artifact(artifact_store=artifact_store(), file_path=str(png), study_or_trial=trial)
+        study.tell(trial, v)
+    for _ in range(pruned):
+        study.add_trial(create_trial(params={"temperature": 2.0, "alpha": 0.5,
+                                             "overlay_strength": 0.5, "overlay_prob": 0.1,
+                                             "ig_steps": 8},
+                                     distributions=SPACE, state=TrialState.PRUNED,
+                                     intermediate_values={1: 0.3},
+                                     user_attrs={"metrics": {"epochs_run": 1}}))
+    return study
+
+
+ACC = {("student", 0): 0.70, ("student", 1): 0.72, ("KD", 0): 0.74, ("KD", 1): 0.77,
+       ("IG", 0): 0.71, ("IG", 1): 0.72, ("KD+IG", 0): 0.76, ("KD+IG", 1): 0.78}
+FLAGS = {"student": (0, 0), "KD": (1, 0), "IG": (0, 1), "KD+IG": (1, 1)}
+
+
+def _ablation_study(url: str, search: str = "kd_ig-cpu", sweep: bool = False) -> None:
+    name = f"{search}.ablation" + ("-sweep-width" if sweep else "")
+    study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    study.set_user_attr("ablation", {"factors": ["kd", "ig"], "params": {"alpha": 0.3}})
+    dists = {"condition": CategoricalDistribution(list(FLAGS)), "seed": IntDistribution(0, 9),
+             "kd": CategoricalDistribution([0, 1]), "ig": CategoricalDistribution([0, 1]),
+             "at": CategoricalDistribution([0, 1])}
+    widths = (0.25, 0.5) if sweep else (None,)
+    if sweep:
+        dists["width"] = CategoricalDistribution([0.25, 0.5])
+    for w in widths:
+        for (cond, seed), acc in ACC.items():
+            kd, ig = FLAGS[cond]
+            params = {"condition": cond, "seed": seed, "kd": kd, "ig": ig, "at": 0}
+            m = _metrics(acc)
+            if w is not None:
+                params["width"] = w
+                acc -= 0.05 if w == 0.25 else 0
+                m = m | {"test_acc": acc, "params": int(2e6 * w * w), "compression": 1 / (w * w)}
+            study.add_trial(create_trial(params=params, distributions=dists, value=acc + 0.01,
+                                         user_attrs={"test_acc": acc, "metrics": m}))
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/report.db"
+
+
+def test_data_steps(url: str) -> None:
+    study = _search_study(url)
+    _ablation_study(url)
+    _ablation_study(url, sweep=True)
+    trials = study.get_trials()
+    h = rd.history_data(trials)
+    assert h.numbers == [0, 1, 2] and h.best_so_far == [0.70, 0.74, 0.74]
+    rows = rd.summary_rows(rd.summary_data(study))
+    assert rows[0]["model"] == "teacher" and rows[1]["model"] == "best student (trial 1)"
+    assert rows[1]["kept"] == pytest.approx(0.73 / 0.80)
+    assert rows[1]["bn"] == 128 and rows[1]["bn_median_ms"] == 48.0
+    pair = rd.pair_data(trials, "temperature", "alpha")
+    assert len(pair["x"]) == 3 and pair["value"] == [0.70, 0.74, 0.72]
+    curves = rd.intermediate_data(trials)
+    assert [c["state"] for c in curves] == ["complete"] * 3 + ["pruned"]
+    assert curves[-1]["epochs"] == [1]
+    imp, why = rd.importance_data(study)
+    assert imp and set(imp) <= set(SPACE) and abs(sum(imp.values()) - 1) < 1e-6
+    ab = rd.ablation_data(study._storage, "kd_ig-cpu")
+    summ = {s["condition"]: s for s in ab.analysis["test_acc"]["summaries"]}
+    assert summ["KD"]["mean"] == pytest.approx(0.755) and summ["KD"]["n"] == 2
+    assert ab.points["test_acc"]["KD+IG"] == {0: 0.76, 1: 0.78}
+    sweep = rd.sweep_data(study._storage, "kd_ig-cpu")
+    r = next(r for r in sweep["rows"] if r["value"] == 0.25 and r["condition"] == "KD")
+    assert r["test_acc"] == pytest.approx(0.705) and r["compression"] == pytest.approx(16.0)
+    ref = {r["condition"]: r for r in rd.reference_rows(ab)}
+    assert ref["KD+IG"]["paper_mean"] == 92.02 and ref["KD+IG"]["ours_mean"] == pytest.approx(77.0)
+    assert ref["AT"]["ours_mean"] is None and ref["AT"]["ours_n"] == 0
+
+
+def test_every_section_present(url: str) -> None:
+    study = _search_study(url)
+    _ablation_study(url)
+    _ablation_study(url, sweep=True)
+    page = build(study._storage, url, "kd_ig-cpu")
+    html = render(page)
+    for sid, title in SECTIONS:
+        assert f"<section id='{sid}'>" in html, sid
+    assert "class=\"empty\"" not in html  # all data present: no "not yet" notes
+    assert len(page.figures) == 11  # history, importance, parallel, 2 pairs, curves,
+    # 2 ablation, 2 compression, reference
+    assert "92.02" in html and "KD+IG - KD" in html and "effect: KD x IG" in html
+    assert len(re.findall(r"<script type='text/javascript'>", html)) == 1  # plotly.js once
+    assert "cdn.plot.ly" not in html.split("</head>")[1]  # no network needed
+
+
+@pytest.mark.parametrize("case", ["no trials", "all pruned", "no ablation"])
+def test_empty_states_say_so(url: str, case: str) -> None:
+    if case == "no trials":
+        study = _search_study(url, values=(), pruned=0)
+    elif case == "all pruned":
+        study = _search_study(url, values=(), pruned=3)
+    else:
+        study = _search_study(url)
+    html = render(build(study._storage, url, "kd_ig-cpu"))
+    ablation = html.split("<section id='ablation'>")[1].split("</section>")[0]
+    assert "No ablation yet" in ablation
+    history = html.split("<section id='history'>")[1].split("</section>")[0]
+    if case == "no trials":
+        assert "No trials yet." in history
+    elif case == "all pruned":
+        assert "No completed trial yet." in history
+        assert "all pruned" in html.split("<section id='summary'>")[1].split("</section>")[0]
+        assert "pruned trials in red" in html  # the learning curves still show them
+    else:
+        assert "fig-history" in history
+
+
+def test_store_strings_are_escaped(url: str) -> None:
+    evil = "kd<script>alert(1)</script>"
+    study = _search_study(url, name=evil)
+    study.set_user_attr("data", {"origin": "<img src=x onerror=alert(2)>", "train": 1,
+                                 "val": 1, "test": 1})
+    html = render(build(study._storage, url, evil))
+    assert "<script>alert(1)</script>" not in html
+    assert "<img src=x onerror" not in html
+    assert "kd&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_report_cli_writes_the_page_and_pushes_figures(tmp_path: Path, url: str) -> None:
+    _search_study(url)
+    out = tmp_path / "out"
+    proc = run_cli("report", "--study", "kd_ig", "--scale", "cpu", "--storage", url,
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "kd_ig-cpu.html").is_file()
+    from optuna_dashboard._custom_plot_data import list_graph_object_ids
+
+    study = optuna.load_study(study_name="kd_ig-cpu", storage=url)
+    ids = list_graph_object_ids(study._storage.get_study_system_attrs(study._study_id))
+    assert {"kdig-history", "kdig-importance", "kdig-intermediate"} <= set(ids)
+    assert_one_line_error(run_cli("report", "--study", "nope", "--scale", "cpu",
+                                  "--storage", url), "no study 'nope-cpu'", "kd_ig-cpu")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_page_renders_in_headless_chromium(url: str, tmp_path: Path) -> None:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium not installed (CI installs it: apt-get install -y chromium)")
+    study = _search_study(url)
+    _ablation_study(url)
+    _ablation_study(url, sweep=True)
+    page = build(study._storage, url, "kd_ig-cpu")
+    path = tmp_path / "report.html"
+    path.write_text(render(page), encoding="utf-8")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+             "--enable-logging=stderr", "--v=0", "--virtual-time-budget=20000"]
+    dom = subprocess.run(flags + ["--dump-dom", path.as_uri()], capture_output=True,
+                         text=True, timeout=120)
+    # Nothing on the console but the software-WebGL driver's performance notes (the parallel
+    # coordinates plot draws with WebGL; with no GPU Chromium reports its ReadPixels stalls).
+    console = [ln for ln in dom.stderr.splitlines()
+               if "CONSOLE" in ln and "GL Driver Message" not in ln]
+    assert not console, console
+    drawn = len(re.findall(r'class="[^"]*js-plotly-plot', dom.stdout))
+    assert drawn == len(page.figures), (drawn, len(page.figures))
+    assert dom.stdout.count('class="main-svg"') >= len(page.figures)
+    shot = tmp_path / "shot.png"
+    subprocess.run(flags + ["--window-size=1200,2400", f"--screenshot={shot}", path.as_uri()],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.std() > 10  # not a blank page
+    assert (pixels < 128).mean() > 0.005  # some ink: text and plot marks
