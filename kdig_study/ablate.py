@@ -32,7 +32,8 @@ from kdig_study.paths import atomic_write, write_json
 from kdig_study.stats import analyse
 from kdig_study.store import default_url, open_storage, open_study, quiet_optuna_logs
 
-METRICS = (("test_acc", "test accuracy"), ("val_acc", "validation accuracy"))
+METRICS = (("test_acc", "test accuracy"), ("robust_test_acc", "test accuracy under corruptions"),
+           ("val_acc", "validation accuracy"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,8 +96,9 @@ def best_params(storage: Any, name: str, url: str, cfg: StudyConfig) -> dict[str
         raise KdigError(f"study '{name}' in {url} has no completed trials: let "
                         f"`python -m kdig_study.optimize --study {cfg.name} --scale "
                         f"{cfg.scale}` finish some, or give --params FILE.toml")
-    best = max(done, key=lambda t: t.value)  # type: ignore[arg-type,return-value]
-    print(f"parameters of trial {best.number} of '{name}' (val acc {best.value:.2%}): "
+    # the highest validation accuracy (the first objective, in a multi-objective study too)
+    best = max(done, key=lambda t: t.values[0])
+    print(f"parameters of trial {best.number} of '{name}' (val acc {best.values[0]:.2%}): "
           + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in best.params.items()))
     return dict(best.params)
@@ -197,12 +199,16 @@ def main() -> int:
                            "replicates": replicates, "scale": cfg.scale, "results": {}}
     for group, value in groups:
         for metric, title in METRICS:
-            a = analyse(results_table(trials, metric, sweep_key, value), factors)
+            table = results_table(trials, metric, sweep_key, value)
+            if not table:  # e.g. robustness switched off
+                continue
+            a = analyse(table, factors)
             blocks.append((group, metric, a))
             out["results"].setdefault(group, {})[metric] = a
             print(render(a, f"{title}, % ({group})" if sweep_values else f"{title}, %"))
     out["runs"] = [{"number": t.number, **t.params, "val_acc": t.value,
-                    **t.user_attrs.get("metrics", {})}
+                    **t.user_attrs.get("metrics", {}),
+                    **{f"robust_test_{k}": v for k, v in t.user_attrs.get("robust", {}).items()}}
                    for t in trials if t.state == TrialState.COMPLETE]
     out_dir = Path(args.out)
     write_json(out_dir / f"{name}.json", out)

@@ -24,7 +24,7 @@ from kdig_study.config import StudyConfig
 from kdig_study.data import stratified_order
 from kdig_study.experiment import Context, run_student
 from kdig_study.measure import profile
-from kdig_study.objectives import apply_params
+from kdig_study.objectives import apply_params, record_run
 from kdig_study.stats import Condition, Table, condition_name, conditions
 
 FACTORS: tuple[str, ...] = ("kd", "ig", "at")
@@ -151,10 +151,7 @@ class Ablation:
             self._profiles[shape] = {f"{k}_{stat}_ms": v[f"{stat}_ms"]
                                      for k, v in prof.items() if k.startswith("latency")
                                      for stat in ("median", "p90")}
-        trial.set_user_attr("test_acc", m["test_acc"])
-        trial.set_user_attr("metrics", {k: v for k, v in m.items()
-                                        if isinstance(v, int | float | str)}
-                            | self._profiles[shape])
+        record_run(trial, m, self._profiles[shape])
         return float(m["val_acc"])
 
 
@@ -168,7 +165,12 @@ def results_table(trials: list[FrozenTrial], metric: str, sweep_key: str | None 
         if sweep_key is not None and t.params.get(sweep_key) != sweep_value:
             continue
         cond = frozenset(f for f in FACTORS if t.params.get(f))
-        value = t.value if metric == "val_acc" else t.user_attrs["metrics"].get(metric)
+        if metric == "val_acc":
+            value = t.value
+        elif metric.startswith("robust_test_") and metric != "robust_test_acc":
+            value = t.user_attrs.get("robust", {}).get(metric.removeprefix("robust_test_"))
+        else:
+            value = t.user_attrs["metrics"].get(metric)
         if value is not None:
             table.setdefault(cond, {})[int(t.params["seed"])] = float(value)
     return table

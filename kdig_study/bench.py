@@ -409,7 +409,38 @@ def bench_trials(data_dir: str | None, device: torch.device, n_trials: int,
     return results
 
 
-BENCHES = ("loader", "engine", "ig", "cache", "trials")
+def bench_robustness(cfg: StudyConfig, data: DataBundle, device: torch.device,
+                     repeats: int) -> Result:
+    """The corruption suite's evaluation against the run's clean evaluation (every epoch's
+    validation pass plus the final test pass), for the study's student."""
+    from kdig_study.corruptions import RobustSuite
+    from kdig_study.engine import evaluate
+
+    t0 = time.perf_counter()
+    suite = RobustSuite(data, cfg.robustness)  # built once per data set, then cached
+    build_s = time.perf_counter() - t0
+    model = seeded_model(lambda: build_model(cfg.student), 0).to(device).to(
+        memory_format=torch.channels_last)
+    precision = resolve_precision(cfg.student_train.precision, device)
+    epochs = cfg.student_train.epochs
+
+    def clean() -> None:
+        for _ in range(epochs):
+            evaluate(model, data.val, data.mean, data.std, device, precision)
+        evaluate(model, data.test, data.mean, data.std, device, precision)
+
+    clean_s = median_time(clean, repeats)
+    robust_s = median_time(lambda: suite.evaluate(model, device, precision), repeats)
+    n = suite.test.images.shape[0] * suite.test.images.shape[1] + \
+        suite.val.images.shape[0] * suite.val.images.shape[1]
+    return Result(
+        f"corruption suite evaluation per run ({cfg.scale} scale, {n:,} corrupted images)",
+        robust_s, clean_s, "s", f"the run's clean evaluation ({epochs} validation passes of "
+        f"{len(data.val):,} + test {len(data.test):,})", False, "adds <= 25%",
+        {"added_fraction": robust_s / clean_s, "suite_build_or_load_s": build_s})
+
+
+BENCHES = ("loader", "engine", "ig", "cache", "trials", "robustness")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -462,6 +493,8 @@ def main() -> int:
             results += bench_ig(cfg, ctx, args.ig_images, args.repeats)
         if "cache" in only:
             results.append(bench_cache(ctx))
+    if "robustness" in only:
+        results.append(bench_robustness(cfg, data, device, args.repeats))
     if "trials" in only:
         results += bench_trials(args.data_dir, device, args.trials, args.pruning_scale)
     print()

@@ -122,6 +122,23 @@ class IGConfig:
     exponent_high: float = _bounded(2.0, gt=0.0)
 
 
+CORRUPTIONS: tuple[str, ...] = ("jpeg", "gaussian_noise", "gaussian_blur", "contrast",
+                                "brightness")
+OBJECTIVES: tuple[str, ...] = ("val_acc", "robust_val_acc")
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    """The corruption suite every run is evaluated on (kdig_study.corruptions)."""
+
+    enabled: bool = True
+    corruptions: tuple[str, ...] = CORRUPTIONS
+    severities: tuple[int, ...] = (1, 2, 3)  # 0 would be the clean image
+    test_per_setting: int = _bounded(300, ge=0)  # test images per (corruption, severity); 0: all
+    val_per_setting: int = _bounded(130, ge=0)
+    seed: int = 0
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """One search dimension: a float/int range (optionally log) or a list of choices."""
@@ -136,9 +153,11 @@ class ParamSpec:
 class SearchConfig:
     n_trials: int = _bounded(20, ge=1)
     timeout: float = _bounded(0.0, ge=0.0)  # seconds; 0 means none
-    sampler: Literal["tpe", "random"] = "tpe"
+    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     seed: int = 0
+    # ["val_acc"], or ["val_acc", "robust_val_acc"] for a multi-objective study
+    objectives: tuple[str, ...] = ("val_acc",)
     space: dict[str, ParamSpec] = field(default_factory=dict)
 
 
@@ -158,6 +177,7 @@ class StudyConfig:
     at: ATConfig = ATConfig()
     ig: IGConfig = IGConfig()
     search: SearchConfig = SearchConfig()
+    robustness: RobustnessConfig = RobustnessConfig()
     expected_minutes: float = 0.0  # measured wall time of `optimize` at this scale, for the banner
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,6 +206,7 @@ _SECTIONS: dict[str, type] = {
     "at": ATConfig,
     "ig": IGConfig,
     "search": SearchConfig,
+    "robustness": RobustnessConfig,
 }
 _TOP_KEYS = ("inherit", "description", "expected_minutes", "scales")
 
@@ -314,6 +335,26 @@ def _check_study(cfg: StudyConfig) -> None:
         if m.arch == "convnet" and m.drop_blocks:
             raise KdigError(f"{src}: {role}.drop_blocks = {m.drop_blocks}: the convnet family "
                             f"is compressed by width, not depth; allowed: 0")
+    r = cfg.robustness
+    for name in r.corruptions:
+        if name not in CORRUPTIONS:
+            raise KdigError(f"{src}: robustness.corruptions: unknown corruption {name!r}; "
+                            f"allowed: {', '.join(CORRUPTIONS)}")
+    for sev in r.severities:
+        if sev not in (0, 1, 2, 3):
+            raise KdigError(f"{src}: robustness.severities: {sev!r} is not a severity; "
+                            f"allowed: 0 (clean), 1, 2, 3")
+    if r.enabled and (not r.corruptions or not r.severities):
+        raise KdigError(f"{src}: robustness: needs at least one corruption and one severity "
+                        f"(or enabled = false)")
+    objectives = cfg.search.objectives
+    if not objectives or any(o not in OBJECTIVES for o in objectives) or \
+            len(set(objectives)) != len(objectives) or objectives[0] != "val_acc":
+        raise KdigError(f"{src}: search.objectives = {list(objectives)}; allowed: "
+                        f"[\"val_acc\"] or [\"val_acc\", \"robust_val_acc\"]")
+    if "robust_val_acc" in objectives and not r.enabled:
+        raise KdigError(f"{src}: search.objectives has robust_val_acc but robustness.enabled "
+                        f"= false; allowed: enable the corruption suite")
     if cfg.method.at and (cfg.teacher.arch != cfg.student.arch):
         raise KdigError(f"{src}: method.at = true needs teacher and student of one family; "
                         f"got {cfg.teacher.arch} and {cfg.student.arch}")

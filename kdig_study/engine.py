@@ -56,8 +56,9 @@ class EpochStats:
     train_acc: float
     val_acc: float
     lr: float
-    seconds: float
+    seconds: float  # the training pass
     images_per_s: float
+    val_seconds: float = 0.0  # the validation pass
 
 
 @dataclass
@@ -201,10 +202,11 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
                 bar.update()
             seconds = time.perf_counter() - t0
             val_acc = evaluate(model, data.val, data.mean, data.std, device, precision)
+            val_seconds = time.perf_counter() - t0 - seconds
             stats = EpochStats(epoch=epoch, loss=loss_sum.item() / seen,
                                train_acc=correct.item() / seen, val_acc=val_acc,
                                lr=opt.param_groups[0]["lr"], seconds=seconds,
-                               images_per_s=seen / seconds)
+                               images_per_s=seen / seconds, val_seconds=val_seconds)
             history.append(stats)
             if val_acc > best_acc:
                 best_acc, best_epoch = val_acc, epoch

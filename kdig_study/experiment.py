@@ -14,6 +14,7 @@ import torch
 
 from kdig_study.attribution import BuildReport, MapSpec, MapStore, build_store, index_hash
 from kdig_study.config import StudyConfig
+from kdig_study.corruptions import RobustSuite
 from kdig_study.data import DataBundle, load_bundle
 from kdig_study.engine import (Distillation, EpochCallback, TrainResult, resolve_device,
                                resolve_precision, seeded_model, train)
@@ -45,6 +46,7 @@ class Context:
     _teacher: Teacher | None = field(default=None, repr=False)
     _maps: BuildReport | None = field(default=None, repr=False)
     _costs: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
+    _suite: RobustSuite | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, cfg: StudyConfig, data_dir: str | None = None, device: str = "auto",
@@ -85,6 +87,12 @@ class Context:
         if counts is None:
             self._maps = report
         return report
+
+    def robust_suite(self) -> RobustSuite | None:
+        """The corrupted validation and test splits (built once per data set, cached)."""
+        if self._suite is None and self.cfg.robustness.enabled:
+            self._suite = RobustSuite(self.data, self.cfg.robustness)
+        return self._suite
 
     def student_cost(self, cfg: StudyConfig, model: Net) -> dict[str, int]:
         """Parameters, FLOPs, bytes of the student (same for every run of one shape)."""
@@ -157,6 +165,12 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
                    distill=distill, planes=planes, overlay=overlay, on_epoch=on_epoch,
                    progress=ctx.progress, desc=desc)
     cost = ctx.student_cost(cfg, model)
+    robust: dict[str, float] = {}
+    suite = ctx.robust_suite()
+    if suite is not None:
+        t_robust = time.perf_counter()
+        robust = suite.evaluate(model, ctx.device, result.precision)
+        robust["robust_eval_s"] = time.perf_counter() - t_robust
     metrics: dict[str, Any] = {
         "val_acc": result.val_acc,
         "test_acc": result.test_acc,
@@ -170,7 +184,9 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
         "compression": cost["teacher_params"] / cost["params"],
         "seed": cfg.student_train.seed,
         "precision": result.precision,
+        "eval_s": sum(h.val_seconds for h in result.history) + result.test_s,
         "wall_s": time.perf_counter() - t0,
+        **robust,
         **ig_info,
     }
     return StudentRun(model, result, metrics)

@@ -65,11 +65,35 @@ def _note(trial: optuna.Trial, cfg: StudyConfig, params: dict[str, Any],
     return (f"## Trial {trial.number}: student ({mode}), scale `{cfg.scale}`\n\n"
             f"**Validation accuracy {m['val_acc']:.2%}** (objective); test accuracy "
             f"{m['test_acc']:.2%} (recorded, never optimised).\n\n"
+            + (f"Under the corruption suite: validation {m['robust_val_acc']:.2%}, test "
+               f"{m['robust_test_acc']:.2%}.\n\n" if "robust_test_acc" in m else "") +
             f"| parameter | value |\n|---|---|\n{rows}\n\n"
             f"{m['params']:,} parameters ({m['compression']:.2f}x fewer than the teacher), "
             f"{m['flops'] / 1e6:.1f} MFLOPs/image; best epoch {m['best_epoch']} of "
             f"{m['epochs_run']}; {m['wall_s']:.0f} s; seed {m['seed']}; IG completeness gap "
             f"{gap}.\n\nArtifacts: the best epoch's weights (safetensors) and the IG preview.")
+
+
+_CORE = ("val_acc", "test_acc", "robust_test_acc", "robust_val_acc", "params", "flops", "bytes",
+         "compression", "best_epoch", "epochs_run", "seed", "precision", "train_images",
+         "ig_steps", "ig_gap_median", "eval_s", "robust_eval_s", "train_eval_s")
+
+
+def record_run(trial: optuna.Trial, m: dict[str, Any], latency: dict[str, float]) -> None:
+    """A run's results as trial attributes: ``test_acc`` (its own column in the dashboard's
+    trial table), ``metrics`` (the rest), ``robust`` (accuracy per corruption and per
+    corruption-severity on the test split). Each attribute is one store transaction, and the
+    dashboard shows at most 1,024 characters of one, hence three."""
+    def short(v: Any) -> Any:
+        return float(f"{v:.5g}") if isinstance(v, float) else v
+
+    trial.set_user_attr("test_acc", m["test_acc"])
+    trial.set_user_attr("metrics", {k: short(m[k]) for k in _CORE if k in m}
+                        | {k: short(v) for k, v in latency.items()})
+    robust = {k.removeprefix("robust_test_"): round(v, 4) for k, v in m.items()
+              if k.startswith("robust_test_") and k != "robust_test_acc"}
+    if robust:
+        trial.set_user_attr("robust", robust)
 
 
 class Objective:
@@ -79,17 +103,21 @@ class Objective:
     def __init__(self, ctx: Context, prune: bool = True, artifacts: Any = None) -> None:
         self.ctx = ctx
         self.space = relevant_space(ctx.cfg)
-        self.prune = prune
+        self.objectives = ctx.cfg.search.objectives
+        # Optuna cannot prune multi-objective trials (Trial.report/should_prune).
+        self.prune = prune and len(self.objectives) == 1
         self.artifacts = artifacts
         self._latency: dict[str, Any] | None = None  # the student's shape is fixed per study
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         params = suggest(trial, self.space)
         cfg = apply_params(self.ctx.cfg, params)
         epochs: list[float] = []
 
         def on_epoch(stats: Any) -> None:
             epochs.append(stats.val_acc)
+            if len(self.objectives) > 1:
+                return
             trial.report(stats.val_acc, stats.epoch)
             if self.prune and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}: "
@@ -107,19 +135,14 @@ class Objective:
         if self._latency is None:
             prof = profile(run.model, self.ctx.device, batch=cfg.student_train.batch_size)
             self._latency = {k: v for k, v in prof.items() if k.startswith("latency")}
-        # Test accuracy as its own column in the dashboard's trial table, everything else in
-        # one "metrics" attribute: every attribute is a store transaction of its own. The
-        # trial's duration is Optuna's own (datetime_start to datetime_complete).
-        trial.set_user_attr("test_acc", m["test_acc"])
         lat = {f"{k}_{stat}_ms": v[f"{stat}_ms"] for k, v in self._latency.items()
                for stat in ("median", "p90")}
-        trial.set_user_attr("metrics", {k: m[k] for k in (
-            "val_acc", "test_acc", "params", "flops", "bytes", "compression", "best_epoch",
-            "epochs_run", "seed", "precision", "train_images", "ig_steps", "ig_gap_median")
-            if k in m} | lat | {"train_eval_s": train_s})
+        record_run(trial, m | {"train_eval_s": train_s}, lat)
         if self.artifacts is not None:
             self._upload(trial, run.result.state, m)
         save_note(trial, _note(trial, cfg, params, m))
+        if len(self.objectives) > 1:
+            return tuple(float(m[o]) for o in self.objectives)
         return float(m["val_acc"])
 
     def _upload(self, trial: optuna.Trial, state: dict[str, Any], m: dict[str, Any]) -> None:

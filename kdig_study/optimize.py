@@ -60,6 +60,8 @@ def make_sampler(cfg: StudyConfig, seed: int | None) -> optuna.samplers.BaseSamp
     seed = cfg.search.seed if seed is None else seed
     if cfg.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if cfg.search.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
 
 
@@ -102,16 +104,20 @@ def _trial_line(study: optuna.Study, n_trials: int, prefix: str) -> Any:
     def callback(_: optuna.Study, trial: FrozenTrial) -> None:
         done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                    for t in study.get_trials(deepcopy=False))
-        val = trial.value if trial.state == TrialState.COMPLETE else \
-            (list(trial.intermediate_values.values()) or [float("nan")])[-1]
+        if trial.state == TrialState.COMPLETE:
+            val = trial.values[0]
+        else:
+            val = (list(trial.intermediate_values.values()) or [float("nan")])[-1]
         test = trial.user_attrs.get("test_acc")
         metrics = trial.user_attrs.get("metrics", {})
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() \
             if trial.datetime_complete and trial.datetime_start else float("nan")
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in trial.params.items())
+        robust = metrics.get("robust_test_acc")
         print(f"{prefix}trial {trial.number} {trial.state.name.lower()}: val {val:.2%}"
               + (f", test {test:.2%}" if test is not None else "")
+              + (f", robust test {robust:.2%}" if robust is not None else "")
               + f", {metrics.get('epochs_run', '?')} epochs, {seconds:.0f} s ({params}) "
                 f"[{done}/{n_trials}]", flush=True)
     return callback
@@ -192,8 +198,17 @@ def main() -> int:
     url = args.storage or default_url()
     storage = open_storage(url, heartbeat_interval=args.heartbeat)
     name = args.study_name or f"{cfg.name}-{cfg.scale}"
-    study = open_study(storage, name, cfg, make_sampler(cfg, args.seed), make_pruner(cfg),
-                       ["maximize"], url)
+    multi = len(cfg.search.objectives) > 1
+    if multi and worker is None:
+        print(f"multi-objective study ({', '.join(cfg.search.objectives)}): Optuna does not "
+              f"prune multi-objective trials, so every trial runs all its epochs", flush=True)
+    pruner = optuna.pruners.NopPruner() if multi else make_pruner(cfg)
+    study = open_study(storage, name, cfg, make_sampler(cfg, args.seed), pruner,
+                       ["maximize"] * len(cfg.search.objectives), url)
+    if multi and worker is None:
+        from optuna_dashboard import set_objective_names
+
+        set_objective_names(study, [o.replace("_", " ") for o in cfg.search.objectives])
     progress = not args.no_progress and worker is None
     ctx = Context.create(cfg, args.data_dir, args.device, progress=progress)
     if worker is None:
@@ -226,11 +241,15 @@ def _summary(study: optuna.Study, n_trials: int, url: str) -> None:
     print(f"study '{study.study_name}': " + ", ".join(f"{v} {k}" for k, v in
                                                      sorted(states.items())))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if complete:
-        best = max(complete, key=lambda t: t.value)  # type: ignore[arg-type,return-value]
+    best_trials = study.best_trials if len(study.directions) > 1 else \
+        ([max(complete, key=lambda t: t.values[0])] if complete else [])
+    if len(study.directions) > 1 and best_trials:
+        print(f"Pareto front: {len(best_trials)} trials")
+    for best in best_trials:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in best.params.items())
-        print(f"best: trial {best.number}, val {best.value:.2%}, test "
+        values = ", ".join(f"{v:.2%}" for v in best.values)
+        print(f"best: trial {best.number}, objective {values}, test "
               f"{best.user_attrs.get('test_acc', float('nan')):.2%} ({params})")
     print(f"store: {url}; open it with: python -m kdig_study.dashboard --storage {url}")
 

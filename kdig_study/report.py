@@ -40,6 +40,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("intermediate", "Learning curves and pruning"),
     ("ablation", "Ablation"),
     ("compression", "Accuracy against compression and latency"),
+    ("robustness", "Robustness under distribution shift"),
     ("gallery", "IG gallery: images, maps, overlays"),
     ("reference", "The reference paper beside this study"),
 )
@@ -147,7 +148,11 @@ def _ablation(page: Page, ab: rd.Ablation | None) -> None:
     page.add("ablation", f"<p>Study <code>{_e(ab.name)}</code>, factors "
                          f"{_e(', '.join(ab.factors))}, parameters "
                          f"<code>{_e(ab.params)}</code>; paired by seed.</p>")
-    for metric, label in (("test_acc", "test accuracy"), ("val_acc", "validation accuracy")):
+    for metric, label in (("test_acc", "test accuracy"),
+                          ("robust_test_acc", "test accuracy under corruptions"),
+                          ("val_acc", "validation accuracy")):
+        if metric not in ab.analysis:
+            continue
         a = ab.analysis[metric]
         page.add("ablation", f"<h3>{_e(label.capitalize())}</h3>")
         page.add("ablation", _table(
@@ -190,9 +195,32 @@ def _compression(page: Page, sweep: dict | None, teacher: dict | None) -> None:
           _num(r["latency_b1_ms"], "{:.2f}")] for r in sweep["rows"]]))
 
 
+def _robustness(page: Page, r: rd.Robustness | None, pareto: dict | None) -> None:
+    if r is None:
+        page.empty("robustness", "No run with robust accuracy yet (the corruption suite is "
+                                 "off, or nothing has finished).")
+    else:
+        page.add("robustness", f"<p>From the {_e(r.source)}: test accuracy clean and under "
+                               f"{_e(', '.join(r.corruptions))} (3 severities each, each "
+                               f"setting on its own stratified slice of the test split).</p>")
+        page.add("robustness", _table(
+            ["condition", "n", "clean", "mean corrupted", *[c.replace("_", " ")
+                                                             for c in r.corruptions]],
+            [[_e(k), str(v["n"]), _pct(v["clean"]), _pct(v["robust"]),
+              *[_pct(v[c]) for c in r.corruptions]] for k, v in r.by_condition.items()]))
+        for i, fig in enumerate(rf.robustness_figures(r)):
+            page.figure("robustness", f"robustness-{i}", fig)
+    if pareto is not None:
+        if pareto["number"]:
+            page.figure("robustness", "pareto", rf.pareto_figure(pareto))
+        else:
+            page.empty("robustness", "Multi-objective study: no completed trial for a Pareto "
+                                     "front yet.")
+
+
 def _gallery(page: Page, study: optuna.Study, storage: Any) -> None:
     done = rd.finished(study.get_trials(deepcopy=False))
-    for t in sorted(done, key=lambda t: -t.value):  # type: ignore[operator]
+    for t in sorted(done, key=lambda t: -t.values[0]):  # type: ignore[operator]
         pngs = [m for m in get_all_artifact_meta(t, storage=storage)
                 if m.filename.endswith(".png")]
         if not pngs:
@@ -278,6 +306,7 @@ def build(storage: Any, url: str, name: str) -> Page:
     ab = rd.ablation_data(storage, name)
     _ablation(page, ab)
     _compression(page, rd.sweep_data(storage, name), s.teacher)
+    _robustness(page, rd.robustness_data(storage, name, study), rd.pareto_data(study))
     _gallery(page, study, storage)
     _reference(page, ab, s)
     return page

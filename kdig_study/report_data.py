@@ -48,8 +48,8 @@ def summary_data(study: optuna.Study) -> Summary:
     done = finished(trials)
     best = None
     if done:
-        b = max(done, key=lambda t: t.value)  # type: ignore[arg-type,return-value]
-        best = {"number": b.number, "val_acc": b.value, "params": dict(b.params),
+        b = max(done, key=lambda t: t.values[0])  # type: ignore[arg-type,return-value]
+        best = {"number": b.number, "val_acc": b.values[0], "params": dict(b.params),
                 "metrics": dict(b.user_attrs.get("metrics", {})),
                 "test_acc": b.user_attrs.get("test_acc")}
     attrs = study.user_attrs
@@ -102,9 +102,9 @@ def history_data(trials: list[FrozenTrial]) -> History:
     h = History()
     best = -math.inf
     for t in sorted(finished(trials), key=lambda t: t.number):
-        best = max(best, t.value)  # type: ignore[type-var]
+        best = max(best, t.values[0])  # type: ignore[type-var]
         h.numbers.append(t.number)
-        h.values.append(float(t.value))  # type: ignore[arg-type]
+        h.values.append(float(t.values[0]))  # type: ignore[arg-type]
         h.best_so_far.append(float(best))
     return h
 
@@ -117,7 +117,11 @@ def importance_data(study: optuna.Study) -> tuple[dict[str, float] | None, str]:
     varied = {k for t in done for k in t.params if len({str(u.params.get(k)) for u in done}) > 1}
     if not varied:
         return None, "no parameter varied across the completed trials"
-    return optuna.importance.get_param_importances(study), ""
+    if len(study.directions) == 1:
+        return optuna.importance.get_param_importances(study), ""
+    # Multi-objective: importances for validation accuracy, the first objective. Optuna's
+    # default evaluator (PED-ANOVA) looks for low target values, hence the sign.
+    return optuna.importance.get_param_importances(study, target=lambda t: -t.values[0]), ""
 
 
 def parallel_data(trials: list[FrozenTrial]) -> dict[str, list[float]]:
@@ -126,7 +130,7 @@ def parallel_data(trials: list[FrozenTrial]) -> dict[str, list[float]]:
     names = sorted({k for t in done for k in t.params})
     rows = [t for t in done if all(k in t.params for k in names)]
     out = {k: [float(t.params[k]) for t in rows] for k in names}
-    out["value"] = [float(t.value) for t in rows]  # type: ignore[arg-type]
+    out["value"] = [float(t.values[0]) for t in rows]  # type: ignore[arg-type]
     return out
 
 
@@ -136,7 +140,7 @@ def pair_data(trials: list[FrozenTrial], x: str, y: str) -> dict[str, list[float
     if not rows:
         return None
     return {"x": [float(t.params[x]) for t in rows], "y": [float(t.params[y]) for t in rows],
-            "value": [float(t.value) for t in rows],  # type: ignore[arg-type]
+            "value": [float(t.values[0]) for t in rows],  # type: ignore[arg-type]
             "number": [t.number for t in rows]}
 
 
@@ -167,7 +171,8 @@ class Ablation:
     params: dict[str, Any]
 
 
-def ablation_data(storage: Any, search_name: str, metrics: tuple[str, ...] = ("test_acc", "val_acc")
+def ablation_data(storage: Any, search_name: str,
+                  metrics: tuple[str, ...] = ("test_acc", "robust_test_acc", "val_acc")
                   ) -> Ablation | None:
     study = _load(storage, f"{search_name}.ablation")
     if study is None:
@@ -181,6 +186,8 @@ def ablation_data(storage: Any, search_name: str, metrics: tuple[str, ...] = ("t
     analysis, points = {}, {}
     for metric in metrics:
         table = results_table(trials, metric)
+        if not table:
+            continue
         analysis[metric] = analyse(table, factors)
         points[metric] = {condition_name(c): v for c, v in table.items()}
     return Ablation(study.study_name, factors, analysis, points, info.get("params", {}))
@@ -225,3 +232,52 @@ def reference_rows(ab: Ablation | None) -> list[dict[str, Any]]:
                      "ours_sd": None if o is None or o["n"] < 2 else 100 * o["sd"],
                      "ours_n": 0 if o is None else o["n"]})
     return rows
+
+
+@dataclass
+class Robustness:
+    source: str  # where the runs come from: the ablation, or the search's trials
+    corruptions: list[str]
+    by_condition: dict[str, dict[str, float]]  # condition -> {"clean", corruption..., "robust"}
+    points: list[dict[str, Any]]  # condition, run, test_acc, robust_test_acc
+
+
+def robustness_data(storage: Any, search_name: str, study: optuna.Study) -> Robustness | None:
+    """Clean against corrupted test accuracy, per condition and corruption."""
+    ab = _load(storage, f"{search_name}.ablation")
+    trials = finished(ab.get_trials(deepcopy=False)) if ab is not None else []
+    source = f"ablation study {search_name}.ablation"
+    if not trials:
+        trials = finished(study.get_trials(deepcopy=False))
+        source = f"search trials of {search_name}"
+    rows = [t for t in trials if "robust_test_acc" in t.user_attrs.get("metrics", {})]
+    if not rows:
+        return None
+    corruptions = [k for k in rows[0].user_attrs.get("robust", {}) if "-" not in k]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    points = []
+    for t in rows:
+        m = t.user_attrs["metrics"] | t.user_attrs.get("robust", {})
+        cond = t.params.get("condition", "search trial")
+        groups.setdefault(cond, []).append(m)
+        points.append({"condition": cond, "run": t.number, "test_acc": m["test_acc"],
+                       "robust_test_acc": m["robust_test_acc"]})
+    by_condition = {}
+    for cond, ms in groups.items():
+        def mean(key: str) -> float:
+            return sum(x[key] for x in ms) / len(ms)
+
+        by_condition[cond] = {"clean": mean("test_acc"), "robust": mean("robust_test_acc"),
+                              "n": len(ms)} | {c: mean(c) for c in corruptions}
+    return Robustness(source, corruptions, by_condition, points)
+
+
+def pareto_data(study: optuna.Study) -> dict[str, list[Any]] | None:
+    """Validation accuracy against robust validation accuracy; None for one objective."""
+    if len(study.directions) < 2:
+        return None
+    done = finished(study.get_trials(deepcopy=False))
+    front = {t.number for t in study.best_trials}
+    return {"number": [t.number for t in done], "val": [t.values[0] for t in done],
+            "robust_val": [t.values[1] for t in done],
+            "front": [t.number in front for t in done]}

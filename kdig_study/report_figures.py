@@ -11,7 +11,7 @@ import math
 
 import plotly.graph_objects as go
 
-from kdig_study.report_data import Ablation, History
+from kdig_study.report_data import Ablation, History, Robustness
 
 _LAYOUT = dict(template="plotly_white", height=420, margin=dict(l=60, r=20, t=50, b=50))
 _COLORS = {"student": "#7f7f7f", "KD": "#1f77b4", "IG": "#2ca02c", "KD+IG": "#d62728",
@@ -35,7 +35,7 @@ def importance_figure(imp: dict[str, float]) -> go.Figure:
     names = list(imp)[::-1]
     fig = go.Figure(go.Bar(x=[imp[n] for n in names], y=[_e(n) for n in names],
                            orientation="h"))
-    return fig.update_layout(title="Parameter importances (Optuna, fANOVA)",
+    return fig.update_layout(title="Parameter importances (Optuna's default evaluator, PED-ANOVA)",
                              xaxis_title="importance", **_LAYOUT)
 
 
@@ -147,3 +147,38 @@ def reference_figure(rows: list[dict]) -> go.Figure:
     ])
     return fig.update_layout(title="Reference paper vs this study: test accuracy per condition",
                              yaxis_title="test accuracy, %", barmode="group", **_LAYOUT)
+
+
+def robustness_figures(r: Robustness) -> list[go.Figure]:
+    conds = list(r.by_condition)
+    cols = ["clean", *r.corruptions]
+    bars = go.Figure([go.Bar(x=[_e(c.replace("_", " ")) for c in cols],
+                             y=[100 * r.by_condition[k][c] for c in cols], name=_e(k),
+                             marker_color=_COLORS.get(k)) for k in conds])
+    bars.update_layout(title="Test accuracy per corruption (mean over severities and runs)",
+                       yaxis_title="test accuracy, %", barmode="group", **_LAYOUT)
+    scatter = go.Figure([go.Scatter(
+        x=[100 * p["test_acc"] for p in r.points if p["condition"] == k],
+        y=[100 * p["robust_test_acc"] for p in r.points if p["condition"] == k],
+        mode="markers", name=_e(k), marker=dict(size=10, color=_COLORS.get(k)),
+        text=[f"run {p['run']}" for p in r.points if p["condition"] == k]) for k in conds])
+    scatter.update_layout(title="Clean against corrupted test accuracy, per run",
+                          xaxis_title="clean test accuracy, %",
+                          yaxis_title="mean corrupted test accuracy, %", **_LAYOUT)
+    return [bars, scatter]
+
+
+def pareto_figure(p: dict) -> go.Figure:
+    on = [i for i, f in enumerate(p["front"]) if f]
+    off = [i for i, f in enumerate(p["front"]) if not f]
+    fig = go.Figure([
+        go.Scatter(x=[100 * p["val"][i] for i in off], y=[100 * p["robust_val"][i] for i in off],
+                   mode="markers", name="trial", marker=dict(color="#aaaaaa", size=9),
+                   text=[f"trial {p['number'][i]}" for i in off]),
+        go.Scatter(x=[100 * p["val"][i] for i in on], y=[100 * p["robust_val"][i] for i in on],
+                   mode="markers", name="Pareto front", marker=dict(color="#d62728", size=12),
+                   text=[f"trial {p['number'][i]}" for i in on]),
+    ])
+    return fig.update_layout(title="Pareto front: validation accuracy vs robust validation "
+                                   "accuracy", xaxis_title="validation accuracy, %",
+                             yaxis_title="robust validation accuracy, %", **_LAYOUT)

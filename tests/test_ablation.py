@@ -72,11 +72,15 @@ def test_smoke_ablation_end_to_end(tmp_path: Path, isolated_storage: Path) -> No
     proc = _ablate("--seeds", "2", "--params", _params_file(tmp_path), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "KD+IG - KD" in proc.stdout and "KD x IG" in proc.stdout
+    assert "test accuracy under corruptions" in proc.stdout
     name = "kd_ig-smoke.ablation"
     res = json.loads((out / f"{name}.json").read_text())
     summ = {s["condition"]: s for s in res["results"]["all"]["test_acc"]["summaries"]}
     assert set(summ) == {"student", "KD", "IG", "KD+IG"} and all(s["n"] == 2 for s in summ.values())
     assert len(res["runs"]) == 8
+    robust = res["results"]["all"]["robust_test_acc"]
+    assert [c["a"] for c in robust["comparisons"]] == ["KD", "IG", "KD+IG", "KD+IG"]
+    assert all("robust_test_jpeg" in r for r in res["runs"])
     csv_text = (out / f"{name}.csv").read_text()
     assert csv_text.startswith("group,metric,kind,name") and "KD+IG - KD" in csv_text
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{isolated_storage}/kdig.db")

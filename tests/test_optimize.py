@@ -74,8 +74,11 @@ def test_smoke_study_end_to_end_records_everything(env: dict, isolated_storage: 
     assert {"test_acc", "metrics"} <= set(t.user_attrs)
     m = t.user_attrs["metrics"]
     for key in ("test_acc", "params", "flops", "compression", "epochs_run", "seed",
-                "ig_gap_median", "latency_b1_median_ms", "latency_b64_median_ms"):
+                "ig_gap_median", "latency_b1_median_ms", "latency_b64_median_ms",
+                "robust_test_acc", "robust_val_acc", "robust_eval_s", "eval_s"):
         assert key in m, key
+    assert {"jpeg", "gaussian_noise-2", "brightness-3"} <= set(t.user_attrs["robust"])
+    assert 0 < m["robust_test_acc"] <= 1
     wall = (t.datetime_complete - t.datetime_start).total_seconds()
     assert wall >= m["train_eval_s"] > 0
     assert 0.0 < t.value <= 1.0 and 0.0 < t.user_attrs["test_acc"] <= 1.0
@@ -92,6 +95,21 @@ def test_smoke_study_end_to_end_records_everything(env: dict, isolated_storage: 
     assert (isolated_storage / "artifacts").is_dir()
     from optuna_dashboard import get_note
     assert "Validation accuracy" in get_note(optuna.Trial(study, t._trial_id))
+
+
+def test_multi_objective_study_through_the_cli(env: dict, isolated_storage: Path) -> None:
+    proc = run_cli("optimize", "--study", "kd_ig_robust", "--scale", "smoke", "--no-progress",
+                   "--n-trials", "3", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Optuna does not prune multi-objective trials" in proc.stdout
+    assert "Pareto front" in proc.stdout
+    study = optuna.load_study(study_name="kd_ig_robust-smoke", storage=_url(isolated_storage))
+    assert len(study.directions) == 2
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 3 and all(len(t.values) == 2 for t in done)
+    assert all(t.values[1] == pytest.approx(t.user_attrs["metrics"]["robust_val_acc"], rel=1e-4)
+               for t in done)
+    assert study.best_trials
 
 
 def test_resume_counts_the_total_and_refuses_a_changed_config(env: dict, isolated_storage: Path,

@@ -29,7 +29,12 @@ TEACHER = {"val_acc": 0.80, "test_acc": 0.80, "params": 1_978_026, "flops": 303_
 def _metrics(test: float, epochs: int = 3) -> dict:
     return {"test_acc": test, "params": 495_962, "flops": 76_400_000, "compression": 3.988,
             "epochs_run": epochs, "latency_b1_median_ms": 1.3, "latency_b1_p90_ms": 1.7,
-            "latency_b128_median_ms": 48.0, "latency_b128_p90_ms": 53.0, "seed": 0}
+            "latency_b128_median_ms": 48.0, "latency_b128_p90_ms": 53.0, "seed": 0,
+            "robust_test_acc": test - 0.1, "robust_val_acc": test - 0.09}
+
+
+def _robust(test: float) -> dict:
+    return {"jpeg": test - 0.05, "jpeg-1": test - 0.02, "gaussian_noise": test - 0.15}
 
 
 def _search_study(url: str, name: str = "kd_ig-cpu", values=(0.70, 0.74, 0.72),
@@ -61,6 +66,7 @@ def _search_study(url: str, name: str = "kd_ig-cpu", values=(0.70, 0.74, 0.72),
             trial.report(acc, epoch)
         trial.set_user_attr("test_acc", v - 0.01)
         trial.set_user_attr("metrics", _metrics(v - 0.01))
+        trial.set_user_attr("robust", _robust(v - 0.01))
         upload_artifact(artifact_store=artifact_store(), file_path=str(png), study_or_trial=trial)
         study.tell(trial, v)
     for _ in range(pruned):
@@ -98,7 +104,8 @@ def _ablation_study(url: str, search: str = "kd_ig-cpu", sweep: bool = False) ->
                 acc -= 0.05 if w == 0.25 else 0
                 m = m | {"test_acc": acc, "params": int(2e6 * w * w), "compression": 1 / (w * w)}
             study.add_trial(create_trial(params=params, distributions=dists, value=acc + 0.01,
-                                         user_attrs={"test_acc": acc, "metrics": m}))
+                                         user_attrs={"test_acc": acc, "metrics": m,
+                                                     "robust": _robust(acc)}))
 
 
 @pytest.fixture
@@ -131,6 +138,11 @@ def test_data_steps(url: str) -> None:
     sweep = rd.sweep_data(study._storage, "kd_ig-cpu")
     r = next(r for r in sweep["rows"] if r["value"] == 0.25 and r["condition"] == "KD")
     assert r["test_acc"] == pytest.approx(0.705) and r["compression"] == pytest.approx(16.0)
+    rob = rd.robustness_data(study._storage, "kd_ig-cpu", study)
+    assert rob.corruptions == ["jpeg", "gaussian_noise"]
+    assert rob.by_condition["KD"]["robust"] == pytest.approx(0.655)
+    assert rob.by_condition["KD"]["jpeg"] == pytest.approx(0.705) and len(rob.points) == 8
+    assert rd.pareto_data(study) is None
     ref = {r["condition"]: r for r in rd.reference_rows(ab)}
     assert ref["KD+IG"]["paper_mean"] == 92.02 and ref["KD+IG"]["ours_mean"] == pytest.approx(77.0)
     assert ref["AT"]["ours_mean"] is None and ref["AT"]["ours_n"] == 0
@@ -145,11 +157,19 @@ def test_every_section_present(url: str) -> None:
     for sid, title in SECTIONS:
         assert f"<section id='{sid}'>" in html, sid
     assert "class=\"empty\"" not in html  # all data present: no "not yet" notes
-    assert len(page.figures) == 11  # history, importance, parallel, 2 pairs, curves,
-    # 2 ablation, 2 compression, reference
+    assert len(page.figures) == 14  # history, importance, parallel, 2 pairs, curves,
+    # 3 ablation (clean, corrupted, validation), 2 compression, 2 robustness, reference
     assert "92.02" in html and "KD+IG - KD" in html and "effect: KD x IG" in html
     assert len(re.findall(r"<script type='text/javascript'>", html)) == 1  # plotly.js once
     assert "cdn.plot.ly" not in html.split("</head>")[1]  # no network needed
+
+
+def test_pareto_front_of_a_two_objective_study(url: str) -> None:
+    study = optuna.create_study(study_name="mo", storage=url, directions=["maximize"] * 2)
+    for v, r in ((0.70, 0.60), (0.72, 0.55), (0.65, 0.62), (0.68, 0.58)):
+        study.add_trial(create_trial(params={}, distributions={}, values=[v, r]))
+    p = rd.pareto_data(study)
+    assert dict(zip(p["number"], p["front"])) == {0: True, 1: True, 2: True, 3: False}
 
 
 @pytest.mark.parametrize("case", ["no trials", "all pruned", "no ablation"])

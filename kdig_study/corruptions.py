@@ -1,0 +1,182 @@
+"""Distribution shift on the evaluation splits: JPEG, Gaussian noise, Gaussian blur, contrast
+and brightness, each at three severities, as batched tensor operations (JPEG through Pillow, one image at a time).
+
+Every corrupted image is quantised back to uint8, as a camera would deliver it. The
+corrupted sets are deterministic under a seed and cached once per data set. To keep their
+cost within a quarter of a run's evaluation time, each (corruption, severity) setting is
+evaluated on its own stratified slice of the split (``test_per_setting`` images; 0 = every
+image under every setting); slices of different settings are disjoint where the split is
+large enough, so the suite covers many images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from kdig_study.config import RobustnessConfig
+from kdig_study.data import DataBundle, ImageSet, stratified_order
+from kdig_study.paths import atomic_write, cache_dir, locked
+
+# Severity 1, 2, 3 of each corruption; severity 0 is the clean image.
+SEVERITY: dict[str, tuple[float, float, float]] = {
+    "jpeg": (60, 35, 15),  # JPEG quality
+    "gaussian_noise": (0.03, 0.06, 0.10),  # sd on the [0, 1] scale
+    "gaussian_blur": (0.6, 1.0, 1.5),  # sigma in pixels
+    "contrast": (0.6, 0.4, 0.25),  # factor towards each image's mean grey
+    "brightness": (0.15, 0.30, 0.45),  # added to every pixel on the [0, 1] scale
+}
+_CACHE_VERSION = 1
+
+
+def jpeg_bytes(images: torch.Tensor, quality: int) -> list[bytes]:
+    """Encoded JPEG files of uint8 images [N, 3, H, W], by Pillow (libjpeg; torchvision's
+    own JPEG codec is deprecated since 0.29)."""
+    files = []
+    for img in images.permute(0, 2, 3, 1).numpy():
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=int(quality))
+        files.append(buf.getvalue())
+    return files
+
+
+def _jpeg(images: torch.Tensor, quality: float) -> torch.Tensor:
+    decoded = [np.asarray(Image.open(io.BytesIO(f)).convert("RGB"))
+               for f in jpeg_bytes(images, int(quality))]
+    return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
+
+
+def gaussian_noise(x: torch.Tensor, sd: float, gen: torch.Generator) -> torch.Tensor:
+    """x [N, 3, H, W] on [0, 1]; unclipped."""
+    return x + sd * torch.randn(x.shape, generator=gen)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    k = 2 * math.ceil(3 * sigma) + 1
+    return TF.gaussian_blur(x, kernel_size=[k, k], sigma=[sigma, sigma])
+
+
+def contrast(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Towards each image's mean grey: m + factor (x - m)."""
+    grey = x.mean(dim=(1, 2, 3), keepdim=True)
+    return grey + factor * (x - grey)
+
+
+def brightness(x: torch.Tensor, delta: float) -> torch.Tensor:
+    return x + delta
+
+
+def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> uint8 [N, 3, H, W] under one corruption at one severity."""
+    if severity == 0:
+        return images.clone()
+    level = SEVERITY[name][severity - 1]
+    if name == "jpeg":
+        return _jpeg(images, level)
+    x = images.float() / 255
+    ops: dict[str, Callable[[], torch.Tensor]] = {
+        "gaussian_noise": lambda: gaussian_noise(
+            x, level, torch.Generator().manual_seed(seed * 1000 + severity)),
+        "gaussian_blur": lambda: gaussian_blur(x, level),
+        "contrast": lambda: contrast(x, level),
+        "brightness": lambda: brightness(x, level),
+    }
+    return (ops[name]().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Setting:
+    corruption: str
+    severity: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.corruption}-{self.severity}"
+
+
+def settings(cfg: RobustnessConfig) -> list[Setting]:
+    return [Setting(c, s) for c in cfg.corruptions for s in cfg.severities]
+
+
+@dataclass
+class CorruptedSplit:
+    """One split under every setting: images [S, M, 3, H, W], labels [S, M]."""
+
+    settings: list[Setting]
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def _slices(labels: torch.Tensor, n_settings: int, per_setting: int, seed: int
+            ) -> list[torch.Tensor]:
+    """Row indices per setting: stratified, disjoint while the split has room."""
+    if per_setting == 0 or per_setting >= len(labels):
+        return [torch.arange(len(labels))] * n_settings
+    order = stratified_order(labels, seed)
+    n = len(order)
+    return [order[(torch.arange(per_setting) + k * per_setting) % n].sort().values
+            for k in range(n_settings)]
+
+
+def build_split(data: ImageSet, cfg: RobustnessConfig, per_setting: int, fingerprint: str,
+                split: str) -> CorruptedSplit:
+    """The corrupted split, from the cache when it is there (built once, atomically)."""
+    sets = settings(cfg)
+    key = hashlib.sha256(json.dumps([_CACHE_VERSION, fingerprint, split, per_setting,
+                                     asdict(cfg)], sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / "corrupted" / f"{split}-{key}.npz"
+    with locked(path):
+        if not path.is_file():
+            rows = _slices(data.labels, len(sets), per_setting, cfg.seed + 7)
+            imgs = torch.stack([corrupt(data.images[r], s.corruption, s.severity, cfg.seed)
+                                for r, s in zip(rows, sets)])
+            labs = torch.stack([data.labels[r] for r in rows])
+
+            def write(tmp):  # type: ignore[no-untyped-def]
+                with tmp.open("wb") as f:
+                    np.savez(f, images=imgs.numpy(), labels=labs.numpy())
+
+            atomic_write(path, write)
+    with np.load(path) as z:
+        return CorruptedSplit(sets, torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]))
+
+
+class RobustSuite:
+    """The corrupted validation and test splits of one data bundle, and their evaluation."""
+
+    def __init__(self, data: DataBundle, cfg: RobustnessConfig) -> None:
+        self.cfg = cfg
+        self.test = build_split(data.test, cfg, cfg.test_per_setting, data.fingerprint, "test")
+        self.val = build_split(data.val, cfg, cfg.val_per_setting, data.fingerprint, "val")
+        self.mean, self.std = data.mean, data.std
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device, precision: str
+                 ) -> dict[str, float]:
+        """robust_test_acc, robust_val_acc (means over settings), robust_test_<corruption>
+        (mean over its severities) and robust_test_<corruption>-<severity>."""
+        from kdig_study.engine import predict
+
+        out: dict[str, float] = {}
+        for split_name, split in (("test", self.test), ("val", self.val)):
+            s, m = split.images.shape[:2]
+            # one pass over every setting in large batches
+            pred = predict(model, split.images.reshape(s * m, *split.images.shape[2:]),
+                           self.mean, self.std, device, precision=precision).view(s, m)
+            acc = (pred == split.labels).float().mean(dim=1)  # [S]
+            out[f"robust_{split_name}_acc"] = acc.mean().item()
+            if split_name == "test":
+                for i, st in enumerate(split.settings):
+                    out[f"robust_test_{st.key}"] = acc[i].item()
+                for c in self.cfg.corruptions:
+                    idx = [i for i, st in enumerate(split.settings) if st.corruption == c]
+                    out[f"robust_test_{c}"] = acc[idx].mean().item()
+        return out

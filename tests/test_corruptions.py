@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from kdig_study.config import CORRUPTIONS, RobustnessConfig, load_study
+from kdig_study.corruptions import (SEVERITY, RobustSuite, contrast, corrupt, gaussian_blur,
+                                    jpeg_bytes)
+from kdig_study.data import load_bundle
+from kdig_study.errors import KdigError
+
+from conftest import REPO
+
+
+def _images(n: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(40, 216, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_deterministic_and_severity_zero_is_identity(name: str) -> None:
+    x = _images()
+    a, b = corrupt(x, name, 2, seed=5), corrupt(x, name, 2, seed=5)
+    assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == x.shape
+    assert not torch.equal(a, x)
+    assert torch.equal(corrupt(x, name, 0), x)
+    # stronger severity, further from the clean image
+    d = [(corrupt(x, name, s).float() - x.float()).abs().mean().item() for s in (1, 2, 3)]
+    assert d[0] < d[1] < d[2], d
+
+
+def test_noise_has_the_stated_sd_and_depends_on_the_seed() -> None:
+    grey = torch.full((200, 3, 32, 32), 128, dtype=torch.uint8)  # no clipping at mid grey
+    for sev, sd in enumerate(SEVERITY["gaussian_noise"], start=1):
+        out = corrupt(grey, "gaussian_noise", sev, seed=1).float() / 255
+        measured = (out - 128 / 255).std().item()
+        assert measured == pytest.approx(sd, rel=0.03), (sev, measured)
+    assert not torch.equal(corrupt(grey, "gaussian_noise", 1, seed=1),
+                           corrupt(grey, "gaussian_noise", 1, seed=2))
+
+
+def _jpeg_quality(data: bytes) -> int:
+    """The IJG quality whose scaled standard luminance table is the file's table 0."""
+    base = [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40,
+            57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24,
+            35, 55, 64, 81, 104, 113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98,
+            112, 100, 103, 99]
+    table = sorted(Image.open(io.BytesIO(data)).quantization[0])
+    for q in range(1, 101):
+        scale = 5000 // q if q < 50 else 200 - 2 * q  # libjpeg's integer arithmetic
+        expect = sorted(min(255, max(1, (b * scale + 50) // 100)) for b in base)
+        if expect == table:
+            return q
+    raise AssertionError("no IJG quality matches")
+
+
+def test_jpeg_quality_recovered_from_the_file() -> None:
+    x = _images(4)
+    for q in SEVERITY["jpeg"]:
+        files = jpeg_bytes(x, int(q))
+        assert _jpeg_quality(files[0]) == q
+
+
+def test_blur_sigma_and_contrast_factor_are_measured() -> None:
+    impulse = torch.zeros(1, 1, 31, 31)
+    impulse[0, 0, 15, 15] = 1.0
+    for sigma in SEVERITY["gaussian_blur"]:
+        k = gaussian_blur(impulse, sigma)[0, 0]
+        ys = torch.arange(31, dtype=torch.float32) - 15
+        var = (k.sum(1) * ys ** 2).sum() / k.sum()
+        assert math.sqrt(var.item()) == pytest.approx(sigma, rel=0.08)
+    x = _images(8).float() / 255
+    for factor in SEVERITY["contrast"]:
+        y = contrast(x, factor)
+        ratio = (y.std(dim=(1, 2, 3)) / x.std(dim=(1, 2, 3)))
+        assert torch.allclose(ratio, torch.full_like(ratio, factor), rtol=1e-4)
+        assert torch.allclose(y.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=1e-6)
+    bright = corrupt(torch.full((2, 3, 8, 8), 100, dtype=torch.uint8), "brightness", 1)
+    assert (bright.float().mean() - 100).item() == pytest.approx(0.15 * 255, abs=0.6)
+
+
+def test_suite_is_cached_and_evaluates(isolated_storage: Path) -> None:
+    cfg = load_study("kd_ig", "smoke")
+    data = load_bundle(cfg.data)
+    suite = RobustSuite(data, cfg.robustness)
+    s = len(cfg.robustness.corruptions) * len(cfg.robustness.severities)
+    assert suite.test.images.shape == (s, 40, 3, 32, 32)
+    files = list((isolated_storage / "cache" / "corrupted").glob("*.npz"))
+    assert len(files) == 2
+    again = RobustSuite(data, cfg.robustness)
+    assert torch.equal(again.test.images, suite.test.images)
+    # slices of different settings are disjoint (300 test images, 15 x 40 > 300 wraps)
+    from kdig_study.models import build_model
+    out = suite.evaluate(build_model(cfg.student).eval(), torch.device("cpu"), "fp32")
+    assert 0 <= out["robust_test_acc"] <= 1 and "robust_test_jpeg" in out
+    assert "robust_test_gaussian_noise-3" in out and 0 <= out["robust_val_acc"] <= 1
+
+
+def test_unknown_corruption_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "kd_ig.toml").write_text((REPO / "studies" / "kd_ig.toml").read_text())
+    bad = tmp_path / "bad.toml"
+    bad.write_text('inherit = "kd_ig"\n[robustness]\ncorruptions = ["jpeg", "fog"]\n')
+    with pytest.raises(KdigError) as e:
+        load_study(str(bad), "smoke")
+    msg = str(e.value)
+    assert "\n" not in msg and "robustness.corruptions" in msg and "'fog'" in msg
+    assert "allowed: jpeg, gaussian_noise" in msg
+    bad.write_text('inherit = "kd_ig"\n[search]\nobjectives = ["test_acc"]\n')
+    with pytest.raises(KdigError, match="search.objectives"):
+        load_study(str(bad), "smoke")
