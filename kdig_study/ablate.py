@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, default=0.8, help="subset size for --monte-carlo")
     p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
                    help=f"also vary the student: {' or '.join(SWEEP_KEYS)} (compression sweep)")
+    p.add_argument("--study-name", default=None,
+                   help="name of the ablation study (default: <search study>.ablation[...]); "
+                        "e.g. a second ablation with other --params")
     p.add_argument("--out", default="reports", help="folder for the JSON and CSV results")
     p.add_argument("--heartbeat", type=int, default=60, metavar="S")
     return p
@@ -120,19 +123,19 @@ def render(analysis: dict[str, Any], title: str) -> str:
     for s in analysis["summaries"]:
         lines.append(f"  {s['condition']:<12}{s['n']:>3}{_fmt(s['mean']):>8}{_fmt(s['sd']):>7}"
                      f"{_fmt(s['min']):>8}{_fmt(s['max']):>8}")
-    lines.append(f"  {'comparison (paired)':<22}{'n':>3}{'diff':>8}  {'95% CI':<17}"
-                 f"{'t-test p':>9}{'Wilcoxon p':>12}")
-    for c in analysis["comparisons"]:
-        ci = f"[{_fmt(c['ci_low'], sign=True)}, {_fmt(c['ci_high'], sign=True)}]"
-        lines.append(f"  {c['a'] + ' - ' + c['b']:<22}{c['n']:>3}"
-                     f"{_fmt(c['mean_diff'], sign=True):>8}  {ci:<17}{_p(c['t_p']):>9}"
-                     f"{_p(c['wilcoxon_p']):>12}")
-    lines.append(f"  {'effect':<22}{'n':>3}{'mean':>8}  {'95% CI':<17}{'t-test p':>9}"
-                 f"{'Wilcoxon p':>12}")
-    for e in analysis["effects"]:
-        ci = f"[{_fmt(e['ci_low'], sign=True)}, {_fmt(e['ci_high'], sign=True)}]"
-        lines.append(f"  {e['effect']:<22}{e['n']:>3}{_fmt(e['mean'], sign=True):>8}  "
-                     f"{ci:<17}{_p(e['t_p']):>9}{_p(e['wilcoxon_p']):>12}")
+    def row(name: str, n: int, mean: float, lo: float, hi: float, t_p: float, w_p: float
+            ) -> str:
+        ci = f"[{_fmt(lo, sign=True)}, {_fmt(hi, sign=True)}]"
+        return f"  {name:<22}{n:>3}{_fmt(mean, sign=True):>8}  {ci:<17}{_p(t_p):>9}{_p(w_p):>12}"
+
+    for head, items in (("comparison (paired)", [
+            (f"{c['a']} - {c['b']}", c["n"], c["mean_diff"], c["ci_low"], c["ci_high"],
+             c["t_p"], c["wilcoxon_p"]) for c in analysis["comparisons"]]),
+            ("effect", [(e["effect"], e["n"], e["mean"], e["ci_low"], e["ci_high"], e["t_p"],
+                         e["wilcoxon_p"]) for e in analysis["effects"]])):
+        lines.append(f"  {head:<22}{'n':>3}{'diff' if head != 'effect' else 'mean':>8}  "
+                     f"{'95% CI':<17}{'t-test p':>9}{'Wilcoxon p':>12}")
+        lines += [row(*item) for item in items]
     return "\n".join(lines)
 
 
@@ -170,15 +173,15 @@ def main() -> int:
         else load_params(args.params)
     suffix = ".ablation" + (f"-mc{args.fraction:g}" if args.monte_carlo else "") + \
         (f"-sweep-{sweep_key}" if sweep_key else "")
-    name = search_name + suffix
+    name = args.study_name or search_name + suffix
     study = open_study(storage, name, cfg, optuna.samplers.RandomSampler(),
                        optuna.pruners.NopPruner(), ["maximize"], url)
     ident = {"params": params, "fraction": args.fraction if args.monte_carlo else None}
     if "ablation" in study.user_attrs and {k: study.user_attrs["ablation"].get(k)
                                            for k in ident} != ident:
         raise KdigError(f"ablation study '{name}' in {url} ran with other parameters "
-                        f"({study.user_attrs['ablation']['params']}); remove it or use "
-                        f"--from-study/--params to match")
+                        f"({study.user_attrs['ablation']['params']}); give this one its own "
+                        f"--study-name, or --params matching those")
     study.set_user_attr("ablation", ident | {"factors": factors, "sweep_key": sweep_key,
                                              "search_study": search_name})
     replicates = args.monte_carlo or args.seeds

@@ -35,7 +35,7 @@ from kdig_study.config import IGConfig
 from kdig_study.engine import autocast
 from kdig_study.errors import KdigError
 from kdig_study.models import Net, fold_batchnorm
-from kdig_study.paths import atomic_write, cache_dir, locked, write_json
+from kdig_study.paths import cache_dir, locked, write_json
 
 # Our own nested rule plus Captum's rules, used through Captum's own alpha/weight builders.
 METHODS: tuple[str, ...] = ("trapezoid", "gausslegendre", "riemann_middle", "riemann_left",

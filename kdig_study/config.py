@@ -498,11 +498,13 @@ def load_params(path: str) -> dict[str, float | int]:
     out: dict[str, float | int] = {}
     for name, value in params.items():
         if name not in SEARCH_PARAMS:
-            raise KdigError(f"{p}: unknown key 'params.{name}'; allowed: {', '.join(SEARCH_PARAMS)}")
+            raise KdigError(f"{p}: unknown key 'params.{name}'; "
+                            f"allowed: {', '.join(SEARCH_PARAMS)}")
         tp = int if name == "ig_steps" else float
         ok, converted = _coerce(tp, value)
         if not ok:
-            raise KdigError(f"{p}: params.{name} = {value!r}: wrong type; allowed: {_type_name(tp)}")
+            raise KdigError(f"{p}: params.{name} = {value!r}: wrong type; "
+                            f"allowed: {_type_name(tp)}")
         allowed = _check_range(_param_field(name), converted)
         if allowed is not None:
             raise KdigError(f"{p}: params.{name} = {value!r}: out of range; allowed: {allowed}")

@@ -1,5 +1,6 @@
 """Distribution shift on the evaluation splits: JPEG, Gaussian noise, Gaussian blur, contrast
-and brightness, each at three severities, as batched tensor operations (JPEG through Pillow, one image at a time).
+and brightness, each at three severities, as batched tensor operations (JPEG through Pillow,
+one image at a time).
 
 Every corrupted image is quantised back to uint8, as a camera would deliver it. The
 corrupted sets are deterministic under a seed and cached once per data set. To keep their

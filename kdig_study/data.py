@@ -200,24 +200,25 @@ def _split_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
     return None
 
 
-def _read_folder(root: Path) -> tuple:
+def _read_folder(root: Path, progress: bool = True) -> tuple:
     files = []
     for split in ("train", "test"):
         for p in sorted((root / split).rglob("*")):
             if p.suffix.lower() in _IMAGE_EXT and _split_class(p.relative_to(root).parts):
                 files.append(p)
     items = []
-    for p in tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1.0):
+    for p in tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1.0,
+                  disable=not progress):
         split, cls = _split_class(p.relative_to(root).parts)  # type: ignore[misc]
         items.append((split, cls, p.name, _decode_image(p, str(p))))
     return _assemble(items, root)
 
 
-def _read_archive(path: Path) -> tuple:
+def _read_archive(path: Path, progress: bool = True) -> tuple:
     items = []
     try:
         with tarfile.open(path, "r:*") as tar, tqdm(desc=f"decoding {path.name}", unit="img",
-                                                    mininterval=1.0) as bar:
+                                                    mininterval=1.0, disable=not progress) as bar:
             for member in tar:
                 sc = _split_class(Path(member.name).parts)
                 if not member.isfile() or sc is None or \
@@ -234,7 +235,7 @@ def _read_archive(path: Path) -> tuple:
     return _assemble(items, path)
 
 
-def _read_torchvision(root: Path) -> tuple:
+def _read_torchvision(root: Path, progress: bool = True) -> tuple:
     from torchvision.datasets import CIFAR10
 
     try:
@@ -272,9 +273,10 @@ def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = T
     cache = cache_dir() / "data" / f"cifar10-{key}.npz"
     with locked(cache):
         if not cache.is_file():
-            reader: Callable[[Path], tuple] = {"archive": _read_archive, "folder": _read_folder,
-                                               "torchvision": _read_torchvision}[kind]
-            tx, ty, sx, sy, classes = reader(target)
+            reader: Callable[[Path, bool], tuple] = {
+                "archive": _read_archive, "folder": _read_folder,
+                "torchvision": _read_torchvision}[kind]
+            tx, ty, sx, sy, classes = reader(target, progress)
             fp = _content_hash([tx, ty, sx, sy], classes)
 
             def write(tmp: Path) -> None:
@@ -358,8 +360,9 @@ def make_bundle(source: Source, cfg: DataConfig) -> DataBundle:
                       fingerprint=fp, origin=source.origin, pad=cfg.pad, flip=cfg.flip)
 
 
-def load_bundle(cfg: DataConfig, data_dir: str | None = None) -> DataBundle:
-    return make_bundle(load_source(cfg, data_dir), cfg)
+def load_bundle(cfg: DataConfig, data_dir: str | None = None, progress: bool = True
+                ) -> DataBundle:
+    return make_bundle(load_source(cfg, data_dir, progress), cfg)
 
 
 # ---------------------------------------------------------------------------------------------

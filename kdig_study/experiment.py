@@ -51,7 +51,8 @@ class Context:
     @classmethod
     def create(cls, cfg: StudyConfig, data_dir: str | None = None, device: str = "auto",
                progress: bool = True) -> Context:
-        return cls(cfg, load_bundle(cfg.data, data_dir), resolve_device(device), progress)
+        return cls(cfg, load_bundle(cfg.data, data_dir, progress), resolve_device(device),
+                   progress)
 
     def teacher(self) -> Teacher:
         if self._teacher is None:

@@ -13,6 +13,7 @@ PostgreSQL store) share the work and never start more trials than asked for.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import subprocess
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", default=None, help="default: <study>-<scale>")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--seed", type=int, default=None, help="sampler seed (default: the study's)")
+    p.add_argument("--pruner", default=None, choices=["median", "hyperband", "none"],
+                   help="override the study file's pruner (a different config: give it its "
+                        "own --study-name)")
     p.add_argument("--heartbeat", type=int, default=60, metavar="S",
                    help="worker heartbeat interval; a trial silent for 2 x S s is failed and "
                         "retried")
@@ -186,6 +190,9 @@ def _spawn_workers(args: argparse.Namespace, n: int) -> int:
 def main() -> int:
     args = _parser().parse_args()
     cfg = load_from_args(args)
+    if args.pruner is not None:
+        cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search,
+                                                                  pruner=args.pruner))
     n_trials = args.n_trials if args.n_trials is not None else cfg.search.n_trials
     if n_trials < 1 or args.workers < 1 or args.heartbeat < 1:
         raise KdigError("--n-trials, --workers and --heartbeat must be >= 1")

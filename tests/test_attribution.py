@@ -16,7 +16,7 @@ from kdig_study.attribution import (MapSpec, build_store, index_hash, integrated
                                     relative_gap, union_rule)
 from kdig_study import attribution
 from kdig_study.config import load_study
-from kdig_study.data import BatchLoader, load_bundle
+from kdig_study.data import load_bundle
 from kdig_study.engine import seeded_model, train
 from kdig_study.models import build_model
 
@@ -133,9 +133,14 @@ def test_store_row_i_is_the_map_of_training_image_i(setup) -> None:
                                                  n_steps=9, method="riemann_trapezoid")
     expect = reduce_channels(ref * 9 / 8, "abs_sum")
     got = torch.from_numpy(maps[rows.numpy()].astype(np.float32))
-    assert torch.allclose(got, expect, rtol=2e-3, atol=1e-4)
+    # Per-image relative L2 error: fp32 sums in another order (BN folded into the convs;
+    # oneDNN picks kernels per CPU) plus float16 storage give 2e-4 to 7e-3; a wrong row gives ~1.
+    def rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)
+
+    assert rel_err(got, expect).max() < 2e-2
     # and a shuffled pairing would not match: the check has teeth
-    assert not torch.allclose(got, expect.roll(1, 0), rtol=2e-3, atol=1e-4)
+    assert rel_err(got, expect.roll(1, 0)).min() > 0.1
     assert store.gap(8)["median"] < cfg.ig.max_gap
 
 

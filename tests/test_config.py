@@ -40,7 +40,7 @@ def test_scales_differ_and_fingerprints_differ() -> None:
 
 def _write(tmp_path: Path, text: str, inherit: bool = True) -> str:
     path = tmp_path / "bad.toml"
-    head = f'inherit = "kd_ig"\n' if inherit else ""
+    head = 'inherit = "kd_ig"\n' if inherit else ""
     # inherit resolves beside the file: copy the parent in
     (tmp_path / "kd_ig.toml").write_text((REPO / "studies" / "kd_ig.toml").read_text())
     path.write_text(head + text)

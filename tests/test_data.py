@@ -90,7 +90,7 @@ def test_loader_applies_one_crop_and_flip_to_image_and_plane() -> None:
 
 
 def test_loader_crop_is_a_shift_of_the_zero_padded_image() -> None:
-    img = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(1, 3, 32, 32)
+    img = torch.arange(3 * 32 * 32).remainder(251).to(torch.uint8).view(1, 3, 32, 32)
     loader = BatchLoader(ImageSet(img.repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.long)),
                          batch_size=64, mean=(0, 0, 0), std=(1, 1, 1), train=True, pad=4,
                          flip=True, seed=0)

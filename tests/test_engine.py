@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdig_study.config import ModelConfig, TrainConfig, load_study
+from kdig_study.config import ModelConfig, load_study
 from kdig_study.data import load_bundle
 from kdig_study.engine import (Distillation, EpochStats, evaluate, load_checkpoint,
                                save_checkpoint, seeded_model, train)

@@ -73,7 +73,8 @@ def test_latency_is_warm_median_and_p90() -> None:
     assert torch.get_num_threads() >= 1
 
 
-@pytest.mark.parametrize("cfg", [ModelConfig("mobilenetv2", 1.0, 5), ModelConfig("convnet", 0.5, 0)])
+@pytest.mark.parametrize("cfg", [ModelConfig("mobilenetv2", 1.0, 5),
+                                 ModelConfig("convnet", 0.5, 0)])
 def test_folded_batchnorm_is_the_same_function(cfg: ModelConfig) -> None:
     from torch import nn
 

@@ -18,7 +18,8 @@ from cli_helpers import assert_one_line_error, run_cli
 from kdig_study import report_data as rd
 from kdig_study.report import SECTIONS, build, render
 
-SPACE = {"temperature": FloatDistribution(1, 10, log=True), "alpha": FloatDistribution(0.001, 1, log=True),
+SPACE = {"temperature": FloatDistribution(1, 10, log=True),
+         "alpha": FloatDistribution(0.001, 1, log=True),
          "overlay_strength": FloatDistribution(0.1, 0.9), "overlay_prob": FloatDistribution(0, 0.5),
          "ig_steps": CategoricalDistribution([8, 16, 32])}
 TEACHER = {"val_acc": 0.80, "test_acc": 0.80, "params": 1_978_026, "flops": 303_800_000,
