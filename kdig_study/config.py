@@ -82,7 +82,8 @@ class TrainConfig:
     # 0: the whole training split; else a stratified subset of that many images.
     train_size: int = _bounded(0, ge=0)
     seed: int = 0
-    # auto: bfloat16 autocast where the hardware runs it fast (CUDA; CPUs with AMX), else fp32
+    # auto: bfloat16 autocast where the hardware runs it fast (CUDA; CPUs with AMX or
+    # AVX512-BF16), else fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 

@@ -104,22 +104,24 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int
     return None
 
 
-def _cpu_has_amx_bf16() -> bool:
+def _cpu_has_fast_bf16() -> bool:
+    """AMX (Intel) or AVX512-BF16 (e.g. AMD Zen 4): oneDNN has bf16 kernels for both."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+            return any(line.startswith("flags") and
+                       {"amx_bf16", "avx512_bf16"} & set(line.split()) for line in f)
     except OSError:
         return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' where bfloat16 autocast is fast (CUDA with bf16; CPUs with AMX, where
-    dense convolutions train 2-3x faster), else 'fp32'."""
+    """'auto' -> 'bf16' where bfloat16 autocast is fast (CUDA with bf16; CPUs with AMX or
+    AVX512-BF16, where dense convolutions train 1.6-2.8x faster, measured), else 'fp32'."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if _cpu_has_amx_bf16() else "fp32"
+    return "bf16" if _cpu_has_fast_bf16() else "fp32"
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:

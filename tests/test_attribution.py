@@ -220,7 +220,8 @@ def test_attribute_cli_computes_once_and_concurrent_workers_share(tmp_path: Path
 
 
 def test_bf16_maps_stay_within_tolerance_of_captum_fp32(setup) -> None:
-    # The map store runs IG under bf16 autocast where the hardware is fast at it (AMX, CUDA).
+    # The map store runs IG under bf16 autocast where the hardware is fast at it
+    # (AMX, AVX512-BF16, CUDA).
     # Stated tolerance: 5% relative L2 error of the maps (measured: 1.8% on the cpu-scale
     # teacher, 3.0% on this smoke one; bf16 keeps 8 mantissa bits).
     cfg, data, teacher, mean, std = setup
