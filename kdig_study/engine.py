@@ -97,8 +97,13 @@ def _optimizer(model: Net, cfg: TrainConfig) -> torch.optim.Optimizer:
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int
                ) -> torch.optim.lr_scheduler.LRScheduler | None:
     if cfg.schedule == "onecycle":
+        # OneCycleLR divides by the length of each phase: a warm-up of 0.25 x steps must
+        # span at least one step (4 steps in all gave a ZeroDivisionError), and too short a
+        # run for both phases trains at a constant rate.
+        if steps <= 2:
+            return None
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
-                                                   pct_start=0.25)
+                                                   pct_start=max(0.25, 2 / steps))
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     return None

@@ -120,3 +120,22 @@ def test_run_student_records_metrics(smoke) -> None:
                       "wall_s", "seed"}
     assert m["compression"] == pytest.approx(124_722 / m["params"])
     assert m["epochs_run"] == 1
+
+
+@pytest.mark.parametrize("steps", range(1, 13))
+def test_onecycle_schedule_runs_for_any_number_of_steps(steps: int) -> None:
+    from kdig_study.engine import _scheduler
+
+    tc = dataclasses.replace(load_study("kd_ig", "cpu").student_train, schedule="onecycle")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=tc.lr)
+    sched = _scheduler(opt, tc, steps)
+    lrs = []
+    for _ in range(steps):  # as the engine does: one scheduler step per optimiser step
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if sched is not None:
+            sched.step()
+    assert all(0 < lr <= tc.lr * (1 + 1e-9) for lr in lrs)
+    if steps >= 8:  # a real warm-up and annealing: rises to near max_lr, then falls
+        peak = lrs.index(max(lrs))
+        assert max(lrs) > 0.9 * tc.lr and lrs[0] < tc.lr / 10 and 0 < peak < steps - 1
