@@ -123,19 +123,18 @@ def render(analysis: dict[str, Any], title: str) -> str:
     for s in analysis["summaries"]:
         lines.append(f"  {s['condition']:<12}{s['n']:>3}{_fmt(s['mean']):>8}{_fmt(s['sd']):>7}"
                      f"{_fmt(s['min']):>8}{_fmt(s['max']):>8}")
-    def row(name: str, n: int, mean: float, lo: float, hi: float, t_p: float, w_p: float
-            ) -> str:
-        ci = f"[{_fmt(lo, sign=True)}, {_fmt(hi, sign=True)}]"
-        return f"  {name:<22}{n:>3}{_fmt(mean, sign=True):>8}  {ci:<17}{_p(t_p):>9}{_p(w_p):>12}"
+    def header(name: str, mean: str) -> str:
+        return f"  {name:<22}{'n':>3}{mean:>8}  {'95% CI':<17}{'t-test p':>9}{'Wilcoxon p':>12}"
 
-    for head, items in (("comparison (paired)", [
-            (f"{c['a']} - {c['b']}", c["n"], c["mean_diff"], c["ci_low"], c["ci_high"],
-             c["t_p"], c["wilcoxon_p"]) for c in analysis["comparisons"]]),
-            ("effect", [(e["effect"], e["n"], e["mean"], e["ci_low"], e["ci_high"], e["t_p"],
-                         e["wilcoxon_p"]) for e in analysis["effects"]])):
-        lines.append(f"  {head:<22}{'n':>3}{'diff' if head != 'effect' else 'mean':>8}  "
-                     f"{'95% CI':<17}{'t-test p':>9}{'Wilcoxon p':>12}")
-        lines += [row(*item) for item in items]
+    def row(name: str, r: dict[str, Any], mean: str) -> str:
+        ci = f"[{_fmt(r['ci_low'], sign=True)}, {_fmt(r['ci_high'], sign=True)}]"
+        return (f"  {name:<22}{r['n']:>3}{_fmt(r[mean], sign=True):>8}  {ci:<17}"
+                f"{_p(r['t_p']):>9}{_p(r['wilcoxon_p']):>12}")
+
+    lines.append(header("comparison (paired)", "diff"))
+    lines += [row(f"{c['a']} - {c['b']}", c, "mean_diff") for c in analysis["comparisons"]]
+    lines.append(header("effect", "mean"))
+    lines += [row(e["effect"], e, "mean") for e in analysis["effects"]]
     return "\n".join(lines)
 
 

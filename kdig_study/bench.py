@@ -10,15 +10,18 @@ Times are medians over ``--repeats`` runs, after a warm-up run.
 from __future__ import annotations
 
 import argparse
-import shutil
 import dataclasses
+import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import optuna
@@ -348,25 +351,15 @@ def bench_cache(ctx: Context) -> Result:
 def bench_second_trial(device: torch.device) -> Result:
     """A smoke-scale trial on an empty cache (trains the teacher, computes the IG maps)
     against the same trial again (both read from the cache)."""
-    import os
-    import tempfile
-
     cfg = load_study("kd_ig", "smoke")
     data = load_bundle(cfg.data, progress=False)
     times = []
-    with tempfile.TemporaryDirectory() as tmp:
-        before = os.environ.get("KDIG_CACHE")
-        os.environ["KDIG_CACHE"] = tmp  # an empty cache, for this measurement only
-        try:
-            for _ in range(2):
-                t0 = time.perf_counter()
-                run_student(Context(cfg, data, device, progress=False, log=lambda *_: None))
-                times.append(time.perf_counter() - t0)
-        finally:
-            if before is None:
-                os.environ.pop("KDIG_CACHE")
-            else:
-                os.environ["KDIG_CACHE"] = before
+    # an empty cache, for this measurement only
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"KDIG_CACHE": tmp}):
+        for _ in range(2):
+            t0 = time.perf_counter()
+            run_student(Context(cfg, data, device, progress=False, log=lambda *_: None))
+            times.append(time.perf_counter() - t0)
     return Result("a smoke-scale KD+IG trial, second run (teacher and IG maps cached)",
                   times[1], times[0], "s", "the first run (trains the teacher, computes the "
                   "maps)", False, "caches make the second run only the student's training",
@@ -394,8 +387,6 @@ def _study_run(cfg: StudyConfig, ctx: Context, url: str, name: str, n_trials: in
 def bench_trials(data_dir: str | None, device: torch.device, n_trials: int,
                  pruning_scale: str) -> list[Result]:
     """Trial overhead at smoke scale, and pruning against no pruning with the same seed."""
-    import tempfile
-
     from optuna.trial import TrialState
 
     results = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,16 +34,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     partial one, and an interrupt leaves at most a stray ``.tmp`` file behind.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A fresh unique name that ``write`` creates itself: the file gets the mode a plain
+    # open() gives (mkstemp's 0600 would make reports and shared caches private).
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
-        # mkstemp makes the file 0600; give it the mode a plain open() would (caches and
-        # reports shared between users or machines must stay readable).
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
