@@ -1,13 +1,23 @@
-"""Ablation of a study's method: every on/off combination of its factors, over seeds.
+"""Ablation of a study's method: every combination of its factors, over seeds, paired.
 
-    python -m kdig_study.ablate --study kd_ig --scale cpu --seeds 3
+    python -m kdig_study.ablate --study kd_ig --scale cpu --seeds 10 --params fixed
+    python -m kdig_study.ablate --study kd_ig --params per-condition
+    python -m kdig_study.ablate --study kd_ig --factors kd,overlay=none|ig|shuffled|gradcam
+    python -m kdig_study.ablate --study kd_ig --params fixed --controls shuffled,random,gradcam
     python -m kdig_study.ablate --study kd_ig --factors kd,ig,at --params best.toml
     python -m kdig_study.ablate --study kd_ig --monte-carlo 5 --fraction 0.8
     python -m kdig_study.ablate --study kd_ig --sweep drop_blocks=3,5,7,9 --seeds 2
 
-Hyperparameters: the best trial of the Optuna study (`--params best`, the default) or a
-file with a [params] table. Runs live in the same store as the search, in the study
-`<search study>.ablation`; a re-run skips finished runs. Statistics (paired by seed) are
+Hyperparameters (--params), the design every table says it comes from:
+  best           every condition at the best trial of the KD+IG search (tuned for KD+IG only)
+  per-condition  each condition at the best trial of its own search (studies student, kd,
+                 ig, kd_ig at this scale, searched with the same budget)
+  fixed          every condition at the study file's own settings (no condition tuned)
+  FILE.toml      every condition at a [params] table
+Replicate r trains at student_train.seed + 1000 + r: never a seed a search trial used.
+Runs live in the same store as the search, in the study `<search study>.ablation`; a
+re-run skips finished runs. Statistics (paired by replicate; primary comparison KD+IG - KD
+on test accuracy; Holm-adjusted p-values; d_z; the minimum detectable difference) are
 printed and written as JSON and CSV.
 """
 
@@ -17,33 +27,54 @@ import argparse
 import csv
 import io
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
-from kdig_study.ablation import FACTORS, SWEEP_KEYS, Ablation, plan, results_table
-from kdig_study.cli import Parser, add_study_args, load_from_args, run
-from kdig_study.config import StudyConfig, load_params
+from kdig_study.ablation import (FACTORS, SWEEP_KEYS, Ablation, Params, Run, plan,
+                                 planned_trials, results_table, run_config)
+from kdig_study.cli import Parser, add_study_args, load_from_args, run, spawn_workers
+from kdig_study.config import MAP_SOURCES, StudyConfig, load_params
 from kdig_study.errors import KdigError
-from kdig_study.experiment import Context
-from kdig_study.paths import atomic_write, write_json
-from kdig_study.stats import analyse
-from kdig_study.store import default_url, open_storage, open_study, quiet_optuna_logs
+from kdig_study.experiment import Context, store_counts
+from kdig_study.objectives import attach_gallery, choose_best
+from kdig_study.paths import atomic_write, safe_name, write_json
+from kdig_study.seeds import ABLATION_SEED_OFFSET, ablation_seed
+from kdig_study.stats import (BINARY, WILCOXON_MIN_N, analyse, condition_name, conditions,
+                              overlay_sources)
+from kdig_study.store import (artifact_store, default_url, open_storage, open_study,
+                              quiet_optuna_logs)
 
 METRICS = (("test_acc", "test accuracy"), ("robust_test_acc", "test accuracy under corruptions"),
            ("val_acc", "validation accuracy"))
+DESIGNS = ("best", "per-condition", "fixed")
+# --params per-condition: the study file whose search tunes each condition
+CONDITION_STUDY = {"student": "student", "KD": "kd", "IG": "ig", "KD+IG": "kd_ig"}
+_DESIGN_TEXT = {
+    "best": "every condition at the best trial of the KD+IG search (tuned for KD+IG only)",
+    "per-condition": "each condition at the best trial of its own search, same budget",
+    "fixed": "every condition at the study file's own settings (no condition tuned)",
+    "file": "every condition at the parameters of a file",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m kdig_study.ablate", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_args(p)
-    p.add_argument("--seeds", type=int, default=5, help="replicates per condition")
-    p.add_argument("--factors", default="kd,ig", help="comma list of kd, ig, at")
+    p.add_argument("--seeds", type=int, default=10,
+                   help="replicates per condition (default 10, the paper's count)")
+    p.add_argument("--factors", default="kd,ig",
+                   help="comma list of kd, ig, at, and overlay=none|ig|SOURCE|... (map sources: "
+                        f"{', '.join(MAP_SOURCES)}); ig means overlay=none|ig")
+    p.add_argument("--controls", default="",
+                   help="comma list of map sources run with KD on only (KD+shuffled, ...), "
+                        "beside the factorial design of --factors (which needs kd and ig), "
+                        "each compared with KD and with KD+IG")
     p.add_argument("--params", default="best",
-                   help="'best' (the search's best trial) or a .toml file with [params]")
+                   help="best | per-condition | fixed | FILE.toml with [params] (see above)")
     p.add_argument("--storage", default=None, help="default: sqlite:///storage/kdig.db")
     p.add_argument("--from-study", default=None,
                    help="the search study for --params best (default: <study>-<scale>)")
@@ -57,21 +88,66 @@ def _parser() -> argparse.ArgumentParser:
                         "e.g. a second ablation with other --params")
     p.add_argument("--out", default="reports", help="folder for the JSON and CSV results")
     p.add_argument("--heartbeat", type=int, default=60, metavar="S")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the plan (on a GPU they share it)")
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
-def _factors(text: str, cfg: StudyConfig) -> list[str]:
-    names = [f.strip() for f in text.split(",") if f.strip()]
-    bad = [f for f in names if f not in FACTORS]
-    if bad or not names or len(set(names)) != len(names):
-        raise KdigError(f"--factors {text}: unknown or repeated factor "
-                        f"{', '.join(repr(b) for b in bad) or ''}; allowed: {', '.join(FACTORS)}")
-    if "at" in names and cfg.teacher.arch != cfg.student.arch:
+def parse_factors(text: str, cfg: StudyConfig) -> dict[str, tuple[str | None, ...]]:
+    """``kd,ig`` or ``kd,overlay=none|ig|shuffled`` -> the design (factor -> levels)."""
+    design: dict[str, tuple[str | None, ...]] = {}
+    allowed = f"allowed: {', '.join(FACTORS)}, overlay=none|ig|SOURCE|..."
+    for item in (f.strip() for f in text.split(",")):
+        if not item:
+            continue
+        name, eq, levels = item.partition("=")
+        key = "overlay" if name in ("ig", "overlay") else name
+        if key in design:
+            raise KdigError(f"--factors {text}: {name!r} repeated (ig and overlay are one "
+                            f"factor); {allowed}")
+        if eq:
+            if name != "overlay":
+                raise KdigError(f"--factors {text}: only overlay takes levels; {allowed}")
+            lv = [x.strip() for x in levels.split("|")]
+            bad = [x for x in lv if x not in ("none", *MAP_SOURCES)]
+            if bad or "none" not in lv or len(lv) < 2 or len(set(lv)) != len(lv):
+                raise KdigError(f"--factors {text}: overlay levels must be distinct, include "
+                                f"none and at least one map source "
+                                f"({', '.join(MAP_SOURCES)})"
+                                + (f"; unknown: {', '.join(repr(b) for b in bad)}" if bad else ""))
+            design["overlay"] = (None, *[x for x in lv if x != "none"])
+        elif name in BINARY:
+            design[key] = BINARY[name]
+        else:
+            raise KdigError(f"--factors {text}: unknown factor {name!r}; {allowed}")
+    if not design:
+        raise KdigError(f"--factors {text!r}: no factor given; {allowed}")
+    if "at" in design and cfg.teacher.arch != cfg.student.arch:
         raise KdigError("--factors with at needs teacher and student of one family")
-    return [f for f in FACTORS if f in names]
+    return design
 
 
-def _sweep(text: str | None) -> tuple[str | None, list[float] | None]:
+def parse_controls(text: str, design: dict[str, tuple[str | None, ...]]) -> tuple[str, ...]:
+    """``shuffled,random`` -> the control sources, each run with KD on (the design must hold
+    KD and the IG overlay: the controls are compared with KD and KD+IG)."""
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not items:
+        return ()
+    levels = overlay_sources(design)
+    if "kd" not in design or "ig" not in levels:
+        raise KdigError(f"--controls {text}: controls run with KD and are compared with KD+IG; "
+                        f"--factors must include kd and ig (e.g. --factors kd,ig)")
+    allowed = [s for s in MAP_SOURCES if s != "ig"]
+    bad = [x for x in items if x not in allowed or x in levels or items.count(x) > 1]
+    if bad:
+        raise KdigError(f"--controls {text}: {', '.join(repr(b) for b in dict.fromkeys(bad))} "
+                        f"unknown, repeated or already an overlay level; allowed: "
+                        f"{', '.join(allowed)}")
+    return items
+
+
+def _sweep(text: str | None, cfg: StudyConfig) -> tuple[str | None, list[float] | None]:
     if text is None:
         return None, None
     key, _, values = text.partition("=")
@@ -79,144 +155,276 @@ def _sweep(text: str | None) -> tuple[str | None, list[float] | None]:
         nums = [float(v) for v in values.split(",") if v.strip()]
     except ValueError:
         nums = []
-    if key not in SWEEP_KEYS or not nums:
-        raise KdigError(f"--sweep {text}: expected KEY=V1,V2,... with KEY one of "
-                        f"{', '.join(SWEEP_KEYS)}")
-    if key == "drop_blocks" and any(v != int(v) or v < 0 for v in nums):
-        raise KdigError(f"--sweep {text}: drop_blocks values are integers >= 0")
+    if key not in SWEEP_KEYS or not nums or not all(math.isfinite(v) for v in nums):
+        raise KdigError(f"--sweep {text}: expected KEY=V1,V2,... (finite numbers) with KEY one "
+                        f"of {', '.join(SWEEP_KEYS)}")
+    arch = cfg.student.arch
+    if key == "drop_blocks" and (arch != "mobilenetv2" or
+                                 any(v != int(v) or not 0 <= v <= 17 for v in nums)):
+        raise KdigError(f"--sweep {text}: drop_blocks compresses a mobilenetv2 student "
+                        f"(integers 0..17); this student is {arch}: sweep width instead")
+    if key == "width" and any(not 0 < v <= 4 for v in nums):
+        raise KdigError(f"--sweep {text}: width values must be > 0 and <= 4")
     return key, nums
 
 
-def best_params(storage: Any, name: str, url: str, cfg: StudyConfig) -> dict[str, Any]:
+def _best(storage: Any, name: str, url: str, cfg: StudyConfig, study_file: str
+          ) -> tuple[Params, dict[str, Any]]:
+    """The chosen trial's parameters of search study ``name``, and where they came from."""
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         raise KdigError(f"no study '{name}' in {url}: run `python -m kdig_study.optimize "
-                        f"--study {cfg.name} --scale {cfg.scale}` first, or give --params "
-                        f"FILE.toml") from None
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not done:
+                        f"--study {study_file} --scale {cfg.scale}` first, or give --params "
+                        f"fixed or FILE.toml") from None
+    best, rule = choose_best(study)
+    if best is None:
         raise KdigError(f"study '{name}' in {url} has no completed trials: let "
-                        f"`python -m kdig_study.optimize --study {cfg.name} --scale "
-                        f"{cfg.scale}` finish some, or give --params FILE.toml")
-    # the highest validation accuracy (the first objective, in a multi-objective study too)
-    best = max(done, key=lambda t: t.values[0])
-    print(f"parameters of trial {best.number} of '{name}' (val acc {best.values[0]:.2%}): "
-          + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                      for k, v in best.params.items()))
-    return dict(best.params)
+                        f"`python -m kdig_study.optimize --study {study_file} --scale "
+                        f"{cfg.scale}` finish some, or give --params fixed or FILE.toml")
+    print(f"parameters of trial {best.number} of '{name}' (val acc {best.values[0]:.2%}; "
+          f"rule: {rule}): " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in best.params.items()))
+    return dict(best.params), {"study": name, "trial": best.number, "rule": rule,
+                               "val_acc": best.values[0]}
 
 
-def _fmt(x: float, pct: bool = True, sign: bool = False) -> str:
+def condition_params(args: argparse.Namespace, storage: Any, url: str, cfg: StudyConfig,
+                     names: list[str]) -> tuple[str, dict[str, Params], dict[str, Any]]:
+    """(design, parameters per condition, where each came from)."""
+    search_name = args.from_study or f"{cfg.name}-{cfg.scale}"
+    if args.params == "best":
+        params, origin = _best(storage, search_name, url, cfg, cfg.name)
+        return "best", {n: params for n in names}, {n: origin for n in names}
+    if args.params == "fixed":
+        return "fixed", {n: {} for n in names}, {n: {"study file": cfg.source} for n in names}
+    if args.params == "per-condition":
+        missing = [n for n in names if n not in CONDITION_STUDY]
+        if missing:
+            raise KdigError(f"--params per-condition: no search study for condition(s) "
+                            f"{', '.join(missing)}; it covers {', '.join(CONDITION_STUDY)} "
+                            f"(factors kd,ig); use --params best, fixed or FILE.toml")
+        out, origin = {}, {}
+        for n in names:
+            out[n], origin[n] = _best(storage, f"{CONDITION_STUDY[n]}-{cfg.scale}", url, cfg,
+                                      CONDITION_STUDY[n])
+        return "per-condition", out, origin
+    params = load_params(args.params)
+    return "file", {n: dict(params) for n in names}, {n: {"file": args.params} for n in names}
+
+
+def search_seeds(storage: Any, names: list[str]) -> dict[int, set[str]]:
+    """Every student seed a trial of these search studies trained at, with its studies."""
+    seeds: dict[int, set[str]] = {}
+    for name in names:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            continue
+        for t in study.get_trials(deepcopy=False):
+            seed = t.user_attrs.get("metrics", {}).get("seed")
+            if seed is not None:
+                seeds.setdefault(int(seed), set()).add(name)
+    return seeds
+
+
+def effective(cfg: StudyConfig, params: Params) -> dict[str, Any]:
+    """The method settings a condition actually trains with (file values filled in)."""
+    from kdig_study.objectives import apply_params
+
+    c = apply_params(cfg, params)
+    return {"temperature": c.kd.temperature, "alpha": c.kd.alpha,
+            "overlay_strength": c.ig.overlay_strength, "overlay_prob": c.ig.overlay_prob,
+            "ig_steps": c.ig.steps, "lr": c.student_train.lr, "at_weight": c.at.weight}
+
+
+def _maps_up_front(ctx: Context, params: dict[str, Params], runs: list[Run],
+                   sweep_key: str | None) -> None:
+    """Every map store the plan's runs overlay, computed (or opened) before the first run."""
+    needed = set()
+    for r in runs:
+        c = run_config(ctx.cfg, params[r.name], r, sweep_key)
+        if c.method.ig:
+            steps = c.ig.steps
+            needed.add((store_counts(ctx.cfg, steps), c.ig.source))
+    for counts, source in sorted(needed):
+        ctx.maps(counts, source)
+
+
+def _fmt(x: float | None, pct: bool = True, sign: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     v = 100 * x if pct else x
     return f"{v:+.2f}" if sign else f"{v:.2f}"
 
 
-def _p(x: float) -> str:
-    return "n/a" if x is None or math.isnan(x) else f"{x:.3g}"
+def _p(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
 
 
 def render(analysis: dict[str, Any], title: str) -> str:
-    lines = [title, f"  {'condition':<12}{'n':>3}{'mean':>8}{'sd':>7}{'min':>8}{'max':>8}"]
+    lines = [title, f"  {'condition':<16}{'n':>3}{'mean':>8}{'sd':>7}{'min':>8}{'max':>8}"]
     for s in analysis["summaries"]:
-        lines.append(f"  {s['condition']:<12}{s['n']:>3}{_fmt(s['mean']):>8}{_fmt(s['sd']):>7}"
+        lines.append(f"  {s['condition']:<16}{s['n']:>3}{_fmt(s['mean']):>8}{_fmt(s['sd']):>7}"
                      f"{_fmt(s['min']):>8}{_fmt(s['max']):>8}")
-    def header(name: str, mean: str) -> str:
-        return f"  {name:<22}{'n':>3}{mean:>8}  {'95% CI':<17}{'t-test p':>9}{'Wilcoxon p':>12}"
-
-    def row(name: str, r: dict[str, Any], mean: str) -> str:
+    head = (f"  {'':<26}{'n':>3}{'mean':>8}  {'95% CI':<17}{'t p':>8}{'Holm':>8}"
+            f"{'Wilc. p':>9}{'Holm':>8}{'d_z':>7}{'MDE':>7}")
+    lines.append(head.replace(" " * 26, f"{'comparison (paired) / effect':<26}"[:26], 1))
+    for r in analysis["comparisons"] + analysis["effects"]:
+        name = ("* " if r["primary"] else "") + r["name"] + \
+            (" (effect)" if r["kind"] == "effect" else "")
         ci = f"[{_fmt(r['ci_low'], sign=True)}, {_fmt(r['ci_high'], sign=True)}]"
-        return (f"  {name:<22}{r['n']:>3}{_fmt(r[mean], sign=True):>8}  {ci:<17}"
-                f"{_p(r['t_p']):>9}{_p(r['wilcoxon_p']):>12}")
-
-    lines.append(header("comparison (paired)", "diff"))
-    lines += [row(f"{c['a']} - {c['b']}", c, "mean_diff") for c in analysis["comparisons"]]
-    lines.append(header("effect", "mean"))
-    lines += [row(e["effect"], e, "mean") for e in analysis["effects"]]
-    return "\n".join(lines)
+        lines.append(f"  {name:<26}{r['n']:>3}{_fmt(r['mean'], sign=True):>8}  {ci:<17}"
+                     f"{_p(r['t_p']):>8}{_p(r['t_p_holm']):>8}{_p(r['wilcoxon_p']):>9}"
+                     f"{_p(r['wilcoxon_p_holm']):>8}{_fmt(r['d_z'], pct=False):>7}"
+                     f"{_fmt(r['mde']):>7}")
+    notes = []
+    if analysis.get("primary"):
+        notes.append(f"* primary comparison, declared in advance: {analysis['primary']}")
+    notes.append(f"Holm: {analysis['correction']}; d_z = mean / sd of the per-replicate "
+                 f"differences; MDE = the smallest true difference (points) the paired t-test "
+                 f"detects with 80% power at alpha 0.05 with this n and sd")
+    ns = {r["n"] for r in analysis["comparisons"] + analysis["effects"]}
+    if any(n < WILCOXON_MIN_N for n in ns):
+        notes.append(f"Wilcoxon n/a where n < {WILCOXON_MIN_N}: the exact two-sided test "
+                     f"cannot reach p < 0.05 there (n = 5: smallest p 0.0625)")
+    return "\n".join(lines + [f"  {n}" for n in notes])
 
 
 def _csv(blocks: list[tuple[str, str, dict[str, Any]]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["group", "metric", "kind", "name", "n", "mean", "sd", "min", "max",
-                "ci_low", "ci_high", "t_p", "wilcoxon_p"])
+    cols = ["n", "mean", "ci_low", "ci_high", "t_p", "t_p_holm", "wilcoxon_p",
+            "wilcoxon_p_holm", "d_z", "mde", "primary"]
+    w.writerow(["group", "metric", "kind", "name", "sd", "min", "max", *cols])
     for group, metric, a in blocks:
         for s in a["summaries"]:
-            w.writerow([group, metric, "condition", s["condition"], s["n"], s["mean"], s["sd"],
-                        s["min"], s["max"], "", "", "", ""])
-        for c in a["comparisons"]:
-            w.writerow([group, metric, "comparison", f"{c['a']} - {c['b']}", c["n"],
-                        c["mean_diff"], "", "", "", c["ci_low"], c["ci_high"], c["t_p"],
-                        c["wilcoxon_p"]])
-        for e in a["effects"]:
-            w.writerow([group, metric, "effect", e["effect"], e["n"], e["mean"], "", "", "",
-                        e["ci_low"], e["ci_high"], e["t_p"], e["wilcoxon_p"]])
+            w.writerow([group, metric, "condition", s["condition"], s["sd"], s["min"], s["max"],
+                        s["n"], s["mean"], *[""] * (len(cols) - 2)])
+        for r in a["comparisons"] + a["effects"]:
+            w.writerow([group, metric, r["kind"], r["name"], "", "", "",
+                        *[r[c] for c in cols]])
     return buf.getvalue()
+
+
+def _finite(obj: Any) -> Any:
+    """NaN -> None, so the JSON is strict (NaN is not JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def main() -> int:
     args = _parser().parse_args()
     cfg = load_from_args(args)
-    factors = _factors(args.factors, cfg)
-    sweep_key, sweep_values = _sweep(args.sweep)
-    if args.seeds < 1 or args.monte_carlo < 0 or not 0 < args.fraction <= 1:
-        raise KdigError("--seeds must be >= 1, --monte-carlo >= 0, 0 < --fraction <= 1")
+    design = parse_factors(args.factors, cfg)
+    controls = parse_controls(args.controls, design)
+    sweep_key, sweep_values = _sweep(args.sweep, cfg)
+    if args.seeds < 1 or args.monte_carlo < 0 or not 0 < args.fraction <= 1 or \
+            args.heartbeat < 1 or args.workers < 1:
+        raise KdigError("--seeds, --workers and --heartbeat must be >= 1, --monte-carlo >= 0, "
+                        "0 < --fraction <= 1")
+    worker = args.worker_index
     quiet_optuna_logs()
     url = args.storage or default_url()
     storage = open_storage(url, heartbeat_interval=args.heartbeat)
     search_name = args.from_study or f"{cfg.name}-{cfg.scale}"
-    params = best_params(storage, search_name, url, cfg) if args.params == "best" \
-        else load_params(args.params)
+    names = [condition_name(c) for c in conditions(design, controls)]
+    mode, params, origin = condition_params(args, storage, url, cfg, names)
+    replicates = args.monte_carlo or args.seeds
+    base_seed = cfg.student_train.seed
+    seeds = {r: ablation_seed(base_seed, r) for r in range(replicates)}
+    searches = [search_name] + [f"{CONDITION_STUDY[n]}-{cfg.scale}" for n in names
+                                if n in CONDITION_STUDY]
+    used = search_seeds(storage, sorted(set(searches)))
+    clash = sorted(set(seeds.values()) & set(used))
+    if clash:
+        raise KdigError(f"ablation seeds {clash} were used by search trials of "
+                        f"{', '.join(sorted(set().union(*(used[s] for s in clash))))}: a "
+                        f"replicate would be a run the search selected on its luck; change "
+                        f"student_train.seed")
     suffix = ".ablation" + (f"-mc{args.fraction:g}" if args.monte_carlo else "") + \
         (f"-sweep-{sweep_key}" if sweep_key else "")
     name = args.study_name or search_name + suffix
     study = open_study(storage, name, cfg, optuna.samplers.RandomSampler(),
                        optuna.pruners.NopPruner(), ["maximize"], url)
-    ident = {"params": params, "fraction": args.fraction if args.monte_carlo else None}
-    if "ablation" in study.user_attrs and {k: study.user_attrs["ablation"].get(k)
-                                           for k in ident} != ident:
-        raise KdigError(f"ablation study '{name}' in {url} ran with other parameters "
-                        f"({study.user_attrs['ablation']['params']}); give this one its own "
-                        f"--study-name, or --params matching those")
-    study.set_user_attr("ablation", ident | {"factors": factors, "sweep_key": sweep_key,
-                                             "search_study": search_name})
-    replicates = args.monte_carlo or args.seeds
-    runs = plan(factors, list(range(replicates)), sweep_values)
-    print(f"ablation '{name}': {len(runs)} runs ({2 ** len(factors)} conditions x "
-          f"{replicates} {'Monte-Carlo subsets' if args.monte_carlo else 'seeds'}"
+    levels = {f: [lv or "none" for lv in v] for f, v in design.items()}
+    ident = {"design": mode, "params": params, "levels": levels,
+             "fraction": args.fraction if args.monte_carlo else None, "sweep_key": sweep_key,
+             "sweep_values": sweep_values}
+    if controls:  # only where given, so ablations recorded before controls existed still match
+        ident["controls"] = list(controls)
+    old = study.user_attrs.get("ablation")
+    if old is not None and {k: old.get(k) for k in ident} != ident:
+        changed = [k for k in ident if old.get(k) != ident[k]]
+        raise KdigError(f"ablation study '{name}' in {url} ran with another {', '.join(changed)}"
+                        f" ({', '.join(f'{k}={old.get(k)}' for k in changed)}); give this one "
+                        f"its own --study-name, or run it as it was")
+    study.set_user_attr("ablation", ident | {
+        "search_study": search_name, "origin": origin, "design_text": _DESIGN_TEXT[mode],
+        "seeds": {str(r): s for r, s in seeds.items()} | (old or {}).get("seeds", {})})
+    runs = plan(design, list(range(replicates)), sweep_values, controls)
+    print(f"ablation '{name}': {len(runs)} runs ({len(names)} conditions x {replicates} "
+          f"{'Monte-Carlo subsets' if args.monte_carlo else 'replicates'}"
           + (f" x {len(sweep_values)} {sweep_key}" if sweep_values else "") + f"), store {url}",
           flush=True)
+    print(f"design: --params {mode}: {_DESIGN_TEXT[mode]}; replicate seeds "
+          f"{seeds[0]}..{seeds[replicates - 1]} (student_train.seed {base_seed} + "
+          f"{ABLATION_SEED_OFFSET} + r)", flush=True)
     ctx = Context.create(cfg, args.data_dir, args.device, progress=not args.no_progress)
-    Ablation(ctx, study, params, factors, sweep_key,
-             args.fraction if args.monte_carlo else None,
-             poll_s=max(1.0, args.heartbeat / 2)).run(runs)
+    if worker is None:
+        _maps_up_front(ctx, params, runs, sweep_key)
+        levels_on = overlay_sources(design, controls)
+        if levels_on:
+            attach_gallery(study, artifact_store(), ctx.gallery(levels_on))
+    if worker is None and args.workers > 1:
+        spawn_workers("kdig_study.ablate", sys.argv[1:], args.workers)
+    else:
+        prefix = f"[worker {worker}] " if worker is not None else ""
+        Ablation(ctx, study, params, design, sweep_key,
+                 args.fraction if args.monte_carlo else None,
+                 poll_s=max(1.0, args.heartbeat / 2), storage=storage, controls=controls).run(
+            runs, log=lambda *a, **k: print(prefix + " ".join(map(str, a)), **k))
+        if worker is not None:
+            return 0
 
-    trials = study.get_trials(deepcopy=False)
+    trials = planned_trials(study.get_trials(deepcopy=False), runs, sweep_key)
     blocks: list[tuple[str, str, dict[str, Any]]] = []
     groups = [(f"{sweep_key}={v:g}", v) for v in sweep_values] if sweep_values else [("all", None)]
-    out: dict[str, Any] = {"study": name, "params": params, "factors": factors,
-                           "replicates": replicates, "scale": cfg.scale, "results": {}}
+    out: dict[str, Any] = {
+        "study": name, "design": mode, "design_text": _DESIGN_TEXT[mode],
+        "params": {n: effective(cfg, p) | p for n, p in params.items()}, "origin": origin,
+        "factors": levels, "controls": list(controls), "replicates": replicates,
+        "seeds": {str(r): s for r, s in seeds.items()}, "scale": cfg.scale,
+        "primary": "KD+IG - KD on test accuracy", "results": {}}
+    print(f"design: {_DESIGN_TEXT[mode]} (--params {mode})")
     for group, value in groups:
         for metric, title in METRICS:
             table = results_table(trials, metric, sweep_key, value)
             if not table:  # e.g. robustness switched off
                 continue
-            a = analyse(table, factors)
+            a = analyse(table, design, controls)
+            if metric != "test_acc":  # the primary comparison is declared on test accuracy
+                for r in a["comparisons"]:
+                    r["primary"] = False
+                a["primary"] = None
             blocks.append((group, metric, a))
             out["results"].setdefault(group, {})[metric] = a
             print(render(a, f"{title}, % ({group})" if sweep_values else f"{title}, %"))
     out["runs"] = [{"number": t.number, **t.params, "val_acc": t.value,
                     **t.user_attrs.get("metrics", {}),
                     **{f"robust_test_{k}": v for k, v in t.user_attrs.get("robust", {}).items()}}
-                   for t in trials if t.state == TrialState.COMPLETE]
+                   for t in trials]
     out_dir = Path(args.out)
-    write_json(out_dir / f"{name}.json", out)
+    stem = safe_name(name)
+    write_json(out_dir / f"{stem}.json", _finite(out))
     text = _csv(blocks)
-    atomic_write(out_dir / f"{name}.csv", lambda tmp: tmp.write_text(text))
-    print(f"written: {out_dir / (name + '.json')}, {out_dir / (name + '.csv')}")
+    atomic_write(out_dir / f"{stem}.csv", lambda tmp: tmp.write_text(text))
+    print(f"written: {out_dir / (stem + '.json')}, {out_dir / (stem + '.csv')}")
     return 0
 
 

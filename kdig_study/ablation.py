@@ -1,67 +1,107 @@
-"""Ablations: every on/off combination of the method's factors, over seeds, paired.
+"""Ablations: every combination of the method's factors, over seeds, paired.
 
-Every condition shares the split, the teacher, the IG maps and the seeds (seed s trains
-every condition's student from the same initial weights on the same data order), so the
-comparisons are paired by seed. Runs are trials of an Optuna study beside the search
-(``<study>.ablation``), one per (condition, seed), with the factors and the seed as
-parameters: the dashboard shows them, and a re-run skips finished runs, redoes failed
-ones, and takes over runs whose worker died (heartbeats).
+Factors: ``kd`` and ``at`` (on/off) and the overlay, whose levels are map sources (none,
+ig, shuffled, random, gradcam, ...; ``ig`` as a factor means none|ig). Every condition of a
+replicate shares the split, the teacher, the maps, the student's initial weights, the data
+order with its crops and flips, and the overlay's own random stream (DESIGN.md section 6),
+so comparisons are paired by replicate. Replicate r trains at
+``student_train.seed + 1000 + r``, never a seed a search trial used.
+
+Runs are trials of an Optuna study beside the search (``<study>.ablation``), one per
+(condition, replicate), with the factors and the replicate as parameters: the dashboard
+shows them, and a re-run skips finished runs, redoes failed ones, and takes over runs whose
+worker died (heartbeats). A lock is held from "which planned run is next?" until its trial
+is RUNNING, so concurrent workers never run a run twice, and no trial outside the plan is
+ever created or counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 import torch
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from kdig_study.config import StudyConfig
+from kdig_study.config import MAP_SOURCES, StudyConfig
 from kdig_study.data import stratified_order
 from kdig_study.experiment import Context, run_student
 from kdig_study.measure import profile
 from kdig_study.objectives import apply_params, record_run
-from kdig_study.stats import Condition, Table, condition_name, conditions
+from kdig_study.seeds import ablation_seed
+from kdig_study.stats import (Condition, Design, Table, condition_name, conditions,
+                              overlay_sources)
+from kdig_study.store import SlotLock, fail_stale, held_runs
 
-FACTORS: tuple[str, ...] = ("kd", "ig", "at")
+FACTORS: tuple[str, ...] = ("kd", "ig", "at")  # binary names accepted by --factors
 SWEEP_KEYS: tuple[str, ...] = ("drop_blocks", "width")
+Params = dict[str, Any]
+
+
+def overlay_level(cond: Condition) -> str:
+    """The overlay's level in a condition: a map source, or "none"."""
+    return next((t for t in cond if t in MAP_SOURCES), "none")
 
 
 @dataclass(frozen=True)
 class Run:
     condition: Condition
-    seed: int  # the replicate: student seed (and Monte-Carlo subset) index
+    replicate: int  # r: the student trains at student_train.seed + 1000 + r
     sweep: float | None = None  # value of the swept student setting, if any
 
+    @property
+    def name(self) -> str:
+        return condition_name(self.condition)
+
     def params(self, sweep_key: str | None) -> dict[str, Any]:
-        p: dict[str, Any] = {"condition": condition_name(self.condition), "seed": self.seed}
-        p |= {f: int(f in self.condition) for f in FACTORS}
+        p: dict[str, Any] = {"condition": self.name, "replicate": self.replicate,
+                             "kd": int("kd" in self.condition), "at": int("at" in self.condition),
+                             "overlay": overlay_level(self.condition)}
         if sweep_key is not None:
             p[sweep_key] = self.sweep
         return p
 
+    def label(self, sweep_key: str | None) -> str:
+        return f"{self.name}, replicate {self.replicate}" + \
+            (f", {sweep_key}={self.sweep:g}" if self.sweep is not None else "")
 
-def plan(factors: list[str], seeds: list[int], sweep: list[float] | None = None) -> list[Run]:
-    """Seeds outermost, so an interrupted ablation has whole replicates to analyse."""
+
+def run_of(params: dict[str, Any], sweep_key: str | None) -> Run:
+    """The planned run a trial's parameters describe."""
+    cond = {f for f in ("kd", "at") if params.get(f)}
+    if params.get("overlay", "none") != "none":
+        cond.add(str(params["overlay"]))
+    return Run(frozenset(cond), int(params["replicate"]),
+               params.get(sweep_key) if sweep_key is not None else None)
+
+
+def plan(design: Design, replicates: list[int], sweep: list[float] | None = None,
+         controls: tuple[str, ...] = ()) -> list[Run]:
+    """Replicates outermost, so an interrupted ablation has whole replicates to analyse."""
     values: list[float | None] = list(sweep) if sweep else [None]
-    return [Run(c, s, v) for v in values for s in seeds for c in conditions(factors)]
+    return [Run(c, r, v) for v in values for r in replicates
+            for c in conditions(design, controls)]
 
 
-def run_config(base: StudyConfig, params: dict[str, Any], run: Run,
-               sweep_key: str | None) -> StudyConfig:
+def run_config(base: StudyConfig, params: Params, run: Run, sweep_key: str | None) -> StudyConfig:
+    """One run's config: the condition's parameters, its factors switched, its seed."""
     cfg = apply_params(base, params)
-    method = dataclasses.replace(cfg.method, **{f: f in run.condition for f in FACTORS})
-    train = dataclasses.replace(cfg.student_train, seed=cfg.student_train.seed + run.seed)
+    level = overlay_level(run.condition)
+    method = dataclasses.replace(cfg.method, kd="kd" in run.condition, at="at" in run.condition,
+                                 ig=level != "none")
+    ig = dataclasses.replace(cfg.ig, source=level if level != "none" else cfg.ig.source)
+    train = dataclasses.replace(cfg.student_train,
+                                seed=ablation_seed(cfg.student_train.seed, run.replicate))
     student = cfg.student
     if sweep_key == "drop_blocks":
         student = dataclasses.replace(student, drop_blocks=int(run.sweep))  # type: ignore[arg-type]
     elif sweep_key == "width":
         student = dataclasses.replace(student, width=float(run.sweep))  # type: ignore[arg-type]
-    return dataclasses.replace(cfg, method=method, student_train=train, student=student)
+    return dataclasses.replace(cfg, method=method, ig=ig, student_train=train, student=student)
 
 
 def monte_carlo_rows(ctx: Context, replicate: int, fraction: float) -> torch.Tensor:
@@ -73,77 +113,89 @@ def monte_carlo_rows(ctx: Context, replicate: int, fraction: float) -> torch.Ten
 
 
 class Ablation:
-    def __init__(self, ctx: Context, study: optuna.Study, params: dict[str, Any],
-                 factors: list[str], sweep_key: str | None = None,
-                 fraction: float | None = None, poll_s: float = 5.0) -> None:
+    def __init__(self, ctx: Context, study: optuna.Study, params: dict[str, Params],
+                 design: Design, sweep_key: str | None = None,
+                 fraction: float | None = None, poll_s: float = 5.0,
+                 storage: RDBStorage | None = None, controls: tuple[str, ...] = ()) -> None:
+        """``params``: each condition's method hyperparameters, by condition name;
+        ``storage``: the study's RDB storage (for the lock that hands out runs);
+        ``controls``: map sources run with KD on only, beside the factorial design."""
         self.ctx, self.study, self.params = ctx, study, params
-        self.factors, self.sweep_key, self.fraction = factors, sweep_key, fraction
+        self.design, self.sweep_key, self.fraction = design, sweep_key, fraction
         self.poll_s = poll_s
+        self.lock = SlotLock(storage or study._storage, study.study_name)  # type: ignore[arg-type]
         self._profiles: dict[str, dict[str, Any]] = {}
-        self._names = [condition_name(c) for c in conditions(list(FACTORS))]
-
-    # -- the store ----------------------------------------------------------------------------
-
-    def _key(self, params: dict[str, Any]) -> tuple:
-        return tuple(sorted((k, v) for k, v in params.items()))
-
-    def _trials_by_key(self) -> dict[tuple, list[FrozenTrial]]:
-        out: dict[tuple, list[FrozenTrial]] = {}
-        for t in self.study.get_trials(deepcopy=False):
-            params = dict(t.params) or dict(t.system_attrs.get("fixed_params", {}))
-            out.setdefault(self._key(params), []).append(t)
-        return out
+        self._names = [condition_name(c) for c in conditions(design, controls)]
+        self._overlay = ["none", *overlay_sources(design, controls)]
 
     def _suggest(self, trial: optuna.Trial, sweep_values: list[float]) -> dict[str, Any]:
+        """The trial's planned parameters (fixed by the queue), as trial parameters."""
         p = {"condition": trial.suggest_categorical("condition", self._names),
-             "seed": trial.suggest_int("seed", 0, 1_000_000)}
-        for f in FACTORS:
-            p[f] = trial.suggest_categorical(f, [0, 1])
+             "replicate": trial.suggest_int("replicate", 0, 1_000_000),
+             "kd": trial.suggest_categorical("kd", [0, 1]),
+             "at": trial.suggest_categorical("at", [0, 1]),
+             "overlay": trial.suggest_categorical("overlay", self._overlay)}
         if self.sweep_key is not None:
             p[self.sweep_key] = trial.suggest_categorical(self.sweep_key, sweep_values)
         return p
 
-    # -- running --------------------------------------------------------------------------------
-
     def run(self, runs: list[Run], log: Any = print) -> None:
         """Run whatever is not finished yet; return when every planned run is COMPLETE."""
         sweep_values = sorted({r.sweep for r in runs if r.sweep is not None})
+        planned = set(runs)
+        waiting_said = ""
         while True:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(self.study)
-            by_key = self._trials_by_key()
-            todo, busy = [], []
-            for r in runs:
-                states = {t.state for t in by_key.get(self._key(r.params(self.sweep_key)), [])}
-                if TrialState.COMPLETE in states:
-                    continue
-                (busy if TrialState.RUNNING in states else todo).append(r)
-            done = len(runs) - len(todo) - len(busy)
-            if not todo and not busy:
-                return
-            if not todo:
-                log(f"waiting for {len(busy)} run(s) held by another worker or a crashed run "
-                    f"(taken over once its heartbeat is stale)")
-                time.sleep(self.poll_s)
-                continue
-            r = todo[0]
-            waiting = [t for t in by_key.get(self._key(r.params(self.sweep_key)), [])
-                       if t.state == TrialState.WAITING]
-            if not waiting:
-                self.study.enqueue_trial(r.params(self.sweep_key))
-            label = f"{condition_name(r.condition)}, seed {r.seed}" + \
-                (f", {self.sweep_key}={r.sweep:g}" if r.sweep is not None else "")
-            log(f"[{done + 1}/{len(runs)}] {label}")
-            self.study.optimize(lambda t: self._objective(t, sweep_values), n_trials=1)
+            with self.lock.held_until_released():
+                fail_stale(self.study)
+                state = run_states(self.study.get_trials(deepcopy=False), self.sweep_key)
+                todo = [r for r in runs if TrialState.COMPLETE not in state.get(r, set())
+                        and TrialState.RUNNING not in state.get(r, set())]
+                busy = [r for r in runs if TrialState.COMPLETE not in state.get(r, set())
+                        and TrialState.RUNNING in state.get(r, set())]
+                if not todo and not busy:
+                    return
+                if todo:
+                    r = todo[0]
+                    if TrialState.WAITING not in state.get(r, set()):
+                        self.study.enqueue_trial(r.params(self.sweep_key))
+                    done = len(runs) - len(todo) - len(busy)
+                    log(f"[{done + 1}/{len(runs)}] {r.label(self.sweep_key)}", flush=True)
 
-    def _objective(self, trial: optuna.Trial, sweep_values: list[float]) -> float:
+                    def released_then_run(trial: optuna.Trial) -> float:
+                        self.lock.release()  # the trial is RUNNING: its run is taken
+                        return self._objective(trial, sweep_values, planned)
+
+                    self.study.optimize(released_then_run, n_trials=1)
+                    continue
+            said = held_runs(self.study, [r.params(self.sweep_key) for r in busy])
+            if said != waiting_said:
+                log(f"waiting for {len(busy)} planned run(s) held by other workers ({said}); "
+                    f"a run whose worker died is taken over once its heartbeat is stale",
+                    flush=True)
+                waiting_said = said
+            time.sleep(self.poll_s)
+
+    def _objective(self, trial: optuna.Trial, sweep_values: list[float],
+                   planned: set[Run]) -> float:
+        self.study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+        fixed = self.study._storage.get_trial(  # type: ignore[attr-defined]
+            trial._trial_id).system_attrs.get("fixed_params")
+        if not fixed or run_of(fixed, self.sweep_key) not in planned or \
+                TrialState.COMPLETE in run_states(self.study.get_trials(deepcopy=False),
+                                                  self.sweep_key).get(run_of(fixed,
+                                                                             self.sweep_key),
+                                                                      set()):
+            # A queued trial this invocation did not plan (e.g. the retry of a run of a
+            # larger plan, or of a run finished meanwhile): never invent, repeat or count a
+            # run outside the plan.
+            trial.set_user_attr("skipped", "outside this invocation's plan, or already done")
+            raise optuna.TrialPruned("outside the plan")
         p = self._suggest(trial, sweep_values)
-        cond = frozenset(f for f in FACTORS if p[f])
-        run = Run(cond, p["seed"], p.get(self.sweep_key) if self.sweep_key else None)
-        cfg = run_config(self.ctx.cfg, self.params, run, self.sweep_key)
-        rows = monte_carlo_rows(self.ctx, run.seed, self.fraction) if self.fraction else None
-        result = run_student(self.ctx, cfg, rows=rows, desc=f"{p['condition']} s{run.seed}")
+        run = run_of(p, self.sweep_key)
+        cfg = run_config(self.ctx.cfg, self.params[run.name], run, self.sweep_key)
+        rows = monte_carlo_rows(self.ctx, run.replicate, self.fraction) if self.fraction \
+            else None
+        result = run_student(self.ctx, cfg, rows=rows, desc=f"{run.name} r{run.replicate}")
         m = result.metrics
         shape = repr(cfg.student)
         if shape not in self._profiles:
@@ -155,16 +207,42 @@ class Ablation:
         return float(m["val_acc"])
 
 
+def run_states(trials: list[FrozenTrial], sweep_key: str | None) -> dict[Run, set[TrialState]]:
+    out: dict[Run, set[TrialState]] = {}
+    for t in trials:
+        params = dict(t.params) or dict(t.system_attrs.get("fixed_params", {}))
+        if "replicate" not in params:
+            continue
+        out.setdefault(run_of(params, sweep_key), set()).add(t.state)
+    return out
+
+
+def planned_trials(trials: list[FrozenTrial], runs: list[Run] | None,
+                   sweep_key: str | None = None) -> list[FrozenTrial]:
+    """The first COMPLETE trial of every planned run (``runs``; None: every run the trials
+    describe): what the statistics count, never a run outside the plan or a run twice."""
+    wanted = set(runs) if runs is not None else None
+    seen: dict[Run, FrozenTrial] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state != TrialState.COMPLETE or "replicate" not in t.params:
+            continue
+        r = run_of(t.params, sweep_key)
+        if (wanted is None or r in wanted) and r not in seen:
+            seen[r] = t
+    return list(seen.values())
+
+
 def results_table(trials: list[FrozenTrial], metric: str, sweep_key: str | None = None,
                   sweep_value: float | None = None) -> Table:
-    """{condition: {seed: metric}} from the COMPLETE trials (one sweep value, if any)."""
+    """{condition: {replicate: metric}} from COMPLETE trials (one sweep value, if any);
+    pass :func:`planned_trials` to count only a plan's runs."""
     table: Table = {}
     for t in trials:
-        if t.state != TrialState.COMPLETE:
+        if t.state != TrialState.COMPLETE or "replicate" not in t.params:
             continue
         if sweep_key is not None and t.params.get(sweep_key) != sweep_value:
             continue
-        cond = frozenset(f for f in FACTORS if t.params.get(f))
+        run = run_of(t.params, sweep_key)
         if metric == "val_acc":
             value = t.value
         elif metric.startswith("robust_test_") and metric != "robust_test_acc":
@@ -172,5 +250,5 @@ def results_table(trials: list[FrozenTrial], metric: str, sweep_key: str | None 
         else:
             value = t.user_attrs["metrics"].get(metric)
         if value is not None:
-            table.setdefault(cond, {})[int(t.params["seed"])] = float(value)
+            table.setdefault(run.condition, {})[run.replicate] = float(value)
     return table

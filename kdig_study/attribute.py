@@ -1,31 +1,87 @@
-"""Precompute the teacher's Integrated-Gradients maps for a study's training images.
+"""Precompute the teacher's maps for a study's training images, from IG or another source.
 
     python -m kdig_study.attribute --study kd_ig --scale cpu
+    python -m kdig_study.attribute --study kd_ig --scale cpu --source all
+    python -m kdig_study.attribute --study kd_ig --scale cpu --source shuffled,gradcam
     python -m kdig_study.attribute --study kd_ig --scale cpu --steps 64
 
-Trains or loads the teacher, then computes (or finds) the map store: every step count the
-study may use (its default and its search choices) in one pass when the rule nests.
-Interrupt it at any time: a restart goes on from the last finished chunk.
+Trains or loads the teacher, then computes (or finds) each source's map store: IG at every
+step count the study may use (its default and its search choices) in one pass when the rule
+nests; shuffled and random maps from those IG maps; Captum's methods on the same teacher.
+For each source it prints the time, the completeness gap (IG), and a sanity check: the
+deletion curve of the first 256 images (the teacher's true-class probability as the
+top-ranked pixels are removed) against random pixel order. A faithful map drops the
+probability faster (smaller area); shuffled and random maps should do no better than random
+order. Interrupt it at any time: a restart goes on from the last finished chunk.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
+from typing import Any
 
+import torch
+
+from kdig_study.attribution import MapStore, gap_summary
 from kdig_study.cli import Parser, add_study_args, load_from_args, run
+from kdig_study.config import MAP_SOURCES
 from kdig_study.errors import KdigError
 from kdig_study.experiment import Context, ig_counts
+from kdig_study.paths import write_json
+from kdig_study.sources import area, deletion_curve, uses_steps
+
+SANITY_IMAGES = 256
 
 
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m kdig_study.attribute", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_args(p)
+    p.add_argument("--source", default=None,
+                   help=f"comma list of map sources, or all ({', '.join(MAP_SOURCES)}); "
+                        f"default: the study's ig.source")
     p.add_argument("--steps", type=int, default=None,
-                   help="compute this one step count instead of the study's set")
+                   help="compute this one IG step count instead of the study's set")
     p.add_argument("--preview", type=int, default=8, metavar="N",
-                   help="images in the preview grid (0: none)")
+                   help="images in each preview grid (0: none)")
+    p.add_argument("--no-sanity", action="store_true", help="skip the deletion-curve check")
     return p
+
+
+def parse_sources(text: str | None, default: str) -> list[str]:
+    if text is None:
+        return [default]
+    if text.strip() == "all":
+        return list(MAP_SOURCES)
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in MAP_SOURCES]
+    if bad or not names:
+        raise KdigError(f"--source {text}: unknown source "
+                        f"{', '.join(repr(b) for b in bad) or '(none given)'}; allowed: "
+                        f"{', '.join(MAP_SOURCES)} or all")
+    return list(dict.fromkeys(names))
+
+
+def sanity(ctx: Context, store: MapStore, steps: int) -> dict[str, Any]:
+    """The deletion-curve check of a store (cached beside it)."""
+    path = store.root / f"deletion_s{store.variant(steps)}_n{SANITY_IMAGES}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    train_set, _ = ctx.data.train_subset(ctx.cfg.student_train.train_size)
+    n = min(SANITY_IMAGES, len(train_set))
+    maps = torch.from_numpy(store.maps(steps)[:n].astype("float32"))
+    teacher = ctx.teacher().model
+    args = (teacher, train_set.images[:n], train_set.labels[:n], maps, ctx.data.mean,
+            ctx.data.std, ctx.device)
+    f, by_map = deletion_curve(*args, order="map")
+    _, by_random = deletion_curve(*args, order="random")
+    out = {"images": n, "fractions": f, "by_map": by_map, "by_random": by_random,
+           "area_map": area(f, by_map), "area_random": area(f, by_random)}
+    out["ratio"] = out["area_map"] / max(out["area_random"], 1e-12)
+    write_json(path, out)
+    return out
 
 
 def main() -> int:
@@ -33,31 +89,54 @@ def main() -> int:
     cfg = load_from_args(args)
     if args.steps is not None and args.steps < 1:
         raise KdigError(f"--steps {args.steps}: allowed: >= 1")
+    sources = parse_sources(args.source, cfg.ig.source)
     ctx = Context.create(cfg, args.data_dir, args.device, progress=not args.no_progress)
     counts = (args.steps,) if args.steps else ig_counts(cfg)
     teacher = ctx.teacher()
     print(f"teacher {'trained now' if teacher.trained_now else 'from cache'}: {teacher.path} "
-          f"(test acc {teacher.meta['test_acc']:.2%})")
+          f"(val acc {teacher.meta['val_acc']:.2%}, test acc {teacher.meta['test_acc']:.2%})")
     spec = ctx.map_spec(counts)
-    print(f"IG: {spec.n_images:,} images, {cfg.ig.method} rule, steps {list(counts)}, "
+    print(f"maps of {spec.n_images:,} images; IG: {cfg.ig.method} rule, steps {list(counts)}, "
           f"{cfg.ig.baseline} baseline, {spec.precision}, device {ctx.device}", flush=True)
-    report = ctx.maps(counts)
-    store = report.store
-    if report.computed_images:
-        rate = report.computed_images / report.seconds
-        print(f"computed {report.computed_images:,} maps in {report.seconds:.1f} s "
-              f"({rate:.1f} images/s)")
-    else:
-        print(f"store already complete: {report.seconds:.2f} s, no IG computed")
-    for steps in store.counts:
-        g = store.gap(steps)
-        # (the max is dominated by images where f(x) is close to f(baseline); it is kept in
-        # the store's meta.json)
-        print(f"  steps {steps}: completeness gap median {g['median']:.3%}, p90 {g['p90']:.3%}")
-    if args.preview > 0:
-        steps = cfg.ig.steps if cfg.ig.steps in store.counts else store.counts[-1]
-        print(f"preview: {ctx.preview(store, steps, args.preview)}")
-    print(f"map store: {store.root}")
+    steps = cfg.ig.steps if cfg.ig.steps in counts else counts[-1]
+    rows = []
+    for source in sources:
+        t0 = time.perf_counter()
+        report = ctx.maps(counts, source)
+        seconds = time.perf_counter() - t0
+        store = report.store
+        if report.computed_images:
+            print(f"{source}: computed {report.computed_images:,} maps in {seconds:.1f} s "
+                  f"({report.computed_images / seconds:.1f} images/s)")
+        else:
+            print(f"{source}: store already complete ({seconds:.2f} s, nothing computed)")
+        if source == "ig" and store.counts == (0,):
+            print(f"  {gap_summary(store)}")
+        elif source == "ig":
+            for s in store.counts:
+                g = store.gap(s)
+                # (the max is dominated by images where f(x) is close to f(baseline); it is
+                # kept in the store's meta.json)
+                print(f"  steps {s}: completeness gap median {g['median']:.3%}, "
+                      f"p90 {g['p90']:.3%}")
+        for k, v in store.meta.get("measured", {}).items():
+            if "autocorrelation" in k:
+                print(f"  {k.replace('_', ' ')}: {v:.2f} px")
+        if args.preview > 0:
+            print(f"  preview: {ctx.preview(store, steps, args.preview)}")
+        if not args.no_sanity:
+            d = sanity(ctx, store, steps)
+            print(f"  deletion check ({d['images']} images"
+                  + (f", {steps} steps" if uses_steps(source) else "") + f"): area "
+                  f"{d['area_map']:.3f} removing top-ranked pixels first vs {d['area_random']:.3f}"
+                  f" in random order: ratio {d['ratio']:.2f} (< 1: the map finds what the "
+                  f"teacher uses)")
+            rows.append((source, seconds, report.computed_images, d["ratio"]))
+        print(f"  map store: {store.root}", flush=True)
+    if len(rows) > 1:
+        print("source            seconds   maps   deletion ratio")
+        for source, seconds, n, ratio in rows:
+            print(f"{source:<16}{seconds:>9.1f}{n:>7}{ratio:>17.2f}")
     return 0
 
 

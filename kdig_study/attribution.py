@@ -20,7 +20,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +37,10 @@ from kdig_study.errors import KdigError
 from kdig_study.models import Net, fold_batchnorm
 from kdig_study.paths import cache_dir, locked, write_json
 
-# Our own nested rule plus Captum's rules, used through Captum's own alpha/weight builders.
-METHODS: tuple[str, ...] = ("trapezoid", "gausslegendre", "riemann_middle", "riemann_left",
-                            "riemann_right", "riemann_trapezoid")
-_STORE_VERSION = 1
+# Our own nested rules plus Captum's rules, used through Captum's own alpha/weight builders.
+METHODS: tuple[str, ...] = ("trapezoid", "clenshaw_curtis", "gausslegendre", "riemann_middle",
+                            "riemann_left", "riemann_right", "riemann_trapezoid")
+_STORE_VERSION = 2  # 2: map sources
 
 
 def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
@@ -60,8 +60,33 @@ def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
         weights[0] /= 2
         weights[-1] /= 2
         return alphas, weights
+    if method == "clenshaw_curtis":
+        return clenshaw_curtis(steps)
     step_sizes, alpha_fn = approximation_parameters(method)
     return list(alpha_fn(steps)), list(step_sizes(steps))
+
+
+def clenshaw_curtis(n: int) -> tuple[list[float], list[float]]:
+    """Clenshaw-Curtis on [0, 1] with n intervals: the n + 1 points (1 - cos(j pi / n)) / 2
+    and weights that integrate every polynomial of degree <= n exactly. Written here
+    because neither Captum nor SciPy has it; it nests like the trapezoid rule (the points of
+    n are among those of 2n) and converges like Gauss for smooth integrands.
+
+    Weights: the moment equations in the Chebyshev basis, sum_j w_j T_k(t_j) =
+    integral_{-1}^{1} T_k = 2 / (1 - k^2) (k even; 0 for odd k), solved exactly (the
+    Chebyshev-Vandermonde matrix on these points is well conditioned), halved for [0, 1]."""
+    if n < 1:
+        raise ValueError("Clenshaw-Curtis needs at least one interval")
+    j = np.arange(n + 1)
+    t = np.cos(np.pi * j / n)  # 1 .. -1
+    k = np.arange(n + 1)
+    vander = np.cos(np.outer(k, np.arccos(t)))  # T_k(t_j)
+    moments = np.zeros(n + 1)
+    even = k[k % 2 == 0]
+    moments[even] = 2.0 / (1.0 - even.astype(float) ** 2)
+    w = np.linalg.solve(vander, moments) / 2
+    alphas = (1 - t) / 2  # 0 .. 1
+    return [float(a) for a in alphas], [float(x) for x in w]
 
 
 def union_rule(method: str, counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,11 +223,13 @@ class MapSpec:
     data: str  # data bundle fingerprint
     images: str  # hash of the source indices of the images (which images, in which order)
     n_images: int
-    method: str
+    method: str  # IG rule (also for sources derived from IG maps); "" for the others
     baseline: str
     reduce: str
-    counts: tuple[int, ...]
-    precision: str  # resolved: fp32 or bf16 (autocast around the integrator)
+    counts: tuple[int, ...]  # IG step counts; (0,) for a source with one map per image
+    precision: str  # resolved: fp32 or bf16 (autocast around the attribution)
+    source: str = "ig"  # config.MAP_SOURCES
+    options: str = ""  # the source's own settings (JSON), e.g. its seed, samples, parent store
 
     def key(self) -> str:
         blob = json.dumps([_STORE_VERSION, asdict(self)], sort_keys=True)
@@ -235,7 +262,17 @@ class MapStore:
     def counts(self) -> tuple[int, ...]:
         return tuple(self.meta["spec"]["counts"])
 
+    @property
+    def source(self) -> str:
+        return str(self.meta["spec"].get("source", "ig"))
+
+    def variant(self, steps: int) -> int:
+        """The array that serves ``steps``: itself, or 0 for a one-map source (Captum's
+        methods have no step count)."""
+        return 0 if self.counts == (0,) else steps
+
     def maps(self, steps: int) -> np.ndarray:
+        steps = self.variant(steps)
         if steps not in self.counts:
             raise KdigError(f"IG map store {self.root} holds steps {list(self.counts)}, "
                             f"not {steps}")
@@ -249,7 +286,22 @@ class MapStore:
         return np.load(self.root / "index.npy")
 
     def gap(self, steps: int) -> dict[str, float]:
-        return self.meta["gap"][str(steps)]
+        """Completeness gap statistics (nan for sources without a completeness property)."""
+        return self.meta["gap"][str(self.variant(steps))]
+
+
+def gap_summary(store: MapStore) -> str:
+    """One line: the median completeness gap per step count (or, adaptive, the points)."""
+    spec = store.meta["spec"]
+    if spec["method"].startswith("adaptive-"):
+        m = store.meta.get("measured", {})
+        g = store.gap(0)
+        return (f"{spec['method']} to a gap of {json.loads(spec['options'])['target_gap']:.2%}: "
+                f"median gap {g['median']:.3%}, p90 {g['p90']:.3%}; "
+                f"{m.get('points_mean', float('nan')):.1f} points per image on average "
+                f"(median {m.get('points_median', float('nan')):.0f}), {spec['precision']}")
+    gaps = ", ".join(f"{s} steps {store.gap(s)['median']:.2%}" for s in store.counts)
+    return f"median completeness gap {gaps} ({spec['method']} rule, {spec['precision']})"
 
 
 def store_root(spec: MapSpec) -> Path:
@@ -263,14 +315,16 @@ def _verify(root: Path) -> tuple[dict[str, Any] | None, str]:
         return None, "not finished"
     try:
         meta = json.loads(meta_path.read_text())
-    except ValueError:
-        return None, "meta.json unreadable"
-    for name, digest in meta["checksums"].items():
+        checksums, sizes = dict(meta["checksums"]), dict(meta["sizes"])
+        meta["spec"]["counts"], meta["gap"]  # noqa: B018 - the keys a reader needs
+    except (ValueError, KeyError, TypeError):
+        return None, "meta.json unreadable or incomplete"
+    for name, digest in checksums.items():
         f = root / name
         if not f.is_file():
             return None, f"{name} missing"
-        if f.stat().st_size != meta["sizes"][name]:
-            return None, f"{name} truncated ({f.stat().st_size} of {meta['sizes'][name]} bytes)"
+        if f.stat().st_size != sizes.get(name):
+            return None, f"{name} truncated ({f.stat().st_size} of {sizes.get(name)} bytes)"
         if _sha256(f) != digest:
             return None, f"{name} corrupted (checksum mismatch)"
     return meta, ""
@@ -289,15 +343,63 @@ class BuildReport:
     note: str  # e.g. why an old store was recomputed
 
 
+# (start, stop) -> maps [C, stop - start, H, W] (one per count), gaps [C, stop - start], and
+# per-image extras {name: [stop - start]} (e.g. the points an adaptive image used)
+ChunkFn = Callable[[int, int], tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
+
+
 def build_store(spec: MapSpec, teacher: Net, images: torch.Tensor, labels: torch.Tensor,
                 index: torch.Tensor, mean: Sequence[float], std: Sequence[float], cfg: IGConfig,
                 device: torch.device, progress: bool = True, log: Any = print) -> BuildReport:
-    """Open the store for ``spec``, or compute it: resumable chunk by chunk, locked so that
-    concurrent workers compute it once, checksummed when finished.
+    """The IG store for ``spec``: opened, or computed (see :func:`write_store`).
 
     images: [N, 3, H, W] uint8, un-augmented, in training-row order; labels [N]; index [N]
     their source indices.
     """
+    def chunks() -> ChunkFn:
+        mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        folded = fold_batchnorm(teacher).to(device).to(memory_format=torch.channels_last)
+
+        def chunk(start: int, stop: int) -> tuple[np.ndarray, np.ndarray, dict]:
+            x = ((images[start:stop].to(device).float() / 255 - mean_t) / std_t).contiguous(
+                memory_format=torch.channels_last)
+            base = make_baseline(spec.baseline, x, mean_t, std_t)
+            with autocast(spec.precision, device):
+                if adaptive:
+                    from kdig_study.adaptive import adaptive_ig
+                    a = adaptive_ig(folded, x, labels[start:stop], base, cfg.adaptive_rule,
+                                    cfg.adaptive_start, cfg.adaptive_cap, cfg.target_gap,
+                                    cfg.internal_batch)
+                    return (reduce_channels(a.attributions, spec.reduce)[None].cpu().numpy(),
+                            a.gap[None].cpu().numpy(),
+                            {"points": a.points.cpu().numpy()})
+                res = integrated_gradients(folded, x, labels[start:stop], base, alphas,
+                                           weights, cfg.internal_batch)
+            return (reduce_channels(res.attributions, spec.reduce).cpu().numpy(),
+                    relative_gap(res.attributions, res.delta).cpu().numpy(), {})
+        return chunk
+
+    adaptive = spec.method.startswith("adaptive-")
+    if adaptive:
+        desc = (f"IG maps, adaptive {cfg.adaptive_rule} to a gap of {cfg.target_gap:.2%} "
+                f"({cfg.adaptive_start + 1}..{cfg.adaptive_cap + 1} points/image)")
+    else:
+        alphas, weights = union_rule(spec.method, spec.counts)
+        desc = f"IG maps ({alphas.numel()} points/image)"
+    return write_store(spec, index, tuple(images.shape[-2:]), chunks, cfg.batch_size, desc,
+                       progress, log, extras=("points",) if adaptive else ())
+
+
+def write_store(spec: MapSpec, index: torch.Tensor, size: tuple[int, int],
+                make_chunks: Callable[[], ChunkFn], batch: int, desc: str,
+                progress: bool = True, log: Any = print,
+                measured: dict[str, Any] | None = None, extras: tuple[str, ...] = ()
+                ) -> BuildReport:
+    """Open the store for ``spec``, or compute it with the chunk function that
+    ``make_chunks()`` returns (called only when there is work): resumable chunk by chunk,
+    locked so that concurrent workers compute it once, checksummed when finished.
+    ``measured``: filled while computing, kept in the store's meta.json."""
     root = store_root(spec)
     t0 = time.perf_counter()
     with locked(root):
@@ -306,58 +408,57 @@ def build_store(spec: MapSpec, teacher: Net, images: torch.Tensor, labels: torch
             return BuildReport(MapStore(root, meta), 0, time.perf_counter() - t0, "")
         note = ""
         if why != "not finished":
-            note = f"IG map store {root} was damaged ({why}); recomputing it"
+            note = f"map store {root} was damaged ({why}); recomputing it"
             log(note)
             shutil.rmtree(root)
-        computed = _compute(spec, root, teacher, images, labels, index, mean, std, cfg, device,
-                            progress)
+        computed = _compute(spec, root, index, size, make_chunks, batch, desc, progress,
+                            measured if measured is not None else {}, extras)
         meta, why = _verify(root)
         if meta is None:  # pragma: no cover - a failure of the disk under us
-            raise KdigError(f"IG map store {root} failed its own check after writing: {why}")
+            raise KdigError(f"map store {root} failed its own check after writing: {why}")
         return BuildReport(MapStore(root, meta), computed, time.perf_counter() - t0, note)
 
 
-def _compute(spec: MapSpec, root: Path, teacher: Net, images: torch.Tensor,
-             labels: torch.Tensor, index: torch.Tensor, mean: Sequence[float],
-             std: Sequence[float], cfg: IGConfig, device: torch.device, progress: bool) -> int:
-    n, (h, w) = images.shape[0], images.shape[-2:]
+def _compute(spec: MapSpec, root: Path, index: torch.Tensor, size: tuple[int, int],
+             make_chunks: Callable[[], ChunkFn], batch: int, desc: str, progress: bool,
+             measured: dict[str, Any], extras: tuple[str, ...]) -> int:
+    n, (h, w) = spec.n_images, size
     root.mkdir(parents=True, exist_ok=True)
     files = {c: root / f"maps_s{c}.npy" for c in spec.counts}
     gap_file = root / "gaps.npy"
+    extra_files = {name: root / f"{name}.npy" for name in extras}
     progress_file = root / "progress.json"
     done = 0
-    if progress_file.is_file() and all(f.is_file() for f in files.values()) and gap_file.is_file():
+    if progress_file.is_file() and all(f.is_file() for f in [*files.values(), gap_file,
+                                                               *extra_files.values()]):
         done = json.loads(progress_file.read_text())["done"]
         arrays = {c: np.load(f, mmap_mode="r+") for c, f in files.items()}
         gaps = np.load(gap_file, mmap_mode="r+")
+        extra = {k: np.load(f, mmap_mode="r+") for k, f in extra_files.items()}
     else:
         arrays = {c: np.lib.format.open_memmap(f, mode="w+", dtype=np.float16, shape=(n, h, w))
                   for c, f in files.items()}
         gaps = np.lib.format.open_memmap(gap_file, mode="w+", dtype=np.float32,
                                          shape=(len(spec.counts), n))
+        extra = {k: np.lib.format.open_memmap(f, mode="w+", dtype=np.int32, shape=(n,))
+                 for k, f in extra_files.items()}
         np.save(root / "index.npy", index.numpy())
-    alphas, weights = union_rule(spec.method, spec.counts)
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    teacher = fold_batchnorm(teacher).to(device).to(memory_format=torch.channels_last)
-    bar = tqdm(total=n, initial=done, desc=f"IG maps ({alphas.numel()} points/image)",
-               unit="img", disable=not progress, dynamic_ncols=True, mininterval=0.5)
+    chunk = make_chunks() if done < n else None
+    bar = tqdm(total=n, initial=done, desc=desc, unit="img", disable=not progress,
+               dynamic_ncols=True, mininterval=0.5)
     start_done = done
+    t0 = time.perf_counter()
     try:
         while done < n:
-            stop = min(n, done + cfg.batch_size)
-            x = ((images[done:stop].to(device).float() / 255 - mean_t) / std_t).contiguous(
-                memory_format=torch.channels_last)
-            base = make_baseline(spec.baseline, x, mean_t, std_t)
-            with autocast(spec.precision, device):
-                res = integrated_gradients(teacher, x, labels[done:stop], base, alphas, weights,
-                                           cfg.internal_batch)
-            maps = reduce_channels(res.attributions, spec.reduce).cpu().numpy()
-            gap = relative_gap(res.attributions, res.delta).cpu().numpy()
+            assert chunk is not None
+            stop = min(n, done + batch)
+            maps, gap, more = chunk(done, stop)
             for c_i, c in enumerate(spec.counts):
                 arrays[c][done:stop] = maps[c_i]
             gaps[:, done:stop] = gap
-            for arr in (*arrays.values(), gaps):
+            for k, v in more.items():
+                extra[k][done:stop] = v
+            for arr in (*arrays.values(), gaps, *extra.values()):
                 arr.flush()
             done = stop
             # Only after the chunk is on disk: a restart resumes from here.
@@ -365,24 +466,35 @@ def _compute(spec: MapSpec, root: Path, teacher: Net, images: torch.Tensor,
             bar.update(stop - bar.n)
     finally:
         bar.close()
-    del arrays, gaps
-    _finish(spec, root, files, gap_file, cfg)
+    del arrays, gaps, extra
+    measured["compute_seconds"] = time.perf_counter() - t0  # this run's share, if resumed
+    measured["computed_images"] = n - start_done
+    _finish(spec, root, files, gap_file, measured, extra_files)
     return n - start_done
 
 
 def _finish(spec: MapSpec, root: Path, files: dict[int, Path], gap_file: Path,
-            cfg: IGConfig) -> None:
+            measured: dict[str, Any], extra_files: dict[str, Path]) -> None:
     gaps = np.load(gap_file)
     gap_stats = {}
     for c_i, c in enumerate(spec.counts):
         g = gaps[c_i]
+        if np.isnan(g).all():  # a source without a completeness property
+            gap_stats[str(c)] = {k: float("nan") for k in ("median", "p90", "max", "mean")}
+            continue
         gap_stats[str(c)] = {"median": float(np.median(g)), "p90": float(np.quantile(g, 0.9)),
                              "max": float(g.max()), "mean": float(g.mean())}
-    names = [f.name for f in files.values()] + [gap_file.name, "index.npy"]
+    names = [f.name for f in files.values()] + [gap_file.name, "index.npy"] + \
+        [f.name for f in extra_files.values()]
+    if "points" in extra_files:  # adaptive IG: how many points the images needed
+        pts = np.load(extra_files["points"])
+        measured |= {"points_mean": float(pts.mean()), "points_median": float(np.median(pts)),
+                     "points_histogram": {str(int(v)): int(c) for v, c in
+                                          zip(*np.unique(pts, return_counts=True))}}
     meta = {
         "spec": asdict(spec),
         "gap": gap_stats,
-        "max_gap": cfg.max_gap,
+        "measured": measured,
         "checksums": {name: _sha256(root / name) for name in names},
         "sizes": {name: (root / name).stat().st_size for name in names},
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -36,6 +36,7 @@ from kdig_study import synthetic
 from kdig_study.config import DataConfig
 from kdig_study.errors import KdigError
 from kdig_study.paths import atomic_write, cache_dir, locked
+from kdig_study.seeds import derive_seed
 
 _CACHE_VERSION = 1
 _IMAGE_EXT = (".jpg", ".jpeg", ".png")
@@ -388,7 +389,9 @@ class BatchLoader:
     mirrored copy), so a batch is one indexing op: [flip, image, dy, dx] -> [B, C, H, W].
     The data are stored channels-last (NHWC), so batches come out channels-last as the
     models want them. Deterministic under ``seed``: a new loader with the same seed yields
-    the same epochs.
+    the same epochs. Epoch order, crops and flips draw from one generator; the overlay from
+    its own (seeded from the same seed), so switching the overlay on leaves every image,
+    crop and flip of every epoch where it was (a paired IG-on / IG-off comparison).
     """
 
     def __init__(self, data: ImageSet, *, batch_size: int, mean: tuple[float, ...],
@@ -417,6 +420,7 @@ class BatchLoader:
         # uint8 -> normalised float in one fused op: x * scale + shift
         self.scale, self.shift = inv_std / 255.0, -mean_t * inv_std
         self.generator = torch.Generator().manual_seed(seed)
+        self.overlay_generator = torch.Generator().manual_seed(derive_seed(seed, "overlay"))
 
     def _crop_view(self, t: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> a view [V, N, 2p+1, 2p+1, C, H, W] of every crop (V = 2 with flips)."""
@@ -466,7 +470,7 @@ class BatchLoader:
                 yield Batch(x_clean, x_clean, y, idx)
                 continue
             x01 = self.overlay(images.float().div_(255), self.plane_crops[key].float(),
-                               self.generator)
+                               self.overlay_generator)
             yield Batch(self._normalise(x01), x_clean, y, idx)
 
     def _normalise(self, x01: torch.Tensor) -> torch.Tensor:

@@ -87,3 +87,29 @@ def save_preview(path: Path, images: torch.Tensor, maps: torch.Tensor,
     grid = preview_grid(images, maps, strength)
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
     return path
+
+
+def source_gallery(images: torch.Tensor, maps: dict[str, torch.Tensor], strength: float = 0.5,
+                   exponent: float = 1.5, scale: int = 3) -> Image.Image:
+    """One row per map source, labelled: for each of the n images, image | map | overlay.
+
+    images [n, 3, H, W] uint8 (the same images in every row), maps {source: [n, H, W]}."""
+    from PIL import ImageDraw
+
+    rows = [preview_grid(images, m, strength, exponent, scale=1) for m in maps.values()]
+    # preview_grid stacks images vertically; lay each source's cells out in one row instead
+    n, _, h, w = images.shape
+    pad, label_w = 2, 110
+    cell_w = 3 * (w + pad)
+    canvas = Image.new("RGB", (label_w + n * cell_w + pad, len(rows) * (h + pad) + pad),
+                       "white")
+    for r, grid in enumerate(rows):
+        for i in range(n):
+            cells = grid.crop((pad, pad + i * (h + pad), pad + cell_w - pad,
+                               pad + i * (h + pad) + h))
+            canvas.paste(cells, (label_w + i * cell_w, pad + r * (h + pad)))
+    big = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(big)
+    for r, name in enumerate(maps):
+        draw.text((6, (pad + r * (h + pad)) * scale + h * scale // 2 - 6), name, fill="black")
+    return big

@@ -1,9 +1,23 @@
 """Statistics of a paired ablation: per-condition summaries, paired comparisons, factorial
-effects. Pure functions on numbers; scipy does the tests.
+effects, with family-wise correction, effect sizes and what the run could have detected.
+Pure functions on numbers; scipy and statsmodels do the tests.
 
-A result table is ``{condition: {seed: value}}``; a condition is a frozenset of the factors
-switched on (frozenset() is the student alone). Paired statistics use the seeds present in
-every condition compared.
+A design maps each factor to its levels; the first level is ``None``, the reference (off).
+Binary factors: ``kd`` (None, "kd"), ``at`` (None, "at"); the overlay is a factor whose
+levels are map sources: (None, "ig") by default, or e.g. (None, "ig", "shuffled", "gradcam").
+A condition is the frozenset of its non-reference levels: frozenset() is the student alone,
+{"kd", "ig"} is KD+IG, {"kd", "shuffled"} is KD with shuffled maps.
+
+Controls: map sources run with KD on only (``KD+shuffled``, ``KD+random``, ...) beside the
+factorial design, compared with KD and with KD+IG; they take no part in the effects.
+
+A result table is ``{condition: {seed: value}}``. Paired statistics use the seeds present
+in every condition compared.
+
+The primary comparison is declared in advance: KD+IG - KD (on test accuracy, in the
+ablation's output). Every other comparison and every effect is secondary; p-values are
+given raw and Holm-adjusted within the family of one metric (all its comparisons and
+effects, the primary included), separately for the t-test and the Wilcoxon test.
 """
 
 from __future__ import annotations
@@ -11,24 +25,72 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestPower
 
 Condition = frozenset[str]
 Table = dict[Condition, dict[int, float]]
+Design = Mapping[str, tuple[str | None, ...]]  # factor -> levels, levels[0] is None
+
+BINARY: dict[str, tuple[str | None, ...]] = {"kd": (None, "kd"), "ig": (None, "ig"),
+                                             "at": (None, "at")}
+# Where each factor's level stands in a condition's name: KD first, then the overlay, then AT.
+_ORDER = ("kd", "overlay", "at")
+# Smallest n at which the exact two-sided Wilcoxon signed-rank test can reach p < 0.05
+# (n = 5: 2 / 2^5 = 0.0625 at best).
+WILCOXON_MIN_N = 6
+ALPHA = 0.05
+POWER = 0.8
+PRIMARY = (frozenset({"kd", "ig"}), frozenset({"kd"}))
 
 
-def condition_name(cond: Condition, order: Sequence[str] = ("kd", "ig", "at")) -> str:
-    return "+".join(f.upper() for f in order if f in cond) or "student"
+def design_of(factors: Sequence[str]) -> dict[str, tuple[str | None, ...]]:
+    """The design of binary factor names (``kd``, ``ig``, ``at``); ``ig`` is the overlay
+    factor with levels none and ig."""
+    out: dict[str, tuple[str | None, ...]] = {}
+    for f in factors:
+        out["overlay" if f == "ig" else f] = BINARY[f]
+    return out
 
 
-def conditions(factors: Sequence[str]) -> list[Condition]:
-    """Every on/off combination, from none (the student) to all, in a stable order."""
-    return [frozenset(c) for r in range(len(factors) + 1)
-            for c in itertools.combinations(factors, r)]
+def label(token: str) -> str:
+    """A level's name in a condition: KD, IG, AT in capitals; other map sources as named."""
+    return token.upper() if token in ("kd", "ig", "at") else token
+
+
+def condition_name(cond: Condition) -> str:
+    known = [t for t in ("kd",) if t in cond]
+    overlay = sorted(t for t in cond if t not in ("kd", "at"))
+    tail = [t for t in ("at",) if t in cond]
+    return "+".join(label(t) for t in known + overlay + tail) or "student"
+
+
+def _factor_order(design: Design) -> list[str]:
+    return sorted(design, key=lambda f: _ORDER.index(f) if f in _ORDER else len(_ORDER))
+
+
+def overlay_sources(design: Design, controls: Sequence[str] = ()) -> list[str]:
+    """The map sources a design overlays (its overlay levels but none), then the controls."""
+    return [str(x) for x in design.get("overlay", (None,))[1:]] + list(controls)
+
+
+def conditions(design: Design | Sequence[str], controls: Sequence[str] = ()) -> list[Condition]:
+    """Every combination of levels, from none (the student) to all factors on, in a stable
+    order: by how many factors are on, then by factor and level order; then each control
+    source with KD on."""
+    d = design_of(design) if not isinstance(design, Mapping) else design
+    factors = _factor_order(d)
+    out = []
+    for r in range(len(factors) + 1):
+        for subset in itertools.combinations(factors, r):
+            for levels in itertools.product(*(d[f][1:] for f in subset)):
+                out.append(frozenset(str(x) for x in levels))
+    return out + [c for c in (frozenset({"kd", src}) for src in controls) if c not in out]
 
 
 @dataclass(frozen=True)
@@ -52,106 +114,169 @@ def summarise(name: str, values: Iterable[float]) -> Summary:
 
 @dataclass(frozen=True)
 class Paired:
-    """``a`` against ``b`` over the seeds both have: differences a - b."""
+    """A per-seed contrast summarised over seeds: a comparison ``a - b`` or an effect."""
 
-    a: str
-    b: str
+    name: str  # "KD+IG - KD", or an effect: "KD", "IG", "KD x IG"
+    kind: str  # "comparison" or "effect"
     n: int
-    mean_diff: float
-    ci_low: float  # 95% t-interval of the mean difference
+    mean: float  # mean of the per-seed values (for a comparison: mean paired difference)
+    ci_low: float  # 95% t-interval of the mean
     ci_high: float
-    t_p: float  # paired t-test, two-sided
-    wilcoxon_p: float  # Wilcoxon signed-rank, two-sided (exact for small n); nan if undefined
+    t_p: float  # one-sample t-test of the per-seed values against 0, two-sided
+    wilcoxon_p: float  # Wilcoxon signed-rank, two-sided, exact; nan where n < 6 (see note)
+    d_z: float  # Cohen's d_z: mean / sd of the per-seed values
+    mde: float  # smallest mean the t-test detects with 80% power at alpha 0.05, this n and sd
+    a: str = ""
+    b: str = ""
+    primary: bool = False
+    t_p_holm: float = float("nan")  # Holm-adjusted within the metric's family
+    wilcoxon_p_holm: float = float("nan")
+    wilcoxon_note: str = ""
 
 
-def _ci(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    n = len(diffs)
+def _ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    n = len(values)
     if n < 2:
         return float("nan"), float("nan")
-    m, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    m, sd = statistics.fmean(values), statistics.stdev(values)
     half = sps.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
     return m - half, m + half
 
 
-def _tests(diffs: Sequence[float]) -> tuple[float, float]:
-    """(paired t p-value, Wilcoxon p-value) for differences against zero."""
-    n = len(diffs)
-    if n < 2:
-        return float("nan"), float("nan")
-    if all(d == diffs[0] for d in diffs):  # no spread: t undefined
-        t_p = float("nan") if diffs[0] != 0 else 1.0
-    else:
-        t_p = float(sps.ttest_1samp(diffs, 0.0).pvalue)
-    if all(d == 0 for d in diffs):
-        w_p = 1.0
-    else:
-        try:
-            w_p = float(sps.wilcoxon(diffs, zero_method="wilcox").pvalue)
-        except ValueError:  # e.g. every difference zero after ties
-            w_p = float("nan")
-    return t_p, w_p
+def _t_p(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return float("nan")
+    if all(d == values[0] for d in values):  # no spread: t undefined
+        return float("nan") if values[0] != 0 else 1.0
+    return float(sps.ttest_1samp(values, 0.0).pvalue)
 
 
-def paired(a_name: str, a: dict[int, float], b_name: str, b: dict[int, float]) -> Paired:
+def _wilcoxon_p(values: Sequence[float]) -> tuple[float, str]:
+    n = len(values)
+    if n < WILCOXON_MIN_N:
+        return float("nan"), (f"n/a: n = {n} < {WILCOXON_MIN_N}, where the exact two-sided "
+                              f"test cannot reach p < 0.05")
+    if all(d == 0 for d in values):
+        return 1.0, ""
+    try:
+        return float(sps.wilcoxon(values, zero_method="wilcox").pvalue), ""
+    except ValueError as e:  # e.g. every difference zero after ties
+        return float("nan"), f"n/a: {e}"
+
+
+def minimum_detectable(n: int, sd: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The smallest true mean a two-sided paired t-test of n per-seed values with this sd
+    detects with ``power`` (statsmodels' power analysis); nan where undefined."""
+    if n < 2 or not math.isfinite(sd):
+        return float("nan")
+    d = TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power,
+                                 alternative="two-sided")
+    return float(d) * sd
+
+
+def contrast(name: str, kind: str, values: Sequence[float], **extra: Any) -> Paired:
+    n = len(values)
+    mean = statistics.fmean(values) if values else float("nan")
+    sd = statistics.stdev(values) if n > 1 else float("nan")
+    lo, hi = _ci(values)
+    w_p, note = _wilcoxon_p(values)
+    d_z = mean / sd if n > 1 and sd > 0 else float("nan")
+    return Paired(name, kind, n, mean, lo, hi, _t_p(values), w_p, d_z,
+                  minimum_detectable(n, sd), wilcoxon_note=note, **extra)
+
+
+def paired(a_name: str, a: dict[int, float], b_name: str, b: dict[int, float],
+           primary: bool = False) -> Paired:
     seeds = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in seeds]
-    mean = statistics.fmean(diffs) if diffs else float("nan")
-    lo, hi = _ci(diffs)
-    t_p, w_p = _tests(diffs)
-    return Paired(a_name, b_name, len(seeds), mean, lo, hi, t_p, w_p)
+    return contrast(f"{a_name} - {b_name}", "comparison", [a[s] - b[s] for s in seeds],
+                    a=a_name, b=b_name, primary=primary)
 
 
-@dataclass(frozen=True)
-class Effect:
-    """A factorial effect, estimated per seed and summarised over seeds.
+def effects(table: Table, design: Design) -> list[Paired]:
+    """Factorial effects, per seed, summarised over seeds.
 
-    Main effect of f: the mean over the other factors' settings of (f on - f off).
-    Interaction of f and g: the mean of the difference of differences
-    (fg - f - g + none for two factors)."""
-
-    effect: str
-    n: int
-    mean: float
-    ci_low: float
-    ci_high: float
-    t_p: float
-    wilcoxon_p: float
-
-
-def effects(table: Table, factors: Sequence[str]) -> list[Effect]:
-    conds = conditions(factors)
-    seeds = sorted(set.intersection(*(set(table.get(c, {})) for c in conds))) if conds else []
+    For a set S of factors, each at one non-reference level L_f: at every setting o of the
+    other factors (all their levels), D(o) = sum over on/off assignments a of S of
+    prod(+1 on, -1 off) * value(o + a); the effect is the mean of D over o. For one factor
+    that is the main effect, mean over the others of (on - off); for two, the interaction,
+    the mean difference of differences. With binary factors only this is the classical
+    2^k factorial contrast; a multi-level factor gives each level its effect against none.
+    """
+    conds = conditions(design)
+    present = [set(table.get(c, {})) for c in conds]
+    seeds = sorted(set.intersection(*present)) if present else []
+    factors = _factor_order(design)
     out = []
-    k = len(factors)
-    for r in range(1, k + 1):
+    for r in range(1, len(factors) + 1):
         for subset in itertools.combinations(factors, r):
-            per_seed = []
-            for s in seeds:
-                total = 0.0
-                for c in conds:
-                    sign = math.prod(1 if f in c else -1 for f in subset)
-                    total += sign * table[c][s]
-                per_seed.append(total / 2 ** (k - r))
-            mean = statistics.fmean(per_seed) if per_seed else float("nan")
-            lo, hi = _ci(per_seed)
-            t_p, w_p = _tests(per_seed)
-            name = " x ".join(f.upper() for f in subset)
-            out.append(Effect(name, len(per_seed), mean, lo, hi, t_p, w_p))
+            others = [f for f in factors if f not in subset]
+            for on in itertools.product(*(design[f][1:] for f in subset)):
+                per_seed = []
+                for s in seeds:
+                    total, count = 0.0, 0
+                    for o in itertools.product(*(design[f] for f in others)):
+                        base = {x for x in o if x is not None}
+                        for mask in itertools.product((0, 1), repeat=r):
+                            cond = frozenset(base | {str(lv) for lv, m in zip(on, mask) if m})
+                            sign = math.prod(1 if m else -1 for m in mask)
+                            total += sign * table[cond][s]
+                        count += 1
+                    per_seed.append(total / count)
+                name = " x ".join(label(str(lv)) for lv in on)
+                out.append(contrast(name, "effect", per_seed))
     return out
 
 
-def analyse(table: Table, factors: Sequence[str]) -> dict[str, Any]:
-    """Summaries, comparisons (each condition vs the student; KD+IG vs KD), effects."""
-    conds = conditions(factors)
-    names = {c: condition_name(c) for c in conds}
-    base = frozenset()
-    summaries = [summarise(names[c], table.get(c, {}).values()) for c in conds]
-    comparisons = [paired(names[c], table.get(c, {}), names[base], table.get(base, {}))
-                   for c in conds if c != base]
-    kd, kdig = frozenset({"kd"}), frozenset({"kd", "ig"})
-    if kd in names and kdig in names:
-        comparisons.append(paired(names[kdig], table.get(kdig, {}), names[kd],
-                                  table.get(kd, {})))
+def comparisons(table: Table, design: Design, controls: Sequence[str] = ()) -> list[Paired]:
+    """Each condition against the student; KD+IG against KD (the primary comparison); and
+    for every other overlay level and control: against no overlay and against IG, at each
+    setting of the other factors."""
+    conds = conditions(design, controls)
+    student = frozenset()
+    pairs: list[tuple[Condition, Condition]] = [(c, student) for c in conds if c != student]
+    primary_pair = PRIMARY if all(c in conds for c in PRIMARY) else None
+    if primary_pair is not None:
+        pairs.append(primary_pair)
+    for level in overlay_sources(design, controls):
+        if level == "ig":
+            continue
+        for c in conds:
+            if level not in c:
+                continue
+            rest = c - {level}
+            for ref in (rest, rest | {"ig"}):
+                if ref in conds and (c, ref) not in pairs:
+                    pairs.append((c, ref))
+    return [paired(condition_name(a), table.get(a, {}), condition_name(b), table.get(b, {}),
+                   primary=(a, b) == primary_pair) for a, b in pairs]
+
+
+def _holm(ps: list[float]) -> list[float]:
+    """Holm-adjusted p-values (statsmodels); nan stays nan and is not counted."""
+    idx = [i for i, p in enumerate(ps) if math.isfinite(p)]
+    out = [float("nan")] * len(ps)
+    if idx:
+        adjusted = multipletests([ps[i] for i in idx], alpha=ALPHA, method="holm")[1]
+        for i, p in zip(idx, adjusted):
+            out[i] = float(p)
+    return out
+
+
+def analyse(table: Table, design: Design | Sequence[str], controls: Sequence[str] = ()
+            ) -> dict[str, Any]:
+    """Summaries, comparisons and effects of one metric, with Holm-adjusted p-values over
+    that family (comparisons and effects together)."""
+    d = design_of(design) if not isinstance(design, Mapping) else design
+    conds = conditions(d, controls)
+    summaries = [summarise(condition_name(c), table.get(c, {}).values()) for c in conds]
+    family = comparisons(table, d, controls) + effects(table, d)
+    t_holm = _holm([x.t_p for x in family])
+    w_holm = _holm([x.wilcoxon_p for x in family])
+    rows = [asdict(x) | {"t_p_holm": t, "wilcoxon_p_holm": w}
+            for x, t, w in zip(family, t_holm, w_holm)]
     return {"summaries": [asdict(s) for s in summaries],
-            "comparisons": [asdict(p) for p in comparisons],
-            "effects": [asdict(e) for e in effects(table, factors)]}
+            "comparisons": [r for r in rows if r["kind"] == "comparison"],
+            "effects": [r for r in rows if r["kind"] == "effect"],
+            "correction": "Holm, within this metric's comparisons and effects, separately "
+                          "for the t-test and the Wilcoxon test",
+            "primary": next((r["name"] for r in rows if r["primary"]), None)}

@@ -11,7 +11,8 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from optuna.trial import TrialState
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
 
 from cli_helpers import assert_one_line_error, run_cli
 from conftest import REPO
@@ -19,23 +20,27 @@ from kdig_study.ablation import Run, monte_carlo_rows, plan, run_config
 from kdig_study.config import load_study
 from kdig_study.data import load_bundle
 from kdig_study.experiment import Context
+from kdig_study.stats import design_of
 
 
-def test_plan_enumerates_every_combination_for_every_seed() -> None:
-    runs = plan(["kd", "ig"], [0, 1, 2])
+def test_plan_enumerates_every_combination_for_every_replicate() -> None:
+    runs = plan(design_of(["kd", "ig"]), [0, 1, 2])
     assert len(runs) == 12
-    names = {(r.params(None)["condition"], r.seed) for r in runs}
+    names = {(r.params(None)["condition"], r.params(None)["replicate"]) for r in runs}
     assert names == {(c, s) for c in ("student", "KD", "IG", "KD+IG") for s in range(3)}
-    assert len(plan(["kd", "ig", "at"], [0])) == 8
-    sweep = plan(["kd"], [0, 1], [3.0, 5.0])
+    assert len(plan(design_of(["kd", "ig", "at"]), [0])) == 8
+    sweep = plan(design_of(["kd"]), [0, 1], [3.0, 5.0])
     assert len(sweep) == 8 and {r.sweep for r in sweep} == {3.0, 5.0}
+    levels = plan({"kd": (None, "kd"), "overlay": (None, "ig", "shuffled", "gradcam")}, [0])
+    assert len(levels) == 8
+    assert {r.params(None)["overlay"] for r in levels} == {"none", "ig", "shuffled", "gradcam"}
 
 
-def test_conditions_of_a_seed_share_everything_but_the_factors() -> None:
+def test_conditions_of_a_replicate_share_everything_but_the_factors() -> None:
     cfg = load_study("kd_ig", "smoke")
     params = {"temperature": 3.0, "alpha": 0.4, "ig_steps": 4}
-    cfgs = [run_config(cfg, params, r, None) for r in plan(["kd", "ig"], [1])]
-    assert {c.student_train.seed for c in cfgs} == {cfg.student_train.seed + 1}
+    cfgs = [run_config(cfg, params, r, None) for r in plan(design_of(["kd", "ig"]), [1])]
+    assert {c.student_train.seed for c in cfgs} == {cfg.student_train.seed + 1001}
     assert [(c.method.kd, c.method.ig) for c in cfgs] == \
         [(False, False), (True, False), (False, True), (True, True)]
     assert {(c.kd.temperature, c.kd.alpha, c.ig.steps) for c in cfgs} == {(3.0, 0.4, 4)}
@@ -43,6 +48,18 @@ def test_conditions_of_a_seed_share_everything_but_the_factors() -> None:
     assert other.student_train.seed != cfgs[0].student_train.seed
     swept = run_config(cfg, params, Run(frozenset(), 0, 0.5), "width")
     assert swept.student.width == 0.5
+    shuffled = run_config(cfg, params, Run(frozenset({"kd", "shuffled"}), 0), None)
+    assert shuffled.method.ig and shuffled.ig.source == "shuffled" and shuffled.method.kd
+
+
+def test_replicate_seeds_never_coincide_with_the_search_seed() -> None:
+    """Search trials train at student_train.seed; replicate 0 used to train there too, so the
+    KD+IG search's winner was replicate 0 of KD+IG (selected on its own luck)."""
+    cfg = load_study("kd_ig", "smoke")
+    seeds = {run_config(cfg, {}, r, None).student_train.seed
+             for r in plan(design_of(["kd", "ig"]), list(range(10)))}
+    assert cfg.student_train.seed not in seeds
+    assert seeds == {cfg.student_train.seed + 1000 + r for r in range(10)}
 
 
 def test_monte_carlo_subsets_are_stratified_and_shared_by_conditions() -> None:
@@ -73,26 +90,95 @@ def test_smoke_ablation_end_to_end(tmp_path: Path, isolated_storage: Path) -> No
     assert proc.returncode == 0, proc.stderr
     assert "KD+IG - KD" in proc.stdout and "KD x IG" in proc.stdout
     assert "test accuracy under corruptions" in proc.stdout
+    # the design, the seeds, Holm, d_z and the minimum detectable difference are printed
+    assert "design: --params file" in proc.stdout and "replicate seeds 1000..1001" in proc.stdout
+    assert "Holm" in proc.stdout and "d_z" in proc.stdout and "MDE" in proc.stdout
+    assert "* KD+IG - KD" in proc.stdout and "primary comparison" in proc.stdout
+    assert "Wilcoxon n/a where n < 6" in proc.stdout
     name = "kd_ig-smoke.ablation"
     res = json.loads((out / f"{name}.json").read_text())
+    assert res["design"] == "file" and res["seeds"] == {"0": 1000, "1": 1001}
+    assert res["primary"] == "KD+IG - KD on test accuracy"
     summ = {s["condition"]: s for s in res["results"]["all"]["test_acc"]["summaries"]}
     assert set(summ) == {"student", "KD", "IG", "KD+IG"} and all(s["n"] == 2 for s in summ.values())
     assert len(res["runs"]) == 8
+    assert {r["seed"] for r in res["runs"]} == {1000, 1001}  # the seeds the students trained at
+    test = res["results"]["all"]["test_acc"]
+    kdig = next(c for c in test["comparisons"] if c["name"] == "KD+IG - KD")
+    assert kdig["primary"] and kdig["t_p_holm"] >= kdig["t_p"]
+    assert kdig["wilcoxon_p"] is None and "n = 2 < 6" in kdig["wilcoxon_note"]
+    assert kdig["mde"] is not None and kdig["mde"] > 0
     robust = res["results"]["all"]["robust_test_acc"]
     assert [c["a"] for c in robust["comparisons"]] == ["KD", "IG", "KD+IG", "KD+IG"]
+    assert not any(c["primary"] for c in robust["comparisons"])
     assert all("robust_test_jpeg" in r for r in res["runs"])
     csv_text = (out / f"{name}.csv").read_text()
     assert csv_text.startswith("group,metric,kind,name") and "KD+IG - KD" in csv_text
+    assert "t_p_holm" in csv_text.splitlines()[0]
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{isolated_storage}/kdig.db")
+    assert study.user_attrs["ablation"]["seeds"] == {"0": 1000, "1": 1001}
     trials = study.get_trials()
     assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
-    assert {(t.params["condition"], t.params["seed"]) for t in trials} == \
+    assert {(t.params["condition"], t.params["replicate"]) for t in trials} == \
         {(c, s) for c in ("student", "KD", "IG", "KD+IG") for s in (0, 1)}
     assert all("test_acc" in t.user_attrs for t in trials)
     # a re-run with more seeds only adds the new seed's runs
     proc = _ablate("--seeds", "3", "--params", _params_file(tmp_path), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert len(study.get_trials()) == 12
+    # another design on the same study is refused, in one line
+    assert_one_line_error(_ablate("--seeds", "3", "--params", "fixed", "--out", str(out)),
+                          "ran with another design", "--study-name")
+
+
+def test_multi_level_overlay_ablation_through_the_cli(tmp_path: Path,
+                                                      isolated_storage: Path) -> None:
+    proc = _ablate("--seeds", "1", "--factors", "kd,overlay=none|ig|shuffled|gradcam",
+                   "--params", _params_file(tmp_path), "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
+    assert res["factors"] == {"kd": ["none", "kd"], "overlay": ["none", "ig", "shuffled",
+                                                                "gradcam"]}
+    test = res["results"]["all"]["test_acc"]
+    assert {s["condition"] for s in test["summaries"]} == \
+        {"student", "KD", "IG", "shuffled", "gradcam", "KD+IG", "KD+shuffled", "KD+gradcam"}
+    pairs = {c["name"] for c in test["comparisons"]}
+    assert {"KD+shuffled - KD", "KD+shuffled - KD+IG", "KD+gradcam - KD",
+            "KD+gradcam - KD+IG", "gradcam - IG", "KD+IG - KD"} <= pairs
+    assert {e["name"] for e in test["effects"]} >= {"KD", "IG", "shuffled", "gradcam",
+                                                    "KD x shuffled"}
+    sources = {r["condition"]: r.get("source") for r in res["runs"]}
+    assert sources["KD+shuffled"] == "shuffled" and sources["gradcam"] == "gradcam"
+    assert sources["KD+IG"] == "ig" and sources["KD"] is None
+
+
+@pytest.mark.slow
+def test_controls_run_with_kd_only_through_the_cli(tmp_path: Path,
+                                                   isolated_storage: Path) -> None:
+    proc = _ablate("--seeds", "1", "--factors", "kd,ig", "--controls", "shuffled,random",
+                   "--params", _params_file(tmp_path), "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "6 runs (6 conditions x 1 replicates)" in proc.stdout
+    res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
+    assert res["controls"] == ["shuffled", "random"]
+    test = res["results"]["all"]["test_acc"]
+    assert [s["condition"] for s in test["summaries"]] == \
+        ["student", "KD", "IG", "KD+IG", "KD+shuffled", "KD+random"]
+    pairs = {c["name"] for c in test["comparisons"]}
+    assert {"KD+shuffled - KD", "KD+shuffled - KD+IG", "KD+random - KD", "KD+random - KD+IG",
+            "KD+IG - KD"} <= pairs
+    # the controls take no part in the factorial effects
+    assert {e["name"] for e in test["effects"]} == {"KD", "IG", "KD x IG"}
+    sources = {r["condition"]: r.get("source") for r in res["runs"]}
+    assert sources["KD+random"] == "random" and sources["KD+shuffled"] == "shuffled"
+    assert len(res["runs"]) == 6
+    study = optuna.load_study(study_name="kd_ig-smoke.ablation",
+                              storage=f"sqlite:///{isolated_storage}/kdig.db")
+    assert study.user_attrs["ablation"]["controls"] == ["shuffled", "random"]
+    # the same study without the controls is refused: it ran with them
+    assert_one_line_error(_ablate("--seeds", "1", "--factors", "kd,ig", "--params",
+                                  _params_file(tmp_path), "--controls", "gradcam"),
+                          "ran with another", "controls=['shuffled', 'random']")
 
 
 def test_sweep_and_monte_carlo_through_the_cli(tmp_path: Path, isolated_storage: Path) -> None:
@@ -117,12 +203,72 @@ def test_sweep_and_monte_carlo_through_the_cli(tmp_path: Path, isolated_storage:
 @pytest.mark.parametrize("args,fragments", [
     (["--factors", "kd,xx"], ["--factors kd,xx", "'xx'", "allowed: kd, ig, at"]),
     (["--factors", "kd,kd"], ["--factors kd,kd"]),
+    (["--factors", "ig,overlay=none|ig"], ["repeated"]),
+    (["--factors", "kd,overlay=ig|shuffled"], ["include none"]),
+    (["--factors", "kd,overlay=none|lime"], ["unknown: 'lime'", "gradcam"]),
     (["--sweep", "depth=3"], ["--sweep depth=3", "one of drop_blocks, width"]),
+    (["--sweep", "width=-0.5"], ["--sweep width=-0.5", "> 0"]),
+    (["--sweep", "width=0"], ["--sweep width=0", "> 0"]),
+    (["--sweep", "width=nan"], ["--sweep width=nan", "finite"]),
+    (["--sweep", "drop_blocks=3"], ["drop_blocks compresses a mobilenetv2", "sweep width"]),
+    (["--heartbeat", "0"], ["--heartbeat must be >= 1"]),
     (["--params", "best"], ["no study 'kd_ig-smoke'", "optimize"]),
+    (["--params", "per-condition"], ["no study 'student-smoke'", "--study student"]),
+    (["--params", "per-condition", "--factors", "kd,overlay=none|shuffled"],
+     ["no search study for condition(s) shuffled"]),
     (["--params", "missing.toml"], ["--params missing.toml: no such file"]),
+    (["--controls", "shuffled", "--factors", "kd"], ["--controls shuffled", "kd and ig"]),
+    (["--controls", "ig"], ["--controls ig", "'ig'", "allowed: shuffled"]),
+    (["--controls", "shuffled,shuffled"], ["'shuffled'", "repeated"]),
+    (["--controls", "gradcam", "--factors", "kd,overlay=none|ig|gradcam"],
+     ["already an overlay level"]),
 ])
 def test_bad_input_is_one_line(args: list[str], fragments: list[str]) -> None:
     assert_one_line_error(_ablate(*args), *fragments)
+
+
+def _search_study(url: str, name: str, params: dict, value: float, seed: int = 0) -> None:
+    """A finished search study with one completed trial (as optimize records it)."""
+    study = optuna.create_study(study_name=name, storage=url, direction="maximize",
+                                load_if_exists=True)
+    dists = {k: FloatDistribution(0.001, 10.0) if isinstance(v, float)
+             else CategoricalDistribution([v]) for k, v in params.items()}
+    study.add_trial(create_trial(params=params, distributions=dists, value=value,
+                                 user_attrs={"metrics": {"seed": seed}}))
+
+
+def test_per_condition_design_takes_each_conditions_own_search(tmp_path: Path,
+                                                                isolated_storage: Path) -> None:
+    url = f"sqlite:///{isolated_storage}/kdig.db"
+    isolated_storage.mkdir(parents=True, exist_ok=True)
+    own = {"student": {"lr": 0.002}, "kd": {"temperature": 3.0, "alpha": 0.3},
+           "ig": {"overlay_strength": 0.3, "overlay_prob": 0.25, "ig_steps": 8},
+           "kd_ig": {"temperature": 6.0, "alpha": 0.7, "overlay_strength": 0.6,
+                     "overlay_prob": 0.15, "ig_steps": 16}}
+    for study_file, params in own.items():
+        _search_study(url, f"{study_file}-smoke", params, 0.5)
+    proc = _ablate("--seeds", "1", "--params", "per-condition", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "each condition at the best trial of its own search" in proc.stdout
+    res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
+    assert res["design"] == "per-condition"
+    assert {k: v["study"] for k, v in res["origin"].items()} == \
+        {"student": "student-smoke", "KD": "kd-smoke", "IG": "ig-smoke", "KD+IG": "kd_ig-smoke"}
+    cfg = load_study("kd_ig", "smoke")
+    p = res["params"]
+    assert p["student"]["lr"] == 0.002 and p["KD"]["lr"] == cfg.student_train.lr
+    assert (p["KD"]["temperature"], p["KD"]["alpha"]) == (3.0, 0.3)
+    assert (p["KD+IG"]["temperature"], p["KD+IG"]["ig_steps"]) == (6.0, 16)
+    assert (p["IG"]["overlay_prob"], p["IG"]["temperature"]) == (0.25, cfg.kd.temperature)
+
+
+def test_a_replicate_seed_used_by_a_search_trial_is_refused(tmp_path: Path,
+                                                            isolated_storage: Path) -> None:
+    url = f"sqlite:///{isolated_storage}/kdig.db"
+    isolated_storage.mkdir(parents=True, exist_ok=True)
+    _search_study(url, "kd_ig-smoke", {"temperature": 3.0}, 0.5, seed=1001)
+    assert_one_line_error(_ablate("--seeds", "3", "--params", "best"),
+                          "ablation seeds [1001] were used by search trials of kd_ig-smoke")
 
 
 def test_best_params_need_a_completed_trial(isolated_storage: Path) -> None:
@@ -130,7 +276,7 @@ def test_best_params_need_a_completed_trial(isolated_storage: Path) -> None:
     isolated_storage.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name="kd_ig-smoke", storage=url)
     study.tell(study.ask(), state=TrialState.FAIL)
-    assert_one_line_error(_ablate(), "has no completed trials", "--params FILE.toml")
+    assert_one_line_error(_ablate(), "has no completed trials", "--params fixed or FILE.toml")
 
 
 def test_bad_params_file(tmp_path: Path) -> None:
@@ -139,6 +285,8 @@ def test_bad_params_file(tmp_path: Path) -> None:
     assert_one_line_error(_ablate("--params", str(f)), "params.alpha = 3.0", "<= 1")
     f.write_text("[params]\nbeta = 3.0\n")
     assert_one_line_error(_ablate("--params", str(f)), "unknown key 'params.beta'")
+    f.write_text("[params]\noverlay_prob = nan\n")
+    assert_one_line_error(_ablate("--params", str(f)), "params.overlay_prob = nan", "finite")
 
 
 @pytest.mark.slow
@@ -148,32 +296,67 @@ def test_resume_after_a_kill(tmp_path: Path, isolated_storage: Path) -> None:
     base = [sys.executable, "-m", "kdig_study.ablate", "--study", "kd_ig", "--scale", "smoke",
             "--no-progress", "--seeds", "1", "--params", params, "--heartbeat", "1",
             "--out", str(tmp_path)]
-    proc = subprocess.Popen(base, cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
     db = isolated_storage / "kdig.db"
-    while time.time() < deadline:
+
+    def running() -> list[int]:
         if not db.exists():
-            time.sleep(0.3)
-            continue
+            return []
         try:
             trials = optuna.load_study(study_name="kd_ig-smoke.ablation",
                                        storage=url).get_trials()
-            if sum(t.state == TrialState.COMPLETE for t in trials) >= 1 and \
-                    any(t.state == TrialState.RUNNING for t in trials):
-                break
         except KeyError:
-            pass
-        time.sleep(0.3)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+            return []
+        if not any(t.state == TrialState.COMPLETE for t in trials):
+            return []
+        return [t.number for t in trials if t.state == TrialState.RUNNING]
+
+    # Kill while a run is in flight. The kill can land between two runs (the IG maps are
+    # computed outside any trial); then nothing was interrupted and the command resumes.
+    killed_mid_run = False
+    for _ in range(4):
+        proc = subprocess.Popen(base, cwd=REPO, env=os.environ.copy(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not running():
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if running():
+            killed_mid_run = True
+            break
+    assert killed_mid_run, "never caught a run in flight"
     again = subprocess.run(base, cwd=REPO, env=os.environ.copy(), capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     trials = optuna.load_study(study_name="kd_ig-smoke.ablation", storage=url).get_trials()
-    done = [(t.params["condition"], t.params["seed"]) for t in trials
+    done = [(t.params["condition"], t.params["replicate"]) for t in trials
             if t.state == TrialState.COMPLETE]
     assert sorted(done) == sorted({(c, 0) for c in ("student", "KD", "IG", "KD+IG")})
     assert sum(t.state == TrialState.FAIL for t in trials) == 1
     assert not any(t.state == TrialState.RUNNING for t in trials)
+
+
+@pytest.mark.slow
+def test_two_ablate_commands_on_one_study_never_add_an_unplanned_run(
+        tmp_path: Path, isolated_storage: Path) -> None:
+    """Both used to pick the same planned run; the one that found nothing waiting fell
+    through to the random sampler and invented a run (condition=IG, seed=878204)."""
+    params = _params_file(tmp_path)
+    url = f"sqlite:///{isolated_storage}/kdig.db"
+    # the teacher and maps first, so both commands start their runs at the same moment
+    first = _ablate("--seeds", "1", "--factors", "ig", "--params", params, "--study-name",
+                    "warm-up", "--out", str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    cmd = [sys.executable, "-m", "kdig_study.ablate", "--study", "kd_ig", "--scale", "smoke",
+           "--no-progress", "--seeds", "2", "--params", params, "--out", str(tmp_path)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    trials = optuna.load_study(study_name="kd_ig-smoke.ablation", storage=url).get_trials()
+    planned = {(c, r) for c in ("student", "KD", "IG", "KD+IG") for r in (0, 1)}
+    made = [(t.params.get("condition"), t.params.get("replicate")) for t in trials]
+    assert set(made) <= planned and len(made) == len(set(made)) == 8, made
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    # the two commands shared the work
+    assert all("[" in out for out, _ in outs)

@@ -89,6 +89,29 @@ def test_loader_applies_one_crop_and_flip_to_image_and_plane() -> None:
     assert moved >= 3
 
 
+def test_ig_on_and_ig_off_loaders_of_one_seed_see_the_same_images_crops_and_flips() -> None:
+    """The overlay draws from its own generator: switching it on must not shift the data
+    order, crops or flips of any epoch (it used to draw from the loader's generator, so an
+    IG-on run saw other crops than the IG-off run of the same seed)."""
+    from kdig_study.overlay import IGOverlay
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (90, 3, 32, 32), generator=g, dtype=torch.uint8)
+    planes = torch.rand(90, 1, 32, 32, generator=g)
+    data = ImageSet(images, torch.zeros(90, dtype=torch.long))
+    common = dict(batch_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, train=True, pad=4,
+                  flip=True, seed=7, drop_last=True)
+    on = BatchLoader(data, planes=planes, overlay=IGOverlay(0.5, 0.5), **common)
+    off = BatchLoader(data, **common)
+    overlaid = 0
+    for _ in range(3):  # epochs
+        for a, b in zip(on, off, strict=True):
+            assert torch.equal(a.index, b.index)
+            assert torch.equal(a.x_clean, b.x_clean)  # same crop and flip of each image
+            overlaid += int((a.x != a.x_clean).flatten(1).any(1).sum())
+    assert overlaid > 0  # the overlay did act on the IG-on side
+
+
 def test_loader_crop_is_a_shift_of_the_zero_padded_image() -> None:
     img = torch.arange(3 * 32 * 32).remainder(251).to(torch.uint8).view(1, 3, 32, 32)
     loader = BatchLoader(ImageSet(img.repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.long)),

@@ -6,7 +6,10 @@ import math
 
 import pytest
 
-from kdig_study.stats import analyse, conditions, effects, paired, summarise
+from scipy import stats as sps
+
+from kdig_study.stats import (analyse, condition_name, conditions, design_of, effects,
+                              minimum_detectable, paired, summarise)
 
 S, KD, IG, KDIG = frozenset(), frozenset({"kd"}), frozenset({"ig"}), frozenset({"kd", "ig"})
 TABLE = {
@@ -34,22 +37,46 @@ def test_paired_t_ci_and_wilcoxon_by_hand() -> None:
     t = mean / (sd / math.sqrt(3))
     # Student's t with 2 degrees of freedom: F(t) = 1/2 + t / (2 sqrt(2 + t^2)), so the
     # two-sided p = 1 - |t| / sqrt(2 + t^2); the 97.5% quantile is 4.302653
-    assert p.n == 3 and p.mean_diff == pytest.approx(mean)
+    assert p.n == 3 and p.mean == pytest.approx(mean)
     assert p.t_p == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-6)
     half = 4.302653 * sd / math.sqrt(3)
     assert (p.ci_low, p.ci_high) == (pytest.approx(mean - half, rel=1e-5),
                                      pytest.approx(mean + half, rel=1e-5))
-    # Wilcoxon, n = 3, all differences positive: W- = 0; exact two-sided p = 2 / 2^3
-    assert p.wilcoxon_p == pytest.approx(0.25)
+    # Wilcoxon, n = 3: the exact two-sided p is at least 2 / 2^3 = 0.25, never below 0.05:
+    # reported as n/a, with the reason
+    assert math.isnan(p.wilcoxon_p) and "n = 3 < 6" in p.wilcoxon_note
+    assert p.d_z == pytest.approx(mean / sd)
+
+
+def test_wilcoxon_from_six_replicates_by_hand() -> None:
+    a = {s: 1.0 + 0.1 * s for s in range(6)}
+    p = paired("a", a, "b", {s: 0.0 for s in range(6)})
+    # all six differences positive: W- = 0; exact two-sided p = 2 / 2^6
+    assert p.wilcoxon_p == pytest.approx(2 / 64) and p.wilcoxon_note == ""
+    q = paired("a", {s: 1.0 for s in range(5)}, "b", {s: 0.0 for s in range(5)})
+    assert math.isnan(q.wilcoxon_p)
+
+
+def test_minimum_detectable_difference_has_80_percent_power() -> None:
+    n, sd = 10, 0.004
+    mde = minimum_detectable(n, sd)
+    # power of the two-sided paired t-test at that true mean, from the noncentral t
+    crit = sps.t.ppf(0.975, n - 1)
+    nc = mde / (sd / math.sqrt(n))
+    power = sps.nct.sf(crit, n - 1, nc) + sps.nct.cdf(-crit, n - 1, nc)
+    assert power == pytest.approx(0.8, abs=1e-3)
+    assert mde == pytest.approx(0.996 * sd, rel=1e-3)
+    assert minimum_detectable(5, sd) > mde  # fewer replicates: only larger effects
+    assert math.isnan(minimum_detectable(1, sd))
 
 
 def test_pairing_uses_only_shared_seeds() -> None:
     p = paired("a", {0: 1.0, 1: 2.0, 5: 9.0}, "b", {0: 0.5, 1: 1.0, 7: 0.0})
-    assert p.n == 2 and p.mean_diff == pytest.approx(0.75)
+    assert p.n == 2 and p.mean == pytest.approx(0.75)
 
 
 def test_factorial_effects_by_hand() -> None:
-    eff = {e.effect: e for e in effects(TABLE, ["kd", "ig"])}
+    eff = {e.name: e for e in effects(TABLE, design_of(["kd", "ig"]))}
     per_seed_kd = [((TABLE[KDIG][s] - TABLE[IG][s]) + (TABLE[KD][s] - TABLE[S][s])) / 2
                    for s in range(3)]
     per_seed_ig = [((TABLE[KDIG][s] - TABLE[KD][s]) + (TABLE[IG][s] - TABLE[S][s])) / 2
@@ -68,13 +95,81 @@ def test_analyse_covers_every_condition_and_kdig_vs_kd() -> None:
     pairs = [(c["a"], c["b"]) for c in a["comparisons"]]
     assert pairs == [("KD", "student"), ("IG", "student"), ("KD+IG", "student"),
                      ("KD+IG", "KD")]
+    assert [c["primary"] for c in a["comparisons"]] == [False, False, False, True]
+    assert a["primary"] == "KD+IG - KD"
     assert len(conditions(["kd", "ig", "at"])) == 8
     assert len(analyse({}, ["kd", "ig", "at"])["effects"]) == 7
+
+
+def test_holm_within_the_metric_family_by_hand() -> None:
+    a = analyse(TABLE, ["kd", "ig"])
+    rows = a["comparisons"] + a["effects"]
+    raw = [r["t_p"] for r in rows]
+    m = len(raw)
+    order = sorted(range(m), key=lambda i: raw[i])
+    expected, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * raw[i]))
+        expected[i] = running
+    assert [r["t_p_holm"] for r in rows] == pytest.approx(expected)
+    assert all(r["t_p_holm"] >= r["t_p"] for r in rows)
+    # n = 3: no Wilcoxon p, so nothing to adjust
+    assert all(math.isnan(r["wilcoxon_p_holm"]) for r in rows)
+
+
+def test_multi_level_overlay_factor() -> None:
+    design = {"kd": (None, "kd"), "overlay": (None, "ig", "shuffled")}
+    conds = conditions(design)
+    assert [condition_name(c) for c in conds] == \
+        ["student", "KD", "IG", "shuffled", "KD+IG", "KD+shuffled"]
+    sh, kdsh = frozenset({"shuffled"}), frozenset({"kd", "shuffled"})
+    table = dict(TABLE) | {sh: {0: 0.70, 1: 0.71, 2: 0.72}, kdsh: {0: 0.75, 1: 0.76, 2: 0.74}}
+    a = analyse(table, design)
+    pairs = [(c["a"], c["b"]) for c in a["comparisons"]]
+    for pair in [("KD+IG", "KD"), ("shuffled", "student"), ("shuffled", "IG"),
+                 ("KD+shuffled", "KD"), ("KD+shuffled", "KD+IG"), ("KD+shuffled", "student")]:
+        assert pair in pairs, pair
+    assert len(pairs) == len(set(pairs))
+    eff = {e["name"]: e for e in a["effects"]}
+    assert set(eff) == {"KD", "IG", "shuffled", "KD x IG", "KD x shuffled"}
+    # KD's main effect: the mean over the three overlay levels of (with KD - without)
+    per_seed = [sum(table[c | {"kd"}][s] - table[c][s] for c in (S, IG, sh)) / 3
+                for s in range(3)]
+    assert eff["KD"]["mean"] == pytest.approx(sum(per_seed) / 3)
+    # shuffled against none, averaged over KD off and on
+    per_seed = [((table[sh][s] - table[S][s]) + (table[kdsh][s] - table[KD][s])) / 2
+                for s in range(3)]
+    assert eff["shuffled"]["mean"] == pytest.approx(sum(per_seed) / 3)
+    x = [(table[kdsh][s] - table[sh][s]) - (table[KD][s] - table[S][s]) for s in range(3)]
+    assert eff["KD x shuffled"]["mean"] == pytest.approx(sum(x) / 3)
+
+
+def test_controls_beside_the_factorial_design() -> None:
+    design = design_of(["kd", "ig"])
+    conds = conditions(design, ("shuffled", "random"))
+    assert [condition_name(c) for c in conds] == \
+        ["student", "KD", "IG", "KD+IG", "KD+shuffled", "KD+random"]
+    ksh, krnd = frozenset({"kd", "shuffled"}), frozenset({"kd", "random"})
+    table = dict(TABLE) | {ksh: {0: 0.75, 1: 0.76, 2: 0.74}, krnd: {0: 0.73, 1: 0.79, 2: 0.75}}
+    a = analyse(table, design, ("shuffled", "random"))
+    cmp = {c["name"]: c for c in a["comparisons"]}
+    assert set(cmp) == {"KD - student", "IG - student", "KD+IG - student", "KD+shuffled - student",
+                        "KD+random - student", "KD+IG - KD", "KD+shuffled - KD",
+                        "KD+shuffled - KD+IG", "KD+random - KD", "KD+random - KD+IG"}
+    d = [table[ksh][s] - table[KDIG][s] for s in range(3)]
+    assert cmp["KD+shuffled - KD+IG"]["mean"] == pytest.approx(sum(d) / 3)
+    # effects as without the controls; the controls widen the Holm family
+    plain = analyse(TABLE, design)
+    assert [e["mean"] for e in a["effects"]] == pytest.approx([e["mean"] for e in plain["effects"]])
+    p_plain = {c["name"]: c["t_p_holm"] for c in plain["comparisons"]}
+    assert cmp["KD+IG - KD"]["t_p"] == pytest.approx(
+        next(c["t_p"] for c in plain["comparisons"] if c["name"] == "KD+IG - KD"))
+    assert cmp["KD+IG - KD"]["t_p_holm"] >= p_plain["KD+IG - KD"]
 
 
 def test_degenerate_inputs_do_not_crash() -> None:
     one = paired("a", {0: 1.0}, "b", {0: 0.0})
     assert one.n == 1 and math.isnan(one.ci_low) and math.isnan(one.t_p)
     same = paired("a", {0: 1.0, 1: 1.0}, "b", {0: 1.0, 1: 1.0})
-    assert same.t_p == 1.0 and same.wilcoxon_p == 1.0
+    assert same.t_p == 1.0 and math.isnan(same.d_z)
     assert summarise("x", []).n == 0
