@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -11,6 +14,7 @@ import torch
 
 from kdig_study.config import SCALES, StudyConfig, load_study
 from kdig_study.errors import KdigError
+from kdig_study.measure import default_threads
 
 
 class Parser(argparse.ArgumentParser):
@@ -29,6 +33,10 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
                    help="CIFAR-10 folder or archive (default: $KDIG_DATA, ./data, ../shared/data)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   dest="overrides",
+                   help="override a study-file value, e.g. --set student_train.epochs=2 "
+                        "(repeatable; checked like the file, recorded in the study's config)")
 
 
 def default_scale() -> str:
@@ -36,7 +44,8 @@ def default_scale() -> str:
 
 
 def load_from_args(args: argparse.Namespace) -> StudyConfig:
-    return load_study(args.study, args.scale or default_scale())
+    return load_study(args.study, args.scale or default_scale(),
+                      getattr(args, "overrides", []) or [])
 
 
 def run(main: Callable[[], int | None]) -> NoReturn:
@@ -47,7 +56,45 @@ def run(main: Callable[[], int | None]) -> NoReturn:
     except KdigError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except OSError as e:
+        # a folder that cannot be written (read-only, full, missing permission): the file
+        # and the reason in one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: cannot write or read {where}{e.strerror or e}; check the folder "
+              f"(KDIG_STORAGE, KDIG_CACHE, KDIG_ARTIFACTS, --out)", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+def spawn_workers(module: str, argv: list[str], n: int) -> None:
+    """N copies of a command (``python -m module argv --worker-index i --no-progress``) that
+    share one study through its store; torch threads split so workers x threads <= cores.
+    CUDA devices are dealt round-robin (worker i on device i mod GPUs): with one GPU every
+    worker shares it, which pays when one small model leaves the GPU idle (the device check
+    measures img/s at 1, 2, 4 and 8 workers). Ctrl-C reaches every worker."""
+    threads = max(1, default_threads() // n)
+    gpus = torch.cuda.device_count()
+    procs = []
+    for i in range(n):
+        env = os.environ.copy() | {"OMP_NUM_THREADS": str(threads),
+                                   "KDIG_THREADS": str(threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv,
+                                       "--worker-index", str(i), "--no-progress"], env=env))
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:  # a terminal's Ctrl-C reached them too; make sure, then wait
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        raise
+    failed = [c for c in codes if c != 0]
+    if failed:
+        raise KdigError(f"{len(failed)} of {n} workers failed (exit codes {failed}); "
+                        f"run the same command again to finish")

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tomllib
 import types
@@ -36,7 +37,13 @@ SEARCH_PARAMS: tuple[str, ...] = (
     "ig_steps",
     "lr",
     "at_weight",
+    "source",
 )
+# Where the overlay's maps come from (kdig_study.sources): the teacher's IG maps; two
+# controls (IG maps of other images, smooth random maps with IG's per-map values); and
+# Captum's other attribution methods on the same teacher.
+MAP_SOURCES: tuple[str, ...] = ("ig", "shuffled", "random", "saliency", "input_x_gradient",
+                                "smoothgrad", "gradient_shap", "gradcam")
 
 
 def _bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
@@ -67,6 +74,13 @@ class ModelConfig:
     width: float = _bounded(1.0, gt=0.0, le=4.0)
     # Trailing modules of `features` removed (the paper's student: 5, keeping 13 blocks).
     drop_blocks: int = _bounded(0, ge=0, le=17)
+    # teacher only: your own trained teacher (.safetensors, this architecture) instead of
+    # training one; "" trains it
+    weights: str = ""
+    # convnet only: "default", or "airbench": Keller Jordan's network (a frozen 2x2
+    # patch-whitening stem, BatchNorm without scale, identity-initialised convolutions, a
+    # max-pool head with a scaled bias-free classifier); kdig_study.models
+    style: Literal["default", "airbench"] = "default"
 
 
 @dataclass(frozen=True)
@@ -75,16 +89,32 @@ class TrainConfig:
     lr: float = _bounded(1e-3, gt=0.0, le=10.0)
     weight_decay: float = _bounded(0.0, ge=0.0)
     momentum: float = _bounded(0.9, ge=0.0, le=1.0)
-    schedule: Literal["constant", "onecycle", "cosine"] = "constant"
+    # learning rate multiplier of BatchNorm biases (their weight decay is divided by it, so
+    # the decay per step stays): airbench trains them 64x faster
+    bias_lr_scale: float = _bounded(1.0, gt=0.0, le=1000.0)
+    # triangle: airbench's, linear from 0.2 x lr up to lr at 23% of the steps, then down to
+    # 0.07 x lr
+    schedule: Literal["constant", "onecycle", "cosine", "triangle"] = "constant"
     epochs: int = _bounded(100, ge=1)
     batch_size: int = _bounded(64, ge=1)
     label_smoothing: float = _bounded(0.0, ge=0.0, le=1.0)
     # 0: the whole training split; else a stratified subset of that many images.
     train_size: int = _bounded(0, ge=0)
+    # random-crop padding of this role's training (-1: data.pad); e.g. a short teacher
+    # schedule learns more from translations of 2 px than of 4
+    pad: int = _bounded(-1, ge=-1, le=16)
     seed: int = 0
     # auto: bfloat16 autocast where the hardware runs it fast (CUDA; CPUs with AMX or
     # AVX512-BF16), else fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # torch.compile the training forward passes (student, and a KD teacher); `bench --only
+    # compile` measures what it buys on this machine
+    compile: bool = False
+    # airbench's lookahead averaging: from `ema_start` (fraction of training) on, every 5
+    # steps the weights move to an exponential average of themselves whose decay rises
+    # towards the end; the averaged weights are what is evaluated
+    ema: bool = False
+    ema_start: float = _bounded(0.3, ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)
@@ -108,19 +138,36 @@ class ATConfig:
 @dataclass(frozen=True)
 class IGConfig:
     steps: int = _bounded(50, ge=1, le=4096)
-    # trapezoid: ours, nested (8/16/32/64 share points); the rest are Captum's rules
-    method: Literal["trapezoid", "gausslegendre", "riemann_middle", "riemann_left",
-                    "riemann_right", "riemann_trapezoid"] = "gausslegendre"
+    # trapezoid, clenshaw_curtis: ours, nested (8/16/32/64 share points); the rest are
+    # Captum's rules
+    method: Literal["trapezoid", "clenshaw_curtis", "gausslegendre", "riemann_middle",
+                    "riemann_left", "riemann_right", "riemann_trapezoid"] = "gausslegendre"
     baseline: Literal["zeros", "black", "blur"] = "zeros"
     reduce: Literal["abs_sum", "sum_abs", "l2"] = "abs_sum"
     batch_size: int = _bounded(64, ge=1)  # images per IG chunk (and per resumable step)
     internal_batch: int = _bounded(128, ge=1)  # points x images per forward/backward pass
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_gap: float = _bounded(0.05, gt=0.0)  # bound on the median relative completeness gap
+    # Adaptive mode (kdig_study.adaptive), when target_gap > 0: every image starts with
+    # `adaptive_start` intervals of the nested `adaptive_rule` and is refined (doubling) until
+    # its completeness gap is <= target_gap or it reaches `adaptive_cap` intervals. One map
+    # per image; `steps` and the search's ig_steps then have no effect.
+    target_gap: float = _bounded(0.0, ge=0.0, le=1.0)
+    adaptive_rule: Literal["trapezoid", "clenshaw_curtis"] = "clenshaw_curtis"
+    adaptive_start: int = _bounded(4, ge=1, le=1024)
+    adaptive_cap: int = _bounded(128, ge=1, le=4096)
     overlay_prob: float = _bounded(0.1, ge=0.0, le=1.0)
     overlay_strength: float = _bounded(0.5, ge=0.0, le=1.0)  # lam in x' = (1-lam) x + lam M
     exponent_low: float = _bounded(1.0, gt=0.0)
     exponent_high: float = _bounded(2.0, gt=0.0)
+    # The overlay's maps: one of MAP_SOURCES. shuffled and random are derived from the IG
+    # maps of `steps`; the Captum sources ignore `steps`.
+    source: Literal["ig", "shuffled", "random", "saliency", "input_x_gradient", "smoothgrad",
+                    "gradient_shap", "gradcam"] = "ig"
+    source_seed: int = 0  # derangement (shuffled), noise (random, smoothgrad, gradient_shap)
+    smoothgrad_samples: int = _bounded(16, ge=1, le=1024)  # noisy copies per image
+    smoothgrad_sigma: float = _bounded(0.5, gt=0.0)  # noise sd in the normalised input space
+    shap_samples: int = _bounded(16, ge=1, le=1024)  # GradientShap's random path points
 
 
 CORRUPTIONS: tuple[str, ...] = ("jpeg", "gaussian_noise", "gaussian_blur", "contrast",
@@ -141,13 +188,24 @@ class RobustnessConfig:
 
 
 @dataclass(frozen=True)
+class ExpectedConfig:
+    """Measured wall times, in minutes, for the banner's estimate (0: not measured). Not part
+    of the config fingerprint: they describe a machine, not a result."""
+
+    teacher: float = _bounded(0.0, ge=0.0)  # training the teacher
+    maps: float = _bounded(0.0, ge=0.0)  # every map store `optimize` computes up front
+    trial: float = _bounded(0.0, ge=0.0)  # one search trial, pruned ones included (mean)
+    machine: str = "a 2-core CPU"  # where they were measured
+
+
+@dataclass(frozen=True)
 class ParamSpec:
     """One search dimension: a float/int range (optionally log) or a list of choices."""
 
     low: float | None = None
     high: float | None = None
     log: bool = False
-    choices: tuple[float, ...] = ()
+    choices: tuple[float | str, ...] = ()  # numbers, or map sources for `source`
 
 
 @dataclass(frozen=True)
@@ -156,6 +214,11 @@ class SearchConfig:
     timeout: float = _bounded(0.0, ge=0.0)  # seconds; 0 means none
     sampler: Literal["tpe", "random", "nsga2"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
+    # median pruner: epochs before any pruning (0: a quarter of the epochs), and the
+    # percentile a trial must stay above (50: the median); set from `python -m
+    # kdig_study.pruning` on an unpruned search
+    prune_warmup: int = _bounded(0, ge=0)
+    prune_percentile: float = _bounded(50.0, gt=0.0, le=100.0)
     seed: int = 0
     # ["val_acc"], or ["val_acc", "robust_val_acc"] for a multi-objective study
     objectives: tuple[str, ...] = ("val_acc",)
@@ -179,7 +242,8 @@ class StudyConfig:
     ig: IGConfig = IGConfig()
     search: SearchConfig = SearchConfig()
     robustness: RobustnessConfig = RobustnessConfig()
-    expected_minutes: float = 0.0  # measured wall time of `optimize` at this scale, for the banner
+    expected: ExpectedConfig = ExpectedConfig()
+    overrides: tuple[str, ...] = ()  # the --set items applied (their values are in the fields)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,7 +251,7 @@ class StudyConfig:
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not the file's path or description)."""
         d = self.to_dict()
-        for k in ("source", "description", "expected_minutes"):
+        for k in ("source", "description", "expected", "overrides"):
             d.pop(k)
         d["data"].pop("path")  # the same data found at another path is the same data
         # How long a search runs does not change what one trial means.
@@ -208,8 +272,9 @@ _SECTIONS: dict[str, type] = {
     "ig": IGConfig,
     "search": SearchConfig,
     "robustness": RobustnessConfig,
+    "expected": ExpectedConfig,
 }
-_TOP_KEYS = ("inherit", "description", "expected_minutes", "scales")
+_TOP_KEYS = ("inherit", "description", "scales")
 
 
 def _hash(obj: Any) -> str:
@@ -247,6 +312,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise KdigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise KdigError(f"{path}: not valid UTF-8 text (byte {e.start}); a study file is "
+                        f"TOML in UTF-8") from None
+    except OSError as e:
+        raise KdigError(f"{path}: cannot be read: {e.strerror or e}") from None
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -274,8 +344,44 @@ def _raw_table(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merge(_raw_table(parent_path, seen + (path.resolve(),)), table)
 
 
-def load_study(study: str, scale: str) -> StudyConfig:
-    """Load ``studies/<study>.toml`` (or a path) at a scale preset, fully validated."""
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["kd.alpha=0.5", "student_train.epochs=2"]`` -> a nested table, each checked like
+    the study file (one line naming the key, the value and what is allowed).
+
+    A value is read as a TOML value (numbers, true/false, "strings", [lists]); a bare word
+    that is not valid TOML is taken as a string (``--set ig.method=trapezoid``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        parts = [k.strip() for k in key.split(".")]
+        if not eq or len(parts) < 2 or not all(parts):
+            raise KdigError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. "
+                            f"--set student_train.epochs=2; sections: {', '.join(_SECTIONS)}")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        section = parts[0]
+        if section not in _SECTIONS:
+            raise KdigError(f"--set {item}: unknown section '{section}'; allowed: "
+                            f"{', '.join(_SECTIONS)}")
+        if len(parts) == 2 and parts[1] != "space":
+            # checked on its own first, so the error names --set, not the study file
+            _build(_SECTIONS[section], {parts[1]: value}, "--set", section)
+        node = out
+        for k in parts[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise KdigError(f"--set {item}: '{k}' is set twice, as a value and a table")
+        node[parts[-1]] = value
+    return out
+
+
+def load_study(study: str, scale: str, overrides: list[str] | tuple[str, ...] = ()
+               ) -> StudyConfig:
+    """Load ``studies/<study>.toml`` (or a path) at a scale preset, fully validated, with
+    ``--set SECTION.KEY=VALUE`` overrides applied last (recorded in the config)."""
+    over = parse_overrides(overrides)
     path = study_path(study)
     if scale not in SCALES:
         raise KdigError(f"unknown scale '{scale}'; allowed: {', '.join(SCALES)}")
@@ -296,12 +402,17 @@ def load_study(study: str, scale: str) -> StudyConfig:
     _build_study(table, path.stem, src, "paper", where="")
     preset = scales.get(scale, {})
     for key in preset:
-        if key not in _SECTIONS and key not in ("description", "expected_minutes"):
+        if key not in _SECTIONS and key != "description":
             raise KdigError(f"{src}: unknown key 'scales.{scale}.{key}'; "
-                            f"allowed: {', '.join(_SECTIONS)}, expected_minutes")
+                            f"allowed: {', '.join(_SECTIONS)}, description")
     merged = _merge(table, preset)
-    return _build_study(merged, path.stem, src, scale, where=f"scales.{scale}.",
-                        overridden=preset)
+    if not over:
+        return _build_study(merged, path.stem, src, scale, where=f"scales.{scale}.",
+                            overridden=preset)
+    _build_study(merged, path.stem, src, scale, where=f"scales.{scale}.", overridden=preset)
+    cfg = _build_study(_merge(merged, over), path.stem, f"{src} with --set", scale,
+                       where="", overridden=over)
+    return dataclasses.replace(cfg, overrides=tuple(overrides))
 
 
 def _build_study(table: dict[str, Any], name: str, src: str, scale: str, where: str,
@@ -316,11 +427,8 @@ def _build_study(table: dict[str, Any], name: str, src: str, scale: str, where: 
     description = table.get("description", "")
     if not isinstance(description, str):
         raise KdigError(f"{src}: description = {description!r}: must be a string")
-    minutes = table.get("expected_minutes", 0.0)
-    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes < 0:
-        raise KdigError(f"{src}: expected_minutes = {minutes!r}: must be a number >= 0")
     cfg = StudyConfig(name=name, source=src, scale=scale,  # type: ignore[arg-type]
-                      description=description, expected_minutes=float(minutes), **sections)
+                      description=description, **sections)
     _check_study(cfg)
     return cfg
 
@@ -328,11 +436,20 @@ def _build_study(table: dict[str, Any], name: str, src: str, scale: str, where: 
 def _check_study(cfg: StudyConfig) -> None:
     """Checks that span several fields."""
     src = cfg.source
+    if cfg.ig.target_gap and cfg.ig.adaptive_cap < cfg.ig.adaptive_start:
+        raise KdigError(f"{src}: ig.adaptive_cap = {cfg.ig.adaptive_cap} is below "
+                        f"ig.adaptive_start = {cfg.ig.adaptive_start}; allowed: cap >= start")
     if cfg.ig.exponent_low > cfg.ig.exponent_high:
         raise KdigError(f"{src}: ig.exponent_low = {cfg.ig.exponent_low} is above "
                         f"ig.exponent_high = {cfg.ig.exponent_high}; allowed: low <= high")
+    if cfg.student.weights:
+        raise KdigError(f"{src}: student.weights = {cfg.student.weights!r}: students are "
+                        f"trained by the study; allowed: \"\" (teacher.weights takes a file)")
     for role in ("teacher", "student"):
         m: ModelConfig = getattr(cfg, role)
+        if m.arch != "convnet" and m.style != "default":
+            raise KdigError(f"{src}: {role}.style = {m.style!r}: only the convnet family has "
+                            f"the airbench style; allowed: \"default\"")
         if m.arch == "convnet" and m.drop_blocks:
             raise KdigError(f"{src}: {role}.drop_blocks = {m.drop_blocks}: the convnet family "
                             f"is compressed by width, not depth; allowed: 0")
@@ -356,9 +473,12 @@ def _check_study(cfg: StudyConfig) -> None:
     if "robust_val_acc" in objectives and not r.enabled:
         raise KdigError(f"{src}: search.objectives has robust_val_acc but robustness.enabled "
                         f"= false; allowed: enable the corruption suite")
-    if cfg.method.at and (cfg.teacher.arch != cfg.student.arch):
-        raise KdigError(f"{src}: method.at = true needs teacher and student of one family; "
-                        f"got {cfg.teacher.arch} and {cfg.student.arch}")
+    if cfg.method.at and (cfg.teacher.arch, cfg.teacher.style) != (cfg.student.arch,
+                                                                    cfg.student.style):
+        raise KdigError(f"{src}: method.at = true needs teacher and student of one family "
+                        f"and style (the tapped maps must have one size); got "
+                        f"{cfg.teacher.arch}/{cfg.teacher.style} and "
+                        f"{cfg.student.arch}/{cfg.student.style}")
 
 
 def _type_name(tp: Any) -> str:
@@ -369,7 +489,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is tuple:
         return "a list of numbers"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+    return {bool: "true or false", int: "an integer", float: "a number (finite)",
+            str: "a string"}.get(
         tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -396,7 +517,9 @@ def _coerce(tp: Any, value: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        # TOML has nan and inf: a NaN passes every range check (all comparisons are false)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and \
+            math.isfinite(value)
         return ok, float(value) if ok else value
     if tp is str:
         return isinstance(value, str), value
@@ -446,7 +569,8 @@ def _param_field(name: str) -> dataclasses.Field[Any]:
     cls, fname = {"temperature": (KDConfig, "temperature"), "alpha": (KDConfig, "alpha"),
                   "overlay_strength": (IGConfig, "overlay_strength"),
                   "overlay_prob": (IGConfig, "overlay_prob"), "ig_steps": (IGConfig, "steps"),
-                  "lr": (TrainConfig, "lr"), "at_weight": (ATConfig, "weight")}[name]
+                  "lr": (TrainConfig, "lr"), "at_weight": (ATConfig, "weight"),
+                  "source": (IGConfig, "source")}[name]
     return next(f for f in dataclasses.fields(cls) if f.name == fname)
 
 
@@ -470,6 +594,15 @@ def _build_space(table: Any, src: str, where: str) -> dict[str, ParamSpec]:
                             f"got low={spec.low}, high={spec.high}")
         elif spec.log and spec.low <= 0:
             raise KdigError(f"{src}: {key}.low = {spec.low}: a log scale needs low > 0")
+        if name == "source":
+            bad = [c for c in spec.choices if c not in MAP_SOURCES]
+            if not spec.choices or bad:
+                raise KdigError(f"{src}: {key}.choices = {list(spec.choices)}: a list of map "
+                                f"sources; allowed: {', '.join(MAP_SOURCES)}")
+            space[name] = spec
+            continue
+        if any(isinstance(c, str) for c in spec.choices):
+            raise KdigError(f"{src}: {key}.choices = {list(spec.choices)}: allowed: numbers")
         if name == "ig_steps" and not spec.choices:
             raise KdigError(f"{src}: {key}: IG steps are searched over choices "
                             f"(the counts the map store can serve), e.g. choices = [8, 16, 32]")
@@ -485,7 +618,7 @@ def _build_space(table: Any, src: str, where: str) -> dict[str, ParamSpec]:
     return space
 
 
-def load_params(path: str) -> dict[str, float | int]:
+def load_params(path: str) -> dict[str, float | int | str]:
     """A ``[params]`` table of method hyperparameters (the names the search uses), checked."""
     p = Path(path)
     if not p.is_file():
@@ -496,11 +629,17 @@ def load_params(path: str) -> dict[str, float | int]:
     if not isinstance(params, dict) or set(table) != {"params"}:
         raise KdigError(f"{p}: expected exactly one table [params] with keys from "
                         f"{', '.join(SEARCH_PARAMS)}")
-    out: dict[str, float | int] = {}
+    out: dict[str, float | int | str] = {}
     for name, value in params.items():
         if name not in SEARCH_PARAMS:
             raise KdigError(f"{p}: unknown key 'params.{name}'; "
                             f"allowed: {', '.join(SEARCH_PARAMS)}")
+        if name == "source":
+            if value not in MAP_SOURCES:
+                raise KdigError(f"{p}: params.source = {value!r}; allowed: "
+                                f"{', '.join(MAP_SOURCES)}")
+            out[name] = value
+            continue
         tp = int if name == "ig_steps" else float
         ok, converted = _coerce(tp, value)
         if not ok:

@@ -6,8 +6,9 @@ Every corrupted image is quantised back to uint8, as a camera would deliver it. 
 corrupted sets are deterministic under a seed and cached once per data set. To keep their
 cost within a quarter of a run's evaluation time, each (corruption, severity) setting is
 evaluated on its own stratified slice of the split (``test_per_setting`` images; 0 = every
-image under every setting); slices of different settings are disjoint where the split is
-large enough, so the suite covers many images.
+image under every setting). The severities of one corruption share its slice, so severity
+curves compare the same images; slices of different corruptions are disjoint where the
+split is large enough, so the suite covers many images.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ SEVERITY: dict[str, tuple[float, float, float]] = {
     "contrast": (0.6, 0.4, 0.25),  # factor towards each image's mean grey
     "brightness": (0.15, 0.30, 0.45),  # added to every pixel on the [0, 1] scale
 }
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: one slice per corruption
 
 
 def jpeg_bytes(images: torch.Tensor, quality: int) -> list[bytes]:
@@ -115,17 +116,22 @@ class CorruptedSplit:
     settings: list[Setting]
     images: torch.Tensor
     labels: torch.Tensor
+    rows: torch.Tensor  # [S, M]: the split's row of every image, per setting
 
 
-def _slices(labels: torch.Tensor, n_settings: int, per_setting: int, seed: int
+def _slices(labels: torch.Tensor, sets: list[Setting], per_setting: int, seed: int
             ) -> list[torch.Tensor]:
-    """Row indices per setting: stratified, disjoint while the split has room."""
+    """Row indices per setting: one stratified slice per corruption, shared by all its
+    severities (a severity curve then compares the same images, not image difficulty), and
+    disjoint across corruptions while the split has room."""
     if per_setting == 0 or per_setting >= len(labels):
-        return [torch.arange(len(labels))] * n_settings
+        return [torch.arange(len(labels))] * len(sets)
     order = stratified_order(labels, seed)
     n = len(order)
-    return [order[(torch.arange(per_setting) + k * per_setting) % n].sort().values
-            for k in range(n_settings)]
+    names = list(dict.fromkeys(s.corruption for s in sets))
+    rows = {c: order[(torch.arange(per_setting) + k * per_setting) % n].sort().values
+            for k, c in enumerate(names)}
+    return [rows[s.corruption] for s in sets]
 
 
 def build_split(data: ImageSet, cfg: RobustnessConfig, per_setting: int, fingerprint: str,
@@ -137,18 +143,20 @@ def build_split(data: ImageSet, cfg: RobustnessConfig, per_setting: int, fingerp
     path = cache_dir() / "corrupted" / f"{split}-{key}.npz"
     with locked(path):
         if not path.is_file():
-            rows = _slices(data.labels, len(sets), per_setting, cfg.seed + 7)
+            rows = _slices(data.labels, sets, per_setting, cfg.seed + 7)
             imgs = torch.stack([corrupt(data.images[r], s.corruption, s.severity, cfg.seed)
                                 for r, s in zip(rows, sets)])
             labs = torch.stack([data.labels[r] for r in rows])
 
             def write(tmp):  # type: ignore[no-untyped-def]
                 with tmp.open("wb") as f:
-                    np.savez(f, images=imgs.numpy(), labels=labs.numpy())
+                    np.savez(f, images=imgs.numpy(), labels=labs.numpy(),
+                             rows=torch.stack(rows).numpy())
 
             atomic_write(path, write)
     with np.load(path) as z:
-        return CorruptedSplit(sets, torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]))
+        return CorruptedSplit(sets, torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
+                              torch.from_numpy(z["rows"]))
 
 
 class RobustSuite:

@@ -7,11 +7,26 @@
 from __future__ import annotations
 
 import argparse
+import socket
 
 from optuna_dashboard import run_server
 
 from kdig_study.cli import Parser, run
+from kdig_study.errors import KdigError
 from kdig_study.store import artifact_store, artifacts_dir, default_url, open_storage
+
+
+def _check_port(host: str, port: int) -> None:
+    """One line instead of the server's traceback when the port is taken."""
+    if not 0 < port < 65536:
+        raise KdigError(f"--port {port}: allowed: 1..65535")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise KdigError(f"cannot serve on {host}:{port}: {e.strerror or e} (another "
+                            f"dashboard?); choose another --port") from None
 
 
 def main() -> int:
@@ -22,6 +37,7 @@ def main() -> int:
     p.add_argument("--port", type=int, default=8080)
     args = p.parse_args()
     url = args.storage or default_url()
+    _check_port(args.host, args.port)
     storage = open_storage(url)
     print(f"optuna-dashboard on http://{args.host}:{args.port} for {url} "
           f"(artifacts: {artifacts_dir()}); Ctrl-C stops it", flush=True)

@@ -20,7 +20,7 @@ from kdig_study.config import KDConfig, TrainConfig
 from kdig_study.data import BatchLoader, DataBundle, ImageSet, Overlay
 from kdig_study.errors import KdigError
 from kdig_study.losses import at_loss, kd_loss
-from kdig_study.models import Net
+from kdig_study.models import Net, init_whitening, whitening_conv
 from kdig_study.paths import atomic_write, write_json
 
 EVAL_BATCH = 1000
@@ -78,6 +78,44 @@ class TrainResult:
 EpochCallback = Callable[[EpochStats], None]
 
 
+class Lookahead:
+    """airbench's lookahead averaging of the weights (and BN statistics): from step
+    ``start`` on, every ``every`` steps, average <- lerp(average, weights, 1 - rho) and the
+    weights are set to the average, with rho = decay^every * (step / steps)^3 rising towards
+    the end of training (move fast early, average strongly late)."""
+
+    def __init__(self, model: Net, steps: int, start: float, every: int = 5,
+                 decay: float = 0.95) -> None:
+        self.model, self.steps, self.every = model, steps, every
+        self.start = int(start * steps)
+        self.base = decay ** every
+        self.average: list[torch.Tensor] | None = None
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in self.model.state_dict().values() if t.is_floating_point()]
+
+    @torch.no_grad()
+    def step(self, step: int) -> None:
+        if step < self.start or step % self.every:
+            return
+        if self.average is None:
+            self.average = [t.detach().clone() for t in self._tensors()]
+            return
+        self._update(self.base * (step / self.steps) ** 3)
+
+    @torch.no_grad()
+    def _update(self, rho: float) -> None:
+        assert self.average is not None
+        for avg, t in zip(self.average, self._tensors()):
+            avg.lerp_(t, 1 - rho)
+            t.copy_(avg)
+
+    def end_of_epoch(self) -> None:
+        """The weights evaluated at the end of an epoch are the average."""
+        if self.average is not None:
+            self._update(1.0)
+
+
 def seeded_model(build: Callable[[], Net], seed: int) -> Net:
     """Build a model under a seed, so its initial weights are reproducible."""
     with torch.random.fork_rng(devices=[]):
@@ -85,13 +123,37 @@ def seeded_model(build: Callable[[], Net], seed: int) -> Net:
         return build()
 
 
+def _param_groups(model: Net, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Trainable parameters; BatchNorm biases in a group of their own at bias_lr_scale x the
+    learning rate and weight decay / bias_lr_scale (the same decay per step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.bias_lr_scale == 1.0:
+        return [{"params": params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    bn_bias = {id(m.bias) for m in model.modules()
+               if isinstance(m, torch.nn.BatchNorm2d) and m.bias is not None}
+    biases = [p for p in params if id(p) in bn_bias]
+    rest = [p for p in params if id(p) not in bn_bias]
+    return [{"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+            {"params": biases, "lr": cfg.lr * cfg.bias_lr_scale,
+             "weight_decay": cfg.weight_decay / cfg.bias_lr_scale}]
+
+
 def _optimizer(model: Net, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
+    groups = _param_groups(model, cfg)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(groups, lr=cfg.lr)
+
+
+def triangle(step: int, steps: int, start: float = 0.2, peak_at: float = 0.23,
+             end: float = 0.07) -> float:
+    """airbench's learning-rate factor: linear from ``start`` to 1 at ``peak_at`` of the
+    steps, then linear down to ``end`` at the last step."""
+    peak = max(1, int(peak_at * steps))
+    if step <= peak:
+        return start + (1 - start) * step / peak
+    return 1 + (end - 1) * (step - peak) / max(1, steps - peak)
 
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int
@@ -102,10 +164,13 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int
         # run for both phases trains at a constant rate.
         if steps <= 2:
             return None
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
-                                                   pct_start=max(0.25, 2 / steps))
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps,
+            pct_start=max(0.25, 2 / steps))
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    if cfg.schedule == "triangle":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: triangle(i, steps))
     return None
 
 
@@ -174,15 +239,28 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
     precision = resolve_precision(cfg.precision, device)
     model.to(device).to(memory_format=torch.channels_last)
     loader = BatchLoader(train_set, batch_size=cfg.batch_size, mean=data.mean, std=data.std,
-                         device=device, train=True, pad=data.pad, flip=data.flip,
+                         device=device, train=True, pad=data.pad if cfg.pad < 0 else cfg.pad,
+                         flip=data.flip,
                          seed=cfg.seed, planes=planes, overlay=overlay,
                          drop_last=len(train_set) > cfg.batch_size)
     steps = cfg.epochs * len(loader)
+    if whitening_conv(model) is not None:
+        # the whitening stem is set once from (up to 5,000 of) this run's training images
+        sample = train_set.images[:5000].to(device).float().div(255)
+        init_whitening(model, (sample - loader.mean) * loader.inv_std)
+    lookahead = Lookahead(model, steps, cfg.ema_start) if cfg.ema else None
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, cfg, steps)
     teacher = distill.teacher.to(device).eval() if distill else None
+    # torch.compile shares the module's parameters: training steps run the compiled graph,
+    # evaluation (other batch shapes) stays eager. Attention transfer taps a block through
+    # forward_tap, which stays eager too.
+    fwd: Net = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
+    if cfg.compile and teacher is not None:
+        teacher = torch.compile(teacher)  # type: ignore[assignment]
     history: list[EpochStats] = []
     best_acc, best_epoch, best_state = -1.0, 0, {}
+    step = 0
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, mininterval=0.5,
                dynamic_ncols=True, leave=False)
@@ -194,19 +272,23 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
             for batch in loader:
-                with autocast(precision, device):
-                    loss, logits = _step_loss(model, batch.x, batch.x_clean, batch.y, cfg,
-                                              distill, teacher)
+                loss, logits = _step_loss(fwd, batch.x, batch.x_clean, batch.y, cfg,
+                                          distill, teacher, precision, device)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if sched is not None:
                     sched.step()
+                step += 1
+                if lookahead is not None:
+                    lookahead.step(step)
                 # Accumulate on the device: no host sync per step.
                 loss_sum += loss.detach() * batch.y.numel()
                 correct += (logits.detach().argmax(1) == batch.y).sum()
                 seen += batch.y.numel()
                 bar.update()
+            if lookahead is not None:
+                lookahead.end_of_epoch()
             seconds = time.perf_counter() - t0
             val_acc = evaluate(model, data.val, data.mean, data.std, device, precision)
             val_seconds = time.perf_counter() - t0 - seconds
@@ -239,31 +321,38 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
 
 
 def _step_loss(model: Net, x: torch.Tensor, x_clean: torch.Tensor, y: torch.Tensor,
-               cfg: TrainConfig, distill: Distillation | None, teacher: Net | None
+               cfg: TrainConfig, distill: Distillation | None, teacher: Net | None,
+               precision: str = "fp32", device: torch.device | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, student logits) for one batch in the configured mode."""
-    if distill is None or teacher is None:
-        logits = model(x)
-        return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing), logits
-    use_at = distill.at_weight > 0
-    if use_at:
-        logits, s_map = model.forward_tap(x, distill.tap)
-    else:
-        logits = model(x)
-    with torch.no_grad():
-        # The teacher sees the clean augmented image, not the IG-overlaid one: its soft
-        # labels and attention describe the real image the overlay was made from.
+    """(loss, student logits) for one batch in the configured mode.
+
+    The forward passes run under the run's autocast; the losses in fp32 outside it, on fp32
+    logits (Net.head) and fp32 feature maps: KD and AT compare two nearly equal
+    distributions, where bf16 rounding is of the size of the signal.
+    """
+    use_at = distill is not None and teacher is not None and distill.at_weight > 0
+    with autocast(precision, device or x.device):
         if use_at:
-            t_logits, t_map = teacher.forward_tap(x_clean, distill.tap)
+            logits, s_map = model.forward_tap(x, distill.tap)  # type: ignore[union-attr]
         else:
-            t_logits = teacher(x_clean)
-    if distill.kd is not None:
-        loss = kd_loss(logits, t_logits, y, distill.kd.temperature, distill.kd.alpha,
+            logits = model(x)
+        t_logits = t_map = None
+        if distill is not None and teacher is not None:
+            with torch.no_grad():
+                # The teacher sees the clean augmented image, not the IG-overlaid one: its
+                # soft labels and attention describe the real image the overlay was made from.
+                if use_at:
+                    t_logits, t_map = teacher.forward_tap(x_clean, distill.tap)
+                else:
+                    t_logits = teacher(x_clean)
+    logits = logits.float()
+    if distill is not None and distill.kd is not None and t_logits is not None:
+        loss = kd_loss(logits, t_logits.float(), y, distill.kd.temperature, distill.kd.alpha,
                        cfg.label_smoothing)
     else:
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
     if use_at:
-        loss = loss + distill.at_weight * at_loss(s_map, t_map)
+        loss = loss + distill.at_weight * at_loss(s_map.float(), t_map.float())  # type: ignore[union-attr]
     return loss, logits
 
 

@@ -4,6 +4,9 @@ call :func:`run_student`."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdig_study.attribution import BuildReport, MapSpec, MapStore, build_store, index_hash
+from kdig_study.attribution import (BuildReport, MapSpec, MapStore, build_store, index_hash,
+                                    write_store)
 from kdig_study.config import StudyConfig
 from kdig_study.corruptions import RobustSuite
 from kdig_study.data import DataBundle, load_bundle
@@ -21,17 +25,37 @@ from kdig_study.engine import (Distillation, EpochCallback, TrainResult, resolve
 from kdig_study.errors import KdigError
 from kdig_study.measure import model_cost
 from kdig_study.models import Net, build_model, count_params, tap_index
-from kdig_study.overlay import IGOverlay, save_preview
+from kdig_study.overlay import IGOverlay, save_preview, source_gallery
+from kdig_study.paths import atomic_write, cache_dir
+from kdig_study.sources import DERIVED, captum_chunks, derived_chunks, source_spec
 from kdig_study.teacher import Teacher, get_teacher
 
 
 def ig_counts(cfg: StudyConfig) -> tuple[int, ...]:
-    """Every IG step count the study may use: its default and the search choices."""
+    """Every IG step count the study may use: its default and the search choices; (0,) in
+    adaptive mode (one map per image, whatever the step count)."""
+    if cfg.ig.target_gap:
+        return (0,)
     counts = {cfg.ig.steps}
     spec = cfg.search.space.get("ig_steps")
     if spec is not None:
         counts |= {int(c) for c in spec.choices}
     return tuple(sorted(counts))
+
+
+def store_counts(cfg: StudyConfig, steps: int) -> tuple[int, ...]:
+    """The step counts of the store that serves ``steps``: the study's set when it holds
+    them (one nested pass), else that count alone."""
+    counts = ig_counts(cfg)
+    return counts if cfg.ig.target_gap or steps in counts else (steps,)
+
+
+def adaptive_spec_fields(cfg: StudyConfig) -> dict[str, object]:
+    """MapSpec fields of adaptive IG: the rule, its settings, one map per image."""
+    ig = cfg.ig
+    return {"method": f"adaptive-{ig.adaptive_rule}", "counts": (0,),
+            "options": json.dumps({"target_gap": ig.target_gap, "start": ig.adaptive_start,
+                                   "cap": ig.adaptive_cap}, sort_keys=True)}
 
 
 @dataclass
@@ -44,7 +68,8 @@ class Context:
     progress: bool = True
     log: Any = print
     _teacher: Teacher | None = field(default=None, repr=False)
-    _maps: BuildReport | None = field(default=None, repr=False)
+    _maps: dict[tuple[str, tuple[int, ...]], BuildReport] = field(default_factory=dict,
+                                                                  repr=False)
     _costs: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
     _suite: RobustSuite | None = field(default=None, repr=False)
 
@@ -60,34 +85,87 @@ class Context:
                                         log=self.log)
         return self._teacher
 
-    def map_spec(self, counts: tuple[int, ...] | None = None) -> MapSpec:
+    def map_spec(self, counts: tuple[int, ...] | None = None,
+                 precision: str | None = None) -> MapSpec:
+        """The spec of the IG store (the other sources derive their specs from it)."""
         cfg = self.cfg
         _, index = self.data.train_subset(cfg.student_train.train_size)
-        return MapSpec(teacher=self.teacher().fingerprint, data=self.data.fingerprint,
+        spec = MapSpec(teacher=self.teacher().fingerprint, data=self.data.fingerprint,
                        images=index_hash(index), n_images=int(index.numel()),
                        method=cfg.ig.method, baseline=cfg.ig.baseline, reduce=cfg.ig.reduce,
                        counts=counts or ig_counts(cfg),
-                       precision=resolve_precision(cfg.ig.precision, self.device))
+                       precision=precision or resolve_precision(cfg.ig.precision, self.device))
+        if cfg.ig.target_gap:
+            spec = dataclasses.replace(spec, **adaptive_spec_fields(cfg))  # type: ignore[arg-type]
+        return spec
 
-    def maps(self, counts: tuple[int, ...] | None = None) -> BuildReport:
-        """The teacher's IG maps for the students' training images (computed once, cached)."""
-        if self._maps is not None and counts in (None, self._maps.store.counts):
-            return self._maps
+    def maps(self, counts: tuple[int, ...] | None = None, source: str | None = None
+             ) -> BuildReport:
+        """The teacher's maps from ``source`` (default: the study's) for the students'
+        training images: computed once, cached. Sources other than IG are built beside the
+        IG store of the same counts (shuffled and random are made from it)."""
+        counts = counts or ig_counts(self.cfg)
+        source = source or self.cfg.ig.source
+        key = (source, counts)
+        if key in self._maps:
+            return self._maps[key]
+        ig = self._ig_maps(counts)
+        if source == "ig":
+            report = ig
+        else:
+            report = self._source_maps(source, ig.store)
+        self._maps[key] = report
+        return report
+
+    def _ig_maps(self, counts: tuple[int, ...]) -> BuildReport:
+        """The IG store, checked: a median completeness gap above ig.max_gap is recomputed
+        in fp32 if it was bf16, and stops the run if it is still above."""
+        if ("ig", counts) in self._maps:
+            return self._maps[("ig", counts)]
         cfg = self.cfg
         train_set, index = self.data.train_subset(cfg.student_train.train_size)
         spec = self.map_spec(counts)
-        report = build_store(spec, self.teacher().model, train_set.images, train_set.labels,
-                             index, self.data.mean, self.data.std, cfg.ig, self.device,
-                             self.progress, log=self.log)
-        for steps in spec.counts:
-            gap = report.store.gap(steps)["median"]
-            if gap > cfg.ig.max_gap:
-                self.log(f"warning: IG with {steps} {cfg.ig.method} steps has a median "
-                         f"completeness gap of {gap:.2%}, above ig.max_gap = "
-                         f"{cfg.ig.max_gap:.2%}; use more steps")
-        if counts is None:
-            self._maps = report
-        return report
+        while True:
+            report = build_store(spec, self.teacher().model, train_set.images,
+                                 train_set.labels, index, self.data.mean, self.data.std, cfg.ig,
+                                 self.device, self.progress, log=self.log)
+            bad = {s: report.store.gap(s)["median"] for s in spec.counts
+                   if report.store.gap(s)["median"] > cfg.ig.max_gap}
+            if not bad:
+                self._maps[("ig", counts)] = report
+                return report
+            worst = ", ".join(f"{s} steps: {g:.2%}" for s, g in bad.items())
+            if spec.precision == "bf16":
+                self.log(f"IG maps under bf16 have a median completeness gap above "
+                         f"ig.max_gap = {cfg.ig.max_gap:.2%} ({worst}); using fp32 maps instead "
+                         f"(computed once, then read from the cache)")
+                spec = self.map_spec(counts, precision="fp32")
+                continue
+            raise KdigError(f"IG maps ({cfg.ig.method} rule, fp32) have a median completeness "
+                            f"gap above ig.max_gap = {cfg.ig.max_gap:.2%} ({worst}); use more "
+                            f"steps (search.space.ig_steps, ig.steps) or another ig.method; "
+                            f"store {report.store.root}")
+
+    def _source_maps(self, source: str, ig_store: MapStore) -> BuildReport:
+        cfg = self.cfg
+        train_set, index = self.data.train_subset(cfg.student_train.train_size)
+        ig_spec = MapSpec(**{**ig_store.meta["spec"], "counts": ig_store.counts})
+        spec = source_spec(ig_spec, source, cfg.ig, ig_store)
+        size = tuple(train_set.images.shape[-2:])
+        measured: dict[str, Any] = {}
+        if source in DERIVED:
+            return write_store(spec, index, size,  # type: ignore[arg-type]
+                               lambda: derived_chunks(source, ig_store, spec.counts,
+                                                      cfg.ig.source_seed, measured),
+                               batch=4096, desc=f"{source} maps", progress=self.progress,
+                               log=self.log, measured=measured)
+        teacher = self.teacher().model
+        return write_store(spec, index, size,  # type: ignore[arg-type]
+                           lambda: captum_chunks(spec, teacher, train_set.images,
+                                                 train_set.labels, self.data.mean,
+                                                 self.data.std, cfg.ig, self.device),
+                           batch=cfg.ig.batch_size, desc=f"{source} maps (Captum)",
+                           progress=self.progress, log=self.log)
 
     def robust_suite(self) -> RobustSuite | None:
         """The corrupted validation and test splits (built once per data set, cached)."""
@@ -105,12 +183,31 @@ class Context:
 
     def preview(self, store: MapStore, steps: int, n: int = 8) -> Path:
         """The store's preview grid (images, maps, overlays) for ``steps``, made once."""
-        path = store.root / f"preview_s{steps}_n{n}.png"
+        path = store.root / f"preview_s{store.variant(steps)}_n{n}.png"
         if not path.is_file():
             train_set, _ = self.data.train_subset(self.cfg.student_train.train_size)
             n = min(n, len(train_set))
             maps = torch.from_numpy(store.maps(steps)[:n].astype(np.float32))
             save_preview(path, train_set.images[:n], maps, self.cfg.ig.overlay_strength)
+        return path
+
+
+    def gallery(self, sources: list[str], n: int = 4) -> Path:
+        """One image per source row (image, map, overlay) for the first ``n`` training
+        images, at the study's IG step count (cached beside the stores)."""
+        steps = self.cfg.ig.steps
+        counts = store_counts(self.cfg, steps)
+        stores = {s: self.maps(counts, s).store for s in sources}
+        key = hashlib.sha256(json.dumps([[s.root.name for s in stores.values()], n, steps,
+                                         self.cfg.ig.overlay_strength]).encode()).hexdigest()
+        path = cache_dir() / "ig" / "galleries" / f"{key[:20]}.png"
+        if not path.is_file():
+            train_set, _ = self.data.train_subset(self.cfg.student_train.train_size)
+            n = min(n, len(train_set))
+            maps = {s: torch.from_numpy(st.maps(steps)[:n].astype(np.float32))
+                    for s, st in stores.items()}
+            grid = source_gallery(train_set.images[:n], maps, self.cfg.ig.overlay_strength)
+            atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
         return path
 
 
@@ -147,19 +244,21 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
     train_set, index = data.train_subset(cfg.student_train.train_size)
     planes, overlay, ig_info = None, None, {}
     if cfg.method.ig:
-        counts = ig_counts(ctx.cfg)
-        store = (ctx.maps() if cfg.ig.steps in counts else ctx.maps((cfg.ig.steps,))).store
+        source = cfg.ig.source
+        store = ctx.maps(store_counts(ctx.cfg, cfg.ig.steps), source).store
         if not np.array_equal(store.index(), index.numpy()):  # DESIGN.md defect 1
-            raise KdigError(f"IG map store {store.root} is for other images than this run's "
+            raise KdigError(f"map store {store.root} is for other images than this run's "
                             f"training set")
         planes = store.planes(cfg.ig.steps)  # [N, 1, 32, 32], row i = training image i
         if rows is not None:
             planes = planes[rows]
         overlay = IGOverlay(cfg.ig.overlay_prob, cfg.ig.overlay_strength,
                             cfg.ig.exponent_low, cfg.ig.exponent_high)
-        ig_info = {"ig_steps": cfg.ig.steps, "ig_gap_median": store.gap(cfg.ig.steps)["median"],
-                   "ig_store": str(store.root),
+        gap = store.gap(cfg.ig.steps)["median"]
+        ig_info = {"source": source, "ig_steps": cfg.ig.steps, "ig_store": str(store.root),
                    "ig_preview": str(ctx.preview(store, cfg.ig.steps))}
+        if gap == gap:  # nan for sources without a completeness gap
+            ig_info["ig_gap_median"] = gap
     if rows is not None:
         train_set = train_set.take(rows)
     result = train(model, train_set, data, cfg.student_train, device=ctx.device,

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.artifacts import upload_artifact
+from optuna.artifacts import get_all_artifact_meta, upload_artifact
+from optuna.trial import FrozenTrial, TrialState
 from optuna_dashboard import save_note
 from safetensors.torch import save_file
 
@@ -26,7 +27,10 @@ def relevant_space(cfg: StudyConfig) -> dict[str, ParamSpec]:
     """The search parameters that matter for the study's method switches."""
     needs = {"temperature": cfg.method.kd, "alpha": cfg.method.kd,
              "overlay_strength": cfg.method.ig, "overlay_prob": cfg.method.ig,
-             "ig_steps": cfg.method.ig, "at_weight": cfg.method.at, "lr": True}
+             # adaptive IG has one map per image: the step count changes nothing
+             "ig_steps": cfg.method.ig and not cfg.ig.target_gap,
+             "at_weight": cfg.method.at, "lr": True,
+             "source": cfg.method.ig}
     return {k: v for k, v in cfg.search.space.items() if needs[k]}
 
 
@@ -34,12 +38,36 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for name, spec in space.items():
         if spec.choices:
-            choices = [int(c) for c in spec.choices] if name == "ig_steps" else list(spec.choices)
+            choices = [int(c) for c in spec.choices] if name == "ig_steps" \
+                else list(spec.choices)  # numbers, or map sources for `source`
             params[name] = trial.suggest_categorical(name, choices)
         else:
             assert spec.low is not None and spec.high is not None
             params[name] = trial.suggest_float(name, spec.low, spec.high, log=spec.log)
     return params
+
+
+BEST_RULE_SINGLE = "the highest validation accuracy"
+BEST_RULE_PARETO = ("on the Pareto front of (validation accuracy, robust validation accuracy), "
+                    "the trial with the highest mean of the two; ties: the higher validation "
+                    "accuracy")
+
+
+def choose_best(study: optuna.Study) -> tuple[FrozenTrial | None, str]:
+    """The trial whose parameters stand for a search, and the rule that chose it.
+
+    One objective: the highest validation accuracy. Several (clean and robust validation
+    accuracy): among the Pareto-optimal trials, the highest mean of the objectives, so
+    neither clean nor robust accuracy alone decides; ties go to clean accuracy.
+    """
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        return None, ""
+    if len(study.directions) == 1:
+        return max(done, key=lambda t: (t.values[0], -t.number)), BEST_RULE_SINGLE
+    front = study.best_trials
+    best = max(front, key=lambda t: (sum(t.values) / len(t.values), t.values[0], -t.number))
+    return best, BEST_RULE_PARETO
 
 
 def apply_params(cfg: StudyConfig, params: dict[str, Any]) -> StudyConfig:
@@ -51,6 +79,7 @@ def apply_params(cfg: StudyConfig, params: dict[str, Any]) -> StudyConfig:
         overlay_prob=params.get("overlay_prob", cfg.ig.overlay_prob),
         steps=int(params.get("ig_steps", cfg.ig.steps)))
     at = dataclasses.replace(cfg.at, weight=params.get("at_weight", cfg.at.weight))
+    ig = dataclasses.replace(ig, source=params.get("source", cfg.ig.source))
     student_train = dataclasses.replace(cfg.student_train,
                                         lr=params.get("lr", cfg.student_train.lr))
     return dataclasses.replace(cfg, kd=kd, ig=ig, at=at, student_train=student_train)
@@ -76,7 +105,7 @@ def _note(trial: optuna.Trial, cfg: StudyConfig, params: dict[str, Any],
 
 _CORE = ("val_acc", "test_acc", "robust_test_acc", "robust_val_acc", "params", "flops", "bytes",
          "compression", "best_epoch", "epochs_run", "seed", "precision", "train_images",
-         "ig_steps", "ig_gap_median", "eval_s", "robust_eval_s", "train_eval_s")
+         "source", "ig_steps", "ig_gap_median", "eval_s", "robust_eval_s", "train_eval_s")
 
 
 def record_run(trial: optuna.Trial, m: dict[str, Any], latency: dict[str, float]) -> None:
@@ -157,3 +186,18 @@ class Objective:
         if preview and Path(preview).is_file():
             upload_artifact(artifact_store=self.artifacts, file_path=preview,
                             study_or_trial=trial, mimetype="image/png")
+
+
+def attach_gallery(study: optuna.Study, artifacts: Any, path: Path) -> None:
+    """The map sources' gallery (kdig_study.experiment.Context.gallery) as an artifact of
+    the study, once per content (its file name carries the content's key)."""
+    name = f"gallery-{path.stem}.png"
+    if any(m.filename == name for m in get_all_artifact_meta(study)):
+        return
+    tmp_dir = storage_dir() / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
+        target = Path(tmp) / name
+        target.write_bytes(path.read_bytes())
+        upload_artifact(artifact_store=artifacts, file_path=str(target), study_or_trial=study,
+                        mimetype="image/png")

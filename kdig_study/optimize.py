@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
-import signal
-import subprocess
 import sys
 import time
-import warnings
 from collections import Counter
 from typing import Any
 
@@ -27,15 +25,20 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from kdig_study.cli import Parser, add_study_args, load_from_args, run
+from kdig_study.attribution import MapSpec, gap_summary, index_hash, open_store
+from kdig_study.cli import Parser, add_study_args, load_from_args, run, spawn_workers
 from kdig_study.config import StudyConfig
+from kdig_study.engine import resolve_precision
 from kdig_study.errors import KdigError
-from kdig_study.experiment import Context
+from kdig_study.experiment import Context, adaptive_spec_fields, ig_counts
 from kdig_study.measure import default_threads, profile
 from kdig_study.models import build_model, count_params
-from kdig_study.objectives import Objective, relevant_space
-from kdig_study.store import (SlotLock, artifact_store, default_url, open_storage, open_study,
-                              quiet_optuna_logs)
+from kdig_study.objectives import Objective, attach_gallery, choose_best, relevant_space
+from kdig_study.seeds import sampler_seed
+from kdig_study.sources import source_spec
+from kdig_study.store import (SlotLock, artifact_store, default_url, fail_stale, held_runs,
+                              open_storage, open_study, quiet_optuna_logs)
+from kdig_study.teacher import teacher_fingerprint, teacher_path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,8 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_sampler(cfg: StudyConfig, seed: int | None) -> optuna.samplers.BaseSampler:
-    seed = cfg.search.seed if seed is None else seed
+def make_sampler(cfg: StudyConfig, seed: int | None, worker: int | None = None,
+                 trials_before: int = 0) -> optuna.samplers.BaseSampler:
+    """The study's sampler for one process: seeded by the study (or --seed) when a single
+    process starts an empty study, else by a seed derived from the worker index and the
+    trials already there, so workers and resumed runs never replay the same proposals."""
+    seed = sampler_seed(cfg.search.seed if seed is None else seed, worker, trials_before)
     if cfg.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.search.sampler == "nsga2":
@@ -69,26 +76,118 @@ def make_sampler(cfg: StudyConfig, seed: int | None) -> optuna.samplers.BaseSamp
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
 
 
+def percentile_pruner(percentile: float, warmup: int) -> optuna.pruners.PercentilePruner:
+    """The search's median/percentile pruner (also replayed by `kdig_study.pruning`)."""
+    return optuna.pruners.PercentilePruner(percentile, n_startup_trials=3, n_warmup_steps=warmup)
+
+
+def prune_warmup(cfg: StudyConfig) -> int:
+    """Epochs before the median pruner may prune (0 in the file: a quarter of them)."""
+    return cfg.search.prune_warmup or max(1, cfg.student_train.epochs // 4)
+
+
+def describe_pruner(cfg: StudyConfig) -> str:
+    if cfg.search.pruner != "median":
+        return cfg.search.pruner
+    return (f"median (percentile {cfg.search.prune_percentile:g}, from epoch "
+            f"{prune_warmup(cfg)} of {cfg.student_train.epochs})")
+
+
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     epochs = cfg.student_train.epochs
     if cfg.search.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, epochs // 4))
+        return percentile_pruner(cfg.search.prune_percentile, prune_warmup(cfg))
     if cfg.search.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs,
                                               reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
-def banner(cfg: StudyConfig, n_trials: int) -> str:
+def cached_parts(ctx: Context) -> dict[str, bool]:
+    """Which of the expensive parts are already in the cache: the teacher, and every map
+    store `optimize` computes up front (without training or computing anything)."""
+    cfg = ctx.cfg
+    fp = teacher_fingerprint(cfg, ctx.data, ctx.device)
+    teacher = teacher_path(fp).is_file()
+    maps = not cfg.method.ig
+    if cfg.method.ig and teacher:
+        _, index = ctx.data.train_subset(cfg.student_train.train_size)
+        ig = MapSpec(teacher=fp, data=ctx.data.fingerprint, images=index_hash(index),
+                     n_images=int(index.numel()), method=cfg.ig.method,
+                     baseline=cfg.ig.baseline, reduce=cfg.ig.reduce, counts=ig_counts(cfg),
+                     precision=resolve_precision(cfg.ig.precision, ctx.device))
+        if cfg.ig.target_gap:
+            ig = dataclasses.replace(ig, **adaptive_spec_fields(cfg))  # type: ignore[arg-type]
+        store = open_store(ig)
+        maps = store is not None and all(
+            open_store(source_spec(ig, s, cfg.ig, store)) is not None
+            for s in search_sources(cfg) if s != "ig")
+    return {"teacher": teacher, "maps": maps}
+
+
+def search_sources(cfg: StudyConfig) -> list[str]:
+    """The map sources a search may overlay: the `source` choices, or the study's source."""
+    space = cfg.search.space.get("source")
+    return [str(c) for c in space.choices] if space else [cfg.ig.source]
+
+
+def banner(cfg: StudyConfig, n_trials: int, to_run: int | None = None,
+           cached: dict[str, bool] | None = None) -> str:
+    """The first line: study, scale, size, and the expected wall time of what is left:
+    the trials still to run and the parts not cached yet, from the study file's measured
+    per-part minutes."""
     student = count_params(build_model(cfg.student))
     n_train = cfg.student_train.train_size or "all"
     gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
-    expected = f"; expected about {cfg.expected_minutes:.0f} min on a 2-core CPU" \
-        if cfg.expected_minutes else ""
     mode = "+".join(k.upper() for k in ("kd", "ig", "at") if getattr(cfg.method, k)) or "alone"
+    to_run = n_trials if to_run is None else to_run
+    cached = cached or {"teacher": False, "maps": False}
+    e = cfg.expected
+    parts, minutes = [], 0.0
+    for part, needed in (("teacher", True), ("maps", cfg.method.ig)):
+        if not needed:
+            continue
+        if cached[part]:
+            parts.append(f"{part} cached")
+        else:
+            minutes += getattr(e, part)
+            parts.append(f"{part} ~{getattr(e, part):.0f} min")
+    minutes += to_run * e.trial
+    parts.append(f"{to_run} trial(s) to run x ~{e.trial:.1f} min")
+    expected = f"; expected about {minutes:.0f} min on {e.machine} ({', '.join(parts)})" \
+        if e.trial else f" ({', '.join(parts[:-1])})" if parts[:-1] else ""
     return (f"study {cfg.name} at scale {cfg.scale} ({gpu}): {n_trials} trials of a "
             f"{student / 1e6:.2f} M-parameter {cfg.student.arch} student ({mode}) on {n_train} "
             f"training images x {cfg.student_train.epochs} epochs{expected}")
+
+
+def prepare(study: optuna.Study, ctx: Context) -> None:
+    """Teacher and maps before any trial, each summarised in one line (from the cache too):
+    a user needs both before trusting trials built on them."""
+    cfg = ctx.cfg
+    t0 = time.perf_counter()
+    t = ctx.teacher()
+    how = f"trained now in {(time.perf_counter() - t0) / 60:.1f} min" if t.trained_now \
+        else "from the cache"
+    print(f"teacher ({cfg.teacher.arch}, {t.meta['params']:,} parameters, {how}): validation "
+          f"accuracy {t.meta['val_acc']:.2%}, test accuracy {t.meta['test_acc']:.2%}",
+          flush=True)
+    _record_teacher(study, ctx)
+    if not cfg.method.ig:
+        return
+    sources = search_sources(cfg)
+    for source in sources:
+        t0 = time.perf_counter()
+        report = ctx.maps(None, source)
+        store = report.store
+        how = f"computed in {(time.perf_counter() - t0) / 60:.1f} min" \
+            if report.computed_images else "from the cache"
+        line = f"{source} maps ({store.meta['spec']['n_images']:,} images, {how})"
+        if source == "ig":
+            line += f": {gap_summary(store)}; stop above {cfg.ig.max_gap:.0%}"
+        print(line, flush=True)
+    if len(sources) > 1:
+        attach_gallery(study, artifact_store(), ctx.gallery(sources))
 
 
 def _record_teacher(study: optuna.Study, ctx: Context) -> None:
@@ -102,6 +201,21 @@ def _record_teacher(study: optuna.Study, ctx: Context) -> None:
         "fingerprint": t.fingerprint, "wall_s": t.meta["wall_s"], **prof})
     study.set_user_attr("data", {"origin": ctx.data.origin, "train": len(ctx.data.train),
                                  "val": len(ctx.data.val), "test": len(ctx.data.test)})
+
+
+def record_latency(study: optuna.Study, ctx: Context) -> dict[str, Any]:
+    """Teacher and student latency measured together, in this one process, with every core
+    this process may use and nothing else training (not inside a worker while others train):
+    the figures the report shows. The search does not vary the student's shape, so the best
+    trial's student has exactly the measured architecture."""
+    cfg = ctx.cfg
+    student = build_model(cfg.student, len(ctx.data.classes))
+    batch = cfg.student_train.batch_size
+    out = {"teacher": profile(ctx.teacher().model, ctx.device, batch=batch),
+           "student": profile(student, ctx.device, batch=batch),
+           "threads": default_threads(), "when": "after the search, one process"}
+    study.set_user_attr("latency", out)
+    return out
 
 
 def _trial_line(study: optuna.Study, n_trials: int, prefix: str) -> Any:
@@ -132,11 +246,10 @@ def run_worker(study: optuna.Study, objective: Objective, n_trials: int,
     """Run trials until the study holds ``n_trials`` finished ones and none is running."""
     start = time.monotonic()
     callback = _trial_line(study, n_trials, prefix)
+    said = ""
     while timeout is None or time.monotonic() - start < timeout:
         with lock.held_until_released():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
+            fail_stale(study)
             states = Counter(t.state for t in study.get_trials(deepcopy=False))
             finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
             running = states[TrialState.RUNNING]
@@ -149,42 +262,21 @@ def run_worker(study: optuna.Study, objective: Objective, n_trials: int,
 
                 def released_then_run(trial: optuna.Trial) -> float:
                     lock.release()  # the trial is RUNNING in the store: its slot is taken
+                    # first heartbeat at once: a kill before Optuna's first one is caught too
+                    study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
                     return objective(trial)
 
                 study.optimize(released_then_run, n_trials=1, callbacks=[callback])
         if wait:
+            held = held_runs(study)
+            if held != said:
+                print(f"{prefix}waiting for {running} running trial(s) of other workers "
+                      f"({held}); a trial whose worker died is failed and retried once its "
+                      f"heartbeat is over {2 * study._storage.get_heartbeat_interval()} s old "  # type: ignore[attr-defined]
+                      f"(--heartbeat S)", flush=True)
+                said = held
             time.sleep(poll_s)
     print(f"{prefix}--timeout reached: no new trials started", flush=True)
-
-
-def _spawn_workers(args: argparse.Namespace, n: int) -> int:
-    """N copies of this command, one per worker; threads split so workers x threads <= cores,
-    and one GPU each where there are several."""
-    threads = max(1, default_threads() // n)
-    gpus = torch.cuda.device_count()
-    procs = []
-    argv = [a for a in sys.argv[1:]]
-    for i in range(n):
-        env = os.environ.copy() | {"OMP_NUM_THREADS": str(threads),
-                                   "KDIG_THREADS": str(threads)}
-        if gpus > 1:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        procs.append(subprocess.Popen([sys.executable, "-m", "kdig_study.optimize", *argv,
-                                       "--worker-index", str(i), "--no-progress"], env=env))
-    try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:  # a terminal's Ctrl-C reached them too; make sure, then wait
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait()
-        raise
-    failed = [c for c in codes if c != 0]
-    if failed:
-        raise KdigError(f"{len(failed)} of {n} workers failed (exit codes {failed}); "
-                        f"run the same command again to finish the study")
-    return 0
 
 
 def main() -> int:
@@ -196,9 +288,9 @@ def main() -> int:
     n_trials = args.n_trials if args.n_trials is not None else cfg.search.n_trials
     if n_trials < 1 or args.workers < 1 or args.heartbeat < 1:
         raise KdigError("--n-trials, --workers and --heartbeat must be >= 1")
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise KdigError(f"--timeout {args.timeout}: allowed: a finite number of seconds > 0")
     worker = args.worker_index
-    if worker is None:
-        print(banner(cfg, n_trials), flush=True)
     if os.environ.get("KDIG_THREADS"):
         torch.set_num_threads(int(os.environ["KDIG_THREADS"]))
     quiet_optuna_logs()
@@ -206,38 +298,46 @@ def main() -> int:
     storage = open_storage(url, heartbeat_interval=args.heartbeat)
     name = args.study_name or f"{cfg.name}-{cfg.scale}"
     multi = len(cfg.search.objectives) > 1
-    if multi and worker is None:
-        print(f"multi-objective study ({', '.join(cfg.search.objectives)}): Optuna does not "
-              f"prune multi-objective trials, so every trial runs all its epochs", flush=True)
     pruner = optuna.pruners.NopPruner() if multi else make_pruner(cfg)
     study = open_study(storage, name, cfg, make_sampler(cfg, args.seed), pruner,
                        ["maximize"] * len(cfg.search.objectives), url)
+    study.sampler = make_sampler(cfg, args.seed, worker, len(study.get_trials(deepcopy=False)))
     if multi and worker is None:
         from optuna_dashboard import set_objective_names
 
         set_objective_names(study, [o.replace("_", " ") for o in cfg.search.objectives])
     progress = not args.no_progress and worker is None
     ctx = Context.create(cfg, args.data_dir, args.device, progress=progress)
+    artifact_store(check_writable=True)  # before any training, not after the first trial
     if worker is None:
-        # Teacher and IG maps once, here, before any worker needs them.
-        _record_teacher(study, ctx)
-        if cfg.method.ig:
-            ctx.maps()
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                       for t in study.get_trials(deepcopy=False))
+        print(banner(cfg, n_trials, max(0, n_trials - finished), cached_parts(ctx)), flush=True)
+        if multi:
+            print(f"multi-objective study ({', '.join(cfg.search.objectives)}): Optuna does not "
+                  f"prune multi-objective trials, so every trial runs all its epochs",
+                  flush=True)
+        # Teacher and every map source the search may pick, once, here, before any worker
+        # needs them.
+        prepare(study, ctx)
         if args.workers > 1:
             print(f"{args.workers} workers, {max(1, default_threads() // args.workers)} "
                   f"threads each", flush=True)
-            _spawn_workers(args, args.workers)
+            spawn_workers("kdig_study.optimize", sys.argv[1:], args.workers)
+            record_latency(study, ctx)
             _summary(study, n_trials, url)
             return 0
     prefix = f"[worker {worker}] " if worker is not None else ""
     space = relevant_space(cfg)
     if worker is None:
         print(f"searching {', '.join(space) or 'nothing'} with {cfg.search.sampler.upper()}, "
-              f"pruner {cfg.search.pruner}; store {url}, study '{name}'", flush=True)
-    objective = Objective(ctx, prune=cfg.search.pruner != "none", artifacts=artifact_store())
+              f"pruner {describe_pruner(cfg)}; store {url}, study '{name}'", flush=True)
+    objective = Objective(ctx, prune=cfg.search.pruner != "none",
+                          artifacts=artifact_store(check_writable=True))
     run_worker(study, objective, n_trials, args.timeout, SlotLock(storage, name),
                poll_s=max(1.0, args.heartbeat / 2), prefix=prefix)
     if worker is None:
+        record_latency(study, ctx)
         _summary(study, n_trials, url)
     return 0
 
@@ -247,11 +347,12 @@ def _summary(study: optuna.Study, n_trials: int, url: str) -> None:
     states = Counter(t.state.name.lower() for t in trials)
     print(f"study '{study.study_name}': " + ", ".join(f"{v} {k}" for k, v in
                                                      sorted(states.items())))
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    chosen, rule = choose_best(study)
     best_trials = study.best_trials if len(study.directions) > 1 else \
-        ([max(complete, key=lambda t: t.values[0])] if complete else [])
+        ([chosen] if chosen is not None else [])
     if len(study.directions) > 1 and best_trials:
-        print(f"Pareto front: {len(best_trials)} trials")
+        print(f"Pareto front: {len(best_trials)} trials; chosen for ablations and reports: "
+              f"trial {chosen.number} ({rule})")  # type: ignore[union-attr]
     for best in best_trials:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in best.params.items())

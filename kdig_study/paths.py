@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+
+from kdig_study.errors import KdigError
 
 
 def storage_dir() -> Path:
@@ -27,19 +31,56 @@ def cache_dir() -> Path:
     return Path(env) if env else storage_dir() / "cache"
 
 
+def safe_name(name: str) -> str:
+    """A file-name stem for a study name (or any stored string) that stays inside its folder.
+
+    Names of letters, digits, '.', '_' and '-' (not starting with '.') are used as they are.
+    Any other name becomes its safe characters with each run of others replaced by '-', plus
+    8 hex digits of its hash, so two names never share a file ('a/b' and 'a-b' differ). A
+    name with no safe character is refused. Study names come from the command line and from
+    shared stores that others write to: '../x', '/', '<script>' must not reach a path.
+    """
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name) and ".." not in name and \
+            len(name) <= 150:
+        return name
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name.replace("..", "-")).strip("-")[:120]
+    if not re.search(r"[A-Za-z0-9]", slug):
+        raise KdigError(f"study name {name!r} has no letter or digit to make a file name of; "
+                        f"allowed: letters, digits, '.', '_', '-'")
+    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
     The rename is atomic on POSIX, so readers see the old file or the new one, never a
-    partial one, and an interrupt leaves at most a stray ``.tmp`` file behind.
+    partial one, and an interrupt leaves at most a stray ``.tmp`` file behind. The file gets
+    the mode a plain open() gives under the umask (safetensors writes 0600, which made a
+    shared cache's teacher unreadable to other users). A folder that cannot be written is
+    one line naming it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh unique name that ``write`` creates itself: the file gets the mode a plain
-    # open() gives (mkstemp's 0600 would make reports and shared caches private).
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        raise KdigError(f"cannot write {path}: {e.strerror or e}; check that the folder is "
+                        f"writable (or point KDIG_STORAGE / KDIG_CACHE elsewhere)") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -52,7 +93,19 @@ def write_json(path: Path, obj: Any) -> None:
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An inter-process lock (a ``.lock`` file beside ``path``): one worker computes, the
-    others wait and then find the result already there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    others wait and then find the result already there.
+
+    In a folder this process cannot write (a read-only shared cache), no lock can be taken
+    and none is needed to read what is there: the block runs unlocked, and any write it
+    attempts fails with one line (atomic_write)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        lock.acquire()
+    except OSError:
         yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()

@@ -4,6 +4,7 @@ out trial slots so that any number of workers finish exactly the trials asked fo
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import sqlite3
@@ -20,6 +21,7 @@ import torch
 from filelock import FileLock
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 
 from kdig_study import __version__
 from kdig_study.config import StudyConfig
@@ -54,9 +56,19 @@ def artifacts_dir() -> Path:
     return Path(env) if env else storage_dir() / "artifacts"
 
 
-def artifact_store() -> FileSystemArtifactStore:
+def artifact_store(check_writable: bool = False) -> FileSystemArtifactStore:
+    """The artifact store; ``check_writable``: prove up front that files can be written
+    there (a read-only folder used to fail each trial after it had trained)."""
     path = artifacts_dir()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if check_writable:
+            probe = path / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+    except OSError as e:
+        raise KdigError(f"artifact folder {path} is not writable ({e.strerror or e}); point "
+                        f"KDIG_ARTIFACTS (or KDIG_STORAGE) at a writable folder") from None
     return FileSystemArtifactStore(path)
 
 
@@ -65,28 +77,105 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def open_storage(url: str, heartbeat_interval: int = 60, max_retry: int = 3) -> RDBStorage:
+class _Storage(RDBStorage):
+    """RDBStorage whose stale trials also include RUNNING trials that never wrote a
+    heartbeat and started more than the grace period ago: a worker killed between creating
+    its trial and its first heartbeat. Optuna skips those, so they stayed RUNNING for ever
+    and the next run waited on them."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        grace = self.grace_period or 2 * (self.heartbeat_interval or 60)
+        now = datetime.datetime.now()  # the clock that stamped datetime_start
+        old = [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False,
+                                                        states=(TrialState.RUNNING,))
+               if t.datetime_start is not None and
+               (now - t.datetime_start).total_seconds() > grace and t._trial_id not in stale]
+        if not old:
+            return stale
+        query = sqlalchemy.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids"
+                                ).bindparams(sqlalchemy.bindparam("ids", expanding=True))
+        with self.engine.connect() as con:
+            beating = {row[0] for row in con.execute(query, {"ids": old})}
+        return stale + [i for i in old if i not in beating]
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail (and queue again, up to the retry limit) the trials of dead workers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def held_runs(study: optuna.Study, params: list[dict[str, Any]] | None = None) -> str:
+    """The RUNNING trials (those with ``params``, if given), for a line that says what a
+    worker waits for: "trial 3 (condition=KD, replicate=1); trial 5 (...)"."""
+    parts = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        p = dict(t.params) or dict(t.system_attrs.get("fixed_params", {}))
+        if params is not None and not any(all(p.get(k) == v for k, v in q.items())
+                                          for q in params):
+            continue
+        shown = {k: v for k, v in p.items() if k in ("condition", "replicate")} or p
+        parts.append(f"trial {t.number}" + (f" ({', '.join(f'{k}={v}' for k, v in shown.items())})"
+                                            if shown else ""))
+    return "; ".join(parts) or "none"
+
+
+@contextlib.contextmanager
+def _schema_lock(backend: str, url: str, db: Path | None, engine_kwargs: dict[str, Any]
+                 ) -> Iterator[None]:
+    """Serialise the creation of Optuna's tables: two commands starting at once on an empty
+    store raced (SQLite: alembic_version UNIQUE; PostgreSQL: pg_type duplicate key), and that
+    is how several machines start. SQLite: a file lock beside the database; PostgreSQL: an
+    advisory lock held on its own connection while the storage is made."""
+    if backend == "sqlite":
+        assert db is not None
+        with FileLock(f"{db}.schema.lock"):
+            yield
+        return
+    engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    key = zlib.crc32(b"kdig-schema") & 0x7FFFFFFF
+    try:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                con.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    finally:
+        engine.dispose()
+
+
+def open_storage(url: str, heartbeat_interval: int = 60, max_retry: int = 3,
+                 read_only: bool = False) -> RDBStorage:
     """An RDBStorage for SQLite or PostgreSQL, with heartbeats: a trial whose worker stops
     beating for 2 x ``heartbeat_interval`` seconds becomes FAIL and is queued again (up to
-    ``max_retry`` times)."""
+    ``max_retry`` times). ``read_only``: an SQLite file opened for reading only (e.g. a
+    store on a read-only disk, for a report); nothing is created or changed."""
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
         raise KdigError(f"--storage {url!r} is not a database URL; {_HELP_URL}") from None
     backend = parsed.get_backend_name()
     engine_kwargs: dict[str, Any] = {}
+    db: Path | None = None
     if backend == "sqlite":
         if not parsed.database or parsed.database == ":memory:":
             raise KdigError(f"--storage {url!r}: an SQLite store needs a file; {_HELP_URL}")
         db = Path(parsed.database)
-        db.parent.mkdir(parents=True, exist_ok=True)
+        if read_only:
+            return _read_only_sqlite(db)
         try:
+            db.parent.mkdir(parents=True, exist_ok=True)
             # WAL lets readers (the dashboard, other workers) go on while one worker writes;
             # it is a property of the file, set once.
             with contextlib.closing(sqlite3.connect(db)) as con:
                 con.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.Error as e:
-            raise KdigError(f"cannot open SQLite store {db}: {e}") from None
+        except (OSError, sqlite3.Error) as e:
+            raise KdigError(f"cannot open SQLite store {db}: {getattr(e, 'strerror', None) or e}"
+                            f"; choose a writable folder (--storage sqlite:///PATH, or "
+                            f"KDIG_STORAGE)") from None
         # Wait up to 60 s for a lock instead of failing with "database is locked".
         engine_kwargs["connect_args"] = {"timeout": 60}
     elif backend == "postgresql":
@@ -95,9 +184,9 @@ def open_storage(url: str, heartbeat_interval: int = 60, max_retry: int = 3) -> 
         raise KdigError(f"--storage {url!r}: unsupported database '{backend}'; allowed: "
                         f"sqlite, postgresql ({_HELP_URL})")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _schema_lock(backend, url, db, engine_kwargs):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = RDBStorage(
+            storage = _Storage(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                 grace_period=2 * heartbeat_interval,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
@@ -116,6 +205,20 @@ def open_storage(url: str, heartbeat_interval: int = 60, max_retry: int = 3) -> 
                                 lambda con, _: con.execute("PRAGMA synchronous=NORMAL"))
         storage.engine.dispose()  # connections made so far lack the pragma
     return storage
+
+
+def _read_only_sqlite(db: Path) -> RDBStorage:
+    """An SQLite store opened read-only (SQLite's immutable mode: no -wal/-shm files are
+    needed or made, so a store on a read-only disk opens)."""
+    if not db.is_file():
+        raise KdigError(f"no SQLite store at {db}")
+    uri = f"sqlite:///file:{db.resolve()}?mode=ro&immutable=1&uri=true"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(uri, skip_table_creation=True, skip_compatibility_check=True)
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        raise KdigError(f"cannot read SQLite store {db}: {_first_line(e)}") from None
 
 
 def git_commit() -> str:

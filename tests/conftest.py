@@ -40,3 +40,27 @@ def shared_cifar() -> Path:
     if not SHARED_CIFAR.is_file():
         pytest.skip(f"real CIFAR-10 copy not present at {SHARED_CIFAR}")
     return SHARED_CIFAR
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A smoke teacher trained for 3 epochs (once per module), with its data and the data's
+    mean and std as [1, 3, 1, 1] tensors: what the IG tests integrate."""
+    import dataclasses
+
+    import torch
+
+    from kdig_study.config import load_study
+    from kdig_study.data import load_bundle
+    from kdig_study.engine import seeded_model, train
+    from kdig_study.models import build_model
+
+    cfg = load_study("kd_ig", "smoke")
+    data = load_bundle(cfg.data)
+    teacher = seeded_model(lambda: build_model(cfg.teacher), 0)
+    train(teacher, data.train, data, dataclasses.replace(cfg.teacher_train, epochs=3),
+          device=torch.device("cpu"), progress=False, evaluate_test=False)
+    teacher.eval().to(memory_format=torch.channels_last)
+    mean = torch.tensor(data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(data.std).view(1, 3, 1, 1)
+    return cfg, data, teacher, mean, std

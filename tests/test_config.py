@@ -65,6 +65,15 @@ BAD = [
     ("[scales.cpu.kd]\nalpha = 2.0\n", "scales.cpu.kd.alpha", "2.0", "<= 1"),
     ("[search.space.beta]\nlow = 1\nhigh = 2\n", "search.space.beta", "", "temperature"),
     ("[search.space.alpha]\nlow = 0.5\nhigh = 0.1\n", "search.space.alpha", "", "low <= high"),
+    # NaN passes every range check (comparisons with NaN are false): refused as not finite
+    ("[kd]\ntemperature = nan\n", "kd.temperature", "nan", "finite"),
+    ("[ig]\noverlay_prob = nan\n", "ig.overlay_prob", "nan", "finite"),
+    ("[ig]\nsmoothgrad_sigma = inf\n", "ig.smoothgrad_sigma", "inf", "finite"),
+    ("[search.space.alpha]\nlow = nan\nhigh = 0.1\n", "search.space.alpha.low", "nan",
+     "finite"),
+    ("[ig]\nsource = \"lime\"\n", "ig.source", "lime", "'shuffled'"),
+    ("[search.space.source]\nchoices = [\"ig\", \"lime\"]\n", "search.space.source", "lime",
+     "gradcam"),
 ]
 
 

@@ -94,7 +94,16 @@ def test_suite_is_cached_and_evaluates(isolated_storage: Path) -> None:
     assert len(files) == 2
     again = RobustSuite(data, cfg.robustness)
     assert torch.equal(again.test.images, suite.test.images)
-    # slices of different settings are disjoint (300 test images, 15 x 40 > 300 wraps)
+    # the severities of a corruption share one slice (a severity curve compares the same
+    # images); different corruptions have disjoint slices (5 x 40 < 300 test images)
+    rows = {st.key: r for st, r in zip(suite.test.settings, suite.test.rows)}
+    for c in cfg.robustness.corruptions:
+        same = [rows[f"{c}-{sev}"] for sev in cfg.robustness.severities]
+        assert all(torch.equal(same[0], r) for r in same)
+    firsts = [set(rows[f"{c}-1"].tolist()) for c in cfg.robustness.corruptions]
+    assert all(not (a & b) for i, a in enumerate(firsts) for b in firsts[i + 1:])
+    labels = {st.key: lab for st, lab in zip(suite.test.settings, suite.test.labels)}
+    assert torch.equal(labels["jpeg-1"], labels["jpeg-3"])
     from kdig_study.models import build_model
     out = suite.evaluate(build_model(cfg.student).eval(), torch.device("cpu"), "fp32")
     assert 0 <= out["robust_test_acc"] <= 1 and "robust_test_jpeg" in out

@@ -139,3 +139,66 @@ def test_onecycle_schedule_runs_for_any_number_of_steps(steps: int) -> None:
     if steps >= 8:  # a real warm-up and annealing: rises to near max_lr, then falls
         peak = lrs.index(max(lrs))
         assert max(lrs) > 0.9 * tc.lr and lrs[0] < tc.lr / 10 and 0 < peak < steps - 1
+
+
+def test_kd_and_at_losses_are_fp32_under_bf16_autocast() -> None:
+    """Under bf16 autocast the logits came out of the classifier in bf16; on near-converged
+    logits the KD gradient was ~9% off. Now the head and both losses run in fp32: the
+    gradient of the classifier matches an fp64 reference computed from the same features."""
+    from kdig_study.config import KDConfig, TrainConfig
+    from kdig_study.engine import _step_loss
+
+    torch.manual_seed(0)
+    cfg_model = ModelConfig(arch="convnet", width=0.25)
+    student = build_model(cfg_model)
+    teacher = build_model(cfg_model)
+    with torch.no_grad():  # a near-converged student: the teacher's twin, slightly perturbed
+        for ps, pt in zip(student.parameters(), teacher.parameters()):
+            ps.copy_(pt + 1e-3 * torch.randn_like(pt))
+        teacher.classifier.weight.mul_(20)  # confident logits, as near convergence
+        student.classifier.weight.copy_(teacher.classifier.weight * 1.001)
+    student.eval(), teacher.eval()  # no BN batch statistics: the same features both ways
+    x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (64,))
+    kd = KDConfig(temperature=4.0, alpha=0.9)
+    distill = Distillation(teacher=teacher, kd=kd, at_weight=0.5, tap=2)
+    tc = TrainConfig()
+    student.zero_grad()
+    loss, logits = _step_loss(student, x, x, y, tc, distill, teacher, "bf16", CPU)
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+    loss.backward()
+    ours = student.classifier.weight.grad.clone()
+    # reference: the same bf16 features, then head and losses in fp64
+    from kdig_study.losses import at_loss, kd_loss
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        s_feat = student.features(x)
+        t_feat = teacher.features(x)
+        s_map = student.features[:3](x)
+        t_map = teacher.features[:3](x)
+    w = student.classifier.weight.detach().double().requires_grad_(True)
+    s_logits = torch.nn.functional.linear(student.pool(s_feat).flatten(1).double(), w,
+                                          student.classifier.bias.double())
+    t_logits = teacher.classifier(teacher.pool(t_feat).flatten(1).float()).double()
+    ref = kd_loss(s_logits, t_logits, y, kd.temperature, kd.alpha) + \
+        0.5 * at_loss(s_map.double(), t_map.double())
+    ref.backward()
+    rel = (ours.double() - w.grad).norm() / w.grad.norm()
+    assert rel < 1e-3, rel
+    assert float(loss) == pytest.approx(float(ref), rel=1e-4)
+
+
+def test_a_bad_ig_integration_stops_the_run_in_one_line(smoke) -> None:
+    """A median completeness gap above ig.max_gap used to print a warning and train on."""
+    cfg, data = smoke
+    tight = dataclasses.replace(cfg, ig=dataclasses.replace(cfg.ig, max_gap=1e-6),
+                                teacher_train=dataclasses.replace(cfg.teacher_train, epochs=1))
+    lines: list[str] = []
+    ctx = Context(tight, data, CPU, progress=False, log=lines.append)
+    with pytest.raises(KdigError) as e:
+        run_student(ctx)
+    msg = str(e.value)
+    assert "\n" not in msg and "completeness gap above ig.max_gap" in msg
+    assert "use more steps" in msg
+    # under bf16 autocast it first recomputed the maps in fp32, and said so
+    if ctx.map_spec().precision == "bf16":
+        assert any("using fp32 maps instead" in line for line in lines)
