@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import platform
-import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import optuna
@@ -29,43 +25,18 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore
 import torch.nn.functional as F
 
+from kdig_study.bench_deploy import bench_compile, bench_deploy
+from kdig_study.bench_ig import (bench_adaptive, bench_cache, bench_ig, bench_second_trial,
+                                 bench_sources)
+from kdig_study.bench_result import Result, median_time
 from kdig_study.cli import Parser, run
 from kdig_study.config import DataConfig, StudyConfig, load_study
 from kdig_study.data import BatchLoader, DataBundle, load_bundle
 from kdig_study.engine import autocast, resolve_device, resolve_precision, seeded_model, train
 from kdig_study.errors import KdigError
-from kdig_study.experiment import Context, run_student
-from kdig_study.models import build_model, fold_batchnorm
+from kdig_study.experiment import Context
+from kdig_study.models import build_model
 from kdig_study.paths import write_json
-
-
-@dataclass
-class Result:
-    name: str
-    ours: float
-    baseline: float
-    unit: str
-    baseline_name: str
-    higher_is_better: bool
-    goal: str = ""
-    detail: dict[str, Any] = field(default_factory=dict)
-    headline: str = ""  # the figure in words, where "N x better" would mislead
-
-    @property
-    def ratio(self) -> float:
-        """How many times better ours is (>1: ours wins)."""
-        return self.ours / self.baseline if self.higher_is_better else self.baseline / self.ours
-
-
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,9 +96,10 @@ def bench_loader(data: DataBundle, n: int, batch: int, repeats: int, device: tor
                                                  persistent_workers=workers > 0)
             sweeps[f"{name}, num_workers={workers}"] = n / median_time(
                 lambda ld=loader: _epoch(ld), repeats)
-    best_pil = max((k for k in sweeps if k.startswith("PIL")), key=sweeps.__getitem__)
-    return Result("batched loader (crop+flip+normalise)", ours, sweeps[best_pil], "img/s",
-                  f"torchvision DataLoader + PIL transforms ({best_pil})", True, ">= 10x",
+    # the fastest baseline of the whole sweep, whatever its family (PIL or tensor-v2)
+    best = max(sweeps, key=sweeps.__getitem__)
+    return Result("batched loader (crop+flip+normalise)", ours, sweeps[best], "img/s",
+                  f"torchvision DataLoader, fastest of the sweep ({best})", True, ">= 10x",
                   {"images": n, "batch": batch, "baseline_sweep_img_s": sweeps})
 
 
@@ -187,183 +159,6 @@ def bench_engine(cfg: StudyConfig, data: DataBundle, n: int, repeats: int,
                   "<= 1.15x the pure compute time",
                   {"images": n_used, "steps": steps, "engine_s": engine_times,
                    "pure_s": pure_times}, headline=f"{eng / base:.3f}x the pure compute time")
-
-
-# ---------------------------------------------------------------------------------------------
-# IG: ours vs Captum
-
-
-def _captum_equivalent(method: str, steps: int) -> tuple[str, int, float]:
-    """Captum's rule with the same points as ours, and the factor between their weights."""
-    if method == "trapezoid":  # Captum's trapezoid on steps + 1 points, weights (n-1)/n short
-        return "riemann_trapezoid", steps + 1, (steps + 1) / steps
-    return method, steps, 1.0
-
-
-def bench_ig(cfg: StudyConfig, ctx: Context, n_images: int, repeats: int) -> list[Result]:
-    from captum.attr import IntegratedGradients
-
-    from kdig_study.attribution import (integrated_gradients, make_baseline, reduce_channels,
-                                        relative_gap, union_rule)
-    from kdig_study.experiment import ig_counts
-
-    device = ctx.device
-    teacher = ctx.teacher().model.eval().to(memory_format=torch.channels_last)
-    data = ctx.data
-    mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
-    rows = torch.arange(min(n_images, len(data.train)))
-    x = ((data.train.images[rows].to(device).float() / 255 - mean) / std).contiguous(
-        memory_format=torch.channels_last)
-    y = data.train.labels[rows].to(device)
-    base = make_baseline(cfg.ig.baseline, x, mean, std)
-    method, steps, counts = cfg.ig.method, cfg.ig.steps, ig_counts(cfg)
-    ours_precision = resolve_precision(cfg.ig.precision, device)
-
-    def captum(n: int, ibs: int, channels_last: bool, precision: str) -> torch.Tensor:
-        c_method, c_steps, factor = _captum_equivalent(method, n)
-        xx = x if channels_last else x.contiguous()
-        with autocast(precision, device):
-            a = IntegratedGradients(teacher).attribute(
-                xx, baselines=base, target=y, n_steps=c_steps, method=c_method,
-                internal_batch_size=ibs)
-        return a.float() * factor
-
-    # what the map store integrates: the same function, BN folded away
-    folded = fold_batchnorm(teacher).to(memory_format=torch.channels_last)
-
-    def ours(ns: tuple[int, ...], internal: int, precision: str) -> torch.Tensor:
-        alphas, weights = union_rule(method, ns)
-        with autocast(precision, device):
-            return integrated_gradients(folded, x, y, base, alphas, weights,
-                                        internal).attributions
-
-    # 1. Sweeps pick each side's best settings (Captum: internal batch and memory format, per
-    #    count and precision; ours: internal batch).
-    best_cfg: dict[tuple[int, str], tuple[int, bool]] = {}
-    sweep: dict[str, float] = {}
-    for n in counts:
-        for prec in ("fp32", "bf16"):
-            fastest = float("inf")
-            for ibs in (64, 128, 256):
-                for cl in (False, True):
-                    t = median_time(lambda: captum(n, ibs, cl, prec), 2)
-                    sweep[f"steps {n}, {prec}, internal_batch_size={ibs}, "
-                          f"{'channels_last' if cl else 'contiguous'}"] = len(rows) / t
-                    if t < fastest:
-                        fastest, best_cfg[(n, prec)] = t, (ibs, cl)
-    ours_sweep: dict[str, float] = {}
-    best_internal, fastest = 128, float("inf")
-    for internal in (64, 128, 256, 512):
-        t = median_time(lambda: ours((steps,), internal, ours_precision), 2)
-        ours_sweep[f"steps {steps}, internal_batch={internal}"] = len(rows) / t
-        if t < fastest:
-            best_internal, fastest = internal, t
-
-    # 2. Head to head at those settings, interleaved round by round so that drift in this
-    #    shared machine's speed hits every contender alike; medians over the rounds.
-    contenders: dict[str, Callable[[], object]] = {
-        "ours": lambda: ours((steps,), best_internal, ours_precision),
-        "ours_set": lambda: ours(counts, best_internal, ours_precision)}
-    for (n, prec), (ibs, cl) in best_cfg.items():
-        contenders[f"captum_{n}_{prec}"] = lambda n=n, prec=prec, ibs=ibs, cl=cl: \
-            captum(n, ibs, cl, prec)
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    best_t, t_set = med["ours"], med["ours_set"]
-
-    ref = captum(steps, 128, True, "fp32")
-    err = {}
-    for prec in ("fp32", ours_precision):
-        a = ours((steps,), best_internal, prec)[0]
-        m, r = reduce_channels(a, cfg.ig.reduce), reduce_channels(ref, cfg.ig.reduce)
-        err[f"ours {prec}"] = ((m - r).norm() / r.norm()).item()
-    with torch.no_grad():
-        c16 = reduce_channels(captum(steps, 128, True, "bf16"), cfg.ig.reduce)
-        r = reduce_channels(ref, cfg.ig.reduce)
-        err["captum bf16"] = ((c16 - r).norm() / r.norm()).item()
-    n_img = len(rows)
-    points = {"ours": int(union_rule(method, counts)[0].numel()),
-              "captum": int(sum(_captum_equivalent(method, n)[1] for n in counts))}
-    results = []
-    for prec, why in (("fp32", "Captum's own precision"),
-                      ("bf16", "under the same bf16 autocast as ours")):
-        ibs, cl = best_cfg[(steps, prec)]
-        results.append(Result(
-            f"IG maps, {steps} {method} steps, {cfg.ig.baseline} baseline, ours {ours_precision}",
-            n_img / best_t, n_img / med[f"captum_{steps}_{prec}"], "img/s",
-            f"Captum, best settings, {why} (internal_batch_size={ibs}, "
-            f"{'channels_last' if cl else 'contiguous'})", True, ">= 3x",
-            {"ours_internal_batch": best_internal}))
-        t_all = sum(med[f"captum_{n}_{prec}"] for n in counts)
-        results.append(Result(
-            f"IG maps for all study step counts {list(counts)}, ours one pass ({points['ours']} "
-            f"points/image)", n_img / t_set, n_img / t_all, "img/s",
-            f"Captum, one best-settings call per count ({points['captum']} points/image), "
-            f"{why}", True, ">= 3x"))
-    results[0].detail |= {"map_rel_l2_err_vs_captum_fp32": err,
-                          "captum_sweep_img_s": sweep, "ours_sweep_img_s": ours_sweep}
-
-    # Completeness gap against steps, per rule: the evidence for the rule a scale uses.
-    gap_table: dict[str, dict[int, float]] = {}
-    for rule in ("trapezoid", "riemann_middle", "gausslegendre", "riemann_left"):
-        grid = (4, 8, 16, 32, 64)
-        alphas, weights = union_rule(rule, grid)
-        with autocast(ours_precision, device):
-            res = integrated_gradients(folded, x, y, base, alphas, weights, best_internal)
-        g = relative_gap(res.attributions, res.delta).median(dim=1).values
-        gap_table[rule] = {n: round(float(g[i]), 5) for i, n in enumerate(grid)}
-    results[0].detail["median_completeness_gap_by_rule_and_steps"] = gap_table
-    return results
-
-
-def bench_cache(ctx: Context) -> Result:
-    """A second run with the same teacher and IG settings: open the store vs compute it."""
-    from kdig_study.attribution import build_store, index_hash, store_root
-
-    teacher = ctx.teacher()
-    train_set, index = ctx.data.train_subset(min(256, len(ctx.data.train)))
-    n = len(train_set)
-    # A store of its own (a distinct key), removed afterwards.
-    spec = dataclasses.replace(ctx.map_spec(), images=index_hash(index), n_images=n,
-                               teacher=teacher.fingerprint + "-bench")
-    shutil.rmtree(store_root(spec), ignore_errors=True)
-
-    def build() -> float:
-        t0 = time.perf_counter()
-        build_store(spec, teacher.model, train_set.images, train_set.labels, index,
-                    ctx.data.mean, ctx.data.std, ctx.cfg.ig, ctx.device, progress=False)
-        return time.perf_counter() - t0
-
-    first, second = build(), build()
-    shutil.rmtree(store_root(spec), ignore_errors=True)
-    return Result(f"IG maps of {n} images, second run (store cached)", second, first, "s",
-                  "first run (computing the store)", False, "no IG time on a second run",
-                  {"images": n, "steps": list(spec.counts)},
-                  headline=f"{second:.3f} s: opening and checksumming the store, no IG")
-
-
-def bench_second_trial(device: torch.device) -> Result:
-    """A smoke-scale trial on an empty cache (trains the teacher, computes the IG maps)
-    against the same trial again (both read from the cache)."""
-    cfg = load_study("kd_ig", "smoke")
-    data = load_bundle(cfg.data, progress=False)
-    times = []
-    # an empty cache, for this measurement only
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"KDIG_CACHE": tmp}):
-        for _ in range(2):
-            t0 = time.perf_counter()
-            run_student(Context(cfg, data, device, progress=False, log=lambda *_: None))
-            times.append(time.perf_counter() - t0)
-    return Result("a smoke-scale KD+IG trial, second run (teacher and IG maps cached)",
-                  times[1], times[0], "s", "the first run (trains the teacher, computes the "
-                  "maps)", False, "caches make the second run only the student's training",
-                  {}, headline=f"{times[1] / times[0]:.0%} of the first run's time")
 
 
 def _study_run(cfg: StudyConfig, ctx: Context, url: str, name: str, n_trials: int,
@@ -469,7 +264,28 @@ def bench_robustness(cfg: StudyConfig, data: DataBundle, device: torch.device,
         headline=f"adds {robust_s / clean_s:.0%} to the evaluation time")
 
 
-BENCHES = ("loader", "engine", "ig", "cache", "trials", "robustness")
+BENCHES = ("loader", "engine", "ig", "adaptive", "sources", "cache", "trials", "robustness",
+           "compile", "deploy")
+
+
+def _deploy_student(cfg: StudyConfig, ctx: Context) -> tuple[torch.nn.Module, str]:
+    """The search's chosen student (its weights artifact) where the default store has one;
+    else a freshly initialised student (latency does not depend on the weights; the
+    accuracy rows then say so)."""
+    import optuna
+
+    from kdig_study.export import pick_trial, student_weights
+    from kdig_study.store import default_url, open_storage
+
+    name = f"{cfg.name}-{cfg.scale}"
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(default_url()))
+        trial = pick_trial(study, "best")
+        return student_weights(study, trial, cfg, len(ctx.data.classes)), \
+            f"trial {trial.number} of {name}"
+    except (KeyError, KdigError):
+        return seeded_model(lambda: build_model(cfg.student), 0).eval(), \
+            "untrained (no searched trial in the default store)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -484,6 +300,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--images", type=int, default=5000, help="images per timed pass")
     p.add_argument("--ig-images", type=int, default=32, help="images per timed IG call")
+    p.add_argument("--adaptive-images", type=int, default=512,
+                   help="images brought under the target gap in 'adaptive'")
     p.add_argument("--trials", type=int, default=8, help="trials per search in 'trials'")
     p.add_argument("--pruning-scale", default="smoke",
                    help="scale of the pruning comparison (cpu: the real figure, ~1 h)")
@@ -516,13 +334,25 @@ def main() -> int:
                                     args.repeats, device))
     if "engine" in only:
         results.append(bench_engine(cfg, data, args.images, args.repeats, device))
-    if "ig" in only or "cache" in only:
+    if {"ig", "cache", "adaptive", "sources"} & set(only):
         ctx = Context(cfg, data, device, progress=True)
         if "ig" in only:
             results += bench_ig(cfg, ctx, args.ig_images, args.repeats)
+        if "adaptive" in only:
+            results.append(bench_adaptive(cfg, ctx, args.adaptive_images))
+        if "sources" in only:
+            results += bench_sources(cfg, ctx, args.ig_images * 8, args.repeats)
         if "cache" in only:
             results.append(bench_cache(ctx))
             results.append(bench_second_trial(device))
+    if "compile" in only:
+        results += bench_compile(cfg, data, args.images, args.repeats, device)
+    if "deploy" in only:
+        from kdig_study.deploy import require_deploy
+        require_deploy()
+        ctx = Context(cfg, data, torch.device("cpu"), progress=True)
+        student, trained = _deploy_student(cfg, ctx)
+        results += bench_deploy(ctx, student, trained)
     if "robustness" in only:
         results.append(bench_robustness(cfg, data, device, args.repeats))
     if "trials" in only:

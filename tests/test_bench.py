@@ -15,7 +15,8 @@ from cli_helpers import assert_one_line_error, run_cli
 def test_bench_runs_every_section(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = run_cli("bench", "--scale", "smoke", "--repeats", "1", "--images", "256",
-                   "--ig-images", "4", "--trials", "3", "--json", str(out), "--device", "cpu")
+                   "--ig-images", "4", "--adaptive-images", "64", "--trials", "3", "--json",
+                   str(out), "--device", "cpu", timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
     names = " | ".join(r["name"] for r in res["results"])
