@@ -28,7 +28,7 @@ from kdig_study import report_figures as rf
 from kdig_study.cli import Parser, default_scale, run
 from kdig_study.config import SCALES
 from kdig_study.errors import KdigError
-from kdig_study.paths import atomic_write
+from kdig_study.paths import atomic_write, safe_name
 from kdig_study.store import artifact_store, default_url, open_storage, quiet_optuna_logs
 
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -41,7 +41,8 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("ablation", "Ablation"),
     ("compression", "Accuracy against compression and latency"),
     ("robustness", "Robustness under distribution shift"),
-    ("gallery", "IG gallery: images, maps, overlays"),
+    ("deployment", "Deployment: ONNX Runtime fp32 and int8"),
+    ("gallery", "Map gallery: images, maps, overlays (one row per map source)"),
     ("reference", "The reference paper beside this study"),
 )
 
@@ -145,9 +146,21 @@ def _ablation(page: Page, ab: rd.Ablation | None) -> None:
         page.empty("ablation", "No ablation yet: run `python -m kdig_study.ablate` for this "
                                "study.")
         return
-    page.add("ablation", f"<p>Study <code>{_e(ab.name)}</code>, factors "
-                         f"{_e(', '.join(ab.factors))}, parameters "
-                         f"<code>{_e(ab.params)}</code>; paired by seed.</p>")
+    factors = "; ".join(f"{f}: {' | '.join(v)}" for f, v in ab.factors.items())
+    if ab.controls:
+        factors += f"; controls, with KD only: {', '.join(ab.controls)}"
+    distinct = {repr(p) for p in ab.params.values()}
+    params = (f"<code>{_e(next(iter(ab.params.values())))}</code> for every condition"
+              if len(distinct) == 1 else
+              "; ".join(f"{_e(k)}: <code>{_e(v)}</code>" for k, v in ab.params.items()))
+    seeds = sorted(ab.seeds.values())
+    page.add("ablation", f"<p>Study <code>{_e(ab.name)}</code>, factors {_e(factors)}; "
+                         f"paired by replicate"
+                         + (f" (student seeds {seeds[0]}..{seeds[-1]}, none used by the "
+                            f"search)" if seeds else "") + ".</p>"
+                         f"<p><b>Design: {_e(ab.design or 'best (recorded before designs)')}"
+                         f"</b>{': ' + _e(ab.design_text) if ab.design_text else ''}. "
+                         f"Parameters: {params}.</p>")
     for metric, label in (("test_acc", "test accuracy"),
                           ("robust_test_acc", "test accuracy under corruptions"),
                           ("val_acc", "validation accuracy")):
@@ -161,23 +174,36 @@ def _ablation(page: Page, ab: rd.Ablation | None) -> None:
               f"{_pct(s['mean'])} +- {_pct(s['sd'] if s['n'] > 1 else None)}",
               _pct(s["min"] if s["n"] else None), _pct(s["max"] if s["n"] else None)]
              for s in a["summaries"]]))
+        rows = a["comparisons"] + a["effects"]
         page.add("ablation", _table(
-            ["comparison (paired)", "n", "mean difference", "95% CI", "t-test p", "Wilcoxon p"],
-            [[_e(f"{c['a']} - {c['b']}"), str(c["n"]), _signed(c["mean_diff"]),
-              f"[{_signed(c['ci_low'])}, {_signed(c['ci_high'])}]", _p(c["t_p"]),
-              _p(c["wilcoxon_p"])] for c in a["comparisons"]]
-            + [[_e(f"effect: {e['effect']}"), str(e["n"]), _signed(e["mean"]),
-                f"[{_signed(e['ci_low'])}, {_signed(e['ci_high'])}]", _p(e["t_p"]),
-                _p(e["wilcoxon_p"])] for e in a["effects"]]))
+            ["comparison (paired) / effect", "n", "mean", "95% CI", "t-test p", "Holm p",
+             "Wilcoxon p", "Holm p", "d_z", "min. detectable"],
+            [[("<b>primary:</b> " if r["primary"] else "")
+              + _e(r["name"] if r["kind"] == "comparison" else f"effect: {r['name']}"),
+              str(r["n"]), _signed(r["mean"]),
+              f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]", _p(r["t_p"]),
+              _p(r["t_p_holm"]), _p(r["wilcoxon_p"]), _p(r["wilcoxon_p_holm"]),
+              _num(_nan_none(r["d_z"]), "{:.2f}"), _signed(r["mde"])] for r in rows]))
+        notes = [f"Holm: {a.get('correction', '')}.",
+                 "Min. detectable: the smallest true difference the paired t-test detects with "
+                 "80% power at alpha 0.05 with this n and sd."]
+        if any(r.get("wilcoxon_note") for r in rows):
+            notes.append(next(r["wilcoxon_note"] for r in rows if r.get("wilcoxon_note")) + ".")
+        page.add("ablation", f"<p class='note'>{_e(' '.join(notes))}</p>")
         page.figure("ablation", f"ablation-{metric}", rf.ablation_figure(ab, metric, label))
+        page.figure("ablation", f"ablation-diff-{metric}", rf.comparison_figure(a, label))
 
 
-def _signed(x: float) -> str:
-    return "n/a" if x != x else f"{100 * x:+.2f} pt"
+def _nan_none(x: Any) -> Any:
+    return None if x is None or x != x else x
 
 
-def _p(x: float) -> str:
-    return "n/a" if x != x else f"{x:.3g}"
+def _signed(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:+.2f} pt"
+
+
+def _p(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{x:.3g}"
 
 
 def _compression(page: Page, sweep: dict | None, teacher: dict | None) -> None:
@@ -218,29 +244,77 @@ def _robustness(page: Page, r: rd.Robustness | None, pareto: dict | None) -> Non
                                      "front yet.")
 
 
+def _deployment(page: Page, dep: dict[str, Any] | None) -> None:
+    if not dep or not dep.get("rows"):
+        page.empty("deployment", "No export yet: run `python -m kdig_study.export --study ... "
+                                 "--int8` to export the best student to ONNX and int8.")
+        return
+    page.add("deployment", f"<p>Trial {_e(dep.get('trial'))} of <code>{_e(dep.get('study'))}"
+                           f"</code>, exported to <code>{_e(dep.get('folder', ''))}</code>; "
+                           f"input: {_e(dep.get('input', ''))}; {_e(dep.get('threads'))} "
+                           f"threads; versions {_e(dep.get('versions', {}))}.</p>")
+
+    def lat(r: dict[str, Any], b: str) -> str:
+        x = r.get("latency", {}).get(b)
+        return "n/a" if not x else f"{x['median_ms']:.2f} / {x['p90_ms']:.2f} ms"
+
+    def delta(r: dict[str, Any]) -> str:
+        if "delta_test_acc" not in r:
+            return ""
+        rob = r.get("delta_robust_test_acc")
+        return (f"{100 * r['delta_test_acc']:+.2f} pt clean, "
+                + ("n/a" if rob is None else f"{100 * rob:+.2f} pt robust"))
+
+    page.add("deployment", _table(
+        ["model", "format", "size", "test acc", "test acc, corrupted", "int8 vs fp32",
+         "latency b=1 median / p90", "latency b=128 median / p90"],
+        [[_e(r["model"]), _e(r["format"]),
+          "-" if not r.get("bytes") else f"{r['bytes'] / 1e6:.2f} MB", _pct(r.get("test_acc")),
+          _pct(r.get("robust_test_acc")), _e(delta(r)), lat(r, "b1"), lat(r, "b128")]
+         for r in dep["rows"]]))
+
+
+def _embed_png(page: Page, artifact_id: str, caption: str) -> bool:
+    """An artifact PNG inlined into the gallery; False (and a note) if unreadable."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "image.png"
+        try:
+            download_artifact(artifact_store=artifact_store(), file_path=str(path),
+                              artifact_id=artifact_id)
+        except Exception as e:  # an artifact store that lives on another machine
+            page.empty("gallery", f"{caption}: in the store, but its file could not be read "
+                                  f"({e}).")
+            return False
+        data = base64.b64encode(path.read_bytes()).decode()
+    page.add("gallery", f"<p>{_e(caption)}.</p><img class='gallery' alt='{_e(caption)}' "
+                        f"src='data:image/png;base64,{data}'>")
+    return True
+
+
 def _gallery(page: Page, study: optuna.Study, storage: Any) -> None:
+    found = False
+    ablation = rd._load(storage, f"{study.study_name}.ablation")
+    for holder in [s for s in (ablation, study) if s is not None]:
+        galleries = [m for m in get_all_artifact_meta(holder, storage=storage)
+                     if m.filename.startswith("gallery-") and m.filename.endswith(".png")]
+        if galleries:
+            found = _embed_png(page, galleries[-1].artifact_id,
+                               f"Map sources of {holder.study_name}, one row each: per "
+                               f"training image, the image, its map and the overlay") or found
+            break
     done = rd.finished(study.get_trials(deepcopy=False))
     for t in sorted(done, key=lambda t: -t.values[0]):  # type: ignore[operator]
         pngs = [m for m in get_all_artifact_meta(t, storage=storage)
                 if m.filename.endswith(".png")]
-        if not pngs:
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "preview.png"
-            try:
-                download_artifact(artifact_store=artifact_store(), file_path=str(path),
-                                  artifact_id=pngs[0].artifact_id)
-            except Exception as e:  # an artifact store that lives on another machine
-                page.empty("gallery", f"The IG preview of trial {t.number} is in the store "
-                                      f"but its file could not be read ({e}).")
-                return
-            data = base64.b64encode(path.read_bytes()).decode()
-        page.add("gallery", f"<p>Trial {t.number}: per row, a training image, its teacher IG "
-                            f"map, and the overlay.</p><img class='gallery' alt='IG preview' "
-                            f"src='data:image/png;base64,{data}'>")
-        return
-    page.empty("gallery", "No IG preview among the completed trials (no IG method, or no "
-                          "completed trial yet).")
+        if pngs:
+            found = _embed_png(page, pngs[0].artifact_id,
+                               f"Trial {t.number}: per row, a training image, its teacher "
+                               f"map ({t.user_attrs.get('metrics', {}).get('source', 'ig')}), "
+                               f"and the overlay") or found
+            break
+    if not found:
+        page.empty("gallery", "No map preview among the completed trials (no overlay method, "
+                              "or no completed trial yet), and no map-source gallery.")
 
 
 def _reference(page: Page, ab: rd.Ablation | None, s: rd.Summary) -> None:
@@ -307,6 +381,7 @@ def build(storage: Any, url: str, name: str) -> Page:
     _ablation(page, ab)
     _compression(page, rd.sweep_data(storage, name), s.teacher)
     _robustness(page, rd.robustness_data(storage, name, study), rd.pareto_data(study))
+    _deployment(page, study.user_attrs.get("deployment"))
     _gallery(page, study, storage)
     _reference(page, ab, s)
     return page
@@ -337,10 +412,11 @@ def main() -> int:
         raise KdigError(f"unknown scale '{scale}'; allowed: {', '.join(SCALES)}")
     quiet_optuna_logs()
     url = args.storage or default_url()
-    storage = open_storage(url)
+    # --no-dashboard only reads: a store on a read-only disk (or shared read-only) works
+    storage = open_storage(url, read_only=args.no_dashboard and url.startswith("sqlite"))
     name = args.study_name or f"{Path(args.study).stem}-{scale}"
     page = build(storage, url, name)
-    out = Path(args.out) / f"{name}.html"
+    out = Path(args.out) / f"{safe_name(name)}.html"
     text = render(page)
     atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     print(f"report: {out} ({len(text) / 1e6:.1f} MB, {len(page.figures)} figures)")

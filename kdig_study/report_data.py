@@ -13,7 +13,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdig_study.ablation import FACTORS, SWEEP_KEYS, results_table
+from kdig_study.ablation import SWEEP_KEYS, planned_trials, results_table
+from kdig_study.objectives import choose_best
 from kdig_study.stats import analyse, condition_name
 
 # The reference paper's ablation (DESIGN.md): CIFAR-10 test accuracy, 10 runs, mean and sd.
@@ -37,7 +38,9 @@ class Summary:
     data: dict[str, Any]
     states: dict[str, int]
     teacher: dict[str, Any] | None
-    best: dict[str, Any] | None  # number, val_acc, test_acc, params, metrics
+    best: dict[str, Any] | None  # number, val_acc, test_acc, params, metrics, rule
+    # teacher and student latency measured together after the search, in one process
+    latency: dict[str, Any] | None = None
 
 
 def summary_data(study: optuna.Study) -> Summary:
@@ -45,49 +48,58 @@ def summary_data(study: optuna.Study) -> Summary:
     states: dict[str, int] = {}
     for t in trials:
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
-    done = finished(trials)
+    b, rule = choose_best(study)
     best = None
-    if done:
-        b = max(done, key=lambda t: t.values[0])  # type: ignore[arg-type,return-value]
+    if b is not None:
         best = {"number": b.number, "val_acc": b.values[0], "params": dict(b.params),
                 "metrics": dict(b.user_attrs.get("metrics", {})),
-                "test_acc": b.user_attrs.get("test_acc")}
+                "test_acc": b.user_attrs.get("test_acc"), "rule": rule}
     attrs = study.user_attrs
     return Summary(attrs.get("scale", "?"), attrs.get("data", {}), states,
-                   attrs.get("teacher"), best)
+                   attrs.get("teacher"), best, attrs.get("latency"))
+
+
+def _latency_cells(lat: dict[str, Any]) -> dict[str, Any]:
+    """b1 / bN median and p90 from a profile's latency entries."""
+    b1 = lat.get("latency_b1", {})
+    bn_key = next((k for k in lat if k.startswith("latency_b") and k != "latency_b1"), None)
+    bn = lat.get(bn_key, {}) if bn_key else {}
+    return {"b1_median_ms": b1.get("median_ms"), "b1_p90_ms": b1.get("p90_ms"),
+            "bn": bn.get("batch_size"), "bn_median_ms": bn.get("median_ms"),
+            "bn_p90_ms": bn.get("p90_ms"), "method": b1.get("method", "")}
 
 
 def summary_rows(s: Summary) -> list[dict[str, Any]]:
-    """Teacher and best student side by side (None where unknown)."""
+    """Teacher and best student side by side (None where unknown). Latency: both measured
+    after the search in one process (the study's ``latency`` attribute) where recorded."""
     rows = []
     t = s.teacher
+    lat = s.latency or {}
     if t is not None:
-        lat = {k: v for k, v in t.items() if k.startswith("latency_b")}
-        b1 = lat.get("latency_b1", {})
-        bn_key = next((k for k in lat if k != "latency_b1"), None)
-        bn = lat.get(bn_key, {}) if bn_key else {}
+        cells = _latency_cells(lat.get("teacher") or t)
         rows.append({"model": "teacher", "val_acc": t.get("val_acc"),
                      "test_acc": t.get("test_acc"), "kept": 1.0, "params": t.get("params"),
-                     "compression": 1.0, "flops": t.get("flops"),
-                     "b1_median_ms": b1.get("median_ms"), "b1_p90_ms": b1.get("p90_ms"),
-                     "bn": bn.get("batch_size"), "bn_median_ms": bn.get("median_ms"),
-                     "bn_p90_ms": bn.get("p90_ms"), "method": b1.get("method", "")})
+                     "compression": 1.0, "flops": t.get("flops")} | cells)
     if s.best is not None:
         m = s.best["metrics"]
-        bn_key = next((k for k in m if k.startswith("latency_b") and k.endswith("_median_ms")
-                       and not k.startswith("latency_b1_")), None)
-        bn_size = int(bn_key.split("_")[1][1:]) if bn_key else None
+        if lat.get("student"):
+            cells = _latency_cells(lat["student"])
+        else:
+            bn_key = next((k for k in m if k.startswith("latency_b") and k.endswith("_median_ms")
+                           and not k.startswith("latency_b1_")), None)
+            bn_size = int(bn_key.split("_")[1][1:]) if bn_key else None
+            cells = {"b1_median_ms": m.get("latency_b1_median_ms"),
+                     "b1_p90_ms": m.get("latency_b1_p90_ms"), "bn": bn_size,
+                     "bn_median_ms": m.get(bn_key) if bn_key else None,
+                     "bn_p90_ms": m.get(f"latency_b{bn_size}_p90_ms") if bn_size else None,
+                     "method": rows[0]["method"] if rows else ""}
         kept = None
         if t is not None and t.get("test_acc") and s.best["test_acc"] is not None:
             kept = s.best["test_acc"] / t["test_acc"]
         rows.append({"model": f"best student (trial {s.best['number']})",
                      "val_acc": s.best["val_acc"], "test_acc": s.best["test_acc"],
                      "kept": kept, "params": m.get("params"), "compression": m.get("compression"),
-                     "flops": m.get("flops"), "b1_median_ms": m.get("latency_b1_median_ms"),
-                     "b1_p90_ms": m.get("latency_b1_p90_ms"), "bn": bn_size,
-                     "bn_median_ms": m.get(bn_key) if bn_key else None,
-                     "bn_p90_ms": m.get(f"latency_b{bn_size}_p90_ms") if bn_size else None,
-                     "method": rows[0]["method"] if rows else ""})
+                     "flops": m.get("flops")} | cells)
     return rows
 
 
@@ -96,6 +108,10 @@ class History:
     numbers: list[int] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
     best_so_far: list[float] = field(default_factory=list)
+    # pruned trials: their number and the last validation accuracy they reported
+    pruned_numbers: list[int] = field(default_factory=list)
+    pruned_values: list[float] = field(default_factory=list)
+    last_number: int = 0  # the highest trial number shown (for the axis)
 
 
 def history_data(trials: list[FrozenTrial]) -> History:
@@ -106,6 +122,11 @@ def history_data(trials: list[FrozenTrial]) -> History:
         h.numbers.append(t.number)
         h.values.append(float(t.values[0]))  # type: ignore[arg-type]
         h.best_so_far.append(float(best))
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state == TrialState.PRUNED and t.intermediate_values:
+            h.pruned_numbers.append(t.number)
+            h.pruned_values.append(float(t.intermediate_values[max(t.intermediate_values)]))
+    h.last_number = max(h.numbers + h.pruned_numbers, default=0)
     return h
 
 
@@ -165,10 +186,14 @@ def _load(storage: Any, name: str) -> optuna.Study | None:
 @dataclass
 class Ablation:
     name: str
-    factors: list[str]
+    factors: dict[str, list[str]]  # factor -> levels ("none" first)
     analysis: dict[str, dict[str, Any]]  # metric -> analyse() output
-    points: dict[str, dict[str, dict[int, float]]]  # metric -> condition -> seed -> value
-    params: dict[str, Any]
+    points: dict[str, dict[str, dict[int, float]]]  # metric -> condition -> replicate -> value
+    params: dict[str, Any]  # condition -> its parameters
+    design: str = ""  # best | per-condition | fixed | file
+    design_text: str = ""
+    seeds: dict[str, int] = field(default_factory=dict)  # replicate -> student seed
+    controls: list[str] = field(default_factory=list)  # sources run with KD on only
 
 
 def ablation_data(storage: Any, search_name: str,
@@ -177,20 +202,25 @@ def ablation_data(storage: Any, search_name: str,
     study = _load(storage, f"{search_name}.ablation")
     if study is None:
         return None
-    trials = study.get_trials(deepcopy=False)
-    if not finished(trials):
+    trials = planned_trials(study.get_trials(deepcopy=False), None)
+    if not trials:
         return None
     info = study.user_attrs.get("ablation", {})
-    factors = info.get("factors") or [f for f in FACTORS
-                                      if any(t.params.get(f) for t in finished(trials))]
+    levels = info.get("levels") or {"kd": ["none", "kd"], "overlay": ["none", "ig"]}
+    design = {f: tuple(None if lv == "none" else lv for lv in v) for f, v in levels.items()}
     analysis, points = {}, {}
     for metric in metrics:
         table = results_table(trials, metric)
         if not table:
             continue
-        analysis[metric] = analyse(table, factors)
+        analysis[metric] = analyse(table, design, tuple(info.get("controls", ())))
+        if metric != "test_acc":  # the primary comparison is declared on test accuracy
+            for r in analysis[metric]["comparisons"]:
+                r["primary"] = False
         points[metric] = {condition_name(c): v for c, v in table.items()}
-    return Ablation(study.study_name, factors, analysis, points, info.get("params", {}))
+    return Ablation(study.study_name, levels, analysis, points, info.get("params", {}),
+                    info.get("design", ""), info.get("design_text", ""), info.get("seeds", {}),
+                    list(info.get("controls", [])))
 
 
 def sweep_data(storage: Any, search_name: str) -> dict[str, Any] | None:

@@ -24,9 +24,16 @@ def _e(text: object) -> str:
 
 def history_figure(h: History) -> go.Figure:
     fig = go.Figure([
-        go.Scatter(x=h.numbers, y=h.values, mode="markers", name="trial"),
+        go.Scatter(x=h.pruned_numbers, y=h.pruned_values, mode="markers",
+                   marker=dict(color="#bbbbbb", size=8),
+                   name="pruned (last reported epoch)"),
+        go.Scatter(x=h.numbers, y=h.values, mode="markers", name="completed trial",
+                   marker=dict(size=9)),
         go.Scatter(x=h.numbers, y=h.best_so_far, mode="lines", name="best so far"),
     ])
+    # trial numbers are integers: ticks on whole numbers only (no 0.5, 1.5)
+    step = max(1, math.ceil((h.last_number + 1) / 12))
+    fig.update_xaxes(tick0=0, dtick=step, tickformat="d")
     return fig.update_layout(title="Optimisation history", xaxis_title="trial",
                              yaxis_title="validation accuracy", **_LAYOUT)
 
@@ -94,7 +101,7 @@ def ablation_figure(ab: Ablation, metric: str, label: str) -> go.Figure:
         pts = ab.points[metric].get(name, {})
         fig.add_trace(go.Scatter(x=[name] * len(pts), y=[100 * v for v in pts.values()],
                                  mode="markers", marker=dict(color="black", size=7),
-                                 text=[f"seed {s}" for s in pts], name="per seed",
+                                 text=[f"replicate {s}" for s in pts], name="per replicate",
                                  legendgroup="seeds", showlegend=name == names[0]))
     lows = [100 * s["min"] for s in summaries if s["n"]]
     highs = [100 * s["max"] for s in summaries if s["n"]]
@@ -103,6 +110,30 @@ def ablation_figure(ab: Ablation, metric: str, label: str) -> go.Figure:
         fig.update_yaxes(range=[min(lows) - 3 * pad, max(highs) + pad])
     return fig.update_layout(title=f"Ablation: {label} (mean +- sd, points: seeds)",
                              yaxis_title=f"{label}, %", **_LAYOUT)
+
+
+def comparison_figure(analysis: dict, label: str) -> go.Figure:
+    """Every paired comparison and effect with its 95% interval (points), primary first."""
+    rows = sorted(analysis["comparisons"], key=lambda r: not r["primary"]) + \
+        analysis["effects"]
+    names = [("primary: " if r["primary"] else "") +
+             (_e(r["name"]) if r["kind"] == "comparison" else f"effect: {_e(r['name'])}")
+             for r in rows]
+    mean = [100 * r["mean"] if r["mean"] == r["mean"] else None for r in rows]
+    fig = go.Figure(go.Scatter(
+        x=mean, y=names, mode="markers", marker=dict(size=9, color="#d62728"),
+        error_x=dict(type="data", symmetric=False,
+                     array=[100 * (r["ci_high"] - r["mean"]) if r["ci_high"] == r["ci_high"]
+                            else 0 for r in rows],
+                     arrayminus=[100 * (r["mean"] - r["ci_low"]) if r["ci_low"] == r["ci_low"]
+                                 else 0 for r in rows]),
+        name="mean difference, 95% CI"))
+    fig.add_vline(x=0, line_color="#888")
+    fig.update_yaxes(autorange="reversed")
+    return fig.update_layout(title=f"Paired differences: {label} (points, 95% t-intervals)",
+                             xaxis_title="difference, percentage points",
+                             **(_LAYOUT | {"height": max(300, 40 + 28 * len(rows)),
+                                          "margin": dict(l=220, r=20, t=50, b=50)}))
 
 
 def compression_figures(sweep: dict, teacher: dict | None) -> list[go.Figure]:

@@ -46,6 +46,15 @@ def _search_study(url: str, name: str = "kd_ig-cpu", values=(0.70, 0.74, 0.72),
     study.set_user_attr("data", {"origin": "archive:cifar10-jpg.tar.gz", "train": 48000,
                                  "val": 2000, "test": 10000})
     study.set_user_attr("config", {"method": {"kd": True, "ig": True, "at": False}})
+    lat = {"b1": {"median_ms": 0.5, "p90_ms": 0.6}, "b128": {"median_ms": 20.0, "p90_ms": 21.0}}
+    study.set_user_attr("deployment", {
+        "study": name, "trial": 1, "folder": "storage/exports/x", "threads": 2,
+        "input": "float32 images in [0, 1]", "versions": {"onnx": "1"},
+        "rows": [{"model": "student", "format": "ONNX Runtime fp32", "bytes": 2_000_000,
+                  "test_acc": 0.73, "robust_test_acc": 0.6, "latency": lat},
+                 {"model": "student", "format": "ONNX Runtime int8 (static QDQ, per-channel)",
+                  "bytes": 600_000, "test_acc": 0.725, "robust_test_acc": 0.59,
+                  "delta_test_acc": -0.005, "delta_robust_test_acc": -0.01, "latency": lat}]})
     rng = np.random.default_rng(0)
     from optuna.artifacts import upload_artifact
 
@@ -88,17 +97,22 @@ FLAGS = {"student": (0, 0), "KD": (1, 0), "IG": (0, 1), "KD+IG": (1, 1)}
 def _ablation_study(url: str, search: str = "kd_ig-cpu", sweep: bool = False) -> None:
     name = f"{search}.ablation" + ("-sweep-width" if sweep else "")
     study = optuna.create_study(study_name=name, storage=url, direction="maximize")
-    study.set_user_attr("ablation", {"factors": ["kd", "ig"], "params": {"alpha": 0.3}})
-    dists = {"condition": CategoricalDistribution(list(FLAGS)), "seed": IntDistribution(0, 9),
-             "kd": CategoricalDistribution([0, 1]), "ig": CategoricalDistribution([0, 1]),
-             "at": CategoricalDistribution([0, 1])}
+    study.set_user_attr("ablation", {
+        "levels": {"kd": ["none", "kd"], "overlay": ["none", "ig"]}, "design": "best",
+        "design_text": "every condition at the best trial of the KD+IG search",
+        "params": {c: {"alpha": 0.3} for c in FLAGS}, "seeds": {"0": 1000, "1": 1001}})
+    dists = {"condition": CategoricalDistribution(list(FLAGS)),
+             "replicate": IntDistribution(0, 9), "kd": CategoricalDistribution([0, 1]),
+             "at": CategoricalDistribution([0, 1]),
+             "overlay": CategoricalDistribution(["none", "ig"])}
     widths = (0.25, 0.5) if sweep else (None,)
     if sweep:
         dists["width"] = CategoricalDistribution([0.25, 0.5])
     for w in widths:
         for (cond, seed), acc in ACC.items():
             kd, ig = FLAGS[cond]
-            params = {"condition": cond, "seed": seed, "kd": kd, "ig": ig, "at": 0}
+            params = {"condition": cond, "replicate": seed, "kd": kd, "at": 0,
+                      "overlay": "ig" if ig else "none"}
             m = _metrics(acc)
             if w is not None:
                 params["width"] = w
@@ -121,6 +135,12 @@ def test_data_steps(url: str) -> None:
     trials = study.get_trials()
     h = rd.history_data(trials)
     assert h.numbers == [0, 1, 2] and h.best_so_far == [0.70, 0.74, 0.74]
+    # the pruned trial is shown at its last reported value; ticks on whole trial numbers
+    assert h.pruned_numbers == [3] and h.pruned_values == [0.3] and h.last_number == 3
+    from kdig_study.report_figures import history_figure
+    fig = history_figure(h)
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tickformat == "d"
+    assert list(fig.data[0].x) == [3] and fig.data[0].marker.color == "#bbbbbb"
     rows = rd.summary_rows(rd.summary_data(study))
     assert rows[0]["model"] == "teacher" and rows[1]["model"] == "best student (trial 1)"
     assert rows[1]["kept"] == pytest.approx(0.73 / 0.80)
@@ -158,11 +178,69 @@ def test_every_section_present(url: str) -> None:
     for sid, title in SECTIONS:
         assert f"<section id='{sid}'>" in html, sid
     assert "class=\"empty\"" not in html  # all data present: no "not yet" notes
-    assert len(page.figures) == 14  # history, importance, parallel, 2 pairs, curves,
-    # 3 ablation (clean, corrupted, validation), 2 compression, 2 robustness, reference
+    assert len(page.figures) == 17  # history, importance, parallel, 2 pairs, curves,
+    # 3 ablation (clean, corrupted, validation) each with its paired differences,
+    # 2 compression, 2 robustness, reference
     assert "92.02" in html and "KD+IG - KD" in html and "effect: KD x IG" in html
+    deployment = html.split("<section id='deployment'>")[1].split("</section>")[0]
+    assert "ONNX Runtime int8" in deployment and "-0.50 pt clean, -1.00 pt robust" in deployment
+    assert "0.60 MB" in deployment and "0.50 / 0.60 ms" in deployment
+    ablation = html.split("<section id='ablation'>")[1].split("</section>")[0]
+    assert "Design: best" in ablation and "Holm p" in ablation and "d_z" in ablation
+    assert "<b>primary:</b> KD+IG - KD" in ablation and "student seeds 1000..1001" in ablation
     assert len(re.findall(r"<script type='text/javascript'>", html)) == 1  # plotly.js once
     assert "cdn.plot.ly" not in html.split("</head>")[1]  # no network needed
+
+
+def test_gallery_shows_the_map_sources_of_the_ablation(url: str, tmp_path: Path) -> None:
+    from kdig_study.objectives import attach_gallery
+    from kdig_study.overlay import source_gallery
+    from kdig_study.store import artifact_store
+    import torch
+
+    study = _search_study(url)
+    _ablation_study(url)
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    grid = source_gallery(images, {s: torch.rand(2, 32, 32) for s in ("ig", "shuffled",
+                                                                    "gradcam")})
+    assert grid.height > grid.width / 8  # three rows
+    path = tmp_path / "g.png"
+    grid.save(path)
+    ablation = optuna.load_study(study_name="kd_ig-cpu.ablation", storage=url)
+    attach_gallery(ablation, artifact_store(), path)
+    attach_gallery(ablation, artifact_store(), path)  # once per content
+    metas = optuna.artifacts.get_all_artifact_meta(ablation)
+    assert [m.filename for m in metas] == ["gallery-g.png"]
+    html = render(build(study._storage, url, "kd_ig-cpu"))
+    gallery = html.split("<section id='gallery'>")[1].split("</section>")[0]
+    assert "Map sources of kd_ig-cpu.ablation" in gallery and gallery.count("<img") == 2
+
+
+def test_latency_measured_after_the_search_in_one_process_is_what_the_report_shows(
+        url: str) -> None:
+    study = _search_study(url)
+    lat = {"latency_b1": {"median_ms": 0.9, "p90_ms": 1.0, "batch_size": 1, "method": "m"},
+           "latency_b128": {"median_ms": 40.0, "p90_ms": 41.0, "batch_size": 128}}
+    study.set_user_attr("latency", {"teacher": {k: v | {"median_ms": v["median_ms"] * 2}
+                                                for k, v in lat.items()},
+                                    "student": lat, "threads": 2})
+    rows = rd.summary_rows(rd.summary_data(study))
+    # not the per-trial figure (1.3 ms, measured inside a worker while others trained)
+    assert rows[1]["b1_median_ms"] == 0.9 and rows[1]["bn_median_ms"] == 40.0
+    assert rows[0]["b1_median_ms"] == 1.8 and rows[0]["bn"] == 128
+
+
+def test_multi_objective_best_is_chosen_from_the_pareto_front_by_the_stated_rule(
+        url: str) -> None:
+    from kdig_study.objectives import BEST_RULE_PARETO, choose_best
+
+    study = optuna.create_study(study_name="mo2", storage=url, directions=["maximize"] * 2)
+    # clean-best trial 0 has poor robust accuracy; trial 2 has the best mean
+    for v, r in ((0.74, 0.50), (0.72, 0.55), (0.73, 0.60), (0.70, 0.58)):
+        study.add_trial(create_trial(params={}, distributions={}, values=[v, r]))
+    best, rule = choose_best(study)
+    assert best.number == 2 and rule == BEST_RULE_PARETO
+    assert rd.summary_data(study).best["number"] == 2
 
 
 def test_pareto_front_of_a_two_objective_study(url: str) -> None:
