@@ -61,7 +61,7 @@ def test_smoke_study_end_to_end_records_everything(env: dict, isolated_storage: 
     study = optuna.load_study(study_name="kd_ig-smoke", storage=url)
     attrs = study.user_attrs
     for key in ("config", "config_fingerprint", "scale", "kdig_version", "git_commit",
-                "torch_version", "teacher"):
+                "torch_version", "teacher", "latency"):
         assert key in attrs, key
     assert attrs["scale"] == "smoke" and attrs["config"]["kd"]["temperature"] == 2.5
     assert attrs["teacher"]["params"] == 124_722
@@ -97,12 +97,57 @@ def test_smoke_study_end_to_end_records_everything(env: dict, isolated_storage: 
     assert "Validation accuracy" in get_note(optuna.Trial(study, t._trial_id))
 
 
+def test_banner_scales_the_estimate_by_trials_left_and_the_cache() -> None:
+    from kdig_study.config import load_study
+    from kdig_study.optimize import banner
+
+    cfg = load_study("kd_ig", "cpu")
+    e = cfg.expected
+    fresh = banner(cfg, 8, 8, {"teacher": False, "maps": False})
+    total = e.teacher + e.maps + 8 * e.trial
+    assert f"expected about {total:.0f} min" in fresh and "8 trial(s) to run" in fresh
+    assert f"teacher ~{e.teacher:.0f} min, maps ~{e.maps:.0f} min" in fresh
+    warm = banner(cfg, 20, 3, {"teacher": True, "maps": True})
+    assert f"expected about {3 * e.trial:.0f} min" in warm
+    assert "teacher cached, maps cached" in warm
+
+
+def test_samplers_of_workers_and_resumed_runs_do_not_replay_start_up_proposals() -> None:
+    from kdig_study.config import load_study
+    from kdig_study.optimize import make_sampler
+
+    cfg = load_study("kd_ig", "smoke")
+
+    def first_points(sampler: optuna.samplers.BaseSampler, trials_before: int = 0) -> list:
+        study = optuna.create_study(sampler=sampler, direction="maximize")
+        for _ in range(trials_before):  # what a resumed study already holds
+            study.enqueue_trial({"x": 0.5})
+            study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+        points = []
+        for _ in range(3):
+            t = study.ask()
+            points.append(round(t.suggest_float("x", 0, 1), 9))
+            study.tell(t, 0.0)
+        return points
+
+    single = first_points(make_sampler(cfg, None))
+    assert single == first_points(make_sampler(cfg, None))  # one process: reproducible
+    assert single == first_points(optuna.samplers.TPESampler(seed=cfg.search.seed,
+                                                             n_startup_trials=5,
+                                                             multivariate=True))
+    workers = [first_points(make_sampler(cfg, None, worker=i)) for i in range(3)]
+    every = [x for w in workers for x in w]
+    assert len(set(every)) == len(every)
+    resumed = first_points(make_sampler(cfg, None, trials_before=2), trials_before=2)
+    assert not set(resumed) & set(single)
+
+
 def test_multi_objective_study_through_the_cli(env: dict, isolated_storage: Path) -> None:
     proc = run_cli("optimize", "--study", "kd_ig_robust", "--scale", "smoke", "--no-progress",
                    "--n-trials", "3", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "Optuna does not prune multi-objective trials" in proc.stdout
-    assert "Pareto front" in proc.stdout
+    assert "Pareto front" in proc.stdout and "chosen for ablations and reports" in proc.stdout
     study = optuna.load_study(study_name="kd_ig_robust-smoke", storage=_url(isolated_storage))
     assert len(study.directions) == 2
     done = study.get_trials(states=(TrialState.COMPLETE,))
@@ -120,8 +165,17 @@ def test_resume_counts_the_total_and_refuses_a_changed_config(env: dict, isolate
     proc = _optimize("--n-trials", "3", env=env)
     assert proc.returncode == 0, proc.stderr
     assert len(_trials(url)) == 3  # the total, not 3 more
+    # the banner's estimate counts the trials left and what the cache already holds
+    banner = proc.stdout.splitlines()[0]
+    assert "1 trial(s) to run" in banner and "teacher cached, maps cached" in banner, banner
+    # teacher and maps, summarised in one line each, from the cache too
+    assert "teacher (convnet, 124,722 parameters, from the cache): validation accuracy" \
+        in proc.stdout and "test accuracy" in proc.stdout
+    assert "ig maps (750 images, from the cache): median completeness gap 8 steps" \
+        in proc.stdout
     proc = _optimize("--n-trials", "3", env=env)
     assert proc.returncode == 0 and len(_trials(url)) == 3
+    assert "0 trial(s) to run" in proc.stdout.splitlines()[0]
     # a changed config is refused, in one line that names the change and the way out
     changed = tmp_path / "kd_ig.toml"
     changed.write_text((REPO / "studies" / "kd_ig.toml").read_text().replace(
@@ -141,6 +195,13 @@ def _workers_finish_exactly(url: str, env: dict, name: str, n: int = 5) -> None:
     assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == n, states
     assert set(states) <= {"COMPLETE", "PRUNED"}, states
     assert "[worker 2]" in proc.stdout
+    # each worker samples with its own seed: the random start-up phase never repeats a point
+    # (all three used to draw the same parameters: trials 0 = 1 = 2, 3 = 4 = 5)
+    points = [tuple(sorted(t.params.items())) for t in _trials(url, name)]
+    assert len(set(points)) == len(points), points
+    # latency: teacher and student measured together after the search, in one process
+    lat = optuna.load_study(study_name=name, storage=url).user_attrs["latency"]
+    assert lat["teacher"]["latency_b1"]["threads"] == lat["student"]["latency_b1"]["threads"]
 
 
 @pytest.mark.slow
@@ -244,3 +305,25 @@ def test_bad_input_is_one_line(args: list[str], fragments: list[str], env: dict)
 def test_unknown_study_is_one_line(env: dict) -> None:
     assert_one_line_error(run_cli("optimize", "--study", "nope", "--scale", "smoke", env=env),
                           "unknown study 'nope'", "kd_ig")
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(
+        isolated_storage: Path) -> None:
+    """Optuna only fails trials whose heartbeat went stale; a worker killed between creating
+    its trial and its first heartbeat left it RUNNING for ever (the next run waited)."""
+    from kdig_study.store import fail_stale, open_storage
+
+    isolated_storage.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(_url(isolated_storage), heartbeat_interval=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.enqueue_trial({"x": 0.25})
+    trial = study.ask()  # RUNNING, no heartbeat written: as if killed right here
+    trial.suggest_float("x", 0, 1)
+    fail_stale(study)
+    assert study.get_trials()[0].state == TrialState.RUNNING  # within its grace period
+    time.sleep(2.5)
+    fail_stale(study)
+    states = [t.state for t in study.get_trials()]
+    assert states[0] == TrialState.FAIL and TrialState.WAITING in states  # queued again
+    retry = next(t for t in study.get_trials() if t.state == TrialState.WAITING)
+    assert retry.system_attrs["fixed_params"] == {"x": 0.25}
