@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
+
 from conftest import REPO
+from kdig_study.store import open_storage
 
 
 def run_cli(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600,
@@ -26,3 +29,16 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: st
     for f in fragments:
         assert f in lines[0], (f, lines[0])
     return lines[0]
+
+
+def trials_of(url: str, study_name: str) -> list[optuna.trial.FrozenTrial]:
+    """A study's trials, read while a command may still be creating the store: through the
+    package's own opener, whose schema lock serialises table creation with the command's
+    (optuna.load_study on a bare URL raced it: "table trial_intermediate_values already
+    exists"). KeyError when the study does not exist yet."""
+    storage = open_storage(url)
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage).get_trials(
+            deepcopy=False)
+    finally:
+        storage.engine.dispose()

@@ -14,7 +14,7 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli, trials_of
 from conftest import REPO
 from kdig_study.ablation import Run, monte_carlo_rows, plan, run_config
 from kdig_study.config import load_study
@@ -302,8 +302,7 @@ def test_resume_after_a_kill(tmp_path: Path, isolated_storage: Path) -> None:
         if not db.exists():
             return []
         try:
-            trials = optuna.load_study(study_name="kd_ig-smoke.ablation",
-                                       storage=url).get_trials()
+            trials = trials_of(url, "kd_ig-smoke.ablation")
         except KeyError:
             return []
         if not any(t.state == TrialState.COMPLETE for t in trials):

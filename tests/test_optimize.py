@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli, trials_of
 from conftest import REPO
 
 PG_URL = os.environ.get("KDIG_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -42,7 +42,7 @@ def _optimize(*args: str, env: dict | None = None, timeout: float = 600):
 
 
 def _trials(url: str, name: str = "kd_ig-smoke") -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    return trials_of(url, name)
 
 
 def _states(trials) -> dict[str, int]:
