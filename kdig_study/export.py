@@ -30,9 +30,9 @@ from kdig_study import __version__
 from kdig_study.cli import Parser, add_study_args, load_from_args, run
 from kdig_study.config import StudyConfig
 from kdig_study.data import stratified_order
-from kdig_study.deploy import (OPSET, Deployable, export_onnx, ort_logits, parity,
-                               quantize_int8, require_deploy, session, time_calls,
-                               torch_logits)
+from kdig_study.deploy import (INT8_ACTIVATIONS, OPSET, Deployable, default_int8_activations,
+                               export_onnx, ort_logits, parity, quantize_int8, require_deploy,
+                               session, time_calls, torch_logits)
 from kdig_study.engine import load_checkpoint
 from kdig_study.errors import KdigError
 from kdig_study.experiment import Context
@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     add_study_args(p)
     p.add_argument("--trial", default="best", help="best (the search's chosen trial) or N")
     p.add_argument("--int8", action="store_true", help="also quantise to int8 (static, QDQ)")
+    p.add_argument("--int8-activations", choices=INT8_ACTIVATIONS, default=None,
+                   help="activation type of the int8 model (weights are int8); default: "
+                        f"onnxruntime's fast kind on this machine ({default_int8_activations()})")
     p.add_argument("--storage", default=None, help="default: sqlite:///storage/kdig.db")
     p.add_argument("--study-name", default=None, help="default: <study>-<scale>")
     p.add_argument("--out", default=None, help="default: storage/exports/<study name>")
@@ -133,7 +136,8 @@ def _latency(fn_by_batch: dict[int, Any]) -> dict[str, dict[str, float]]:
 
 
 def measure_role(role: str, model: Net, ctx: Context, out_dir: Path, int8: bool,
-                 compile_: bool, threads: int, log: Any = print) -> list[dict[str, Any]]:
+                 compile_: bool, threads: int, log: Any = print,
+                 int8_activations: str | None = None) -> list[dict[str, Any]]:
     """Export, check, compare and time one model; the rows of the Deployment table."""
     data = ctx.data
     wrapped = Deployable(model.float().cpu().eval(), data.mean, data.std).eval()
@@ -179,13 +183,15 @@ def measure_role(role: str, model: Net, ctx: Context, out_dir: Path, int8: bool,
         int8_path = out_dir / f"{role}.int8.onnx"
         train_set, _ = data.train_subset(ctx.cfg.student_train.train_size)
         calib = stratified_order(train_set.labels, seed=0)[:CALIBRATION_IMAGES]
-        quantize_int8(fp32_path, int8_path, train_set.images[calib])
+        acts = quantize_int8(fp32_path, int8_path, train_set.images[calib], int8_activations)
         qs = session(int8_path, threads)
         q_logits = ort_logits(qs, data.test.images)
         q_clean = _accuracy(q_logits, data.test.labels)
         q_robust = _robust(qs, ctx, ort=True)
-        rows.append({"model": role, "format": "ONNX Runtime int8 (static QDQ, per-channel)",
-                     "bytes": int8_path.stat().st_size, "file": int8_path.name,
+        rows.append({"model": role,
+                     "format": f"ONNX Runtime int8 (static QDQ, per-channel, {acts} activations)",
+                     "activations": acts, "bytes": int8_path.stat().st_size,
+                     "file": int8_path.name,
                      "sha256": _sha(int8_path), "test_acc": q_clean,
                      "robust_test_acc": q_robust, "delta_test_acc": q_clean - clean,
                      "delta_robust_test_acc": None if robust is None or q_robust is None
@@ -216,7 +222,7 @@ def _fmt_row(r: dict[str, Any]) -> str:
     rob = "n/a" if r["robust_test_acc"] is None else f"{r['robust_test_acc']:.2%}"
     lat = "  ".join(f"b{b} {r['latency'][f'b{b}']['median_ms']:.2f}/"
                     f"{r['latency'][f'b{b}']['p90_ms']:.2f} ms" for b in BATCHES)
-    return f"  {r['model']:<8}{r['format']:<44}{size:>9}{acc:>9}{rob:>9}  {lat}"
+    return f"  {r['model']:<8}{r['format']:<64}{size:>9}{acc:>9}{rob:>9}  {lat}"
 
 
 def main() -> int:
@@ -244,11 +250,12 @@ def main() -> int:
     print(f"exporting trial {trial.number} of '{name}' (val acc {trial.values[0]:.2%}) to "
           f"{out_dir}; {threads} threads", flush=True)
     rows = measure_role("student", student, ctx, out_dir, args.int8, not args.no_compile,
-                        threads)
+                        threads, int8_activations=args.int8_activations)
     teacher_cached = teacher_path(teacher_fingerprint(cfg, ctx.data, ctx.device)).is_file()
     if not args.no_teacher and teacher_cached:
         rows += measure_role("teacher", ctx.teacher().model, ctx, out_dir, args.int8,
-                             not args.no_compile, threads)
+                             not args.no_compile, threads,
+                             int8_activations=args.int8_activations)
     elif not args.no_teacher:
         print("teacher: not in the cache; exported the student only", flush=True)
     record = {"study": name, "trial": trial.number, "params": dict(trial.params),
@@ -259,7 +266,7 @@ def main() -> int:
     write_json(out_dir / "export.json", record)
     study.set_user_attr("deployment", {k: v for k, v in record.items() if k != "versions"}
                         | {"versions": record["versions"], "folder": str(out_dir)})
-    print(f"  {'model':<8}{'format':<44}{'size':>9}{'test':>9}{'robust':>9}  "
+    print(f"  {'model':<8}{'format':<64}{'size':>9}{'test':>9}{'robust':>9}  "
           f"latency median/p90 (batch 1, batch 128)")
     for r in rows:
         print(_fmt_row(r))
