@@ -68,7 +68,9 @@ def sanity(ctx: Context, store: MapStore, steps: int) -> dict[str, Any]:
     """The deletion-curve check of a store (cached beside it)."""
     path = store.root / f"deletion_s{store.variant(steps)}_n{SANITY_IMAGES}.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if "ratio_other" in cached:  # (older checks lack the other-images reference)
+            return cached
     train_set, _ = ctx.data.train_subset(ctx.cfg.student_train.train_size)
     n = min(SANITY_IMAGES, len(train_set))
     maps = torch.from_numpy(store.maps(steps)[:n].astype("float32"))
@@ -77,9 +79,12 @@ def sanity(ctx: Context, store: MapStore, steps: int) -> dict[str, Any]:
             ctx.data.std, ctx.device)
     f, by_map = deletion_curve(*args, order="map")
     _, by_random = deletion_curve(*args, order="random")
+    _, by_other = deletion_curve(*args, order="other")
     out = {"images": n, "fractions": f, "by_map": by_map, "by_random": by_random,
-           "area_map": area(f, by_map), "area_random": area(f, by_random)}
+           "by_other": by_other, "area_map": area(f, by_map),
+           "area_random": area(f, by_random), "area_other": area(f, by_other)}
     out["ratio"] = out["area_map"] / max(out["area_random"], 1e-12)
+    out["ratio_other"] = out["area_map"] / max(out["area_other"], 1e-12)
     write_json(path, out)
     return out
 
@@ -129,14 +134,17 @@ def main() -> int:
             print(f"  deletion check ({d['images']} images"
                   + (f", {steps} steps" if uses_steps(source) else "") + f"): area "
                   f"{d['area_map']:.3f} removing top-ranked pixels first vs {d['area_random']:.3f}"
-                  f" in random order: ratio {d['ratio']:.2f} (< 1: the map finds what the "
-                  f"teacher uses)")
-            rows.append((source, seconds, report.computed_images, d["ratio"]))
+                  f" in random order: ratio {d['ratio']:.2f}; vs {d['area_other']:.3f} by "
+                  f"other images' maps: ratio {d['ratio_other']:.2f} (< 1: the map finds "
+                  f"what the teacher uses)")
+            rows.append((source, seconds, report.computed_images, d["ratio"],
+                         d["ratio_other"]))
         print(f"  map store: {store.root}", flush=True)
     if len(rows) > 1:
-        print("source            seconds   maps   deletion ratio")
-        for source, seconds, n, ratio in rows:
-            print(f"{source:<16}{seconds:>9.1f}{n:>7}{ratio:>17.2f}")
+        print("source            seconds   maps   deletion ratio: vs random order, "
+              "vs other images' maps")
+        for source, seconds, n, ratio, ratio_other in rows:
+            print(f"{source:<16}{seconds:>9.1f}{n:>7}{ratio:>17.2f}{ratio_other:>23.2f}")
     return 0
 
 

@@ -235,14 +235,20 @@ def deletion_curve(model: Net, images: torch.Tensor, labels: torch.Tensor, maps:
 
     images [N, 3, H, W] uint8, maps [N, H, W]; pixels (all three channels) are replaced by
     the zero baseline of the normalised input space (the data set's mean colour), highest
-    map value first (``order="map"``) or in a seeded random order (``order="random"``), in
-    ``steps`` equal fractions. Returns (fractions, probabilities); a faithful attribution
-    drops the probability faster than random order: a smaller area under the curve.
+    map value first (``order="map"``), in a seeded random order (``order="random"``), or
+    highest value first of another image's map (``order="other"``: image i ranked by the
+    map of image i - 1, a derangement), in ``steps`` equal fractions. Returns (fractions,
+    probabilities); a faithful attribution drops the probability faster than either
+    reference: a smaller area under the curve. Random order scatters single pixels, which
+    a CNN misses less than the contiguous blobs a smooth map removes; the other images'
+    maps remove blobs of the same shapes, so only their alignment with the image differs.
     """
     n, _, h, w = images.shape
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
     std_t = torch.tensor(std).view(1, 3, 1, 1)
     x = (images.float() / 255 - mean_t) / std_t
+    if order == "other":
+        maps, order = maps.roll(1, dims=0), "map"
     if order == "map":
         # ties broken at random, so a flat map deletes like random order
         g = torch.Generator().manual_seed(seed)
@@ -250,9 +256,11 @@ def deletion_curve(model: Net, images: torch.Tensor, labels: torch.Tensor, maps:
         score = maps.reshape(n, -1).float()
         scale = score.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
         rank = torch.argsort(score / scale + jitter, dim=1, descending=True)
-    else:
+    elif order == "random":
         g = torch.Generator().manual_seed(seed)
         rank = torch.stack([torch.randperm(h * w, generator=g) for _ in range(n)])
+    else:
+        raise ValueError(f"order {order!r}: allowed map, random, other")
     fractions = [k / steps for k in range(steps + 1)]
     probs = []
     model = model.to(device).eval()

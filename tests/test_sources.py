@@ -160,6 +160,40 @@ def test_deletion_curve_ends_and_area() -> None:
     assert area([0, 0.5, 1], [1, 1, 0]) == pytest.approx(0.75)
 
 
+class _BlobDetector(torch.nn.Module):
+    """Class 0's logit is the image's total brightness: only the bright blob matters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.clamp_min(0).sum(dim=(1, 2, 3)) / 64
+        return torch.stack([s, torch.zeros_like(s)], dim=1)
+
+
+def test_deletion_against_other_images_maps_sees_alignment_not_shape() -> None:
+    """Each image has one bright 8x8 blob at its own place; its map marks that blob. Random
+    order scatters pixels and misses the blob, so any blob-shaped map beats it; the other
+    images' maps have the same shape and must not: only the aligned map does."""
+    n = 8
+    images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    maps = torch.zeros(n, 32, 32)
+    for i in range(n):
+        r, c = 8 * (i // 4), 8 * (i % 4)
+        images[i, :, r:r + 8, c:c + 8] = 255
+        maps[i, r:r + 8, c:c + 8] = 1.0
+    args = (_BlobDetector(), images, torch.zeros(n, dtype=torch.long), maps, (0, 0, 0),
+            (1, 1, 1), CPU)
+    f, own = deletion_curve(*args, order="map")
+    _, rnd = deletion_curve(*args, order="random")
+    _, other = deletion_curve(*args, order="other")
+    assert area(f, own) < area(f, other) - 0.2  # 0.51 vs 0.81 (both floor at p = 0.5)
+    # the other order is the map order of the maps rolled by one image
+    _, rolled = deletion_curve(*args[:3], maps.roll(1, dims=0), *args[4:], order="map")
+    assert other == rolled
+    # the shape alone: a blob at the wrong place deletes no faster than scattered pixels
+    assert area(f, other) >= area(f, rnd) - 0.02
+    with pytest.raises(ValueError, match="allowed map, random, other"):
+        deletion_curve(*args, order="shuffle")
+
+
 @pytest.mark.slow
 def test_attribute_cli_every_source(tmp_path: Path) -> None:
     proc = run_cli("attribute", "--study", "kd_ig", "--scale", "smoke", "--no-progress",
@@ -168,7 +202,7 @@ def test_attribute_cli_every_source(tmp_path: Path) -> None:
     for source in MAP_SOURCES:
         assert f"{source}: computed 750 maps" in proc.stdout, source
     assert proc.stdout.count("deletion check") == len(MAP_SOURCES)
-    assert "source            seconds   maps   deletion ratio" in proc.stdout
+    assert "deletion ratio: vs random order, vs other images' maps" in proc.stdout
     assert_one_line_error(run_cli("attribute", "--study", "kd_ig", "--scale", "smoke",
                                   "--source", "ig,lime"), "--source ig,lime", "'lime'",
                           "gradcam")
