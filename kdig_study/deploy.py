@@ -133,8 +133,9 @@ def default_int8_activations() -> str:
     """The activation type of onnxruntime's fast int8 kernels on this machine. On x86-64
     its convolutions multiply uint8 activations by int8 weights (U8S8: VPMADDUBSW / VNNI);
     int8 activations (S8S8) take a slower path there: the cpu-scale student's int8 model ran
-    batch 128 in 146 ms with S8S8 against 40 ms with U8S8 (ORT fp32: 49 ms) on the 2-core
-    Xeon of docs/results.md. On Arm, S8S8 is onnxruntime's recommended format."""
+    batch 128 in 146 ms with S8S8 against 40 ms with U8S8 (ORT fp32: 49 ms) on a 2-core AMD
+    EPYC with AVX512-VNNI (docs/results.md). On Arm, S8S8 is onnxruntime's recommended
+    format."""
     machine = platform.machine().lower()
     return "uint8" if machine in ("x86_64", "amd64", "i686", "x86") else "int8"
 
