@@ -228,13 +228,14 @@ def test_three_workers_on_postgresql(env: dict) -> None:
     _workers_finish_exactly(PG_URL, env, f"kd_ig-smoke-{uuid.uuid4().hex[:8]}")
 
 
-def _wait_for_running(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for_running(url: str, proc: subprocess.Popen, timeout: float = 300,
+                      settle: float = 1.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
         try:
             if any(t.state == TrialState.RUNNING for t in _trials(url)):
-                time.sleep(1.0)  # well inside the trial
+                time.sleep(settle)  # inside the trial
                 return
         except KeyError:  # the study does not exist yet
             pass
@@ -276,17 +277,19 @@ def test_ctrl_c_fails_the_trial_cleanly_and_the_command_resumes(env: dict,
                                                                 isolated_storage: Path) -> None:
     url = _url(isolated_storage)
     assert _optimize("--n-trials", "1", "--study-name", "warm", env=env).returncode == 0
-    proc = _popen(env, "--n-trials", "2")
-    _wait_for_running(url, proc)
+    # Ctrl-C as soon as the first of three trials runs: a smoke trial can take under a
+    # second, and a signal sent a second later found the command already done (CI: rc 0)
+    proc = _popen(env, "--n-trials", "3")
+    _wait_for_running(url, proc, settle=0.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err
     states = _states(_trials(url))
     assert states.get("RUNNING", 0) == 0 and states.get("FAIL", 0) == 1
-    assert _optimize("--n-trials", "2", env=env).returncode == 0
+    assert _optimize("--n-trials", "3", env=env).returncode == 0
     states = _states(_trials(url))
-    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 2
+    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 3
 
 
 @pytest.mark.parametrize("args,fragments", [
