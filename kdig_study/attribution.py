@@ -35,7 +35,7 @@ from kdig_study.config import IGConfig
 from kdig_study.engine import autocast
 from kdig_study.errors import KdigError
 from kdig_study.models import Net, fold_batchnorm
-from kdig_study.paths import cache_dir, locked, write_json
+from kdig_study.paths import cache_dir, file_sha256, locked, write_json
 
 # Our own nested rules plus Captum's rules, used through Captum's own alpha/weight builders.
 METHODS: tuple[str, ...] = ("trapezoid", "clenshaw_curtis", "gausslegendre", "riemann_middle",
@@ -240,13 +240,6 @@ def index_hash(index: torch.Tensor) -> str:
     return hashlib.sha256(index.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 class MapStore:
     """A finished store: one float16 [N, 32, 32] array per step count, read by memory map.
@@ -325,7 +318,7 @@ def _verify(root: Path) -> tuple[dict[str, Any] | None, str]:
             return None, f"{name} missing"
         if f.stat().st_size != sizes.get(name):
             return None, f"{name} truncated ({f.stat().st_size} of {sizes.get(name)} bytes)"
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             return None, f"{name} corrupted (checksum mismatch)"
     return meta, ""
 
@@ -495,7 +488,7 @@ def _finish(spec: MapSpec, root: Path, files: dict[int, Path], gap_file: Path,
         "spec": asdict(spec),
         "gap": gap_stats,
         "measured": measured,
-        "checksums": {name: _sha256(root / name) for name in names},
+        "checksums": {name: file_sha256(root / name) for name in names},
         "sizes": {name: (root / name).stat().st_size for name in names},
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

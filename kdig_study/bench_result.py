@@ -3,11 +3,11 @@ timer every benchmark uses."""
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from kdig_study.measure import time_calls
 
 
 @dataclass
@@ -29,11 +29,5 @@ class Result:
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``repeats`` warm calls."""
+    return time_calls(fn, warmup, repeats).median_ms / 1000.0

@@ -10,8 +10,6 @@ constants. onnx and onnxruntime come with ``pip install -e ".[deploy]"``.
 from __future__ import annotations
 
 import platform
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,23 +180,3 @@ def quantize_int8(fp32: Path, out: Path, calibration: torch.Tensor,
 
     atomic_write(out, write)
     return activations
-
-
-@dataclass
-class Timing:
-    median_ms: float
-    p90_ms: float
-    runs: int
-
-
-def time_calls(fn: Callable[[], Any], warmup: int = 10, runs: int = 50) -> Timing:
-    """Warm wall-clock latency: ``warmup`` untimed calls, then median and p90 of ``runs``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    return Timing(statistics.median(times), times[min(runs - 1, round(0.9 * (runs - 1)))], runs)

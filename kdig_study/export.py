@@ -14,7 +14,6 @@ report's Deployment section shows them. Needs `pip install -e ".[deploy]"`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import platform
 import tempfile
 from pathlib import Path
@@ -32,14 +31,14 @@ from kdig_study.config import StudyConfig
 from kdig_study.data import stratified_order
 from kdig_study.deploy import (INT8_ACTIVATIONS, OPSET, Deployable, default_int8_activations,
                                export_onnx, ort_logits, parity, quantize_int8, require_deploy,
-                               session, time_calls, torch_logits)
+                               session, torch_logits)
 from kdig_study.engine import load_checkpoint
 from kdig_study.errors import KdigError
 from kdig_study.experiment import Context
-from kdig_study.measure import default_threads, torch_threads
+from kdig_study.measure import default_threads, time_calls, torch_threads
 from kdig_study.models import Net, build_model
 from kdig_study.objectives import choose_best
-from kdig_study.paths import safe_name, storage_dir, write_json
+from kdig_study.paths import file_sha256, safe_name, storage_dir, write_json
 from kdig_study.store import (artifact_store, default_url, open_storage, quiet_optuna_logs)
 from kdig_study.teacher import teacher_fingerprint, teacher_path
 
@@ -174,7 +173,7 @@ def measure_role(role: str, model: Net, ctx: Context, out_dir: Path, int8: bool,
                                               for b in BATCHES})})
     onnx_x = {b: x[b].numpy() for b in BATCHES}
     rows.append({"model": role, "format": "ONNX Runtime fp32", "bytes": fp32_path.stat().st_size,
-                 "file": fp32_path.name, "sha256": _sha(fp32_path), "test_acc": clean,
+                 "file": fp32_path.name, "sha256": file_sha256(fp32_path), "test_acc": clean,
                  "robust_test_acc": robust, "agreement_with_pytorch": par.agreement,
                  "max_abs_logit_diff": par.max_abs_logit_diff,
                  "latency": _latency({b: (lambda b=b: sess.run(None, {"images": onnx_x[b]}))
@@ -192,7 +191,7 @@ def measure_role(role: str, model: Net, ctx: Context, out_dir: Path, int8: bool,
                      "format": f"ONNX Runtime int8 (static QDQ, per-channel, {acts} activations)",
                      "activations": acts, "bytes": int8_path.stat().st_size,
                      "file": int8_path.name,
-                     "sha256": _sha(int8_path), "test_acc": q_clean,
+                     "sha256": file_sha256(int8_path), "test_acc": q_clean,
                      "robust_test_acc": q_robust, "delta_test_acc": q_clean - clean,
                      "delta_robust_test_acc": None if robust is None or q_robust is None
                      else q_robust - robust,
@@ -201,10 +200,6 @@ def measure_role(role: str, model: Net, ctx: Context, out_dir: Path, int8: bool,
                      "latency": _latency({b: (lambda b=b: qs.run(None, {"images": onnx_x[b]}))
                                           for b in BATCHES})})
     return rows
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _versions() -> dict[str, str]:

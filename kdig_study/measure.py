@@ -6,7 +6,7 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,6 +33,27 @@ class Latency:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"method": self.method}
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+
+def time_calls(fn: Callable[[], Any], warmup: int = 10, runs: int = 50) -> Timing:
+    """Warm wall-clock time of ``fn``: ``warmup`` untimed calls, then the median and p90 of
+    ``runs`` timed ones, in ms. Every latency and benchmark timer goes through here."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    times.sort()
+    return Timing(statistics.median(times), times[min(runs - 1, round(0.9 * (runs - 1)))], runs)
 
 
 def default_threads() -> int:
@@ -65,21 +86,16 @@ def measure_latency(model: Net, batch_size: int = 1, device: torch.device | str 
     x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(
         memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    with torch_threads(threads):
-        for _ in range(warmup):
-            model(x)
+
+    def forward() -> None:
+        model(x)
         sync()
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            model(x)
-            sync()
-            times.append((time.perf_counter() - t0) * 1000.0)
+
+    with torch_threads(threads):
+        t = time_calls(forward, warmup, runs)
     model.train(was_training)
-    times.sort()
     return Latency(device=str(device), batch_size=batch_size, threads=threads, warmup=warmup,
-                   runs=runs, median_ms=statistics.median(times),
-                   p90_ms=times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))])
+                   runs=runs, median_ms=t.median_ms, p90_ms=t.p90_ms)
 
 
 def model_cost(model: Net) -> dict[str, int]:

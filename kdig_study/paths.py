@@ -109,3 +109,12 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, read in 4 MiB blocks (weights and map stores can be large)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -27,7 +27,7 @@ from kdig_study.engine import (evaluate, load_checkpoint, resolve_precision, sav
                                seeded_model, train)
 from kdig_study.errors import KdigError
 from kdig_study.models import Net, build_model, count_params
-from kdig_study.paths import cache_dir, locked, write_json
+from kdig_study.paths import cache_dir, file_sha256, locked, write_json
 
 
 @dataclass
@@ -38,13 +38,6 @@ class Teacher:
     meta: dict[str, Any]  # config, accuracies, wall time
     trained_now: bool
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def teacher_fingerprint(cfg: StudyConfig, data: DataBundle, device: torch.device) -> str:

@@ -80,11 +80,15 @@ def test_a_trial_without_weights_is_one_line(searched: dict[str, str]) -> None:
     assert_one_line_error(proc, "is pruned", "only completed trials keep their weights")
 
 
+def _tiny_deployable() -> Deployable:
+    torch.manual_seed(0)
+    return Deployable(build_model(ModelConfig(arch="convnet", width=0.125)).eval(),
+                      (0.5, 0.4, 0.3), (0.25, 0.25, 0.25)).eval()
+
+
 def test_onnx_matches_pytorch_and_a_failed_check_writes_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.manual_seed(0)
-    model = Deployable(build_model(ModelConfig(arch="convnet", width=0.125)).eval(),
-                       (0.5, 0.4, 0.3), (0.25, 0.25, 0.25)).eval()
+    model = _tiny_deployable()
     path = tmp_path / "m.onnx"
     export_onnx(model, path)
     images = torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8)
@@ -124,9 +128,7 @@ def test_int8_activations_default_to_the_machines_fast_kind(
     """S8S8 (int8 activations, the old fixed choice) ran the cpu student's batch of 128
     3.7x slower than U8S8 on x86-64, slower than fp32; the default is now the fast kind and
     the other stays a choice."""
-    torch.manual_seed(0)
-    model = Deployable(build_model(ModelConfig(arch="convnet", width=0.125)).eval(),
-                       (0.5, 0.4, 0.3), (0.25, 0.25, 0.25)).eval()
+    model = _tiny_deployable()
     fp32 = tmp_path / "m.onnx"
     export_onnx(model, fp32)
     calib = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
