@@ -33,8 +33,17 @@ from typing import Any
 
 import optuna
 
-from kdig_study.ablation import (FACTORS, SWEEP_KEYS, Ablation, Params, Run, plan,
-                                 planned_trials, results_table, run_config)
+from kdig_study.ablation import (
+    FACTORS,
+    SWEEP_KEYS,
+    Ablation,
+    Params,
+    Run,
+    plan,
+    planned_trials,
+    results_table,
+    run_config,
+)
 from kdig_study.cli import Parser, add_study_args, load_from_args, run, spawn_workers
 from kdig_study.config import MAP_SOURCES, StudyConfig, load_params
 from kdig_study.errors import KdigError
@@ -42,10 +51,21 @@ from kdig_study.experiment import Context, store_counts
 from kdig_study.objectives import attach_gallery, choose_best
 from kdig_study.paths import atomic_write, safe_name, write_json
 from kdig_study.seeds import ABLATION_SEED_OFFSET, ablation_seed
-from kdig_study.stats import (BINARY, WILCOXON_MIN_N, analyse, condition_name, conditions,
-                              overlay_sources)
-from kdig_study.store import (artifact_store, default_url, open_storage, open_study,
-                              quiet_optuna_logs)
+from kdig_study.stats import (
+    BINARY,
+    WILCOXON_MIN_N,
+    analyse,
+    condition_name,
+    conditions,
+    overlay_sources,
+)
+from kdig_study.store import (
+    artifact_store,
+    default_url,
+    open_storage,
+    open_study,
+    quiet_optuna_logs,
+)
 
 METRICS = (("test_acc", "test accuracy"), ("robust_test_acc", "test accuracy under corruptions"),
            ("val_acc", "validation accuracy"))

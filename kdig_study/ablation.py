@@ -33,8 +33,7 @@ from kdig_study.experiment import Context, run_student
 from kdig_study.measure import profile
 from kdig_study.objectives import apply_params, record_run
 from kdig_study.seeds import ablation_seed
-from kdig_study.stats import (Condition, Design, Table, condition_name, conditions,
-                              overlay_sources)
+from kdig_study.stats import Condition, Design, Table, condition_name, conditions, overlay_sources
 from kdig_study.store import SlotLock, fail_stale, held_runs
 
 FACTORS: tuple[str, ...] = ("kd", "ig", "at")  # binary names accepted by --factors

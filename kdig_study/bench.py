@@ -22,12 +22,17 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.artifacts import FileSystemArtifactStore
 import torch.nn.functional as F
+from optuna.artifacts import FileSystemArtifactStore
 
 from kdig_study.bench_deploy import bench_compile, bench_deploy
-from kdig_study.bench_ig import (bench_adaptive, bench_cache, bench_ig, bench_second_trial,
-                                 bench_sources)
+from kdig_study.bench_ig import (
+    bench_adaptive,
+    bench_cache,
+    bench_ig,
+    bench_second_trial,
+    bench_sources,
+)
 from kdig_study.bench_result import Result, median_time
 from kdig_study.cli import Parser, run
 from kdig_study.config import DataConfig, StudyConfig, load_study
@@ -37,7 +42,6 @@ from kdig_study.errors import KdigError
 from kdig_study.experiment import Context
 from kdig_study.models import build_model
 from kdig_study.paths import write_json
-
 
 # ---------------------------------------------------------------------------------------------
 # Loader: ours vs torchvision DataLoader pipelines
@@ -72,8 +76,8 @@ def _epoch(loader: Iterable[Any]) -> int:
 
 def bench_loader(data: DataBundle, n: int, batch: int, repeats: int, device: torch.device
                  ) -> Result:
-    from torchvision.transforms import v2
     from torchvision import transforms as T
+    from torchvision.transforms import v2
 
     subset = data.train.take(torch.arange(min(n, len(data.train))))
     n = len(subset)

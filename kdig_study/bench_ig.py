@@ -23,7 +23,6 @@ from kdig_study.experiment import Context, run_student
 from kdig_study.models import fold_batchnorm
 
 
-
 def _captum_equivalent(method: str, steps: int) -> tuple[str, int, float]:
     """Captum's rule with the same points as ours, and the factor between their weights."""
     if method == "trapezoid":  # Captum's trapezoid on steps + 1 points, weights (n-1)/n short
@@ -34,8 +33,13 @@ def _captum_equivalent(method: str, steps: int) -> tuple[str, int, float]:
 def bench_ig(cfg: StudyConfig, ctx: Context, n_images: int, repeats: int) -> list[Result]:
     from captum.attr import IntegratedGradients
 
-    from kdig_study.attribution import (integrated_gradients, make_baseline, reduce_channels,
-                                        relative_gap, union_rule)
+    from kdig_study.attribution import (
+        integrated_gradients,
+        make_baseline,
+        reduce_channels,
+        relative_gap,
+        union_rule,
+    )
     from kdig_study.experiment import ig_counts
 
     device = ctx.device
@@ -303,8 +307,15 @@ def bench_sources(cfg: StudyConfig, ctx: Context, n_images: int, repeats: int
     teacher and precision; the two controls (made from the IG maps, no attribution) against
     the IG maps they come from."""
     from kdig_study.attribution import make_baseline
-    from kdig_study.sources import (CAPTUM, DERIVED, captum_attribute, captum_chunks,
-                                    derived_maps, seeded, source_spec)
+    from kdig_study.sources import (
+        CAPTUM,
+        DERIVED,
+        captum_attribute,
+        captum_chunks,
+        derived_maps,
+        seeded,
+        source_spec,
+    )
 
     device = ctx.device
     teacher = ctx.teacher().model.eval()

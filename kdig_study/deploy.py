@@ -144,8 +144,13 @@ def quantize_int8(fp32: Path, out: Path, calibration: torch.Tensor,
     on ``calibration`` images (uint8 [N, 3, H, W], training images, never test), written
     atomically and checked. ``activations``: "uint8" or "int8" (default: this machine's
     fast kind, see ``default_int8_activations``). Returns the activation type used."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     activations = activations or default_int8_activations()
     if activations not in INT8_ACTIVATIONS:

@@ -15,13 +15,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdig_study.attribution import (BuildReport, MapSpec, MapStore, build_store, index_hash,
-                                    write_store)
+from kdig_study.attribution import (
+    BuildReport,
+    MapSpec,
+    MapStore,
+    build_store,
+    index_hash,
+    write_store,
+)
 from kdig_study.config import StudyConfig
 from kdig_study.corruptions import RobustSuite
 from kdig_study.data import DataBundle, load_bundle
-from kdig_study.engine import (Distillation, EpochCallback, TrainResult, resolve_device,
-                               resolve_precision, seeded_model, train)
+from kdig_study.engine import (
+    Distillation,
+    EpochCallback,
+    TrainResult,
+    resolve_device,
+    resolve_precision,
+    seeded_model,
+    train,
+)
 from kdig_study.errors import KdigError
 from kdig_study.measure import model_cost
 from kdig_study.models import Net, build_model, count_params, tap_index

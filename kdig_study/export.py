@@ -29,9 +29,19 @@ from kdig_study import __version__
 from kdig_study.cli import Parser, add_study_args, load_from_args, run
 from kdig_study.config import StudyConfig
 from kdig_study.data import stratified_order
-from kdig_study.deploy import (INT8_ACTIVATIONS, OPSET, Deployable, default_int8_activations,
-                               export_onnx, ort_logits, parity, quantize_int8, require_deploy,
-                               session, torch_logits)
+from kdig_study.deploy import (
+    INT8_ACTIVATIONS,
+    OPSET,
+    Deployable,
+    default_int8_activations,
+    export_onnx,
+    ort_logits,
+    parity,
+    quantize_int8,
+    require_deploy,
+    session,
+    torch_logits,
+)
 from kdig_study.engine import load_checkpoint
 from kdig_study.errors import KdigError
 from kdig_study.experiment import Context
@@ -39,7 +49,7 @@ from kdig_study.measure import default_threads, time_calls, torch_threads
 from kdig_study.models import Net, build_model
 from kdig_study.objectives import choose_best
 from kdig_study.paths import file_sha256, safe_name, storage_dir, write_json
-from kdig_study.store import (artifact_store, default_url, open_storage, quiet_optuna_logs)
+from kdig_study.store import artifact_store, default_url, open_storage, quiet_optuna_logs
 from kdig_study.teacher import teacher_fingerprint, teacher_path
 
 MIN_AGREEMENT = 0.999

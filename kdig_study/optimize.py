@@ -36,8 +36,16 @@ from kdig_study.models import build_model, count_params
 from kdig_study.objectives import Objective, attach_gallery, choose_best, relevant_space
 from kdig_study.seeds import sampler_seed
 from kdig_study.sources import source_spec
-from kdig_study.store import (SlotLock, artifact_store, default_url, fail_stale, held_runs,
-                              open_storage, open_study, quiet_optuna_logs)
+from kdig_study.store import (
+    SlotLock,
+    artifact_store,
+    default_url,
+    fail_stale,
+    held_runs,
+    open_storage,
+    open_study,
+    quiet_optuna_logs,
+)
 from kdig_study.teacher import teacher_fingerprint, teacher_path
 
 

@@ -30,11 +30,23 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from captum.attr import (GradientShap, InputXGradient, LayerAttribution, LayerGradCam,
-                         NoiseTunnel, Saliency)
+from captum.attr import (
+    GradientShap,
+    InputXGradient,
+    LayerAttribution,
+    LayerGradCam,
+    NoiseTunnel,
+    Saliency,
+)
 
-from kdig_study.attribution import (ChunkFn, MapSpec, MapStore, _frozen, make_baseline,
-                                    reduce_channels)
+from kdig_study.attribution import (
+    ChunkFn,
+    MapSpec,
+    MapStore,
+    _frozen,
+    make_baseline,
+    reduce_channels,
+)
 from kdig_study.config import IGConfig
 from kdig_study.engine import autocast
 from kdig_study.models import Net

@@ -23,8 +23,14 @@ from safetensors.torch import load_file
 
 from kdig_study.config import StudyConfig
 from kdig_study.data import DataBundle
-from kdig_study.engine import (evaluate, load_checkpoint, resolve_precision, save_checkpoint,
-                               seeded_model, train)
+from kdig_study.engine import (
+    evaluate,
+    load_checkpoint,
+    resolve_precision,
+    save_checkpoint,
+    seeded_model,
+    train,
+)
 from kdig_study.errors import KdigError
 from kdig_study.models import Net, build_model, count_params
 from kdig_study.paths import cache_dir, file_sha256, locked, write_json

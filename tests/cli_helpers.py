@@ -9,8 +9,9 @@ from pathlib import Path
 
 import optuna
 
-from conftest import REPO
 from kdig_study.store import open_storage
+
+from conftest import REPO
 
 
 def run_cli(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600,

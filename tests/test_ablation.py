@@ -14,13 +14,14 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from cli_helpers import assert_one_line_error, run_cli, trials_of
-from conftest import REPO
 from kdig_study.ablation import Run, monte_carlo_rows, plan, run_config
 from kdig_study.config import load_study
 from kdig_study.data import load_bundle
 from kdig_study.experiment import Context
 from kdig_study.stats import design_of
+
+from cli_helpers import assert_one_line_error, run_cli, trials_of
+from conftest import REPO
 
 
 def test_plan_enumerates_every_combination_for_every_replicate() -> None:

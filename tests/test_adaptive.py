@@ -9,14 +9,22 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_attribution import _inputs
 
 from kdig_study import adaptive as adaptive_mod
 from kdig_study import attribution
 from kdig_study.adaptive import adaptive_ig, levels
-from kdig_study.attribution import (MapSpec, build_store, clenshaw_curtis, index_hash,
-                                    integrated_gradients, quadrature, relative_gap, union_rule)
+from kdig_study.attribution import (
+    MapSpec,
+    build_store,
+    clenshaw_curtis,
+    index_hash,
+    integrated_gradients,
+    quadrature,
+    relative_gap,
+    union_rule,
+)
 from kdig_study.models import fold_batchnorm
-from test_attribution import _inputs
 
 CPU = torch.device("cpu")
 

@@ -11,10 +11,19 @@ import pytest
 import torch
 from captum.attr import IntegratedGradients
 
-from kdig_study.attribution import (MapSpec, build_store, index_hash, integrated_gradients,
-                                    make_baseline, open_store, quadrature, reduce_channels,
-                                    relative_gap, union_rule)
 from kdig_study import attribution
+from kdig_study.attribution import (
+    MapSpec,
+    build_store,
+    index_hash,
+    integrated_gradients,
+    make_baseline,
+    open_store,
+    quadrature,
+    reduce_channels,
+    relative_gap,
+    union_rule,
+)
 
 CPU = torch.device("cpu")
 

@@ -9,8 +9,14 @@ import torch
 from PIL import Image
 
 from kdig_study.config import CORRUPTIONS, load_study
-from kdig_study.corruptions import (SEVERITY, RobustSuite, contrast, corrupt, gaussian_blur,
-                                    jpeg_bytes)
+from kdig_study.corruptions import (
+    SEVERITY,
+    RobustSuite,
+    contrast,
+    corrupt,
+    gaussian_blur,
+    jpeg_bytes,
+)
 from kdig_study.data import load_bundle
 from kdig_study.errors import KdigError
 

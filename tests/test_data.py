@@ -12,8 +12,14 @@ from PIL import Image
 
 from kdig_study import data as data_mod
 from kdig_study.config import DataConfig
-from kdig_study.data import (BatchLoader, ImageSet, load_bundle, load_source, make_bundle,
-                             stratified_order)
+from kdig_study.data import (
+    BatchLoader,
+    ImageSet,
+    load_bundle,
+    load_source,
+    make_bundle,
+    stratified_order,
+)
 from kdig_study.errors import KdigError
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",

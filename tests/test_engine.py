@@ -8,8 +8,15 @@ import torch
 
 from kdig_study.config import ModelConfig, load_study
 from kdig_study.data import load_bundle
-from kdig_study.engine import (Distillation, EpochStats, evaluate, load_checkpoint,
-                               save_checkpoint, seeded_model, train)
+from kdig_study.engine import (
+    Distillation,
+    EpochStats,
+    evaluate,
+    load_checkpoint,
+    save_checkpoint,
+    seeded_model,
+    train,
+)
 from kdig_study.errors import KdigError
 from kdig_study.experiment import Context, run_student
 from kdig_study.models import build_model

@@ -14,13 +14,22 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from cli_helpers import assert_one_line_error, run_cli
-from conftest import REPO
 from kdig_study.config import ModelConfig
-from kdig_study.deploy import (Deployable, default_int8_activations, export_onnx, ort_logits,
-                               parity, quantize_int8, session, torch_logits)
+from kdig_study.deploy import (
+    Deployable,
+    default_int8_activations,
+    export_onnx,
+    ort_logits,
+    parity,
+    quantize_int8,
+    session,
+    torch_logits,
+)
 from kdig_study.errors import KdigError
 from kdig_study.models import build_model
+
+from cli_helpers import assert_one_line_error, run_cli
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,13 @@ import optuna
 import pytest
 import torch
 
-from cli_helpers import assert_one_line_error, run_cli
-from conftest import REPO
 from kdig_study.config import load_study
 from kdig_study.data import load_bundle
 from kdig_study.errors import KdigError
 from kdig_study.paths import safe_name
+
+from cli_helpers import assert_one_line_error, run_cli
+from conftest import REPO
 
 CPU = torch.device("cpu")
 

@@ -12,9 +12,15 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from kdig_study.pruning import (
+    best_by_compute,
+    compare,
+    epoch_correlations,
+    replay,
+    suggested_warmup,
+)
+
 from cli_helpers import run_cli
-from kdig_study.pruning import (best_by_compute, compare, epoch_correlations, replay,
-                                suggested_warmup)
 
 T0 = datetime.datetime(2026, 11, 28, 12, 0, 0)
 

@@ -14,9 +14,10 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from cli_helpers import assert_one_line_error, run_cli
 from kdig_study import report_data as rd
 from kdig_study.report import SECTIONS, build, render
+
+from cli_helpers import assert_one_line_error, run_cli
 
 SPACE = {"temperature": FloatDistribution(1, 10, log=True),
          "alpha": FloatDistribution(0.001, 1, log=True),
@@ -56,11 +57,11 @@ def _search_study(url: str, name: str = "kd_ig-cpu", values=(0.70, 0.74, 0.72),
                   "bytes": 600_000, "test_acc": 0.725, "robust_test_acc": 0.59,
                   "delta_test_acc": -0.005, "delta_robust_test_acc": -0.01, "latency": lat}]})
     rng = np.random.default_rng(0)
+    import torch
     from optuna.artifacts import upload_artifact
 
     from kdig_study.overlay import save_preview
     from kdig_study.store import artifact_store
-    import torch
 
     png = save_preview(Path(url.removeprefix("sqlite:///")).parent / "preview.png",
                        torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8),
@@ -193,10 +194,11 @@ def test_every_section_present(url: str) -> None:
 
 
 def test_gallery_shows_the_map_sources_of_the_ablation(url: str, tmp_path: Path) -> None:
+    import torch
+
     from kdig_study.objectives import attach_gallery
     from kdig_study.overlay import source_gallery
     from kdig_study.store import artifact_store
-    import torch
 
     study = _search_study(url)
     _ablation_study(url)

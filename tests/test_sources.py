@@ -9,16 +9,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from captum.attr import (GradientShap, InputXGradient, LayerAttribution, LayerGradCam,
-                         NoiseTunnel, Saliency)
+from captum.attr import (
+    GradientShap,
+    InputXGradient,
+    LayerAttribution,
+    LayerGradCam,
+    NoiseTunnel,
+    Saliency,
+)
 
-from cli_helpers import assert_one_line_error, run_cli
 from kdig_study.attribution import make_baseline
 from kdig_study.config import MAP_SOURCES, load_study
 from kdig_study.data import load_bundle
 from kdig_study.experiment import Context
-from kdig_study.sources import (CAPTUM, area, autocorrelation_width, captum_chunks, chunk_seed,
-                                deletion_curve, derangement, smooth_random_maps, source_spec)
+from kdig_study.sources import (
+    CAPTUM,
+    area,
+    autocorrelation_width,
+    captum_chunks,
+    chunk_seed,
+    deletion_curve,
+    derangement,
+    smooth_random_maps,
+    source_spec,
+)
+
+from cli_helpers import assert_one_line_error, run_cli
 
 CPU = torch.device("cpu")
 

@@ -5,11 +5,18 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from scipy import stats as sps
 
-from kdig_study.stats import (analyse, condition_name, conditions, design_of, effects,
-                              minimum_detectable, paired, summarise)
+from kdig_study.stats import (
+    analyse,
+    condition_name,
+    conditions,
+    design_of,
+    effects,
+    minimum_detectable,
+    paired,
+    summarise,
+)
 
 S, KD, IG, KDIG = frozenset(), frozenset({"kd"}), frozenset({"ig"}), frozenset({"kd", "ig"})
 TABLE = {
