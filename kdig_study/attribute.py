@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
-from kdig_study.attribution import MapStore, gap_summary
+from kdig_study.attribution.deletion import area, deletion_curve
+from kdig_study.attribution.sources import uses_steps
+from kdig_study.attribution.store import MapStore, gap_summary
 from kdig_study.cli import Parser, add_study_args, load_from_args, run
 from kdig_study.config import MAP_SOURCES
 from kdig_study.errors import KdigError
 from kdig_study.experiment import Context, ig_counts
 from kdig_study.paths import write_json
-from kdig_study.sources import area, deletion_curve, uses_steps
 
 SANITY_IMAGES = 256
 

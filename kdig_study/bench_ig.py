@@ -33,7 +33,7 @@ def _captum_equivalent(method: str, steps: int) -> tuple[str, int, float]:
 def bench_ig(cfg: StudyConfig, ctx: Context, n_images: int, repeats: int) -> list[Result]:
     from captum.attr import IntegratedGradients
 
-    from kdig_study.attribution import (
+    from kdig_study.attribution.numerics import (
         integrated_gradients,
         make_baseline,
         reduce_channels,
@@ -82,7 +82,8 @@ def bench_ig(cfg: StudyConfig, ctx: Context, n_images: int, repeats: int) -> lis
             fastest = float("inf")
             for ibs in (64, 128, 256):
                 for cl in (False, True):
-                    t = median_time(lambda: captum(n, ibs, cl, prec), 2)
+                    t = median_time(lambda n=n, ibs=ibs, cl=cl, prec=prec:
+                                    captum(n, ibs, cl, prec), 2)
                     sweep[f"steps {n}, {prec}, internal_batch_size={ibs}, "
                           f"{'channels_last' if cl else 'contiguous'}"] = len(rows) / t
                     if t < fastest:
@@ -90,7 +91,7 @@ def bench_ig(cfg: StudyConfig, ctx: Context, n_images: int, repeats: int) -> lis
     ours_sweep: dict[str, float] = {}
     best_internal, fastest = 128, float("inf")
     for internal in (64, 128, 256, 512):
-        t = median_time(lambda: ours((steps,), internal, ours_precision), 2)
+        t = median_time(lambda internal=internal: ours((steps,), internal, ours_precision), 2)
         ours_sweep[f"steps {steps}, internal_batch={internal}"] = len(rows) / t
         if t < fastest:
             best_internal, fastest = internal, t
@@ -161,7 +162,7 @@ def bench_ig(cfg: StudyConfig, ctx: Context, n_images: int, repeats: int) -> lis
 
 def bench_cache(ctx: Context) -> Result:
     """A second run with the same teacher and IG settings: open the store vs compute it."""
-    from kdig_study.attribution import build_store, index_hash, store_root
+    from kdig_study.attribution.store import build_store, index_hash, store_root
 
     teacher = ctx.teacher()
     train_set, index = ctx.data.train_subset(min(256, len(ctx.data.train)))
@@ -217,8 +218,8 @@ def bench_adaptive(cfg: StudyConfig, ctx: Context, n_images: int, target: float 
     the share."""
     from captum.attr import IntegratedGradients
 
-    from kdig_study.adaptive import adaptive_ig
-    from kdig_study.attribution import integrated_gradients, relative_gap, union_rule
+    from kdig_study.attribution.adaptive import adaptive_ig
+    from kdig_study.attribution.numerics import integrated_gradients, relative_gap, union_rule
 
     device = ctx.device
     teacher = ctx.teacher().model.eval().to(memory_format=torch.channels_last)
@@ -255,7 +256,8 @@ def bench_adaptive(cfg: StudyConfig, ctx: Context, n_images: int, target: float 
         res = integrated_gradients(folded, x[:k], y[:k], base[:k], alphas, weights,
                                    ig.internal_batch)
         shares = (relative_gap(res.attributions, res.delta) <= target).float().mean(dim=1)
-        chosen[c_rule] = next((g for g, s in zip(grid, shares.tolist()) if s >= share), None)
+        chosen[c_rule] = next((g for g, s in zip(grid, shares.tolist(), strict=True)
+                               if s >= share), None)
         top_share[c_rule] = float(shares[-1])
     reachable = {r: c for r, c in chosen.items() if c is not None}
     # Where no rule of the grid reaches our share, Captum is timed at the grid's largest count
@@ -281,7 +283,7 @@ def bench_adaptive(cfg: StudyConfig, ctx: Context, n_images: int, target: float 
             best_t, best_ibs = t, ibs
             c_share = float((delta.abs() / fx_fb <= target).float().mean())
     hist = {str(int(v)): int(c) for v, c in zip(*np.unique(points.cpu().numpy(),
-                                                            return_counts=True))}
+                                                            return_counts=True), strict=True)}
     if lower_bound:
         baseline_name = (f"Captum at {steps} steps ({c_rule}), its best rule there; no rule "
                          f"up to {steps} steps reaches our {share:.1%} share")
@@ -306,8 +308,8 @@ def bench_sources(cfg: StudyConfig, ctx: Context, n_images: int, repeats: int
     against Captum called directly on the whole sample at its best batch size (swept), same
     teacher and precision; the two controls (made from the IG maps, no attribution) against
     the IG maps they come from."""
-    from kdig_study.attribution import make_baseline
-    from kdig_study.sources import (
+    from kdig_study.attribution.numerics import make_baseline
+    from kdig_study.attribution.sources import (
         CAPTUM,
         DERIVED,
         captum_attribute,
@@ -361,8 +363,8 @@ def bench_sources(cfg: StudyConfig, ctx: Context, n_images: int, repeats: int
         if built.get("compute_seconds") else float("nan")
     for source in DERIVED:
         steps = ig_store.counts[0]
-        t = median_time(lambda source=source: derived_maps(source, ig_store.maps(steps),
-                                                           cfg.ig.source_seed), repeats)
+        t = median_time(lambda source=source, steps=steps: derived_maps(
+            source, ig_store.maps(steps), cfg.ig.source_seed), repeats)
         total = ig_store.meta["spec"]["n_images"]
         results.append(Result(
             f"{source} maps of all {total:,} training images (from the IG maps)", total / t,

@@ -64,7 +64,7 @@ class ImageSet:
 
 
 @dataclass(frozen=True)
-class Source:
+class DecodedDataset:
     """A decoded data set: its training pool and test split."""
 
     train: ImageSet
@@ -259,13 +259,15 @@ def _content_hash(arrays: list[np.ndarray], classes: tuple[str, ...]) -> str:
     return h.hexdigest()
 
 
-def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = True) -> Source:
+def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = True
+                ) -> DecodedDataset:
     """Decode the data set once (cached as uint8 arrays) and return it."""
     if cfg.dataset == "synthetic":
         tx, ty = synthetic.generate(cfg.synthetic_train, seed=1)
         sx, sy = synthetic.generate(cfg.synthetic_test, seed=2)
         fp = _content_hash([tx.numpy(), ty.numpy(), sx.numpy(), sy.numpy()], synthetic.CLASSES)
-        return Source(ImageSet(tx, ty), ImageSet(sx, sy), synthetic.CLASSES, fp, "synthetic")
+        return DecodedDataset(ImageSet(tx, ty), ImageSet(sx, sy), synthetic.CLASSES, fp,
+                              "synthetic")
     path = resolve_data_path(cfg, data_dir)
     kind, target = _detect(path)  # type: ignore[misc]
     key = hashlib.sha256(json.dumps(
@@ -295,7 +297,7 @@ def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = T
                         f"run again to rebuild it") from None
     if len(arrays["classes"]) != 10:
         raise KdigError(f"{target}: found {len(arrays['classes'])} classes; CIFAR-10 has 10")
-    return Source(
+    return DecodedDataset(
         train=ImageSet(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"])),
         test=ImageSet(torch.from_numpy(arrays["test_x"]), torch.from_numpy(arrays["test_y"])),
         classes=tuple(str(c) for c in arrays["classes"]),
@@ -334,7 +336,7 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def make_bundle(source: Source, cfg: DataConfig) -> DataBundle:
+def make_bundle(source: DecodedDataset, cfg: DataConfig) -> DataBundle:
     """Hold out a stratified validation split from the training pool; keep the test split
     apart (optionally a stratified subset of it)."""
     pool = len(source.train)

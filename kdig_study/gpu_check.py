@@ -37,9 +37,10 @@ from kdig_study.errors import KdigError
 from kdig_study.models import build_model, fold_batchnorm
 from kdig_study.paths import atomic_write, write_json
 
-# The paper protocol (DESIGN.md): 45,000 training images, 100 epochs, batch 64; 50 trials;
-# 10 seeds x 4 conditions. The share of epochs a pruned search trains, measured at cpu
-# scale (89 of 160 epochs with the median pruner): used for the projection, and said so.
+# The paper protocol (docs/design.md, section 6): 45,000 training images, 100 epochs,
+# batch 64; 50 trials; 10 seeds x 4 conditions. The share of epochs a pruned search trains,
+# measured at cpu scale (89 of 160 epochs with the median pruner): used for the projection,
+# and said so.
 PAPER = {"train_images": 45_000, "epochs": 100, "trials": 50, "ablation_runs": 40,
          "search_epoch_share": 89 / 160, "ig_points": 98, "kd_cost": 1.35}
 
@@ -114,7 +115,7 @@ def _ig(sizes: Sizes, device: torch.device, tiny: bool) -> dict[str, Any]:
     pass) against Captum at its best internal batch size, one call per count."""
     from captum.attr import IntegratedGradients
 
-    from kdig_study.attribution import integrated_gradients, union_rule
+    from kdig_study.attribution.numerics import integrated_gradients, union_rule
 
     cfg = load_study("kd_ig", "paper")
     counts = (4, 8) if tiny else (16, 32, 50)

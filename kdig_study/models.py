@@ -8,7 +8,8 @@ Two families:
   * ``convnet``: an airbench-style dense 3x3 network (stem, three conv groups with max-pool),
     64-256-256 channels at width 1.0 (1.97 M parameters). Its student is the same network at
     width 0.5 (0.50 M, about 4x fewer). Dense convolutions use this CPU about five times
-    better than depthwise ones (DESIGN.md section 3), which makes the ``cpu`` scale informative.
+    better than depthwise ones (docs/design.md, section 2), which makes the ``cpu`` scale
+    informative.
 
 Both expose ``features`` (an nn.Sequential) so that attention transfer can tap a block.
 """

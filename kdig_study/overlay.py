@@ -23,7 +23,8 @@ def minmax(m: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 class IGOverlay:
     """With probability ``prob`` per image: x' = (1 - lam) x + lam M, M = minmax(map ** s)
-    repeated over the 3 channels, s log-uniform in [low, high] per image (DESIGN.md).
+    repeated over the 3 channels, s log-uniform in [low, high] per image (docs/design.md,
+    section 4).
 
     Works on [0, 1] images, after the crop/flip that the map shared, before normalisation.
     """

@@ -1,9 +1,9 @@
 """Seeds: one independent random stream per purpose, and the seeds ablation replicates use.
 
-DESIGN.md section 6: switching a factor on must not shift any other random stream, so every
-purpose (data order and crops, overlay draws, random maps, map derangement, a sampler in
-one worker process) gets its own generator, seeded from the run's seed and the purpose's
-name. A hash, not ``seed + k``: neighbouring run seeds must not share streams.
+docs/design.md, section 9, rule 1: switching a factor on must not shift any other random
+stream, so every purpose (data order and crops, overlay draws, random maps, map derangement,
+a sampler in one worker process) gets its own generator, seeded from the run's seed and the
+purpose's name. A hash, not ``seed + k``: neighbouring run seeds must not share streams.
 """
 
 from __future__ import annotations

@@ -11,19 +11,16 @@ import pytest
 import torch
 from test_attribution import _inputs
 
-from kdig_study import adaptive as adaptive_mod
-from kdig_study import attribution
-from kdig_study.adaptive import adaptive_ig, levels
-from kdig_study.attribution import (
-    MapSpec,
-    build_store,
+from kdig_study.attribution import store as store_mod
+from kdig_study.attribution.adaptive import adaptive_ig, levels
+from kdig_study.attribution.numerics import (
     clenshaw_curtis,
-    index_hash,
     integrated_gradients,
     quadrature,
     relative_gap,
     union_rule,
 )
+from kdig_study.attribution.store import MapSpec, build_store, index_hash
 from kdig_study.models import fold_batchnorm
 
 CPU = torch.device("cpu")
@@ -34,7 +31,7 @@ def test_clenshaw_curtis_is_exact_for_polynomials_up_to_its_degree(n: int) -> No
     a, w = clenshaw_curtis(n)
     assert a[0] == 0.0 and a[-1] == pytest.approx(1.0) and sum(w) == pytest.approx(1.0)
     for degree in range(n + 1):  # integral of t^d over [0, 1] is 1 / (d + 1)
-        assert sum(wi * ai ** degree for ai, wi in zip(a, w)) == pytest.approx(
+        assert sum(wi * ai ** degree for ai, wi in zip(a, w, strict=True)) == pytest.approx(
             1 / (degree + 1), abs=1e-12)
     finer, _ = clenshaw_curtis(2 * n)
     assert all(any(abs(x - y) < 1e-12 for y in finer) for x in a)  # nested
@@ -97,7 +94,7 @@ def test_store_holds_each_images_points_and_gap_and_resumes(
     cfg, data, _, _, _ = setup
     n = 96
     spec = _adaptive_spec(cfg, data, "adaptive-resume", n)
-    real = adaptive_mod.adaptive_ig
+    real = store_mod.adaptive_ig
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -106,12 +103,12 @@ def test_store_holds_each_images_points_and_gap_and_resumes(
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(adaptive_mod, "adaptive_ig", flaky)
+    monkeypatch.setattr(store_mod, "adaptive_ig", flaky)
     with pytest.raises(KeyboardInterrupt):
         _build(setup, spec, n)
-    root = attribution.store_root(spec)
+    root = store_mod.store_root(spec)
     assert json.loads((root / "progress.json").read_text())["done"] == 32
-    monkeypatch.setattr(adaptive_mod, "adaptive_ig", real)
+    monkeypatch.setattr(store_mod, "adaptive_ig", real)
     report = _build(setup, spec, n)
     assert report.computed_images == 64  # only what was missing
     store = report.store

@@ -11,19 +11,16 @@ import pytest
 import torch
 from captum.attr import IntegratedGradients
 
-from kdig_study import attribution
-from kdig_study.attribution import (
-    MapSpec,
-    build_store,
-    index_hash,
+from kdig_study.attribution import store as store_mod
+from kdig_study.attribution.numerics import (
     integrated_gradients,
     make_baseline,
-    open_store,
     quadrature,
     reduce_channels,
     relative_gap,
     union_rule,
 )
+from kdig_study.attribution.store import MapSpec, build_store, index_hash, open_store
 
 CPU = torch.device("cpu")
 
@@ -140,7 +137,7 @@ def test_interrupted_build_resumes_and_matches(setup, monkeypatch: pytest.Monkey
     cfg, data, teacher, _, _ = setup
     n = 128
     spec = _spec(cfg, data, teacher_fp="resume", n=n)
-    real = attribution.integrated_gradients
+    real = store_mod.integrated_gradients
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -149,13 +146,13 @@ def test_interrupted_build_resumes_and_matches(setup, monkeypatch: pytest.Monkey
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(attribution, "integrated_gradients", flaky)
+    monkeypatch.setattr(store_mod, "integrated_gradients", flaky)
     with pytest.raises(KeyboardInterrupt):
         _build(setup, spec, n)
-    root = attribution.store_root(spec)
+    root = store_mod.store_root(spec)
     assert json.loads((root / "progress.json").read_text())["done"] == 64
     assert open_store(spec) is None
-    monkeypatch.setattr(attribution, "integrated_gradients", real)
+    monkeypatch.setattr(store_mod, "integrated_gradients", real)
     report = _build(setup, spec, n)
     assert report.computed_images == 64  # only what was missing
     fresh = _build(setup, _spec(cfg, data, teacher_fp="fresh", n=n), n)
@@ -170,7 +167,7 @@ def test_damaged_store_is_detected_reported_and_recomputed(setup, damage: str) -
     n = 40
     spec = _spec(cfg, data, teacher_fp=f"damage-{damage}", n=n)
     good = _build(setup, spec, n).store.maps(8).copy()
-    f = attribution.store_root(spec) / "maps_s8.npy"
+    f = store_mod.store_root(spec) / "maps_s8.npy"
     if damage == "corrupt":
         raw = bytearray(f.read_bytes())
         raw[-7] ^= 0xFF

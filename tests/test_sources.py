@@ -18,21 +18,20 @@ from captum.attr import (
     Saliency,
 )
 
-from kdig_study.attribution import make_baseline
-from kdig_study.config import MAP_SOURCES, load_study
-from kdig_study.data import load_bundle
-from kdig_study.experiment import Context
-from kdig_study.sources import (
+from kdig_study.attribution.deletion import area, deletion_curve
+from kdig_study.attribution.numerics import make_baseline
+from kdig_study.attribution.sources import (
     CAPTUM,
-    area,
     autocorrelation_width,
     captum_chunks,
     chunk_seed,
-    deletion_curve,
     derangement,
     smooth_random_maps,
     source_spec,
 )
+from kdig_study.config import MAP_SOURCES, load_study
+from kdig_study.data import load_bundle
+from kdig_study.experiment import Context
 
 from cli_helpers import assert_one_line_error, run_cli
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdig_study.attribution import _frozen, relative_gap, union_rule
+from kdig_study.attribution.numerics import frozen, path_gradients, relative_gap, union_rule
 from kdig_study.models import Net
 
 
@@ -58,7 +58,7 @@ def adaptive_ig(model: Net, x: torch.Tensor, target: torch.Tensor, baseline: tor
     out_points = torch.zeros(b, dtype=torch.long, device=device)
     out_level = torch.zeros(b, dtype=torch.long, device=device)
     tgt = target.to(device)
-    with _frozen(model), torch.enable_grad():
+    with frozen(model):
         for li in range(len(counts)):
             new = ((w[li] != 0).cpu() & ~seen).nonzero().squeeze(1)  # this level's new points
             seen[new] = True
@@ -67,19 +67,13 @@ def adaptive_ig(model: Net, x: torch.Tensor, target: torch.Tensor, baseline: tor
             per_pass = max(1, internal_batch // m)
             for s in range(0, new.numel(), per_pass):
                 idx = new[s: s + per_pass]
-                a = alphas[idx].to(device=device, dtype=torch.float32)
-                k = a.numel()
-                pts = (ba.unsqueeze(0) + a.view(k, 1, 1, 1, 1) * da.unsqueeze(0)).reshape(
-                    k * m, *x.shape[1:]).contiguous(memory_format=torch.channels_last)
-                pts.requires_grad_(True)
-                picked = model(pts).float().gather(1, ta.repeat(k).view(-1, 1)).view(k, m)
-                (grad,) = torch.autograd.grad(picked.sum(), pts)
+                grad, picked = path_gradients(model, ba, da, alphas[idx], ta)
                 # [L, k] x [k, m*3*H*W] into every level's running sum, active rows only
-                acc[:, active] += (w[:, idx.to(device)] @ grad.reshape(k, -1).float()).view(
+                acc[:, active] += (w[:, idx.to(device)] @ grad).view(
                     len(counts), m, *x.shape[1:])
                 for j, alpha in enumerate(alphas[idx].tolist()):
                     if alpha in (0.0, 1.0):  # both nested rules include the path's ends
-                        ends[int(alpha), active] = picked[j].detach()
+                        ends[int(alpha), active] = picked[j]
             attr = da.float() * acc[li, active]
             gap = relative_gap(attr, ends[1, active] - ends[0, active])
             done = gap <= target_gap
