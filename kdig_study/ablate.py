@@ -28,6 +28,7 @@ import csv
 import io
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,26 @@ import optuna
 from kdig_study.ablation import (
     FACTORS,
     SWEEP_KEYS,
-    Ablation,
+    AblationRunner,
     Params,
     Run,
+    ablation_study_name,
+    analyse_metric,
     plan,
     planned_trials,
     results_table,
     run_config,
 )
 from kdig_study.cli import Parser, add_study_args, load_from_args, run, spawn_workers
-from kdig_study.config import MAP_SOURCES, StudyConfig, load_params
+from kdig_study.config import (
+    MAP_SOURCES,
+    StudyConfig,
+    apply_params,
+    condition_study,
+    load_params,
+    param_values,
+)
+from kdig_study.corruptions import robust_metric
 from kdig_study.errors import KdigError
 from kdig_study.experiment import Context, store_counts
 from kdig_study.objectives import attach_gallery, choose_best
@@ -54,7 +65,6 @@ from kdig_study.seeds import ABLATION_SEED_OFFSET, ablation_seed
 from kdig_study.stats import (
     BINARY,
     WILCOXON_MIN_N,
-    analyse,
     condition_name,
     conditions,
     overlay_sources,
@@ -70,8 +80,6 @@ from kdig_study.store import (
 METRICS = (("test_acc", "test accuracy"), ("robust_test_acc", "test accuracy under corruptions"),
            ("val_acc", "validation accuracy"))
 DESIGNS = ("best", "per-condition", "fixed")
-# --params per-condition: the study file whose search tunes each condition
-CONDITION_STUDY = {"student": "student", "KD": "kd", "IG": "ig", "KD+IG": "kd_ig"}
 _DESIGN_TEXT = {
     "best": "every condition at the best trial of the KD+IG search (tuned for KD+IG only)",
     "per-condition": "each condition at the best trial of its own search, same budget",
@@ -219,15 +227,17 @@ def condition_params(args: argparse.Namespace, storage: Any, url: str, cfg: Stud
     if args.params == "fixed":
         return "fixed", {n: {} for n in names}, {n: {"study file": cfg.source} for n in names}
     if args.params == "per-condition":
-        missing = [n for n in names if n not in CONDITION_STUDY]
+        studies = {n: condition_study(n) for n in names}
+        missing = [n for n, s in studies.items() if s is None]
         if missing:
             raise KdigError(f"--params per-condition: no search study for condition(s) "
-                            f"{', '.join(missing)}; it covers {', '.join(CONDITION_STUDY)} "
+                            f"{', '.join(missing)} (a study file named after the condition, e.g. "
+                            f"studies/kd_ig.toml for KD+IG) "
                             f"(factors kd,ig); use --params best, fixed or FILE.toml")
         out, origin = {}, {}
         for n in names:
-            out[n], origin[n] = _best(storage, f"{CONDITION_STUDY[n]}-{cfg.scale}", url, cfg,
-                                      CONDITION_STUDY[n])
+            out[n], origin[n] = _best(storage, f"{studies[n]}-{cfg.scale}", url, cfg,
+                                      str(studies[n]))
         return "per-condition", out, origin
     params = load_params(args.params)
     return "file", {n: dict(params) for n in names}, {n: {"file": args.params} for n in names}
@@ -250,12 +260,7 @@ def search_seeds(storage: Any, names: list[str]) -> dict[int, set[str]]:
 
 def effective(cfg: StudyConfig, params: Params) -> dict[str, Any]:
     """The method settings a condition actually trains with (file values filled in)."""
-    from kdig_study.objectives import apply_params
-
-    c = apply_params(cfg, params)
-    return {"temperature": c.kd.temperature, "alpha": c.kd.alpha,
-            "overlay_strength": c.ig.overlay_strength, "overlay_prob": c.ig.overlay_prob,
-            "ig_steps": c.ig.steps, "lr": c.student_train.lr, "at_weight": c.at.weight}
+    return param_values(apply_params(cfg, params))
 
 
 def _maps_up_front(ctx: Context, params: dict[str, Params], runs: list[Run],
@@ -338,9 +343,37 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def main() -> int:
-    args = _parser().parse_args()
-    cfg = load_from_args(args)
+@dataclass(frozen=True)
+class _Setup:
+    """An ablation resolved from the command line: its design, parameters, seeds and runs."""
+
+    cfg: StudyConfig
+    design: dict[str, tuple[str | None, ...]]
+    controls: tuple[str, ...]
+    sweep_key: str | None
+    sweep_values: list[float] | None
+    fraction: float | None  # the subsets' fraction of a Monte-Carlo ablation, else None
+    search_name: str
+    names: list[str]  # the conditions
+    mode: str  # the design of the parameters: best | per-condition | fixed | file
+    params: dict[str, Params]
+    origin: dict[str, Any]
+    replicates: int
+    seeds: dict[int, int]  # replicate -> student seed
+    runs: list[Run]
+
+    @property
+    def levels(self) -> dict[str, list[str]]:
+        return {f: [lv or "none" for lv in v] for f, v in self.design.items()}
+
+
+# (design, controls, sweep key, sweep values)
+_Options = tuple[dict[str, tuple[str | None, ...]], tuple[str, ...], str | None,
+                 list[float] | None]
+
+
+def _options(args: argparse.Namespace, cfg: StudyConfig) -> _Options:
+    """The design, controls and sweep the arguments ask for, checked before any store opens."""
     design = parse_factors(args.factors, cfg)
     controls = parse_controls(args.controls, design)
     sweep_key, sweep_values = _sweep(args.sweep, cfg)
@@ -348,18 +381,21 @@ def main() -> int:
             args.heartbeat < 1 or args.workers < 1:
         raise KdigError("--seeds, --workers and --heartbeat must be >= 1, --monte-carlo >= 0, "
                         "0 < --fraction <= 1")
-    worker = args.worker_index
-    quiet_optuna_logs()
-    url = args.storage or default_url()
-    storage = open_storage(url, heartbeat_interval=args.heartbeat)
+    return design, controls, sweep_key, sweep_values
+
+
+def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, storage: Any,
+                 url: str) -> _Setup:
+    """Every condition's parameters, the replicates' seeds (none a search trial used) and the
+    planned runs."""
+    design, controls, sweep_key, sweep_values = options
     search_name = args.from_study or f"{cfg.name}-{cfg.scale}"
     names = [condition_name(c) for c in conditions(design, controls)]
     mode, params, origin = condition_params(args, storage, url, cfg, names)
     replicates = args.monte_carlo or args.seeds
-    base_seed = cfg.student_train.seed
-    seeds = {r: ablation_seed(base_seed, r) for r in range(replicates)}
-    searches = [search_name] + [f"{CONDITION_STUDY[n]}-{cfg.scale}" for n in names
-                                if n in CONDITION_STUDY]
+    seeds = {r: ablation_seed(cfg.student_train.seed, r) for r in range(replicates)}
+    searches = [search_name] + [f"{s}-{cfg.scale}" for s in map(condition_study, names)
+                                if s is not None]
     used = search_seeds(storage, sorted(set(searches)))
     clash = sorted(set(seeds.values()) & set(used))
     if clash:
@@ -367,17 +403,22 @@ def main() -> int:
                         f"{', '.join(sorted(set().union(*(used[s] for s in clash))))}: a "
                         f"replicate would be a run the search selected on its luck; change "
                         f"student_train.seed")
-    suffix = ".ablation" + (f"-mc{args.fraction:g}" if args.monte_carlo else "") + \
-        (f"-sweep-{sweep_key}" if sweep_key else "")
-    name = args.study_name or search_name + suffix
-    study = open_study(storage, name, cfg, optuna.samplers.RandomSampler(),
+    runs = plan(design, list(range(replicates)), sweep_values, controls)
+    return _Setup(cfg, design, controls, sweep_key, sweep_values,
+                  args.fraction if args.monte_carlo else None, search_name, names, mode,
+                  params, origin, replicates, seeds, runs)
+
+
+def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup) -> optuna.Study:
+    """The ablation study, created or resumed; refused if it ran with another design,
+    parameters, levels, fraction or sweep. Records the ablation's identity beside it."""
+    study = open_study(storage, name, setup.cfg, optuna.samplers.RandomSampler(),
                        optuna.pruners.NopPruner(), ["maximize"], url)
-    levels = {f: [lv or "none" for lv in v] for f, v in design.items()}
-    ident = {"design": mode, "params": params, "levels": levels,
-             "fraction": args.fraction if args.monte_carlo else None, "sweep_key": sweep_key,
-             "sweep_values": sweep_values}
-    if controls:  # only where given, so ablations recorded before controls existed still match
-        ident["controls"] = list(controls)
+    ident = {"design": setup.mode, "params": setup.params, "levels": setup.levels,
+             "fraction": setup.fraction, "sweep_key": setup.sweep_key,
+             "sweep_values": setup.sweep_values}
+    if setup.controls:  # only where given: ablations recorded before controls still match
+        ident["controls"] = list(setup.controls)
     old = study.user_attrs.get("ablation")
     if old is not None and {k: old.get(k) for k in ident} != ident:
         changed = [k for k in ident if old.get(k) != ident[k]]
@@ -385,66 +426,93 @@ def main() -> int:
                         f" ({', '.join(f'{k}={old.get(k)}' for k in changed)}); give this one "
                         f"its own --study-name, or run it as it was")
     study.set_user_attr("ablation", ident | {
-        "search_study": search_name, "origin": origin, "design_text": _DESIGN_TEXT[mode],
-        "seeds": {str(r): s for r, s in seeds.items()} | (old or {}).get("seeds", {})})
-    runs = plan(design, list(range(replicates)), sweep_values, controls)
-    print(f"ablation '{name}': {len(runs)} runs ({len(names)} conditions x {replicates} "
-          f"{'Monte-Carlo subsets' if args.monte_carlo else 'replicates'}"
-          + (f" x {len(sweep_values)} {sweep_key}" if sweep_values else "") + f"), store {url}",
-          flush=True)
-    print(f"design: --params {mode}: {_DESIGN_TEXT[mode]}; replicate seeds "
-          f"{seeds[0]}..{seeds[replicates - 1]} (student_train.seed {base_seed} + "
-          f"{ABLATION_SEED_OFFSET} + r)", flush=True)
-    ctx = Context.create(cfg, args.data_dir, args.device, progress=not args.no_progress)
+        "search_study": setup.search_name, "origin": setup.origin,
+        "design_text": _DESIGN_TEXT[setup.mode],
+        "seeds": {str(r): s for r, s in setup.seeds.items()} | (old or {}).get("seeds", {})})
+    return study
+
+
+def _announce(setup: _Setup, name: str, url: str) -> None:
+    s = setup
+    print(f"ablation '{name}': {len(s.runs)} runs ({len(s.names)} conditions x {s.replicates} "
+          f"{'Monte-Carlo subsets' if s.fraction is not None else 'replicates'}"
+          + (f" x {len(s.sweep_values)} {s.sweep_key}" if s.sweep_values else "")
+          + f"), store {url}", flush=True)
+    print(f"design: --params {s.mode}: {_DESIGN_TEXT[s.mode]}; replicate seeds "
+          f"{s.seeds[0]}..{s.seeds[s.replicates - 1]} (student_train.seed "
+          f"{s.cfg.student_train.seed} + {ABLATION_SEED_OFFSET} + r)", flush=True)
+
+
+def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: Any) -> None:
+    """The planned runs: maps up front (first process), then here or in --workers processes."""
+    worker = args.worker_index
+    ctx = Context.create(setup.cfg, args.data_dir, args.device, progress=not args.no_progress)
     if worker is None:
-        _maps_up_front(ctx, params, runs, sweep_key)
-        levels_on = overlay_sources(design, controls)
+        _maps_up_front(ctx, setup.params, setup.runs, setup.sweep_key)
+        levels_on = overlay_sources(setup.design, setup.controls)
         if levels_on:
             attach_gallery(study, artifact_store(), ctx.gallery(levels_on))
     if worker is None and args.workers > 1:
         spawn_workers("kdig_study.ablate", sys.argv[1:], args.workers)
-    else:
-        prefix = f"[worker {worker}] " if worker is not None else ""
-        Ablation(ctx, study, params, design, sweep_key,
-                 args.fraction if args.monte_carlo else None,
-                 poll_s=max(1.0, args.heartbeat / 2), storage=storage, controls=controls).run(
-            runs, log=lambda *a, **k: print(prefix + " ".join(map(str, a)), **k))
-        if worker is not None:
-            return 0
+        return
+    prefix = f"[worker {worker}] " if worker is not None else ""
+    AblationRunner(ctx, study, setup.params, setup.design, setup.sweep_key, setup.fraction,
+                   poll_s=max(1.0, args.heartbeat / 2), storage=storage,
+                   controls=setup.controls).run(
+        setup.runs, log=lambda *a, **k: print(prefix + " ".join(map(str, a)), **k))
 
-    trials = planned_trials(study.get_trials(deepcopy=False), runs, sweep_key)
+
+def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None:
+    """Statistics of the planned runs per sweep group and metric: printed, and written as
+    JSON and CSV."""
+    s = setup
+    name = study.study_name
+    trials = planned_trials(study.get_trials(deepcopy=False), s.runs, s.sweep_key)
     blocks: list[tuple[str, str, dict[str, Any]]] = []
-    groups = [(f"{sweep_key}={v:g}", v) for v in sweep_values] if sweep_values else [("all", None)]
+    groups = [(f"{s.sweep_key}={v:g}", v) for v in s.sweep_values] if s.sweep_values \
+        else [("all", None)]
     out: dict[str, Any] = {
-        "study": name, "design": mode, "design_text": _DESIGN_TEXT[mode],
-        "params": {n: effective(cfg, p) | p for n, p in params.items()}, "origin": origin,
-        "factors": levels, "controls": list(controls), "replicates": replicates,
-        "seeds": {str(r): s for r, s in seeds.items()}, "scale": cfg.scale,
-        "primary": "KD+IG - KD on test accuracy", "results": {}}
-    print(f"design: {_DESIGN_TEXT[mode]} (--params {mode})")
+        "study": name, "design": s.mode, "design_text": _DESIGN_TEXT[s.mode],
+        "params": {n: effective(s.cfg, p) | p for n, p in s.params.items()},
+        "origin": s.origin, "factors": s.levels, "controls": list(s.controls),
+        "replicates": s.replicates, "seeds": {str(r): v for r, v in s.seeds.items()},
+        "scale": s.cfg.scale, "primary": "KD+IG - KD on test accuracy", "results": {}}
+    print(f"design: {_DESIGN_TEXT[s.mode]} (--params {s.mode})")
     for group, value in groups:
         for metric, title in METRICS:
-            table = results_table(trials, metric, sweep_key, value)
+            table = results_table(trials, metric, s.sweep_key, value)
             if not table:  # e.g. robustness switched off
                 continue
-            a = analyse(table, design, controls)
-            if metric != "test_acc":  # the primary comparison is declared on test accuracy
-                for r in a["comparisons"]:
-                    r["primary"] = False
-                a["primary"] = None
+            a = analyse_metric(table, s.design, s.controls, metric)
             blocks.append((group, metric, a))
             out["results"].setdefault(group, {})[metric] = a
-            print(render(a, f"{title}, % ({group})" if sweep_values else f"{title}, %"))
+            print(render(a, f"{title}, % ({group})" if s.sweep_values else f"{title}, %"))
     out["runs"] = [{"number": t.number, **t.params, "val_acc": t.value,
                     **t.user_attrs.get("metrics", {}),
-                    **{f"robust_test_{k}": v for k, v in t.user_attrs.get("robust", {}).items()}}
+                    **{robust_metric(k): v for k, v in t.user_attrs.get("robust", {}).items()}}
                    for t in trials]
-    out_dir = Path(args.out)
     stem = safe_name(name)
     write_json(out_dir / f"{stem}.json", _finite(out))
     text = _csv(blocks)
     atomic_write(out_dir / f"{stem}.csv", lambda tmp: tmp.write_text(text))
     print(f"written: {out_dir / (stem + '.json')}, {out_dir / (stem + '.csv')}")
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    cfg = load_from_args(args)
+    options = _options(args, cfg)  # bad arguments fail before the store is opened
+    quiet_optuna_logs()
+    url = args.storage or default_url()
+    storage = open_storage(url, heartbeat_interval=args.heartbeat)
+    setup = resolve_plan(args, cfg, options, storage, url)
+    name = args.study_name or ablation_study_name(setup.search_name, setup.fraction,
+                                                  setup.sweep_key)
+    study = open_ablation_study(storage, url, name, setup)
+    _announce(setup, name, url)
+    _run(args, setup, study, storage)
+    if args.worker_index is None:
+        analyse_and_write(setup, study, Path(args.out))
     return 0
 
 

@@ -3,8 +3,8 @@
 Factors: ``kd`` and ``at`` (on/off) and the overlay, whose levels are map sources (none,
 ig, shuffled, random, gradcam, ...; ``ig`` as a factor means none|ig). Every condition of a
 replicate shares the split, the teacher, the maps, the student's initial weights, the data
-order with its crops and flips, and the overlay's own random stream (DESIGN.md section 6),
-so comparisons are paired by replicate. Replicate r trains at
+order with its crops and flips, and the overlay's own random stream (docs/design.md,
+section 9, rule 1), so comparisons are paired by replicate. Replicate r trains at
 ``student_train.seed + 1000 + r``, never a seed a search trial used.
 
 Runs are trials of an Optuna study beside the search (``<study>.ablation``), one per
@@ -18,7 +18,7 @@ ever created or counted.
 from __future__ import annotations
 
 import dataclasses
-import time
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,18 +27,75 @@ import torch
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from kdig_study.config import MAP_SOURCES, StudyConfig
+from kdig_study.config import MAP_SOURCES, StudyConfig, apply_params
+from kdig_study.corruptions import robust_key
 from kdig_study.data import stratified_order
 from kdig_study.experiment import Context, run_student
-from kdig_study.measure import profile
-from kdig_study.objectives import apply_params, record_run
+from kdig_study.measure import latency_columns, profile
+from kdig_study.objectives import record_run
+from kdig_study.optuna_adapter import rdb_storage_of, stored_trial
 from kdig_study.seeds import ablation_seed
-from kdig_study.stats import Condition, Design, Table, condition_name, conditions, overlay_sources
-from kdig_study.store import SlotLock, fail_stale, held_runs
+from kdig_study.slots import DONE, RUN, Next, SlotLock, claim_and_run, held_runs
+from kdig_study.stats import (
+    Condition,
+    Design,
+    Table,
+    analyse,
+    condition_name,
+    conditions,
+    overlay_sources,
+)
 
 FACTORS: tuple[str, ...] = ("kd", "ig", "at")  # binary names accepted by --factors
 SWEEP_KEYS: tuple[str, ...] = ("drop_blocks", "width")
+PRIMARY_METRIC = "test_acc"  # the primary comparison is declared on test accuracy
 Params = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AblationName:
+    """What an ablation study's name says: its search study, the subset fraction of a
+    Monte-Carlo ablation, the swept student setting of a compression sweep."""
+
+    search: str
+    fraction: float | None = None
+    sweep_key: str | None = None
+
+
+_NAME = re.compile(r"(?P<search>.+)\.ablation(?:-mc(?P<fraction>[0-9.e+-]+?))?"
+                   rf"(?:-sweep-(?P<sweep_key>{'|'.join(SWEEP_KEYS)}))?")
+
+
+def ablation_study_name(search: str, fraction: float | None = None,
+                        sweep_key: str | None = None) -> str:
+    """The ablation study beside search study ``search``: ``<search>.ablation``, then
+    ``-mc<fraction>`` for Monte-Carlo subsets, ``-sweep-<key>`` for a sweep."""
+    return (f"{search}.ablation" + (f"-mc{fraction:g}" if fraction is not None else "")
+            + (f"-sweep-{sweep_key}" if sweep_key else ""))
+
+
+def parse_ablation_study_name(name: str) -> AblationName | None:
+    """The inverse of :func:`ablation_study_name`; None for any other study name."""
+    m = _NAME.fullmatch(name)
+    if m is None:
+        return None
+    try:
+        fraction = float(m["fraction"]) if m["fraction"] is not None else None
+    except ValueError:
+        return None
+    return AblationName(m["search"], fraction, m["sweep_key"])
+
+
+def analyse_metric(table: Table, design: Design, controls: tuple[str, ...],
+                   metric: str) -> dict[str, Any]:
+    """:func:`kdig_study.stats.analyse` of one metric's table, the primary comparison
+    counted on test accuracy only (where it was declared in advance)."""
+    a = analyse(table, design, controls)
+    if metric != PRIMARY_METRIC:
+        for r in a["comparisons"]:
+            r["primary"] = False
+        a["primary"] = None
+    return a
 
 
 def overlay_level(cond: Condition) -> str:
@@ -111,7 +168,10 @@ def monte_carlo_rows(ctx: Context, replicate: int, fraction: float) -> torch.Ten
     return stratified_order(train_set.labels, seed=10_000 + replicate)[:n].sort().values
 
 
-class Ablation:
+class AblationRunner:
+    """Runs an ablation's planned runs as trials of its study, shared by any number of
+    workers (see the module's docstring)."""
+
     def __init__(self, ctx: Context, study: optuna.Study, params: dict[str, Params],
                  design: Design, sweep_key: str | None = None,
                  fraction: float | None = None, poll_s: float = 5.0,
@@ -122,7 +182,7 @@ class Ablation:
         self.ctx, self.study, self.params = ctx, study, params
         self.design, self.sweep_key, self.fraction = design, sweep_key, fraction
         self.poll_s = poll_s
-        self.lock = SlotLock(storage or study._storage, study.study_name)  # type: ignore[arg-type]
+        self.lock = SlotLock(storage or rdb_storage_of(study), study.study_name)
         self._profiles: dict[str, dict[str, Any]] = {}
         self._names = [condition_name(c) for c in conditions(design, controls)]
         self._overlay = ["none", *overlay_sources(design, controls)]
@@ -142,43 +202,34 @@ class Ablation:
         """Run whatever is not finished yet; return when every planned run is COMPLETE."""
         sweep_values = sorted({r.sweep for r in runs if r.sweep is not None})
         planned = set(runs)
-        waiting_said = ""
-        while True:
-            with self.lock.held_until_released():
-                fail_stale(self.study)
-                state = run_states(self.study.get_trials(deepcopy=False), self.sweep_key)
-                todo = [r for r in runs if TrialState.COMPLETE not in state.get(r, set())
-                        and TrialState.RUNNING not in state.get(r, set())]
-                busy = [r for r in runs if TrialState.COMPLETE not in state.get(r, set())
-                        and TrialState.RUNNING in state.get(r, set())]
-                if not todo and not busy:
-                    return
-                if todo:
-                    r = todo[0]
-                    if TrialState.WAITING not in state.get(r, set()):
-                        self.study.enqueue_trial(r.params(self.sweep_key))
-                    done = len(runs) - len(todo) - len(busy)
-                    log(f"[{done + 1}/{len(runs)}] {r.label(self.sweep_key)}", flush=True)
 
-                    def released_then_run(trial: optuna.Trial) -> float:
-                        self.lock.release()  # the trial is RUNNING: its run is taken
-                        return self._objective(trial, sweep_values, planned)
+        def decide() -> Next:
+            state = run_states(self.study.get_trials(deepcopy=False), self.sweep_key)
+            todo = [r for r in runs if TrialState.COMPLETE not in state.get(r, set())
+                    and TrialState.RUNNING not in state.get(r, set())]
+            busy = [r for r in runs if TrialState.COMPLETE not in state.get(r, set())
+                    and TrialState.RUNNING in state.get(r, set())]
+            if not todo and not busy:
+                return DONE
+            if not todo:
+                return Next("wait", lambda: (
+                    f"waiting for {len(busy)} planned run(s) held by other workers "
+                    f"({held_runs(self.study, [r.params(self.sweep_key) for r in busy])}); "
+                    f"a run whose worker died is taken over once its heartbeat is stale"))
+            r = todo[0]
+            if TrialState.WAITING not in state.get(r, set()):
+                self.study.enqueue_trial(r.params(self.sweep_key))
+            done = len(runs) - len(todo) - len(busy)
+            log(f"[{done + 1}/{len(runs)}] {r.label(self.sweep_key)}", flush=True)
+            return RUN
 
-                    self.study.optimize(released_then_run, n_trials=1)
-                    continue
-            said = held_runs(self.study, [r.params(self.sweep_key) for r in busy])
-            if said != waiting_said:
-                log(f"waiting for {len(busy)} planned run(s) held by other workers ({said}); "
-                    f"a run whose worker died is taken over once its heartbeat is stale",
-                    flush=True)
-                waiting_said = said
-            time.sleep(self.poll_s)
+        claim_and_run(self.study, self.lock, decide,
+                      lambda trial: self._objective(trial, sweep_values, planned),
+                      self.poll_s, log=log)
 
     def _objective(self, trial: optuna.Trial, sweep_values: list[float],
                    planned: set[Run]) -> float:
-        self.study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
-        fixed = self.study._storage.get_trial(  # type: ignore[attr-defined]
-            trial._trial_id).system_attrs.get("fixed_params")
+        fixed = stored_trial(self.study, trial).system_attrs.get("fixed_params")
         if not fixed or run_of(fixed, self.sweep_key) not in planned or \
                 TrialState.COMPLETE in run_states(self.study.get_trials(deepcopy=False),
                                                   self.sweep_key).get(run_of(fixed,
@@ -195,15 +246,12 @@ class Ablation:
         rows = monte_carlo_rows(self.ctx, run.replicate, self.fraction) if self.fraction \
             else None
         result = run_student(self.ctx, cfg, rows=rows, desc=f"{run.name} r{run.replicate}")
-        m = result.metrics
         shape = repr(cfg.student)
         if shape not in self._profiles:
-            prof = profile(result.model, self.ctx.device, batch=cfg.student_train.batch_size)
-            self._profiles[shape] = {f"{k}_{stat}_ms": v[f"{stat}_ms"]
-                                     for k, v in prof.items() if k.startswith("latency")
-                                     for stat in ("median", "p90")}
-        record_run(trial, m, self._profiles[shape])
-        return float(m["val_acc"])
+            self._profiles[shape] = latency_columns(
+                profile(result.model, self.ctx.device, batch=cfg.student_train.batch_size))
+        record_run(trial, result.metrics, self._profiles[shape])
+        return float(result.metrics.val_acc)
 
 
 def run_states(trials: list[FrozenTrial], sweep_key: str | None) -> dict[Run, set[TrialState]]:
@@ -242,10 +290,11 @@ def results_table(trials: list[FrozenTrial], metric: str, sweep_key: str | None 
         if sweep_key is not None and t.params.get(sweep_key) != sweep_value:
             continue
         run = run_of(t.params, sweep_key)
+        key = robust_key(metric)
         if metric == "val_acc":
             value = t.value
-        elif metric.startswith("robust_test_") and metric != "robust_test_acc":
-            value = t.user_attrs.get("robust", {}).get(metric.removeprefix("robust_test_"))
+        elif key is not None:
+            value = t.user_attrs.get("robust", {}).get(key)
         else:
             value = t.user_attrs["metrics"].get(metric)
         if value is not None:

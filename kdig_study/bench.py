@@ -133,7 +133,7 @@ def bench_engine(cfg: StudyConfig, data: DataBundle, n: int, repeats: int,
     def pure() -> None:
         model = build().train()
         opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
-        for x, y in zip(xs, ys):
+        for x, y in zip(xs, ys, strict=True):
             with autocast(precision, device):
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -169,8 +169,9 @@ def _study_run(cfg: StudyConfig, ctx: Context, url: str, name: str, n_trials: in
                prune: bool) -> tuple[optuna.Study, float]:
     """A search in-process, as `optimize` runs it; returns the study and its wall time."""
     from kdig_study.objectives import Objective
-    from kdig_study.optimize import make_pruner, make_sampler, run_worker
-    from kdig_study.store import SlotLock, open_storage, open_study, quiet_optuna_logs
+    from kdig_study.search import make_pruner, make_sampler, run_worker
+    from kdig_study.slots import SlotLock
+    from kdig_study.store import open_storage, open_study, quiet_optuna_logs
 
     quiet_optuna_logs()
     storage = open_storage(url)
@@ -278,8 +279,8 @@ def _deploy_student(cfg: StudyConfig, ctx: Context) -> tuple[torch.nn.Module, st
     accuracy rows then say so)."""
     import optuna
 
-    from kdig_study.export import pick_trial, student_weights
     from kdig_study.store import default_url, open_storage
+    from kdig_study.trials import pick_trial, student_weights
 
     name = f"{cfg.name}-{cfg.scale}"
     try:

@@ -35,7 +35,7 @@ def bench_compile(cfg: StudyConfig, data: DataBundle, n: int, repeats: int,
         first: dict[bool, float] = {}
         for compiled in (False, True):
             tc = dataclasses.replace(base, compile=compiled)
-            model = seeded_model(lambda: build_model(model_cfg), 0)
+            model = seeded_model(lambda model_cfg=model_cfg: build_model(model_cfg), 0)
             for i in range(repeats + 1):  # the first epoch warms up (and compiles)
                 res = train(model, subset, tiny_val, tc, device=device, progress=False,
                             evaluate_test=False)
@@ -59,7 +59,7 @@ def bench_compile(cfg: StudyConfig, data: DataBundle, n: int, repeats: int,
 def bench_deploy(ctx: Context, student: Net, trained: str) -> list[Result]:
     """The student exported, checked and timed as `export` does it (fp32 and int8 ONNX
     Runtime against PyTorch eager and torch.compile, batch 1 and 128, same threads)."""
-    from kdig_study.export import measure_role
+    from kdig_study.deploy_measure import measure_role
 
     threads = default_threads()
     with tempfile.TemporaryDirectory() as tmp:

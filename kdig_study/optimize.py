@@ -23,25 +23,23 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from kdig_study.attribution import MapSpec, gap_summary, index_hash, open_store
+from kdig_study.attribution.sources import source_spec
+from kdig_study.attribution.store import MapSpec, gap_summary, index_hash, open_store
 from kdig_study.cli import Parser, add_study_args, load_from_args, run, spawn_workers
-from kdig_study.config import StudyConfig
+from kdig_study.config import StudyConfig, method_name, relevant_space
 from kdig_study.engine import resolve_precision
 from kdig_study.errors import KdigError
 from kdig_study.experiment import Context, adaptive_spec_fields, ig_counts
 from kdig_study.measure import default_threads, profile
 from kdig_study.models import build_model, count_params
-from kdig_study.objectives import Objective, attach_gallery, choose_best, relevant_space
-from kdig_study.seeds import sampler_seed
-from kdig_study.sources import source_spec
+from kdig_study.objectives import Objective, attach_gallery, choose_best
+from kdig_study.search import describe_pruner, make_pruner, make_sampler, run_worker
+from kdig_study.slots import SlotLock
 from kdig_study.store import (
-    SlotLock,
     artifact_store,
     default_url,
-    fail_stale,
-    held_runs,
     open_storage,
     open_study,
     quiet_optuna_logs,
@@ -69,46 +67,6 @@ def _parser() -> argparse.ArgumentParser:
                         "retried")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     return p
-
-
-def make_sampler(cfg: StudyConfig, seed: int | None, worker: int | None = None,
-                 trials_before: int = 0) -> optuna.samplers.BaseSampler:
-    """The study's sampler for one process: seeded by the study (or --seed) when a single
-    process starts an empty study, else by a seed derived from the worker index and the
-    trials already there, so workers and resumed runs never replay the same proposals."""
-    seed = sampler_seed(cfg.search.seed if seed is None else seed, worker, trials_before)
-    if cfg.search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if cfg.search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
-
-
-def percentile_pruner(percentile: float, warmup: int) -> optuna.pruners.PercentilePruner:
-    """The search's median/percentile pruner (also replayed by `kdig_study.pruning`)."""
-    return optuna.pruners.PercentilePruner(percentile, n_startup_trials=3, n_warmup_steps=warmup)
-
-
-def prune_warmup(cfg: StudyConfig) -> int:
-    """Epochs before the median pruner may prune (0 in the file: a quarter of them)."""
-    return cfg.search.prune_warmup or max(1, cfg.student_train.epochs // 4)
-
-
-def describe_pruner(cfg: StudyConfig) -> str:
-    if cfg.search.pruner != "median":
-        return cfg.search.pruner
-    return (f"median (percentile {cfg.search.prune_percentile:g}, from epoch "
-            f"{prune_warmup(cfg)} of {cfg.student_train.epochs})")
-
-
-def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
-    epochs = cfg.student_train.epochs
-    if cfg.search.pruner == "median":
-        return percentile_pruner(cfg.search.prune_percentile, prune_warmup(cfg))
-    if cfg.search.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs,
-                                              reduction_factor=3)
-    return optuna.pruners.NopPruner()
 
 
 def cached_parts(ctx: Context) -> dict[str, bool]:
@@ -147,7 +105,7 @@ def banner(cfg: StudyConfig, n_trials: int, to_run: int | None = None,
     student = count_params(build_model(cfg.student))
     n_train = cfg.student_train.train_size or "all"
     gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
-    mode = "+".join(k.upper() for k in ("kd", "ig", "at") if getattr(cfg.method, k)) or "alone"
+    mode = method_name(cfg.method)
     to_run = n_trials if to_run is None else to_run
     cached = cached or {"teacher": False, "maps": False}
     e = cfg.expected
@@ -224,67 +182,6 @@ def record_latency(study: optuna.Study, ctx: Context) -> dict[str, Any]:
            "threads": default_threads(), "when": "after the search, one process"}
     study.set_user_attr("latency", out)
     return out
-
-
-def _trial_line(study: optuna.Study, n_trials: int, prefix: str) -> Any:
-    def callback(_: optuna.Study, trial: FrozenTrial) -> None:
-        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                   for t in study.get_trials(deepcopy=False))
-        if trial.state == TrialState.COMPLETE:
-            val = trial.values[0]
-        else:
-            val = (list(trial.intermediate_values.values()) or [float("nan")])[-1]
-        test = trial.user_attrs.get("test_acc")
-        metrics = trial.user_attrs.get("metrics", {})
-        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() \
-            if trial.datetime_complete and trial.datetime_start else float("nan")
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in trial.params.items())
-        robust = metrics.get("robust_test_acc")
-        print(f"{prefix}trial {trial.number} {trial.state.name.lower()}: val {val:.2%}"
-              + (f", test {test:.2%}" if test is not None else "")
-              + (f", robust test {robust:.2%}" if robust is not None else "")
-              + f", {metrics.get('epochs_run', '?')} epochs, {seconds:.0f} s ({params}) "
-                f"[{done}/{n_trials}]", flush=True)
-    return callback
-
-
-def run_worker(study: optuna.Study, objective: Objective, n_trials: int,
-               timeout: float | None, lock: SlotLock, poll_s: float, prefix: str = "") -> None:
-    """Run trials until the study holds ``n_trials`` finished ones and none is running."""
-    start = time.monotonic()
-    callback = _trial_line(study, n_trials, prefix)
-    said = ""
-    while timeout is None or time.monotonic() - start < timeout:
-        with lock.held_until_released():
-            fail_stale(study)
-            states = Counter(t.state for t in study.get_trials(deepcopy=False))
-            finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
-            running = states[TrialState.RUNNING]
-            if not states[TrialState.WAITING] and finished + running >= n_trials:
-                if running == 0:
-                    return
-                wait = True  # trials of other workers (or of a dead one, until it goes stale)
-            else:
-                wait = False
-
-                def released_then_run(trial: optuna.Trial) -> float:
-                    lock.release()  # the trial is RUNNING in the store: its slot is taken
-                    # first heartbeat at once: a kill before Optuna's first one is caught too
-                    study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
-                    return objective(trial)
-
-                study.optimize(released_then_run, n_trials=1, callbacks=[callback])
-        if wait:
-            held = held_runs(study)
-            if held != said:
-                print(f"{prefix}waiting for {running} running trial(s) of other workers "
-                      f"({held}); a trial whose worker died is failed and retried once its "
-                      f"heartbeat is over {2 * study._storage.get_heartbeat_interval()} s old "  # type: ignore[attr-defined]
-                      f"(--heartbeat S)", flush=True)
-                said = held
-            time.sleep(poll_s)
-    print(f"{prefix}--timeout reached: no new trials started", flush=True)
 
 
 def main() -> int:

@@ -27,8 +27,8 @@ from scipy import stats as sps
 
 from kdig_study.cli import Parser, default_scale, run
 from kdig_study.errors import KdigError
-from kdig_study.optimize import percentile_pruner
 from kdig_study.paths import safe_name, write_json
+from kdig_study.search import percentile_pruner
 from kdig_study.store import default_url, open_storage, quiet_optuna_logs
 
 

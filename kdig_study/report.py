@@ -25,8 +25,9 @@ from plotly.offline import get_plotlyjs
 
 from kdig_study import report_data as rd
 from kdig_study import report_figures as rf
+from kdig_study.ablation import ablation_study_name
 from kdig_study.cli import Parser, default_scale, run
-from kdig_study.config import SCALES
+from kdig_study.config import SCALES, method_name
 from kdig_study.errors import KdigError
 from kdig_study.paths import atomic_write, safe_name
 from kdig_study.store import artifact_store, default_url, open_storage, quiet_optuna_logs
@@ -84,7 +85,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _summary(page: Page, s: rd.Summary) -> None:
+def _summary(page: Page, s: rd.StudySummary) -> None:
     rows = rd.summary_rows(s)
     states = ", ".join(f"{v} {k}" for k, v in sorted(s.states.items())) or "no trials yet"
     page.add("summary", f"<p>Trials: {_e(states)}.</p>")
@@ -293,7 +294,7 @@ def _embed_png(page: Page, artifact_id: str, caption: str) -> bool:
 
 def _gallery(page: Page, study: optuna.Study, storage: Any) -> None:
     found = False
-    ablation = rd._load(storage, f"{study.study_name}.ablation")
+    ablation = rd._load(storage, ablation_study_name(study.study_name))
     for holder in [s for s in (ablation, study) if s is not None]:
         galleries = [m for m in get_all_artifact_meta(holder, storage=storage)
                      if m.filename.startswith("gallery-") and m.filename.endswith(".png")]
@@ -317,7 +318,7 @@ def _gallery(page: Page, study: optuna.Study, storage: Any) -> None:
                               "or no completed trial yet), and no map-source gallery.")
 
 
-def _reference(page: Page, ab: rd.Ablation | None, s: rd.Summary) -> None:
+def _reference(page: Page, ab: rd.Ablation | None, s: rd.StudySummary) -> None:
     rows = rd.reference_rows(ab)
     page.add("reference", f"<p>Paper: {_e(rd.PAPER_SETUP)}. This study: scale "
                           f"<b>{_e(s.scale)}</b>, data <code>{_e(s.data.get('origin', '?'))}"
@@ -368,7 +369,7 @@ def build(storage: Any, url: str, name: str) -> Page:
     s = rd.summary_data(study)
     cfg = study.user_attrs.get("config", {})
     method = cfg.get("method", {})
-    mode = "+".join(k.upper() for k in ("kd", "ig", "at") if method.get(k)) or "student"
+    mode = method_name(method)
     page = Page(title=f"kdig_study report: {name}", intro=(
         f"<p>Study <code>{_e(name)}</code> ({_e(mode)}), scale <b>{_e(s.scale)}</b>, data "
         f"<code>{_e(s.data.get('origin', '?'))}</code> ({_e(s.data.get('train', '?'))} train /"

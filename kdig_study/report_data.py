@@ -13,11 +13,18 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdig_study.ablation import SWEEP_KEYS, planned_trials, results_table
+from kdig_study.ablation import (
+    SWEEP_KEYS,
+    ablation_study_name,
+    analyse_metric,
+    planned_trials,
+    results_table,
+)
 from kdig_study.objectives import choose_best
-from kdig_study.stats import analyse, condition_name
+from kdig_study.stats import condition_name
 
-# The reference paper's ablation (DESIGN.md): CIFAR-10 test accuracy, 10 runs, mean and sd.
+# The reference paper's ablation (docs/design.md, section 6): CIFAR-10 test accuracy, 10 runs,
+# mean and sd.
 PAPER_ABLATION: dict[str, tuple[float, float]] = {
     "student": (91.18, 0.31), "KD": (91.62, 0.44), "IG": (91.35, 0.32),
     "KD+IG": (92.02, 0.34), "AT": (91.16, 0.32), "KD+AT": (91.75, 0.29),
@@ -33,7 +40,9 @@ def finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 @dataclass
-class Summary:
+class StudySummary:
+    """A search study at a glance: its trials' states, its teacher and its chosen trial."""
+
     scale: str
     data: dict[str, Any]
     states: dict[str, int]
@@ -43,7 +52,7 @@ class Summary:
     latency: dict[str, Any] | None = None
 
 
-def summary_data(study: optuna.Study) -> Summary:
+def summary_data(study: optuna.Study) -> StudySummary:
     trials = study.get_trials(deepcopy=False)
     states: dict[str, int] = {}
     for t in trials:
@@ -55,7 +64,7 @@ def summary_data(study: optuna.Study) -> Summary:
                 "metrics": dict(b.user_attrs.get("metrics", {})),
                 "test_acc": b.user_attrs.get("test_acc"), "rule": rule}
     attrs = study.user_attrs
-    return Summary(attrs.get("scale", "?"), attrs.get("data", {}), states,
+    return StudySummary(attrs.get("scale", "?"), attrs.get("data", {}), states,
                    attrs.get("teacher"), best, attrs.get("latency"))
 
 
@@ -69,7 +78,7 @@ def _latency_cells(lat: dict[str, Any]) -> dict[str, Any]:
             "bn_p90_ms": bn.get("p90_ms"), "method": b1.get("method", "")}
 
 
-def summary_rows(s: Summary) -> list[dict[str, Any]]:
+def summary_rows(s: StudySummary) -> list[dict[str, Any]]:
     """Teacher and best student side by side (None where unknown). Latency: both measured
     after the search in one process (the study's ``latency`` attribute) where recorded."""
     rows = []
@@ -199,7 +208,7 @@ class Ablation:
 def ablation_data(storage: Any, search_name: str,
                   metrics: tuple[str, ...] = ("test_acc", "robust_test_acc", "val_acc")
                   ) -> Ablation | None:
-    study = _load(storage, f"{search_name}.ablation")
+    study = _load(storage, ablation_study_name(search_name))
     if study is None:
         return None
     trials = planned_trials(study.get_trials(deepcopy=False), None)
@@ -213,10 +222,8 @@ def ablation_data(storage: Any, search_name: str,
         table = results_table(trials, metric)
         if not table:
             continue
-        analysis[metric] = analyse(table, design, tuple(info.get("controls", ())))
-        if metric != "test_acc":  # the primary comparison is declared on test accuracy
-            for r in analysis[metric]["comparisons"]:
-                r["primary"] = False
+        analysis[metric] = analyse_metric(table, design, tuple(info.get("controls", ())),
+                                          metric)
         points[metric] = {condition_name(c): v for c, v in table.items()}
     return Ablation(study.study_name, levels, analysis, points, info.get("params", {}),
                     info.get("design", ""), info.get("design_text", ""), info.get("seeds", {}),
@@ -226,7 +233,7 @@ def ablation_data(storage: Any, search_name: str,
 def sweep_data(storage: Any, search_name: str) -> dict[str, Any] | None:
     """Mean test accuracy, compression, FLOPs and latency per (swept value, condition)."""
     for key in SWEEP_KEYS:
-        study = _load(storage, f"{search_name}.ablation-sweep-{key}")
+        study = _load(storage, ablation_study_name(search_name, sweep_key=key))
         if study is None:
             continue
         groups: dict[tuple[float, str], list[FrozenTrial]] = {}
@@ -274,9 +281,9 @@ class Robustness:
 
 def robustness_data(storage: Any, search_name: str, study: optuna.Study) -> Robustness | None:
     """Clean against corrupted test accuracy, per condition and corruption."""
-    ab = _load(storage, f"{search_name}.ablation")
+    ab = _load(storage, ablation_study_name(search_name))
     trials = finished(ab.get_trials(deepcopy=False)) if ab is not None else []
-    source = f"ablation study {search_name}.ablation"
+    source = f"ablation study {ablation_study_name(search_name)}"
     if not trials:
         trials = finished(study.get_trials(deepcopy=False))
         source = f"search trials of {search_name}"
@@ -294,7 +301,7 @@ def robustness_data(storage: Any, search_name: str, study: optuna.Study) -> Robu
                        "robust_test_acc": m["robust_test_acc"]})
     by_condition = {}
     for cond, ms in groups.items():
-        def mean(key: str) -> float:
+        def mean(key: str, ms: list[dict[str, Any]] = ms) -> float:
             return sum(x[key] for x in ms) / len(ms)
 
         by_condition[cond] = {"clean": mean("test_acc"), "robust": mean("robust_test_acc"),

@@ -1,10 +1,9 @@
-"""The Optuna study store: storage URLs, study identity, artifacts, and the lock that hands
-out trial slots so that any number of workers finish exactly the trials asked for."""
+"""The Optuna study store: storage URLs, study identity, artifacts, and failing the trials of
+dead workers (kdig_study.slots hands out the trial slots)."""
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import os
 import sqlite3
@@ -21,11 +20,11 @@ import torch
 from filelock import FileLock
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
 
 from kdig_study import __version__
 from kdig_study.config import StudyConfig
 from kdig_study.errors import KdigError
+from kdig_study.optuna_adapter import StaleAwareRDBStorage
 from kdig_study.paths import storage_dir
 
 _HELP_URL = "e.g. sqlite:///storage/kdig.db or postgresql+psycopg://user@host:5432/db"
@@ -77,49 +76,11 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-class _Storage(RDBStorage):
-    """RDBStorage whose stale trials also include RUNNING trials that never wrote a
-    heartbeat and started more than the grace period ago: a worker killed between creating
-    its trial and its first heartbeat. Optuna skips those, so they stayed RUNNING for ever
-    and the next run waited on them."""
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        stale = super()._get_stale_trial_ids(study_id)
-        grace = self.grace_period or 2 * (self.heartbeat_interval or 60)
-        now = datetime.datetime.now()  # the clock that stamped datetime_start
-        old = [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False,
-                                                        states=(TrialState.RUNNING,))
-               if t.datetime_start is not None and
-               (now - t.datetime_start).total_seconds() > grace and t._trial_id not in stale]
-        if not old:
-            return stale
-        query = sqlalchemy.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids"
-                                ).bindparams(sqlalchemy.bindparam("ids", expanding=True))
-        with self.engine.connect() as con:
-            beating = {row[0] for row in con.execute(query, {"ids": old})}
-        return stale + [i for i in old if i not in beating]
-
-
 def fail_stale(study: optuna.Study) -> None:
     """Fail (and queue again, up to the retry limit) the trials of dead workers."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-
-
-def held_runs(study: optuna.Study, params: list[dict[str, Any]] | None = None) -> str:
-    """The RUNNING trials (those with ``params``, if given), for a line that says what a
-    worker waits for: "trial 3 (condition=KD, replicate=1); trial 5 (...)"."""
-    parts = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        p = dict(t.params) or dict(t.system_attrs.get("fixed_params", {}))
-        if params is not None and not any(all(p.get(k) == v for k, v in q.items())
-                                          for q in params):
-            continue
-        shown = {k: v for k, v in p.items() if k in ("condition", "replicate")} or p
-        parts.append(f"trial {t.number}" + (f" ({', '.join(f'{k}={v}' for k, v in shown.items())})"
-                                            if shown else ""))
-    return "; ".join(parts) or "none"
 
 
 @contextlib.contextmanager
@@ -186,7 +147,7 @@ def open_storage(url: str, heartbeat_interval: int = 60, max_retry: int = 3,
     try:
         with warnings.catch_warnings(), _schema_lock(backend, url, db, engine_kwargs):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = _Storage(
+            storage = StaleAwareRDBStorage(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                 grace_period=2 * heartbeat_interval,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
@@ -277,47 +238,3 @@ def open_study(storage: RDBStorage, name: str, cfg: StudyConfig,
         raise KdigError(f"study '{name}' in {url} optimises {len(study.directions)} "
                         f"objective(s), this config {len(directions)}; use --study-name NEW")
     return study
-
-
-class SlotLock:
-    """Held from 'are trials still wanted?' until the new trial is RUNNING in the store, so
-    that N workers never start more trials than asked for. SQLite (one machine): a file lock
-    beside the database; PostgreSQL (many machines): a session-level advisory lock."""
-
-    def __init__(self, storage: RDBStorage, study_name: str) -> None:
-        self._engine = storage.engine
-        self._key = zlib.crc32(f"kdig-slots:{study_name}".encode()) & 0x7FFFFFFF
-        self._file: FileLock | None = None
-        self._conn: sqlalchemy.Connection | None = None
-        if self._engine.dialect.name == "sqlite":
-            db = self._engine.url.database
-            self._file = FileLock(f"{db}.{self._key}.slots.lock")
-        self.held = False
-
-    def acquire(self) -> None:
-        if self._file is not None:
-            self._file.acquire()
-        else:
-            self._conn = self._engine.connect()
-            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-        self.held = True
-
-    def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        if self._file is not None:
-            self._file.release()
-        elif self._conn is not None:
-            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"),
-                               {"k": self._key})
-            self._conn.close()
-            self._conn = None
-
-    @contextlib.contextmanager
-    def held_until_released(self) -> Iterator[SlotLock]:
-        self.acquire()
-        try:
-            yield self
-        finally:
-            self.release()

@@ -14,7 +14,15 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from kdig_study.ablation import Run, monte_carlo_rows, plan, run_config
+from kdig_study.ablation import (
+    Run,
+    ablation_study_name,
+    analyse_metric,
+    monte_carlo_rows,
+    parse_ablation_study_name,
+    plan,
+    run_config,
+)
 from kdig_study.config import load_study
 from kdig_study.data import load_bundle
 from kdig_study.experiment import Context
@@ -35,6 +43,31 @@ def test_plan_enumerates_every_combination_for_every_replicate() -> None:
     levels = plan({"kd": (None, "kd"), "overlay": (None, "ig", "shuffled", "gradcam")}, [0])
     assert len(levels) == 8
     assert {r.params(None)["overlay"] for r in levels} == {"none", "ig", "shuffled", "gradcam"}
+
+
+def test_ablation_study_names_are_built_and_parsed_by_one_pair_of_functions() -> None:
+    assert ablation_study_name("kd_ig-cpu") == "kd_ig-cpu.ablation"
+    assert ablation_study_name("kd_ig-cpu", 0.8) == "kd_ig-cpu.ablation-mc0.8"
+    assert ablation_study_name("kd_ig-cpu", sweep_key="width") == \
+        "kd_ig-cpu.ablation-sweep-width"
+    for args in [("kd_ig-cpu", None, None), ("a.ablation-b", 1e-05, "drop_blocks"),
+                 ("s", 0.5, "width")]:
+        parsed = parse_ablation_study_name(ablation_study_name(*args))
+        assert parsed is not None and (parsed.search, parsed.fraction, parsed.sweep_key) == args
+    for other in ("kd_ig-cpu", "x.ablation-mcabc", "x.ablation-sweep-depth", ".ablation"):
+        assert parse_ablation_study_name(other) is None, other
+
+
+def test_the_primary_comparison_counts_on_test_accuracy_only() -> None:
+    design = design_of(["kd", "ig"])
+    table = {frozenset(c): {r: 0.5 + 0.01 * len(c) + 0.003 * r * (1 + len(c)) for r in range(4)}
+             for c in ([], ["kd"], ["ig"], ["kd", "ig"])}
+    test = analyse_metric(table, design, (), "test_acc")
+    assert test["primary"] == "KD+IG - KD"
+    assert [c["name"] for c in test["comparisons"] if c["primary"]] == ["KD+IG - KD"]
+    robust = analyse_metric(table, design, (), "robust_test_acc")
+    assert robust["primary"] is None and not any(c["primary"] for c in robust["comparisons"])
+    assert [c["mean"] for c in robust["comparisons"]] == [c["mean"] for c in test["comparisons"]]
 
 
 def test_conditions_of_a_replicate_share_everything_but_the_factors() -> None:

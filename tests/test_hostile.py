@@ -22,6 +22,7 @@ import torch
 from kdig_study.config import load_study
 from kdig_study.data import load_bundle
 from kdig_study.errors import KdigError
+from kdig_study.optuna_adapter import storage_of
 from kdig_study.paths import safe_name
 
 from cli_helpers import assert_one_line_error, run_cli
@@ -109,7 +110,7 @@ def test_a_stored_artifact_id_cannot_read_outside_the_artifact_store(
     study.add_trial(create_trial(params={}, distributions={}, value=0.5, system_attrs={
         "artifacts:evil": json.dumps({"artifact_id": "../secret.png", "filename": "evil.png",
                                       "mimetype": "image/png", "encoding": None})}))
-    html = render(build(study._storage, url, "kd_ig-cpu"))
+    html = render(build(storage_of(study), url, "kd_ig-cpu"))
     gallery = html.split("<section id='gallery'>")[1].split("</section>")[0]
     assert base64.b64encode(secret).decode()[:40] not in html
     assert "could not be read" in gallery
@@ -236,7 +237,7 @@ def test_the_users_own_teacher_is_loaded_strictly_and_fingerprinted_by_its_file(
     given = load_study("kd_ig", "smoke", [f'teacher.weights="{mine}"'])
     t = get_teacher(given, data, CPU, progress=False, log=lambda *a: None)
     assert t.meta["given"] == str(mine) and 0 <= t.meta["test_acc"] <= 1
-    for a, b in zip(t.model.state_dict().values(), model.state_dict().values()):
+    for a, b in zip(t.model.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a.cpu(), b)
     fp = teacher_fingerprint(given, data, CPU)
     assert fp != teacher_fingerprint(cfg, data, CPU)

@@ -14,7 +14,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from cli_helpers import assert_one_line_error, run_cli, trials_of
+from kdig_study.optuna_adapter import storage_of, trial_id
+
+from cli_helpers import assert_one_line_error, run_cli, run_process, trials_of
 from conftest import REPO
 
 PG_URL = os.environ.get("KDIG_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -36,9 +38,12 @@ def _url(storage: Path) -> str:
     return f"sqlite:///{storage / 'kdig.db'}"
 
 
-def _optimize(*args: str, env: dict | None = None, timeout: float = 600):
-    return run_cli("optimize", "--study", "kd_ig", "--scale", "smoke", "--no-progress", *args,
-                   env=env, timeout=timeout)
+def _optimize(*args: str, env: dict | None = None, timeout: float = 600, process: bool = False):
+    """The command in-process, or (``process``) as a real process: worker subprocesses
+    write to the real stdout, which only a parent process's pipe collects."""
+    return (run_process if process else run_cli)(
+        "optimize", "--study", "kd_ig", "--scale", "smoke", "--no-progress", *args, env=env,
+        timeout=timeout)
 
 
 def _trials(url: str, name: str = "kd_ig-smoke") -> list[optuna.trial.FrozenTrial]:
@@ -88,13 +93,13 @@ def test_smoke_study_end_to_end_records_everything(env: dict, isolated_storage: 
     pruned = [p for p in trials if p.state == TrialState.PRUNED]
     assert all(p.user_attrs["metrics"]["epochs_run"] == len(p.intermediate_values)
                for p in pruned)
-    metas = optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)
+    metas = optuna.artifacts.get_all_artifact_meta(t, storage=storage_of(study))
     names = sorted(m.filename for m in metas)
     assert any(n.endswith("-best.safetensors") for n in names)
     assert any(n.endswith(".png") for n in names)
     assert (isolated_storage / "artifacts").is_dir()
     from optuna_dashboard import get_note
-    assert "Validation accuracy" in get_note(optuna.Trial(study, t._trial_id))
+    assert "Validation accuracy" in get_note(optuna.Trial(study, trial_id(t)))
 
 
 def test_banner_scales_the_estimate_by_trials_left_and_the_cache() -> None:
@@ -114,7 +119,7 @@ def test_banner_scales_the_estimate_by_trials_left_and_the_cache() -> None:
 
 def test_samplers_of_workers_and_resumed_runs_do_not_replay_start_up_proposals() -> None:
     from kdig_study.config import load_study
-    from kdig_study.optimize import make_sampler
+    from kdig_study.search import make_sampler
 
     cfg = load_study("kd_ig", "smoke")
 
@@ -188,7 +193,7 @@ def test_resume_counts_the_total_and_refuses_a_changed_config(env: dict, isolate
 
 def _workers_finish_exactly(url: str, env: dict, name: str, n: int = 5) -> None:
     proc = _optimize("--n-trials", str(n), "--workers", "3", "--storage", url,
-                     "--study-name", name, env=env)
+                     "--study-name", name, env=env, process=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "database is locked" not in proc.stderr + proc.stdout
     states = _states(_trials(url, name))

@@ -122,7 +122,7 @@ def test_pruning_cli_without_a_pruned_search_gives_the_correlations(
 
 def test_the_pruner_takes_the_measured_warmup_and_percentile() -> None:
     from kdig_study.config import load_study
-    from kdig_study.optimize import make_pruner
+    from kdig_study.search import make_pruner
 
     cfg = load_study("kd_ig", "cpu", ["search.prune_warmup=3", "search.prune_percentile=25"])
     pruner = make_pruner(cfg)
@@ -132,7 +132,7 @@ def test_the_pruner_takes_the_measured_warmup_and_percentile() -> None:
 
 def test_the_pruner_settings_come_from_the_study_file_and_are_printed() -> None:
     from kdig_study.config import load_study
-    from kdig_study.optimize import describe_pruner, make_pruner
+    from kdig_study.search import describe_pruner, make_pruner
 
     cpu = load_study("kd_ig", "cpu")  # measured: pruning from epoch 5 of 8
     assert describe_pruner(cpu) == "median (percentile 50, from epoch 5 of 8)"

@@ -15,6 +15,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from kdig_study import report_data as rd
+from kdig_study.optuna_adapter import storage_of, study_id
 from kdig_study.report import SECTIONS, build, render
 
 from cli_helpers import assert_one_line_error, run_cli
@@ -153,14 +154,14 @@ def test_data_steps(url: str) -> None:
     assert curves[-1]["epochs"] == [1]
     imp, why = rd.importance_data(study)
     assert imp and set(imp) <= set(SPACE) and abs(sum(imp.values()) - 1) < 1e-6
-    ab = rd.ablation_data(study._storage, "kd_ig-cpu")
+    ab = rd.ablation_data(storage_of(study), "kd_ig-cpu")
     summ = {s["condition"]: s for s in ab.analysis["test_acc"]["summaries"]}
     assert summ["KD"]["mean"] == pytest.approx(0.755) and summ["KD"]["n"] == 2
     assert ab.points["test_acc"]["KD+IG"] == {0: 0.76, 1: 0.78}
-    sweep = rd.sweep_data(study._storage, "kd_ig-cpu")
+    sweep = rd.sweep_data(storage_of(study), "kd_ig-cpu")
     r = next(r for r in sweep["rows"] if r["value"] == 0.25 and r["condition"] == "KD")
     assert r["test_acc"] == pytest.approx(0.705) and r["compression"] == pytest.approx(16.0)
-    rob = rd.robustness_data(study._storage, "kd_ig-cpu", study)
+    rob = rd.robustness_data(storage_of(study), "kd_ig-cpu", study)
     assert rob.corruptions == ["jpeg", "gaussian_noise"]
     assert rob.by_condition["KD"]["robust"] == pytest.approx(0.655)
     assert rob.by_condition["KD"]["jpeg"] == pytest.approx(0.705) and len(rob.points) == 8
@@ -174,9 +175,9 @@ def test_every_section_present(url: str) -> None:
     study = _search_study(url)
     _ablation_study(url)
     _ablation_study(url, sweep=True)
-    page = build(study._storage, url, "kd_ig-cpu")
+    page = build(storage_of(study), url, "kd_ig-cpu")
     html = render(page)
-    for sid, title in SECTIONS:
+    for sid, _title in SECTIONS:
         assert f"<section id='{sid}'>" in html, sid
     assert "class=\"empty\"" not in html  # all data present: no "not yet" notes
     assert len(page.figures) == 17  # history, importance, parallel, 2 pairs, curves,
@@ -213,7 +214,7 @@ def test_gallery_shows_the_map_sources_of_the_ablation(url: str, tmp_path: Path)
     attach_gallery(ablation, artifact_store(), path)  # once per content
     metas = optuna.artifacts.get_all_artifact_meta(ablation)
     assert [m.filename for m in metas] == ["gallery-g.png"]
-    html = render(build(study._storage, url, "kd_ig-cpu"))
+    html = render(build(storage_of(study), url, "kd_ig-cpu"))
     gallery = html.split("<section id='gallery'>")[1].split("</section>")[0]
     assert "Map sources of kd_ig-cpu.ablation" in gallery and gallery.count("<img") == 2
 
@@ -250,7 +251,7 @@ def test_pareto_front_of_a_two_objective_study(url: str) -> None:
     for v, r in ((0.70, 0.60), (0.72, 0.55), (0.65, 0.62), (0.68, 0.58)):
         study.add_trial(create_trial(params={}, distributions={}, values=[v, r]))
     p = rd.pareto_data(study)
-    assert dict(zip(p["number"], p["front"])) == {0: True, 1: True, 2: True, 3: False}
+    assert dict(zip(p["number"], p["front"], strict=True)) == {0: True, 1: True, 2: True, 3: False}
 
 
 @pytest.mark.parametrize("case", ["no trials", "all pruned", "no ablation"])
@@ -261,7 +262,7 @@ def test_empty_states_say_so(url: str, case: str) -> None:
         study = _search_study(url, values=(), pruned=3)
     else:
         study = _search_study(url)
-    html = render(build(study._storage, url, "kd_ig-cpu"))
+    html = render(build(storage_of(study), url, "kd_ig-cpu"))
     ablation = html.split("<section id='ablation'>")[1].split("</section>")[0]
     assert "No ablation yet" in ablation
     history = html.split("<section id='history'>")[1].split("</section>")[0]
@@ -280,7 +281,7 @@ def test_store_strings_are_escaped(url: str) -> None:
     study = _search_study(url, name=evil)
     study.set_user_attr("data", {"origin": "<img src=x onerror=alert(2)>", "train": 1,
                                  "val": 1, "test": 1})
-    html = render(build(study._storage, url, evil))
+    html = render(build(storage_of(study), url, evil))
     assert "<script>alert(1)</script>" not in html
     assert "<img src=x onerror" not in html
     assert "kd&lt;script&gt;alert(1)&lt;/script&gt;" in html
@@ -296,7 +297,7 @@ def test_report_cli_writes_the_page_and_pushes_figures(tmp_path: Path, url: str)
     from optuna_dashboard._custom_plot_data import list_graph_object_ids
 
     study = optuna.load_study(study_name="kd_ig-cpu", storage=url)
-    ids = list_graph_object_ids(study._storage.get_study_system_attrs(study._study_id))
+    ids = list_graph_object_ids(storage_of(study).get_study_system_attrs(study_id(study)))
     assert {"kdig-history", "kdig-importance", "kdig-intermediate"} <= set(ids)
     assert_one_line_error(run_cli("report", "--study", "nope", "--scale", "cpu",
                                   "--storage", url), "no study 'nope-cpu'", "kd_ig-cpu")
@@ -313,7 +314,7 @@ def test_page_renders_in_headless_chromium(url: str, tmp_path: Path) -> None:
     study = _search_study(url)
     _ablation_study(url)
     _ablation_study(url, sweep=True)
-    page = build(study._storage, url, "kd_ig-cpu")
+    page = build(storage_of(study), url, "kd_ig-cpu")
     path = tmp_path / "report.html"
     path.write_text(render(page), encoding="utf-8")
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",

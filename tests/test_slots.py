@@ -1,0 +1,82 @@
+"""The claim-a-slot-then-run loop that the search and the ablation share, on a real SQLite
+store, in-process (the command-line tests run it across worker processes)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+from kdig_study.optuna_adapter import trial_id
+from kdig_study.slots import DONE, RUN, Next, SlotLock, claim_and_run
+from kdig_study.store import open_storage
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    return open_storage(f"sqlite:///{tmp_path / 'slots.db'}", heartbeat_interval=60)
+
+
+def _beating(storage: Any) -> set[int]:
+    with storage.engine.connect() as con:
+        return {r[0] for r in con.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))}
+
+
+def test_runs_until_done_releasing_the_lock_and_beating_at_once(store: Any) -> None:
+    study = optuna.create_study(study_name="s", storage=store)
+    lock = SlotLock(store, "s")
+    seen: list[tuple[int, bool, bool]] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        # the slot is taken (lock released) and the first heartbeat is already written
+        seen.append((trial.number, lock.held, trial_id(trial) in _beating(store)))
+        return float(trial.number)
+
+    def decide() -> Next:
+        done = len(study.get_trials(states=(TrialState.COMPLETE,)))
+        assert lock.held
+        return DONE if done >= 3 else RUN
+
+    calls: list[Any] = []
+    finished = claim_and_run(study, lock, decide, objective, poll_s=0.01,
+                             callbacks=[lambda s, t: calls.append(t.number)])
+    assert finished and not lock.held
+    assert seen == [(0, False, True), (1, False, True), (2, False, True)]
+    assert calls == [0, 1, 2]
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 3
+
+
+def test_waits_saying_each_new_line_once_and_stops_at_the_timeout(store: Any) -> None:
+    study = optuna.create_study(study_name="w", storage=store)
+    lines = iter(["waiting for A", "waiting for A", "waiting for B", "waiting for B"] * 50)
+    logged: list[str] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        raise AssertionError("nothing is to run")
+
+    finished = claim_and_run(study, SlotLock(store, "w"),
+                             lambda: Next("wait", lambda: next(lines)), objective, poll_s=0.01,
+                             log=lambda line, **_: logged.append(line), timeout=1.0)
+    assert not finished and study.get_trials() == []
+    assert logged[:2] == ["waiting for A", "waiting for B"]
+    assert all(a != b for a, b in itertools.pairwise(logged))
+
+
+def test_an_interrupted_trial_fails_and_frees_the_lock(store: Any) -> None:
+    study = optuna.create_study(study_name="i", storage=store)
+    lock = SlotLock(store, "i")
+
+    def objective(trial: optuna.Trial) -> float:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        claim_and_run(study, lock, lambda: RUN, objective, poll_s=0.01)
+    assert not lock.held
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+    lock.acquire()  # nobody holds it any more
+    lock.release()
