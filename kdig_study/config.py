@@ -21,6 +21,7 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,21 +30,20 @@ from kdig_study.errors import KdigError
 
 SCALES: tuple[str, ...] = ("smoke", "cpu", "paper")
 Scale = Literal["smoke", "cpu", "paper"]
-SEARCH_PARAMS: tuple[str, ...] = (
-    "temperature",
-    "alpha",
-    "overlay_strength",
-    "overlay_prob",
-    "ig_steps",
-    "lr",
-    "at_weight",
-    "source",
-)
-# Where the overlay's maps come from (kdig_study.sources): the teacher's IG maps; two
-# controls (IG maps of other images, smooth random maps with IG's per-map values); and
-# Captum's other attribution methods on the same teacher.
-MAP_SOURCES: tuple[str, ...] = ("ig", "shuffled", "random", "saliency", "input_x_gradient",
-                                "smoothgrad", "gradient_shap", "gradcam")
+# Where the overlay's maps come from (kdig_study.attribution.sources): the teacher's IG maps;
+# two controls (IG maps of other images, smooth random maps with IG's per-map values); and
+# Captum's other attribution methods on the same teacher. The Literal is the one definition;
+# the tuple is read from it.
+MapSource = Literal["ig", "shuffled", "random", "saliency", "input_x_gradient", "smoothgrad",
+                    "gradient_shap", "gradcam"]
+MAP_SOURCES: tuple[str, ...] = typing.get_args(MapSource)
+# IG quadrature rules: trapezoid and clenshaw_curtis are ours (nested: 8/16/32/64 share
+# points); the rest are Captum's.
+IGRule = Literal["trapezoid", "clenshaw_curtis", "gausslegendre", "riemann_middle",
+                 "riemann_left", "riemann_right", "riemann_trapezoid"]
+IG_RULES: tuple[str, ...] = typing.get_args(IGRule)
+NestedRule = Literal["trapezoid", "clenshaw_curtis"]
+NESTED_RULES: tuple[str, ...] = typing.get_args(NestedRule)
 
 
 def _bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
@@ -117,6 +117,22 @@ class TrainConfig:
     ema_start: float = _bounded(0.3, ge=0.0, le=1.0)
 
 
+def condition_name(levels: Iterable[str]) -> str:
+    """The one name of a method condition, from its switched-on levels: KD, then the
+    overlay's map source(s), then AT, joined by '+'; kd, ig and at in capitals, other map
+    sources as named ("KD+shuffled"); "student" when none is on (the student alone)."""
+    on = set(levels)
+    order = [t for t in ("kd",) if t in on] + sorted(on - {"kd", "at"}) + \
+        [t for t in ("at",) if t in on]
+    return "+".join(t.upper() if t in ("kd", "ig", "at") else t for t in order) or "student"
+
+
+def method_name(method: MethodConfig | Mapping[str, Any]) -> str:
+    """The condition name of a study's method switches (a config, or its stored dict)."""
+    get = method.get if isinstance(method, Mapping) else lambda k: getattr(method, k)
+    return condition_name(k for k in ("kd", "ig", "at") if get(k))
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     kd: bool = True
@@ -127,7 +143,8 @@ class MethodConfig:
 @dataclass(frozen=True)
 class KDConfig:
     temperature: float = _bounded(2.5, gt=0.0, le=100.0)
-    alpha: float = _bounded(0.01, ge=0.0, le=1.0)  # weight of the KD term (DESIGN.md)
+    # weight of the KD term (docs/design.md, section 3: the paper's convention, not torchdistill's)
+    alpha: float = _bounded(0.01, ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)
@@ -140,20 +157,19 @@ class IGConfig:
     steps: int = _bounded(50, ge=1, le=4096)
     # trapezoid, clenshaw_curtis: ours, nested (8/16/32/64 share points); the rest are
     # Captum's rules
-    method: Literal["trapezoid", "clenshaw_curtis", "gausslegendre", "riemann_middle",
-                    "riemann_left", "riemann_right", "riemann_trapezoid"] = "gausslegendre"
+    method: IGRule = "gausslegendre"
     baseline: Literal["zeros", "black", "blur"] = "zeros"
     reduce: Literal["abs_sum", "sum_abs", "l2"] = "abs_sum"
     batch_size: int = _bounded(64, ge=1)  # images per IG chunk (and per resumable step)
     internal_batch: int = _bounded(128, ge=1)  # points x images per forward/backward pass
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_gap: float = _bounded(0.05, gt=0.0)  # bound on the median relative completeness gap
-    # Adaptive mode (kdig_study.adaptive), when target_gap > 0: every image starts with
-    # `adaptive_start` intervals of the nested `adaptive_rule` and is refined (doubling) until
-    # its completeness gap is <= target_gap or it reaches `adaptive_cap` intervals. One map
-    # per image; `steps` and the search's ig_steps then have no effect.
+    # Adaptive mode (kdig_study.attribution.adaptive), when target_gap > 0: every image
+    # starts with `adaptive_start` intervals of the nested `adaptive_rule` and is refined
+    # (doubling) until its completeness gap is <= target_gap or it reaches `adaptive_cap`
+    # intervals. One map per image; `steps` and the search's ig_steps then have no effect.
     target_gap: float = _bounded(0.0, ge=0.0, le=1.0)
-    adaptive_rule: Literal["trapezoid", "clenshaw_curtis"] = "clenshaw_curtis"
+    adaptive_rule: NestedRule = "clenshaw_curtis"
     adaptive_start: int = _bounded(4, ge=1, le=1024)
     adaptive_cap: int = _bounded(128, ge=1, le=4096)
     overlay_prob: float = _bounded(0.1, ge=0.0, le=1.0)
@@ -162,8 +178,7 @@ class IGConfig:
     exponent_high: float = _bounded(2.0, gt=0.0)
     # The overlay's maps: one of MAP_SOURCES. shuffled and random are derived from the IG
     # maps of `steps`; the Captum sources ignore `steps`.
-    source: Literal["ig", "shuffled", "random", "saliency", "input_x_gradient", "smoothgrad",
-                    "gradient_shap", "gradcam"] = "ig"
+    source: MapSource = "ig"
     source_seed: int = 0  # derangement (shuffled), noise (random, smoothgrad, gradient_shap)
     smoothgrad_samples: int = _bounded(16, ge=1, le=1024)  # noisy copies per image
     smoothgrad_sigma: float = _bounded(0.5, gt=0.0)  # noise sd in the normalised input space
@@ -223,6 +238,32 @@ class SearchConfig:
     # ["val_acc"], or ["val_acc", "robust_val_acc"] for a multi-objective study
     objectives: tuple[str, ...] = ("val_acc",)
     space: dict[str, ParamSpec] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """A searchable hyperparameter: the study-file field it sets, and when a run uses it."""
+
+    section: str  # a StudyConfig section: kd, ig, at, student_train
+    key: str  # the field of that section
+    used: Callable[[StudyConfig], bool]  # whether the study's method switches use it
+
+
+# The one table of search parameters: the search space's names, their range checks, the
+# --params file's keys, which parameters a study searches, how a trial's values reach the
+# run's config (apply_params) and what an ablation records (param_values) all derive from it.
+SEARCH_PARAMETERS: dict[str, SearchParam] = {
+    "temperature": SearchParam("kd", "temperature", lambda c: c.method.kd),
+    "alpha": SearchParam("kd", "alpha", lambda c: c.method.kd),
+    "overlay_strength": SearchParam("ig", "overlay_strength", lambda c: c.method.ig),
+    "overlay_prob": SearchParam("ig", "overlay_prob", lambda c: c.method.ig),
+    # adaptive IG has one map per image: the step count changes nothing
+    "ig_steps": SearchParam("ig", "steps", lambda c: c.method.ig and not c.ig.target_gap),
+    "lr": SearchParam("student_train", "lr", lambda c: True),
+    "at_weight": SearchParam("at", "weight", lambda c: c.method.at),
+    "source": SearchParam("ig", "source", lambda c: c.method.ig),
+}
+SEARCH_PARAMS: tuple[str, ...] = tuple(SEARCH_PARAMETERS)
 
 
 @dataclass(frozen=True)
@@ -290,6 +331,13 @@ def studies_dir() -> Path:
     if local.is_dir():
         return local
     return Path(__file__).resolve().parent.parent / "studies"
+
+
+def condition_study(name: str) -> str | None:
+    """The study file whose search tunes condition ``name`` (--params per-condition): the
+    name in lower case with '+' as '_' (student, kd, ig, kd_ig), where that file exists."""
+    stem = name.lower().replace("+", "_")
+    return stem if (studies_dir() / f"{stem}.toml").is_file() else None
 
 
 def study_path(study: str) -> Path:
@@ -564,14 +612,41 @@ def _build(cls: type, table: dict[str, Any], src: str, where: str) -> Any:
     return cls(**kwargs)
 
 
-def _param_field(name: str) -> dataclasses.Field[Any]:
-    """The config field a search parameter sets, for its range check."""
-    cls, fname = {"temperature": (KDConfig, "temperature"), "alpha": (KDConfig, "alpha"),
-                  "overlay_strength": (IGConfig, "overlay_strength"),
-                  "overlay_prob": (IGConfig, "overlay_prob"), "ig_steps": (IGConfig, "steps"),
-                  "lr": (TrainConfig, "lr"), "at_weight": (ATConfig, "weight"),
-                  "source": (IGConfig, "source")}[name]
-    return next(f for f in dataclasses.fields(cls) if f.name == fname)
+def _param_field(name: str) -> tuple[dataclasses.Field[Any], Any]:
+    """The config field a search parameter sets, and its type (for checks)."""
+    p = SEARCH_PARAMETERS[name]
+    cls = _SECTIONS[p.section]
+    return (next(f for f in dataclasses.fields(cls) if f.name == p.key),
+            typing.get_type_hints(cls)[p.key])
+
+
+def apply_params(cfg: StudyConfig, params: Mapping[str, Any]) -> StudyConfig:
+    """The study config with one trial's (or a --params file's) parameters filled in.
+
+    Every name goes through SEARCH_PARAMETERS, so no parameter can be recorded without
+    reaching the run; an unknown name is refused."""
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in params.items():
+        if name not in SEARCH_PARAMETERS:
+            raise KdigError(f"unknown search parameter {name!r}; allowed: "
+                            f"{', '.join(SEARCH_PARAMS)}")
+        p = SEARCH_PARAMETERS[name]
+        tp = _param_field(name)[1]
+        sections.setdefault(p.section, {})[p.key] = int(value) if tp is int else \
+            float(value) if tp is float else value
+    return dataclasses.replace(cfg, **{sec: dataclasses.replace(getattr(cfg, sec), **kv)
+                                       for sec, kv in sections.items()})
+
+
+def param_values(cfg: StudyConfig) -> dict[str, Any]:
+    """Every search parameter's value in ``cfg`` (what a run with this config trains with)."""
+    return {name: getattr(getattr(cfg, p.section), p.key)
+            for name, p in SEARCH_PARAMETERS.items()}
+
+
+def relevant_space(cfg: StudyConfig) -> dict[str, ParamSpec]:
+    """The search parameters that matter for the study's method switches."""
+    return {k: v for k, v in cfg.search.space.items() if SEARCH_PARAMETERS[k].used(cfg)}
 
 
 def _build_space(table: Any, src: str, where: str) -> dict[str, ParamSpec]:
@@ -608,7 +683,7 @@ def _build_space(table: Any, src: str, where: str) -> dict[str, ParamSpec]:
                             f"(the counts the map store can serve), e.g. choices = [8, 16, 32]")
         if name == "ig_steps" and any(c != int(c) for c in spec.choices):
             raise KdigError(f"{src}: {key}.choices = {list(spec.choices)}: allowed: integers")
-        target = _param_field(name)
+        target = _param_field(name)[0]
         for value in (*spec.choices, spec.low, spec.high):
             allowed = None if value is None else _check_range(target, value)
             if allowed is not None:
@@ -634,18 +709,12 @@ def load_params(path: str) -> dict[str, float | int | str]:
         if name not in SEARCH_PARAMS:
             raise KdigError(f"{p}: unknown key 'params.{name}'; "
                             f"allowed: {', '.join(SEARCH_PARAMS)}")
-        if name == "source":
-            if value not in MAP_SOURCES:
-                raise KdigError(f"{p}: params.source = {value!r}; allowed: "
-                                f"{', '.join(MAP_SOURCES)}")
-            out[name] = value
-            continue
-        tp = int if name == "ig_steps" else float
+        target, tp = _param_field(name)
         ok, converted = _coerce(tp, value)
         if not ok:
             raise KdigError(f"{p}: params.{name} = {value!r}: wrong type; "
                             f"allowed: {_type_name(tp)}")
-        allowed = _check_range(_param_field(name), converted)
+        allowed = _check_range(target, converted)
         if allowed is not None:
             raise KdigError(f"{p}: params.{name} = {value!r}: out of range; allowed: {allowed}")
         out[name] = converted

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -145,7 +146,7 @@ def build_split(data: ImageSet, cfg: RobustnessConfig, per_setting: int, fingerp
         if not path.is_file():
             rows = _slices(data.labels, sets, per_setting, cfg.seed + 7)
             imgs = torch.stack([corrupt(data.images[r], s.corruption, s.severity, cfg.seed)
-                                for r, s in zip(rows, sets)])
+                                for r, s in zip(rows, sets, strict=True)])
             labs = torch.stack([data.labels[r] for r in rows])
 
             def write(tmp):  # type: ignore[no-untyped-def]
@@ -159,6 +160,39 @@ def build_split(data: ImageSet, cfg: RobustnessConfig, per_setting: int, fingerp
                               torch.from_numpy(z["rows"]))
 
 
+# Per-corruption and per-setting accuracies are named robust_test_<key> wherever they
+# stand beside other metrics (an ablation's metric names, its JSON rows).
+ROBUST_PREFIX = "robust_test_"
+
+
+def robust_metric(key: str) -> str:
+    """The metric name of a breakdown key: "jpeg" -> "robust_test_jpeg"."""
+    return ROBUST_PREFIX + key
+
+
+def robust_key(metric: str) -> str | None:
+    """The breakdown key of a metric name ("robust_test_jpeg-2" -> "jpeg-2"); None for a
+    metric that is not one (robust_test_acc is the suite's mean, not a breakdown)."""
+    if metric.startswith(ROBUST_PREFIX) and metric != "robust_test_acc":
+        return metric.removeprefix(ROBUST_PREFIX)
+    return None
+
+
+@dataclass(frozen=True)
+class RobustAccuracy:
+    """A model's accuracy under the corruption suite."""
+
+    test_acc: float  # test split, mean over every (corruption, severity) setting
+    val_acc: float  # validation split, likewise
+    by_corruption: dict[str, float]  # test split, mean over each corruption's severities
+    by_setting: dict[str, float]  # test split, per setting ("jpeg-1")
+    eval_s: float = 0.0  # wall time of the evaluation
+
+    def breakdown(self) -> dict[str, float]:
+        """{"jpeg": ..., "jpeg-1": ...}: what a trial records as its "robust" attribute."""
+        return self.by_setting | self.by_corruption
+
+
 class RobustSuite:
     """The corrupted validation and test splits of one data bundle, and their evaluation."""
 
@@ -169,23 +203,24 @@ class RobustSuite:
         self.mean, self.std = data.mean, data.std
 
     def evaluate(self, model: torch.nn.Module, device: torch.device, precision: str
-                 ) -> dict[str, float]:
-        """robust_test_acc, robust_val_acc (means over settings), robust_test_<corruption>
-        (mean over its severities) and robust_test_<corruption>-<severity>."""
+                 ) -> RobustAccuracy:
+        """Accuracy on both corrupted splits, and on the test split per corruption and per
+        setting."""
         from kdig_study.engine import predict
 
-        out: dict[str, float] = {}
+        t0 = time.perf_counter()
+        acc: dict[str, torch.Tensor] = {}
         for split_name, split in (("test", self.test), ("val", self.val)):
             s, m = split.images.shape[:2]
             # one pass over every setting in large batches
             pred = predict(model, split.images.reshape(s * m, *split.images.shape[2:]),
                            self.mean, self.std, device, precision=precision).view(s, m)
-            acc = (pred == split.labels).float().mean(dim=1)  # [S]
-            out[f"robust_{split_name}_acc"] = acc.mean().item()
-            if split_name == "test":
-                for i, st in enumerate(split.settings):
-                    out[f"robust_test_{st.key}"] = acc[i].item()
-                for c in self.cfg.corruptions:
-                    idx = [i for i, st in enumerate(split.settings) if st.corruption == c]
-                    out[f"robust_test_{c}"] = acc[idx].mean().item()
-        return out
+            acc[split_name] = (pred == split.labels).float().mean(dim=1)  # [S]
+        test = acc["test"]
+        sets = self.test.settings
+        return RobustAccuracy(
+            test_acc=test.mean().item(), val_acc=acc["val"].mean().item(),
+            by_corruption={c: test[[i for i, st in enumerate(sets) if st.corruption == c]]
+                           .mean().item() for c in self.cfg.corruptions},
+            by_setting={st.key: test[i].item() for i, st in enumerate(sets)},
+            eval_s=time.perf_counter() - t0)

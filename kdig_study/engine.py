@@ -106,7 +106,7 @@ class Lookahead:
     @torch.no_grad()
     def _update(self, rho: float) -> None:
         assert self.average is not None
-        for avg, t in zip(self.average, self._tensors()):
+        for avg, t in zip(self.average, self._tensors(), strict=True):
             avg.lerp_(t, 1 - rho)
             t.copy_(avg)
 

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdig_study.attribution import (
+from kdig_study.attribution.sources import DERIVED, captum_chunks, derived_chunks, source_spec
+from kdig_study.attribution.store import (
     BuildReport,
     MapSpec,
     MapStore,
@@ -24,7 +25,7 @@ from kdig_study.attribution import (
     write_store,
 )
 from kdig_study.config import StudyConfig
-from kdig_study.corruptions import RobustSuite
+from kdig_study.corruptions import RobustAccuracy, RobustSuite, robust_metric
 from kdig_study.data import DataBundle, load_bundle
 from kdig_study.engine import (
     Distillation,
@@ -40,7 +41,6 @@ from kdig_study.measure import model_cost
 from kdig_study.models import Net, build_model, count_params, tap_index
 from kdig_study.overlay import IGOverlay, save_preview, source_gallery
 from kdig_study.paths import atomic_write, cache_dir
-from kdig_study.sources import DERIVED, captum_chunks, derived_chunks, source_spec
 from kdig_study.teacher import Teacher, get_teacher
 
 
@@ -224,11 +224,65 @@ class Context:
         return path
 
 
+@dataclass(frozen=True)
+class RunMetrics:
+    """What one student run measured. :meth:`stored` is the flat record a trial keeps as its
+    "metrics" attribute; the corruption breakdown is ``robust.breakdown()``."""
+
+    val_acc: float
+    test_acc: float
+    best_epoch: int
+    epochs_run: int
+    train_images: int
+    train_images_per_s: float
+    params: int
+    flops: int
+    bytes: int
+    compression: float  # teacher parameters / student parameters
+    seed: int
+    precision: str
+    eval_s: float  # clean evaluation (validation every epoch, test once)
+    wall_s: float  # the whole run: setup, training, evaluation
+    robust: RobustAccuracy | None = None  # None: the corruption suite is off
+    # with the overlay on: its map source, step count, store, preview and completeness gap
+    # (None for sources without one)
+    source: str | None = None
+    ig_steps: int | None = None
+    ig_store: str | None = None
+    ig_preview: str | None = None
+    ig_gap_median: float | None = None
+
+    def stored(self) -> dict[str, Any]:
+        """The figures a trial records, by their stored names (what reports read back)."""
+        out: dict[str, Any] = {
+            "val_acc": self.val_acc, "test_acc": self.test_acc, "params": self.params,
+            "flops": self.flops, "bytes": self.bytes, "compression": self.compression,
+            "best_epoch": self.best_epoch, "epochs_run": self.epochs_run, "seed": self.seed,
+            "precision": self.precision, "train_images": self.train_images,
+            "eval_s": self.eval_s, "train_eval_s": self.wall_s} | self._robust_means()
+        out |= {k: v for k, v in (("source", self.source), ("ig_steps", self.ig_steps),
+                                  ("ig_gap_median", self.ig_gap_median)) if v is not None}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, the corruption breakdown flattened as robust_test_<key> (JSON)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "robust"}
+        out |= self._robust_means()
+        if self.robust is not None:
+            out |= {robust_metric(k): v for k, v in self.robust.breakdown().items()}
+        return out
+
+    def _robust_means(self) -> dict[str, float]:
+        r = self.robust
+        return {} if r is None else {"robust_test_acc": r.test_acc, "robust_val_acc": r.val_acc,
+                                     "robust_eval_s": r.eval_s}
+
+
 @dataclass
 class StudentRun:
     model: Net
     result: TrainResult
-    metrics: dict[str, Any]
+    metrics: RunMetrics
 
 
 def teacher_params(cfg: StudyConfig, num_classes: int = 10) -> int:
@@ -259,7 +313,7 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
     if cfg.method.ig:
         source = cfg.ig.source
         store = ctx.maps(store_counts(ctx.cfg, cfg.ig.steps), source).store
-        if not np.array_equal(store.index(), index.numpy()):  # DESIGN.md defect 1
+        if not np.array_equal(store.index(), index.numpy()):  # docs/design.md, defect 1
             raise KdigError(f"map store {store.root} is for other images than this run's "
                             f"training set")
         planes = store.planes(cfg.ig.steps)  # [N, 1, 32, 32], row i = training image i
@@ -269,37 +323,23 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
                             cfg.ig.exponent_low, cfg.ig.exponent_high)
         gap = store.gap(cfg.ig.steps)["median"]
         ig_info = {"source": source, "ig_steps": cfg.ig.steps, "ig_store": str(store.root),
-                   "ig_preview": str(ctx.preview(store, cfg.ig.steps))}
-        if gap == gap:  # nan for sources without a completeness gap
-            ig_info["ig_gap_median"] = gap
+                   "ig_preview": str(ctx.preview(store, cfg.ig.steps)),
+                   # nan for sources without a completeness gap
+                   "ig_gap_median": gap if gap == gap else None}
     if rows is not None:
         train_set = train_set.take(rows)
     result = train(model, train_set, data, cfg.student_train, device=ctx.device,
                    distill=distill, planes=planes, overlay=overlay, on_epoch=on_epoch,
                    progress=ctx.progress, desc=desc)
     cost = ctx.student_cost(cfg, model)
-    robust: dict[str, float] = {}
     suite = ctx.robust_suite()
-    if suite is not None:
-        t_robust = time.perf_counter()
-        robust = suite.evaluate(model, ctx.device, result.precision)
-        robust["robust_eval_s"] = time.perf_counter() - t_robust
-    metrics: dict[str, Any] = {
-        "val_acc": result.val_acc,
-        "test_acc": result.test_acc,
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "train_images": len(train_set),
-        "train_images_per_s": result.images_per_s,
-        "params": cost["params"],
-        "flops": cost["flops"],
-        "bytes": cost["bytes"],
-        "compression": cost["teacher_params"] / cost["params"],
-        "seed": cfg.student_train.seed,
-        "precision": result.precision,
-        "eval_s": sum(h.val_seconds for h in result.history) + result.test_s,
-        "wall_s": time.perf_counter() - t0,
-        **robust,
-        **ig_info,
-    }
+    robust = suite.evaluate(model, ctx.device, result.precision) if suite is not None else None
+    metrics = RunMetrics(
+        val_acc=result.val_acc, test_acc=result.test_acc, best_epoch=result.best_epoch,
+        epochs_run=result.epochs_run, train_images=len(train_set),
+        train_images_per_s=result.images_per_s, params=cost["params"], flops=cost["flops"],
+        bytes=cost["bytes"], compression=cost["teacher_params"] / cost["params"],
+        seed=cfg.student_train.seed, precision=result.precision,
+        eval_s=sum(h.val_seconds for h in result.history) + result.test_s,
+        wall_s=time.perf_counter() - t0, robust=robust, **ig_info)
     return StudentRun(model, result, metrics)

@@ -116,3 +116,10 @@ def profile(model: Net, device: torch.device | str = "cpu", batch: int = 64,
             out[f"latency{tag}_b{b}"] = lat.to_dict()
     model.to(device)
     return out
+
+
+def latency_columns(prof: dict[str, Any]) -> dict[str, float]:
+    """A profile's latencies as flat columns: latency_b1_median_ms, latency_b1_p90_ms, ...
+    (what a trial records beside its metrics)."""
+    return {f"{k}_{stat}_ms": v[f"{stat}_ms"] for k, v in prof.items()
+            if k.startswith("latency") for stat in ("median", "p90")}

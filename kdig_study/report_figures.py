@@ -61,7 +61,7 @@ def pair_figure(data: dict[str, list[float]], x: str, y: str, log_x: bool = Fals
         x=data["x"], y=data["y"], mode="markers",
         marker=dict(size=11, color=data["value"], colorscale="Viridis", showscale=True,
                     colorbar=dict(title="val acc")),
-        text=[f"trial {n}: {v:.2%}" for n, v in zip(data["number"], data["value"])],
+        text=[f"trial {n}: {v:.2%}" for n, v in zip(data["number"], data["value"], strict=True)],
         hoverinfo="text"))
     fig.update_layout(title=f"{_e(x)} x {_e(y)}", xaxis_title=_e(x), yaxis_title=_e(y),
                       **_LAYOUT)

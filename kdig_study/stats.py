@@ -33,6 +33,8 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 
+from kdig_study.config import condition_name
+
 Condition = frozenset[str]
 Table = dict[Condition, dict[int, float]]
 Design = Mapping[str, tuple[str | None, ...]]  # factor -> levels, levels[0] is None
@@ -56,18 +58,6 @@ def design_of(factors: Sequence[str]) -> dict[str, tuple[str | None, ...]]:
     for f in factors:
         out["overlay" if f == "ig" else f] = BINARY[f]
     return out
-
-
-def label(token: str) -> str:
-    """A level's name in a condition: KD, IG, AT in capitals; other map sources as named."""
-    return token.upper() if token in ("kd", "ig", "at") else token
-
-
-def condition_name(cond: Condition) -> str:
-    known = [t for t in ("kd",) if t in cond]
-    overlay = sorted(t for t in cond if t not in ("kd", "at"))
-    tail = [t for t in ("at",) if t in cond]
-    return "+".join(label(t) for t in known + overlay + tail) or "student"
 
 
 def _factor_order(design: Design) -> list[str]:
@@ -217,12 +207,13 @@ def effects(table: Table, design: Design) -> list[Paired]:
                     for o in itertools.product(*(design[f] for f in others)):
                         base = {x for x in o if x is not None}
                         for mask in itertools.product((0, 1), repeat=r):
-                            cond = frozenset(base | {str(lv) for lv, m in zip(on, mask) if m})
+                            cond = frozenset(base | {str(lv) for lv, m
+                                                     in zip(on, mask, strict=True) if m})
                             sign = math.prod(1 if m else -1 for m in mask)
                             total += sign * table[cond][s]
                         count += 1
                     per_seed.append(total / count)
-                name = " x ".join(label(str(lv)) for lv in on)
+                name = " x ".join(condition_name([str(lv)]) for lv in on)
                 out.append(contrast(name, "effect", per_seed))
     return out
 
@@ -257,7 +248,7 @@ def _holm(ps: list[float]) -> list[float]:
     out = [float("nan")] * len(ps)
     if idx:
         adjusted = multipletests([ps[i] for i in idx], alpha=ALPHA, method="holm")[1]
-        for i, p in zip(idx, adjusted):
+        for i, p in zip(idx, adjusted, strict=True):
             out[i] = float(p)
     return out
 
@@ -273,7 +264,7 @@ def analyse(table: Table, design: Design | Sequence[str], controls: Sequence[str
     t_holm = _holm([x.t_p for x in family])
     w_holm = _holm([x.wilcoxon_p for x in family])
     rows = [asdict(x) | {"t_p_holm": t, "wilcoxon_p_holm": w}
-            for x, t, w in zip(family, t_holm, w_holm)]
+            for x, t, w in zip(family, t_holm, w_holm, strict=True)]
     return {"summaries": [asdict(s) for s in summaries],
             "comparisons": [r for r in rows if r["kind"] == "comparison"],
             "effects": [r for r in rows if r["kind"] == "effect"],

@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from kdig_study.cli import Parser, add_study_args, load_from_args, run
-from kdig_study.config import StudyConfig
+from kdig_study.config import StudyConfig, method_name
 from kdig_study.engine import save_checkpoint
 from kdig_study.errors import KdigError
 from kdig_study.experiment import Context, run_student
@@ -83,18 +83,18 @@ def main() -> int:
         out["teacher"] = {"path": str(teacher.path), **teacher.meta, **t_prof}
     if args.role == "student":
         run_ = run_student(ctx, cfg)
-        t_params = run_.metrics["params"] * run_.metrics["compression"]
+        m = run_.metrics
+        t_params = m.params * m.compression
         s_prof = profile(run_.model, ctx.device, batch=cfg.student_train.batch_size)
-        mode = "+".join(k.upper() for k in ("kd", "ig", "at")
-                        if getattr(cfg.method, k)) or "alone"
-        _print_model(f"student ({mode})", run_.metrics, s_prof, round(t_params))
-        print(f"  {run_.metrics['epochs_run']} epochs in {run_.result.wall_s / 60:.1f} min "
-              f"({run_.metrics['train_images_per_s']:.0f} img/s)")
+        mode = method_name(cfg.method)
+        _print_model(f"student ({mode})", m.stored(), s_prof, round(t_params))
+        print(f"  {m.epochs_run} epochs in {run_.result.wall_s / 60:.1f} min "
+              f"({m.train_images_per_s:.0f} img/s)")
         ckpt = storage_dir() / "checkpoints" / \
             f"{cfg.name}-{cfg.scale}-{mode.lower()}-seed{cfg.student_train.seed}.safetensors"
-        save_checkpoint(ckpt, run_.result.state, {"config": cfg.to_dict(), **run_.metrics})
+        save_checkpoint(ckpt, run_.result.state, {"config": cfg.to_dict(), **m.to_dict()})
         print(f"  checkpoint: {ckpt}")
-        out["student"] = {"checkpoint": str(ckpt), **run_.metrics, **s_prof}
+        out["student"] = {"checkpoint": str(ckpt), **m.to_dict(), **s_prof}
     if args.json:
         write_json(Path(args.json), out)
     return 0

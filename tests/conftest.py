@@ -1,9 +1,14 @@
 """Shared fixtures. Every test gets its own storage and cache folders (KDIG_STORAGE,
-KDIG_CACHE) so no test reads another's store or cache, and none touches ./storage."""
+KDIG_CACHE) so no test reads another's store or cache, and none touches ./storage.
+
+The cache starts empty (cold). A test that needs the smoke study's teacher, maps and
+corrupted splits but asserts nothing about making them asks for ``warm_cache``: a copy of
+one session-wide cache built once, so no such test retrains the teacher."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,6 +40,52 @@ def isolated_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return storage
 
 
+# The map sources the warm cache holds beside IG (the controls the tests overlay).
+WARM_SOURCES = ("ig", "shuffled", "random", "gradcam")
+
+
+@pytest.fixture(scope="session")
+def warm_cache_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The kd_ig smoke study's cache, built once per session: decoded data, the teacher,
+    IG maps of every step count the study searches, the control stores and the corrupted
+    splits (what `optimize --study kd_ig --scale smoke` computes before its first trial)."""
+    from kdig_study.config import load_study
+    from kdig_study.experiment import Context
+
+    root = tmp_path_factory.mktemp("warm")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDIG_STORAGE", str(root / "storage"))
+        mp.setenv("KDIG_CACHE", str(root / "cache"))
+        mp.delenv("KDIG_DATA", raising=False)
+        ctx = Context.create(load_study("kd_ig", "smoke"), progress=False)
+        ctx.log = lambda *a, **k: None
+        ctx.teacher()
+        for source in WARM_SOURCES:
+            ctx.maps(None, source)
+        ctx.robust_suite()
+    return root / "cache"
+
+
+@pytest.fixture
+def warm_cache(warm_cache_source: Path, isolated_storage: Path) -> Path:
+    """This test's cache folder, holding a copy of the session's warm cache (a copy, not
+    links: a test may damage or extend what it finds)."""
+    cache = isolated_storage / "cache"
+    shutil.copytree(warm_cache_source, cache, dirs_exist_ok=True)
+    return cache
+
+
+@pytest.fixture
+def warm_teacher(warm_cache_source: Path, isolated_storage: Path) -> Path:
+    """This test's cache with the session's smoke teacher and data only: maps and corrupted
+    splits are made cold (for tests that assert how maps are computed)."""
+    cache = isolated_storage / "cache"
+    shutil.copytree(warm_cache_source, cache, dirs_exist_ok=True,
+                    ignore=lambda folder, names: [n for n in names if n in ("ig", "corrupted")
+                                                  and Path(folder) == warm_cache_source])
+    return cache
+
+
 @pytest.fixture(scope="session")
 def shared_cifar() -> Path:
     if not SHARED_CIFAR.is_file():
@@ -42,10 +93,10 @@ def shared_cifar() -> Path:
     return SHARED_CIFAR
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def setup():
-    """A smoke teacher trained for 3 epochs (once per module), with its data and the data's
-    mean and std as [1, 3, 1, 1] tensors: what the IG tests integrate."""
+    """A smoke teacher trained for 3 epochs (once per session; tests only read it), with its
+    data and the data's mean and std as [1, 3, 1, 1] tensors: what the IG tests integrate."""
     import dataclasses
 
     import torch

@@ -128,3 +128,52 @@ def test_fingerprint_ignores_search_length_but_not_method() -> None:
     assert longer.fingerprint() == cfg.fingerprint()
     other = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, alpha=0.5))
     assert other.fingerprint() != cfg.fingerprint()
+
+
+def _other_value(cfg, name: str):
+    """A value of search parameter ``name`` that differs from ``cfg``'s and is in range."""
+    from kdig_study.config import MAP_SOURCES, param_values
+
+    now = param_values(cfg)[name]
+    if name == "source":
+        return next(s for s in MAP_SOURCES if s != now)
+    if name == "ig_steps":
+        return now * 2 + 1
+    return now * 0.5 if now else 0.25
+
+
+@pytest.mark.parametrize("name", ["temperature", "alpha", "overlay_strength", "overlay_prob",
+                                  "ig_steps", "lr", "at_weight", "source"])
+def test_every_search_parameter_round_trips_into_the_runs_config(name: str) -> None:
+    """Each table entry reaches the run's config (apply_params), is read back by the same
+    name (param_values), and changes nothing else: a parameter recorded but never applied
+    would fail here."""
+    from kdig_study.config import SEARCH_PARAMETERS, SEARCH_PARAMS, apply_params, param_values
+
+    assert name in SEARCH_PARAMS and set(SEARCH_PARAMS) == set(SEARCH_PARAMETERS)
+    cfg = load_study("kd_ig", "smoke")
+    value = _other_value(cfg, name)
+    after = apply_params(cfg, {name: value})
+    p = SEARCH_PARAMETERS[name]
+    assert getattr(getattr(after, p.section), p.key) == value
+    assert param_values(after) == param_values(cfg) | {name: value}
+    assert after.fingerprint() != cfg.fingerprint()  # the run's identity sees it
+    assert apply_params(after, {name: param_values(cfg)[name]}) == cfg
+
+
+def test_the_table_covers_every_parameter_the_search_and_the_ablation_use() -> None:
+    from kdig_study.ablation import Run, run_config
+    from kdig_study.config import SEARCH_PARAMS, apply_params, relevant_space
+
+    assert len(SEARCH_PARAMS) == 8  # a new entry needs a case in the test above
+    cfg = load_study("kd_ig", "smoke")
+    with pytest.raises(KdigError, match="unknown search parameter 'temprature'"):
+        apply_params(cfg, {"temprature": 3.0})
+    # the ablation's run config applies them too: KD on, IG off still carries the KD values
+    run = run_config(cfg, {"temperature": 7.0, "alpha": 0.3}, Run(frozenset({"kd"}), 0, None),
+                     None)
+    assert (run.kd.temperature, run.kd.alpha, run.method.ig) == (7.0, 0.3, False)
+    # what a study searches follows its method switches
+    space = relevant_space(load_study("student", "smoke"))
+    assert set(space) <= {"lr"}
+    assert {"temperature", "overlay_strength"} <= set(relevant_space(cfg))

@@ -102,18 +102,24 @@ def test_suite_is_cached_and_evaluates(isolated_storage: Path) -> None:
     assert torch.equal(again.test.images, suite.test.images)
     # the severities of a corruption share one slice (a severity curve compares the same
     # images); different corruptions have disjoint slices (5 x 40 < 300 test images)
-    rows = {st.key: r for st, r in zip(suite.test.settings, suite.test.rows)}
+    rows = {st.key: r for st, r in zip(suite.test.settings, suite.test.rows, strict=True)}
     for c in cfg.robustness.corruptions:
         same = [rows[f"{c}-{sev}"] for sev in cfg.robustness.severities]
         assert all(torch.equal(same[0], r) for r in same)
     firsts = [set(rows[f"{c}-1"].tolist()) for c in cfg.robustness.corruptions]
     assert all(not (a & b) for i, a in enumerate(firsts) for b in firsts[i + 1:])
-    labels = {st.key: lab for st, lab in zip(suite.test.settings, suite.test.labels)}
+    labels = {st.key: lab for st, lab in zip(suite.test.settings, suite.test.labels, strict=True)}
     assert torch.equal(labels["jpeg-1"], labels["jpeg-3"])
     from kdig_study.models import build_model
     out = suite.evaluate(build_model(cfg.student).eval(), torch.device("cpu"), "fp32")
-    assert 0 <= out["robust_test_acc"] <= 1 and "robust_test_jpeg" in out
-    assert "robust_test_gaussian_noise-3" in out and 0 <= out["robust_val_acc"] <= 1
+    assert 0 <= out.test_acc <= 1 and "jpeg" in out.by_corruption
+    assert "gaussian_noise-3" in out.by_setting and 0 <= out.val_acc <= 1
+    # the mean over settings is the mean of the per-setting accuracies, and a corruption's
+    # accuracy the mean of its severities (equal slices)
+    assert out.test_acc == pytest.approx(sum(out.by_setting.values()) / len(out.by_setting))
+    assert out.by_corruption["jpeg"] == pytest.approx(
+        sum(out.by_setting[f"jpeg-{s}"] for s in cfg.robustness.severities)
+        / len(cfg.robustness.severities))
 
 
 def test_unknown_corruption_is_one_line(tmp_path: Path) -> None:

@@ -142,8 +142,8 @@ def test_loader_is_reproducible_and_normalises_channels_last() -> None:
         return [batch.x for batch in ld]
 
     a, c, d = epoch(5), epoch(5), epoch(6)
-    assert all(torch.equal(x, y) for x, y in zip(a, c))
-    assert not all(torch.equal(x, y) for x, y in zip(a, d))
+    assert all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, d, strict=True))
     assert a[0].is_contiguous(memory_format=torch.channels_last)
     allx = torch.cat(a)
     assert allx.mean().abs() < 0.3 and 0.7 < allx.std() < 1.3  # roughly standardised
@@ -176,7 +176,7 @@ def test_image_folder_sources(tmp_path: Path, form: str) -> None:
     assert src.classes == tuple(CLASSES)
     assert len(src.train) == 40 and len(src.test) == 20
     # image i of class c is the file NNNN = i: label and identity survive decoding
-    for img, lab in zip(src.train.images, src.train.labels):
+    for img, lab in zip(src.train.images, src.train.labels, strict=True):
         assert img[1, 0, 0].item() == lab.item()
         assert img[0, 1, 1].item() == lab.item() * 20
 

@@ -96,7 +96,7 @@ def test_checkpoint_roundtrip_and_mismatch(smoke, tmp_path: Path) -> None:
     m2 = _small(cfg.student, seed=9)
     load_checkpoint(path, m2)
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
-                                                  m2.state_dict().values()))
+                                                  m2.state_dict().values(), strict=True))
     with pytest.raises(KdigError, match="does not fit this model"):
         load_checkpoint(path, _small(cfg.teacher))
 
@@ -110,7 +110,7 @@ def test_teacher_is_trained_once_then_loaded(smoke, isolated_storage: Path) -> N
     second = get_teacher(cfg, data, CPU, progress=False, log=lambda *_: None)
     assert not second.trained_now and second.fingerprint == first.fingerprint
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
-                                                  second.model.state_dict().values()))
+                                                  second.model.state_dict().values(), strict=True))
     assert second.meta["test_acc"] == first.meta["test_acc"]
     other = dataclasses.replace(cfg, teacher_train=dataclasses.replace(cfg.teacher_train, seed=1))
     assert teacher_fingerprint(other, data, CPU) != first.fingerprint
@@ -122,11 +122,16 @@ def test_run_student_records_metrics(smoke) -> None:
                               teacher_train=dataclasses.replace(cfg.teacher_train, epochs=1))
     ctx = Context(cfg, data, CPU, progress=False)
     run = run_student(ctx)
-    m = run.metrics
+    m = run.metrics.to_dict()
     assert set(m) >= {"val_acc", "test_acc", "params", "flops", "compression", "epochs_run",
-                      "wall_s", "seed"}
+                      "wall_s", "seed", "robust_test_acc", "robust_test_jpeg-1"}
     assert m["compression"] == pytest.approx(124_722 / m["params"])
     assert m["epochs_run"] == 1
+    stored = run.metrics.stored()  # what a trial records: no paths, no breakdown
+    assert stored["train_eval_s"] == m["wall_s"] and "ig_store" not in stored
+    assert not any(k.startswith("robust_test_j") for k in stored)
+    assert run.metrics.robust is not None
+    assert run.metrics.robust.breakdown()["jpeg"] == m["robust_test_jpeg"]
 
 
 @pytest.mark.parametrize("steps", range(1, 13))
@@ -160,7 +165,7 @@ def test_kd_and_at_losses_are_fp32_under_bf16_autocast() -> None:
     student = build_model(cfg_model)
     teacher = build_model(cfg_model)
     with torch.no_grad():  # a near-converged student: the teacher's twin, slightly perturbed
-        for ps, pt in zip(student.parameters(), teacher.parameters()):
+        for ps, pt in zip(student.parameters(), teacher.parameters(), strict=True):
             ps.copy_(pt + 1e-3 * torch.randn_like(pt))
         teacher.classifier.weight.mul_(20)  # confident logits, as near convergence
         student.classifier.weight.copy_(teacher.classifier.weight * 1.001)

@@ -27,7 +27,7 @@ def test_hand_computed_kd_with_t_squared() -> None:
         pt = [math.exp(v / T) for v in t[i].tolist()]
         ps = [v / sum(ps) for v in ps]
         pt = [v / sum(pt) for v in pt]
-        total += sum(a * math.log(a / b) for a, b in zip(pt, ps))
+        total += sum(a * math.log(a / b) for a, b in zip(pt, ps, strict=True))
     kl = total / 8
     ce = F.cross_entropy(s, y).item()
     expect = alpha * T * T * kl + (1 - alpha) * ce

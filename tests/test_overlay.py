@@ -34,7 +34,7 @@ def test_p0_or_lam0_leaves_the_batch_bit_identical(prob: float, lam: float) -> N
     data, maps = _set()
     plain = _batches(data, None, None)
     over = _batches(data, maps, IGOverlay(prob, lam))
-    for a, b in zip(plain, over):
+    for a, b in zip(plain, over, strict=True):
         assert torch.equal(a.x, b.x) and torch.equal(a.index, b.index)
 
 
@@ -113,7 +113,7 @@ def test_kd_ig_teacher_sees_the_clean_augmented_image() -> None:
           distill=Distillation(teacher, cfg.kd), planes=maps, overlay=IGOverlay(1.0, 0.5))
     n_steps = len(teacher.seen)
     assert n_steps > 0
-    for t_in, s_in in zip(teacher.seen, student.seen[:n_steps]):
+    for t_in, s_in in zip(teacher.seen, student.seen[:n_steps], strict=True):
         pixels = (t_in.float() * std + mean) * 255
         # the teacher's input is a real image: every pixel an integer 0..255
         assert (pixels - pixels.round()).abs().max() < 2e-3
