@@ -30,52 +30,31 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
-
-from kdig_study.ablation import (
-    FACTORS,
-    SWEEP_KEYS,
-    AblationRunner,
-    Params,
-    Run,
-    ablation_study_name,
-    analyse_metric,
-    plan,
-    planned_trials,
-    results_table,
-    run_config,
-)
+from kdig_study import formats
 from kdig_study.cli import Parser, add_study_args, load_from_args, run, spawn_workers
 from kdig_study.config import (
+    BINARY_FACTORS,
+    FACTORS,
     MAP_SOURCES,
+    SWEEP_KEYS,
     StudyConfig,
     apply_params,
+    condition_name,
     condition_study,
     load_params,
     param_values,
 )
-from kdig_study.corruptions import robust_metric
 from kdig_study.errors import KdigError
-from kdig_study.experiment import Context, store_counts
-from kdig_study.objectives import attach_gallery, choose_best
 from kdig_study.paths import atomic_write, safe_name, write_json
 from kdig_study.seeds import ABLATION_SEED_OFFSET, ablation_seed
-from kdig_study.stats import (
-    BINARY,
-    WILCOXON_MIN_N,
-    condition_name,
-    conditions,
-    overlay_sources,
-)
-from kdig_study.store import (
-    artifact_store,
-    default_url,
-    open_storage,
-    open_study,
-    quiet_optuna_logs,
-)
+
+if TYPE_CHECKING:
+    import optuna
+
+    from kdig_study.ablation import Params, Run
+    from kdig_study.experiment import Context
 
 METRICS = (("test_acc", "test accuracy"), ("robust_test_acc", "test accuracy under corruptions"),
            ("val_acc", "validation accuracy"))
@@ -145,8 +124,8 @@ def parse_factors(text: str, cfg: StudyConfig) -> dict[str, tuple[str | None, ..
                                 f"({', '.join(MAP_SOURCES)})"
                                 + (f"; unknown: {', '.join(repr(b) for b in bad)}" if bad else ""))
             design["overlay"] = (None, *[x for x in lv if x != "none"])
-        elif name in BINARY:
-            design[key] = BINARY[name]
+        elif name in BINARY_FACTORS:
+            design[key] = BINARY_FACTORS[name]
         else:
             raise KdigError(f"--factors {text}: unknown factor {name!r}; {allowed}")
     if not design:
@@ -162,6 +141,8 @@ def parse_controls(text: str, design: dict[str, tuple[str | None, ...]]) -> tupl
     items = tuple(x.strip() for x in text.split(",") if x.strip())
     if not items:
         return ()
+    from kdig_study.stats import overlay_sources
+
     levels = overlay_sources(design)
     if "kd" not in design or "ig" not in levels:
         raise KdigError(f"--controls {text}: controls run with KD and are compared with KD+IG; "
@@ -199,6 +180,10 @@ def _sweep(text: str | None, cfg: StudyConfig) -> tuple[str | None, list[float] 
 def _best(storage: Any, name: str, url: str, cfg: StudyConfig, study_file: str
           ) -> tuple[Params, dict[str, Any]]:
     """The chosen trial's parameters of search study ``name``, and where they came from."""
+    import optuna
+
+    from kdig_study.objectives import choose_best
+
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -211,8 +196,7 @@ def _best(storage: Any, name: str, url: str, cfg: StudyConfig, study_file: str
                         f"`python -m kdig_study.optimize --study {study_file} --scale "
                         f"{cfg.scale}` finish some, or give --params fixed or FILE.toml")
     print(f"parameters of trial {best.number} of '{name}' (val acc {best.values[0]:.2%}; "
-          f"rule: {rule}): " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                         for k, v in best.params.items()))
+          f"rule: {rule}): " + formats.params(best.params))
     return dict(best.params), {"study": name, "trial": best.number, "rule": rule,
                                "val_acc": best.values[0]}
 
@@ -245,6 +229,8 @@ def condition_params(args: argparse.Namespace, storage: Any, url: str, cfg: Stud
 
 def search_seeds(storage: Any, names: list[str]) -> dict[int, set[str]]:
     """Every student seed a trial of these search studies trained at, with its studies."""
+    import optuna
+
     seeds: dict[int, set[str]] = {}
     for name in names:
         try:
@@ -266,6 +252,9 @@ def effective(cfg: StudyConfig, params: Params) -> dict[str, Any]:
 def _maps_up_front(ctx: Context, params: dict[str, Params], runs: list[Run],
                    sweep_key: str | None) -> None:
     """Every map store the plan's runs overlay, computed (or opened) before the first run."""
+    from kdig_study.ablation import run_config
+    from kdig_study.experiment import store_counts
+
     needed = set()
     for r in runs:
         c = run_config(ctx.cfg, params[r.name], r, sweep_key)
@@ -276,33 +265,25 @@ def _maps_up_front(ctx: Context, params: dict[str, Params], runs: list[Run],
         ctx.maps(counts, source)
 
 
-def _fmt(x: float | None, pct: bool = True, sign: bool = False) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    v = 100 * x if pct else x
-    return f"{v:+.2f}" if sign else f"{v:.2f}"
-
-
-def _p(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
-
-
 def render(analysis: dict[str, Any], title: str) -> str:
+    from kdig_study.stats import WILCOXON_MIN_N
+
+    pts, pval = formats.points, formats.p_value
     lines = [title, f"  {'condition':<16}{'n':>3}{'mean':>8}{'sd':>7}{'min':>8}{'max':>8}"]
     for s in analysis["summaries"]:
-        lines.append(f"  {s['condition']:<16}{s['n']:>3}{_fmt(s['mean']):>8}{_fmt(s['sd']):>7}"
-                     f"{_fmt(s['min']):>8}{_fmt(s['max']):>8}")
+        lines.append(f"  {s['condition']:<16}{s['n']:>3}{pts(s['mean']):>8}{pts(s['sd']):>7}"
+                     f"{pts(s['min']):>8}{pts(s['max']):>8}")
     head = (f"  {'':<26}{'n':>3}{'mean':>8}  {'95% CI':<17}{'t p':>8}{'Holm':>8}"
             f"{'Wilc. p':>9}{'Holm':>8}{'d_z':>7}{'MDE':>7}")
     lines.append(head.replace(" " * 26, f"{'comparison (paired) / effect':<26}"[:26], 1))
     for r in analysis["comparisons"] + analysis["effects"]:
         name = ("* " if r["primary"] else "") + r["name"] + \
             (" (effect)" if r["kind"] == "effect" else "")
-        ci = f"[{_fmt(r['ci_low'], sign=True)}, {_fmt(r['ci_high'], sign=True)}]"
-        lines.append(f"  {name:<26}{r['n']:>3}{_fmt(r['mean'], sign=True):>8}  {ci:<17}"
-                     f"{_p(r['t_p']):>8}{_p(r['t_p_holm']):>8}{_p(r['wilcoxon_p']):>9}"
-                     f"{_p(r['wilcoxon_p_holm']):>8}{_fmt(r['d_z'], pct=False):>7}"
-                     f"{_fmt(r['mde']):>7}")
+        ci = f"[{pts(r['ci_low'], sign=True)}, {pts(r['ci_high'], sign=True)}]"
+        lines.append(f"  {name:<26}{r['n']:>3}{pts(r['mean'], sign=True):>8}  {ci:<17}"
+                     f"{pval(r['t_p']):>8}{pval(r['t_p_holm']):>8}{pval(r['wilcoxon_p']):>9}"
+                     f"{pval(r['wilcoxon_p_holm']):>8}{formats.number(r['d_z']):>7}"
+                     f"{pts(r['mde']):>7}")
     notes = []
     if analysis.get("primary"):
         notes.append(f"* primary comparison, declared in advance: {analysis['primary']}")
@@ -388,6 +369,9 @@ def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, 
                  url: str) -> _Setup:
     """Every condition's parameters, the replicates' seeds (none a search trial used) and the
     planned runs."""
+    from kdig_study.ablation import plan
+    from kdig_study.stats import conditions
+
     design, controls, sweep_key, sweep_values = options
     search_name = args.from_study or f"{cfg.name}-{cfg.scale}"
     names = [condition_name(c) for c in conditions(design, controls)]
@@ -412,6 +396,10 @@ def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, 
 def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup) -> optuna.Study:
     """The ablation study, created or resumed; refused if it ran with another design,
     parameters, levels, fraction or sweep. Records the ablation's identity beside it."""
+    import optuna
+
+    from kdig_study.store import open_study
+
     study = open_study(storage, name, setup.cfg, optuna.samplers.RandomSampler(),
                        optuna.pruners.NopPruner(), ["maximize"], url)
     ident = {"design": setup.mode, "params": setup.params, "levels": setup.levels,
@@ -445,6 +433,12 @@ def _announce(setup: _Setup, name: str, url: str) -> None:
 
 def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: Any) -> None:
     """The planned runs: maps up front (first process), then here or in --workers processes."""
+    from kdig_study.ablation import AblationRunner
+    from kdig_study.experiment import Context
+    from kdig_study.objectives import attach_gallery
+    from kdig_study.stats import overlay_sources
+    from kdig_study.store import artifact_store
+
     worker = args.worker_index
     ctx = Context.create(setup.cfg, args.data_dir, args.device, progress=not args.no_progress)
     if worker is None:
@@ -465,6 +459,9 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
 def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None:
     """Statistics of the planned runs per sweep group and metric: printed, and written as
     JSON and CSV."""
+    from kdig_study.ablation import analyse_metric, planned_trials, results_table
+    from kdig_study.corruptions import robust_metric
+
     s = setup
     name = study.study_name
     trials = planned_trials(study.get_trials(deepcopy=False), s.runs, s.sweep_key)
@@ -502,6 +499,9 @@ def main() -> int:
     args = _parser().parse_args()
     cfg = load_from_args(args)
     options = _options(args, cfg)  # bad arguments fail before the store is opened
+    from kdig_study.ablation import ablation_study_name
+    from kdig_study.store import default_url, open_storage, quiet_optuna_logs
+
     quiet_optuna_logs()
     url = args.storage or default_url()
     storage = open_storage(url, heartbeat_interval=args.heartbeat)

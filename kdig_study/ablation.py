@@ -27,7 +27,7 @@ import torch
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from kdig_study.config import MAP_SOURCES, StudyConfig, apply_params
+from kdig_study.config import MAP_SOURCES, SWEEP_KEYS, StudyConfig, apply_params
 from kdig_study.corruptions import robust_key
 from kdig_study.data import stratified_order
 from kdig_study.experiment import Context, run_student
@@ -46,8 +46,6 @@ from kdig_study.stats import (
     overlay_sources,
 )
 
-FACTORS: tuple[str, ...] = ("kd", "ig", "at")  # binary names accepted by --factors
-SWEEP_KEYS: tuple[str, ...] = ("drop_blocks", "width")
 PRIMARY_METRIC = "test_acc"  # the primary comparison is declared on test accuracy
 Params = dict[str, Any]
 

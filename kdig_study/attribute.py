@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from kdig_study.attribution.deletion import area, deletion_curve
-from kdig_study.attribution.sources import uses_steps
-from kdig_study.attribution.store import MapStore, gap_summary
 from kdig_study.cli import Parser, add_study_args, load_from_args, run
 from kdig_study.config import MAP_SOURCES
 from kdig_study.errors import KdigError
-from kdig_study.experiment import Context, ig_counts
 from kdig_study.paths import write_json
+
+if TYPE_CHECKING:
+    from kdig_study.attribution.store import MapStore
+    from kdig_study.experiment import Context
 
 SANITY_IMAGES = 256
 
@@ -67,6 +65,10 @@ def parse_sources(text: str | None, default: str) -> list[str]:
 
 def sanity(ctx: Context, store: MapStore, steps: int) -> dict[str, Any]:
     """The deletion-curve check of a store (cached beside it)."""
+    import torch
+
+    from kdig_study.attribution.deletion import area, deletion_curve
+
     path = store.root / f"deletion_s{store.variant(steps)}_n{SANITY_IMAGES}.json"
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -96,6 +98,10 @@ def main() -> int:
     if args.steps is not None and args.steps < 1:
         raise KdigError(f"--steps {args.steps}: allowed: >= 1")
     sources = parse_sources(args.source, cfg.ig.source)
+    from kdig_study.attribution.sources import uses_steps
+    from kdig_study.attribution.store import gap_summary
+    from kdig_study.experiment import Context, ig_counts
+
     ctx = Context.create(cfg, args.data_dir, args.device, progress=not args.no_progress)
     counts = (args.steps,) if args.steps else ig_counts(cfg)
     teacher = ctx.teacher()

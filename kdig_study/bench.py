@@ -12,262 +12,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
-import statistics
-import tempfile
-import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import numpy as np
-import optuna
-import torch
-import torch.nn.functional as F
-from optuna.artifacts import FileSystemArtifactStore
-
-from kdig_study.bench_deploy import bench_compile, bench_deploy
-from kdig_study.bench_ig import (
-    bench_adaptive,
-    bench_cache,
-    bench_ig,
-    bench_second_trial,
-    bench_sources,
-)
-from kdig_study.bench_result import Result, median_time
 from kdig_study.cli import Parser, run
 from kdig_study.config import DataConfig, StudyConfig, load_study
-from kdig_study.data import BatchLoader, DataBundle, load_bundle
-from kdig_study.engine import autocast, resolve_device, resolve_precision, seeded_model, train
 from kdig_study.errors import KdigError
-from kdig_study.experiment import Context
-from kdig_study.models import build_model
 from kdig_study.paths import write_json
 
-# ---------------------------------------------------------------------------------------------
-# Loader: ours vs torchvision DataLoader pipelines
+if TYPE_CHECKING:
+    import torch
 
-
-class _PILDataset(torch.utils.data.Dataset):
-    """The textbook pipeline: one PIL image per sample through torchvision transforms."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Any) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
-
-
-class _TensorDataset(_PILDataset):
-    """The same on uint8 tensors with transforms.v2 (no PIL), also per sample."""
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[i]), int(self.labels[i])
-
-
-def _epoch(loader: Iterable[Any]) -> int:
-    """Consume one epoch; both loaders yield (images, labels, ...) first."""
-    return sum(len(batch[0]) for batch in loader)
-
-
-def bench_loader(data: DataBundle, n: int, batch: int, repeats: int, device: torch.device
-                 ) -> Result:
-    from torchvision import transforms as T
-    from torchvision.transforms import v2
-
-    subset = data.train.take(torch.arange(min(n, len(data.train))))
-    n = len(subset)
-    ours_loader = BatchLoader(subset, batch_size=batch, mean=data.mean, std=data.std,
-                              device=device, train=True, pad=4, flip=True, seed=0)
-    ours = n / median_time(lambda: _epoch(ours_loader), repeats)
-
-    hwc = subset.images.permute(0, 2, 3, 1).contiguous().numpy()
-    labels = subset.labels.numpy()
-    pil = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                     T.Normalize(data.mean, data.std)])
-    tv2 = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(),
-                      v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)])
-    sweeps: dict[str, float] = {}
-    for name, ds in (("PIL", _PILDataset(hwc, labels, pil)),
-                     ("tensor-v2", _TensorDataset(subset.images, labels, tv2))):
-        for workers in (0, 1, 2):
-            loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True,
-                                                 num_workers=workers,
-                                                 persistent_workers=workers > 0)
-            sweeps[f"{name}, num_workers={workers}"] = n / median_time(
-                lambda ld=loader: _epoch(ld), repeats)
-    # the fastest baseline of the whole sweep, whatever its family (PIL or tensor-v2)
-    best = max(sweeps, key=sweeps.__getitem__)
-    return Result("batched loader (crop+flip+normalise)", ours, sweeps[best], "img/s",
-                  f"torchvision DataLoader, fastest of the sweep ({best})", True, ">= 10x",
-                  {"images": n, "batch": batch, "baseline_sweep_img_s": sweeps})
-
-
-# ---------------------------------------------------------------------------------------------
-# Engine epoch vs pure compute
-
-
-def bench_engine(cfg: StudyConfig, data: DataBundle, n: int, repeats: int,
-                 device: torch.device) -> Result:
-    tc = dataclasses.replace(cfg.student_train, epochs=1, train_size=0)
-    subset = data.train.take(torch.arange(min(n, len(data.train))))
-    steps = len(subset) // tc.batch_size
-    n_used = steps * tc.batch_size
-
-    def build() -> torch.nn.Module:
-        return seeded_model(lambda: build_model(cfg.student), 0).to(device).to(
-            memory_format=torch.channels_last)
-
-    # Pure compute: forward, loss, backward, step on tensors made beforehand.
-    g = torch.Generator().manual_seed(0)
-    xs = torch.randn(steps, tc.batch_size, 3, 32, 32, generator=g).to(device)
-    xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
-    ys = torch.randint(0, 10, (steps, tc.batch_size), generator=g).to(device)
-
-    precision = resolve_precision(tc.precision, device)
-
-    def pure() -> None:
-        model = build().train()
-        opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
-        for x, y in zip(xs, ys, strict=True):
-            with autocast(precision, device):
-                loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    # The engine's training phase of one epoch (its own timer; validation is not counted).
-    tiny_val = dataclasses.replace(data, val=data.val.take(torch.arange(10)))
-    engine_times = []
-    pure_times = []
-    pure()  # warm-up
-    train(build(), subset, tiny_val, tc, device=device, progress=True, desc="engine warm-up",
-          evaluate_test=False)
-    for _ in range(repeats):  # interleaved, so drift in machine speed hits both alike
-        t0 = time.perf_counter()
-        pure()
-        pure_times.append(time.perf_counter() - t0)
-        res = train(build(), subset, tiny_val, tc, device=device, progress=True,
-                    desc="engine", evaluate_test=False)
-        engine_times.append(res.history[0].seconds)
-    eng, base = statistics.median(engine_times), statistics.median(pure_times)
-    return Result(f"engine training epoch ({cfg.student.arch} student, batch {tc.batch_size}, "
-                  f"{precision})",
-                  eng, base, "s/epoch", "same model, pure compute on pre-made tensors", False,
-                  "<= 1.15x the pure compute time",
-                  {"images": n_used, "steps": steps, "engine_s": engine_times,
-                   "pure_s": pure_times}, headline=f"{eng / base:.3f}x the pure compute time")
-
-
-def _study_run(cfg: StudyConfig, ctx: Context, url: str, name: str, n_trials: int,
-               prune: bool) -> tuple[optuna.Study, float]:
-    """A search in-process, as `optimize` runs it; returns the study and its wall time."""
-    from kdig_study.objectives import Objective
-    from kdig_study.search import make_pruner, make_sampler, run_worker
-    from kdig_study.slots import SlotLock
-    from kdig_study.store import open_storage, open_study, quiet_optuna_logs
-
-    quiet_optuna_logs()
-    storage = open_storage(url)
-    pruner = make_pruner(cfg) if prune else optuna.pruners.NopPruner()
-    study = open_study(storage, name, cfg, make_sampler(cfg, None), pruner, ["maximize"], url)
-    t0 = time.perf_counter()
-    artifacts = FileSystemArtifactStore(Path(url.removeprefix("sqlite:///")).parent)
-    run_worker(study, Objective(ctx, prune=prune, artifacts=artifacts), n_trials, None,
-               SlotLock(storage, name), poll_s=1.0, prefix="    ")
-    return study, time.perf_counter() - t0
-
-
-def bench_trials(data_dir: str | None, device: torch.device, n_trials: int,
-                 pruning_scale: str) -> list[Result]:
-    """Trial overhead at smoke scale, and pruning against no pruning with the same seed."""
-    from optuna.trial import TrialState
-
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        smoke = load_study("kd_ig", "smoke")
-        ctx = Context(smoke, load_bundle(smoke.data), device, progress=False)
-        study, _ = _study_run(smoke, ctx, f"sqlite:///{tmp}/overhead.db", "overhead",
-                              n_trials, prune=False)
-        fractions, overheads = [], []
-        for t in study.get_trials(states=(TrialState.COMPLETE,)):
-            total = (t.datetime_complete - t.datetime_start).total_seconds()
-            overheads.append(total - t.user_attrs["metrics"]["train_eval_s"])
-            fractions.append(overheads[-1] / total)
-        results.append(Result(
-            "trial time outside training and evaluation (smoke scale)",
-            statistics.median(overheads), statistics.median(
-                [(t.datetime_complete - t.datetime_start).total_seconds()
-                 for t in study.get_trials(states=(TrialState.COMPLETE,))]), "s",
-            "the whole trial, ask to tell", False, "<= 5% of the trial",
-            {"median_fraction": statistics.median(fractions), "max_fraction": max(fractions),
-             "trials": len(fractions)},
-            headline=f"{statistics.median(fractions):.1%} of the trial (median over "
-                     f"{len(fractions)} trials; the first also measures latency: "
-                     f"{fractions[0]:.0%})"))
-
-        cfg = load_study("kd_ig", pruning_scale)
-        pctx = Context(cfg, load_bundle(cfg.data, data_dir), device, progress=False)
-        runs = {}
-        for prune in (True, False):
-            study, wall = _study_run(cfg, pctx, f"sqlite:///{tmp}/prune{int(prune)}.db",
-                                     f"prune-{prune}", n_trials, prune)
-            trials = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-            runs[prune] = {
-                "epochs": sum(t.user_attrs["metrics"]["epochs_run"] for t in trials),
-                "best_val": max((t.value for t in trials if t.value is not None), default=0.0),
-                "pruned": sum(t.state == TrialState.PRUNED for t in trials),
-                "wall_s": wall, "trials_per_hour": 3600 * len(trials) / wall}
-        results.append(Result(
-            f"epochs trained by {n_trials} trials, median pruner vs none ({pruning_scale} "
-            f"scale, same sampler seed)", runs[True]["epochs"], runs[False]["epochs"],
-            "epochs", "no pruning", False, "fewer epochs, same best",
-            {"with_pruning": runs[True], "without_pruning": runs[False]},
-            headline=f"{runs[False]['epochs'] - runs[True]['epochs']} epochs saved "
-                     f"({1 - runs[True]['epochs'] / runs[False]['epochs']:.0%}); best val "
-                     f"{runs[True]['best_val']:.2%} vs {runs[False]['best_val']:.2%}; "
-                     f"{runs[True]['trials_per_hour']:.0f} vs "
-                     f"{runs[False]['trials_per_hour']:.0f} trials/hour"))
-    return results
-
-
-def bench_robustness(cfg: StudyConfig, data: DataBundle, device: torch.device,
-                     repeats: int) -> Result:
-    """The corruption suite's evaluation against the run's clean evaluation (every epoch's
-    validation pass plus the final test pass), for the study's student."""
-    from kdig_study.corruptions import RobustSuite
-    from kdig_study.engine import evaluate
-
-    t0 = time.perf_counter()
-    suite = RobustSuite(data, cfg.robustness)  # built once per data set, then cached
-    build_s = time.perf_counter() - t0
-    model = seeded_model(lambda: build_model(cfg.student), 0).to(device).to(
-        memory_format=torch.channels_last)
-    precision = resolve_precision(cfg.student_train.precision, device)
-    epochs = cfg.student_train.epochs
-
-    def clean() -> None:
-        for _ in range(epochs):
-            evaluate(model, data.val, data.mean, data.std, device, precision)
-        evaluate(model, data.test, data.mean, data.std, device, precision)
-
-    clean_s = median_time(clean, repeats)
-    robust_s = median_time(lambda: suite.evaluate(model, device, precision), repeats)
-    n = suite.test.images.shape[0] * suite.test.images.shape[1] + \
-        suite.val.images.shape[0] * suite.val.images.shape[1]
-    return Result(
-        f"corruption suite evaluation per run ({cfg.scale} scale, {n:,} corrupted images)",
-        robust_s, clean_s, "s", f"the run's clean evaluation ({epochs} validation passes of "
-        f"{len(data.val):,} + test {len(data.test):,})", False, "adds <= 25%",
-        {"added_fraction": robust_s / clean_s, "suite_build_or_load_s": build_s},
-        headline=f"adds {robust_s / clean_s:.0%} to the evaluation time")
-
+    from kdig_study.bench_result import Result
+    from kdig_study.experiment import Context
 
 BENCHES = ("loader", "engine", "ig", "adaptive", "sources", "cache", "trials", "robustness",
            "compile", "deploy")
@@ -279,6 +36,8 @@ def _deploy_student(cfg: StudyConfig, ctx: Context) -> tuple[torch.nn.Module, st
     accuracy rows then say so)."""
     import optuna
 
+    from kdig_study.engine import seeded_model
+    from kdig_study.models import build_model
     from kdig_study.store import default_url, open_storage
     from kdig_study.trials import pick_trial, student_weights
 
@@ -324,6 +83,21 @@ def main() -> int:
     if args.repeats < 1:
         raise KdigError(f"--repeats {args.repeats}: allowed: >= 1")
     cfg = load_study(args.study, args.scale)
+    import torch
+
+    from kdig_study.bench_deploy import bench_compile, bench_deploy
+    from kdig_study.bench_ig import (
+        bench_adaptive,
+        bench_cache,
+        bench_ig,
+        bench_second_trial,
+        bench_sources,
+    )
+    from kdig_study.bench_train import bench_engine, bench_loader, bench_robustness, bench_trials
+    from kdig_study.data import load_bundle
+    from kdig_study.engine import resolve_device
+    from kdig_study.experiment import Context
+
     if args.synthetic:
         cfg = dataclasses.replace(cfg, data=DataConfig(dataset="synthetic",
                                                        synthetic_train=args.images + 200,

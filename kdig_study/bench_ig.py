@@ -17,7 +17,7 @@ import torch
 
 from kdig_study.bench_result import Result, median_time
 from kdig_study.config import StudyConfig, load_study
-from kdig_study.data import load_bundle
+from kdig_study.data import load_bundle, normalize_uint8
 from kdig_study.engine import autocast, resolve_precision
 from kdig_study.experiment import Context, run_student
 from kdig_study.models import fold_batchnorm
@@ -48,7 +48,7 @@ def bench_ig(cfg: StudyConfig, ctx: Context, n_images: int, repeats: int) -> lis
     mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
     rows = torch.arange(min(n_images, len(data.train)))
-    x = ((data.train.images[rows].to(device).float() / 255 - mean) / std).contiguous(
+    x = normalize_uint8(data.train.images[rows], mean, std, device).contiguous(
         memory_format=torch.channels_last)
     y = data.train.labels[rows].to(device)
     base = make_baseline(cfg.ig.baseline, x, mean, std)
@@ -227,9 +227,7 @@ def bench_adaptive(cfg: StudyConfig, ctx: Context, n_images: int, target: float 
     data = ctx.data
     train_set, _ = data.train_subset(cfg.student_train.train_size)
     n = min(n_images, len(train_set))
-    mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
-    x = ((train_set.images[:n].to(device).float() / 255 - mean) / std).contiguous(
+    x = normalize_uint8(train_set.images[:n], data.mean, data.std, device).contiguous(
         memory_format=torch.channels_last)
     y = train_set.labels[:n].to(device)
     base = torch.zeros_like(x)
@@ -329,7 +327,7 @@ def bench_sources(cfg: StudyConfig, ctx: Context, n_images: int, repeats: int
     precision = ig_spec.precision
     mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
-    x_all = (images.to(device).float() / 255 - mean) / std
+    x_all = normalize_uint8(images, mean, std, device)
     results = []
     for source in CAPTUM:
         spec = source_spec(ig_spec, source, cfg.ig)

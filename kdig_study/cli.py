@@ -10,11 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-import torch
-
 from kdig_study.config import SCALES, StudyConfig, load_study
 from kdig_study.errors import KdigError
-from kdig_study.measure import default_threads
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,6 +37,8 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
 
 
 def default_scale() -> str:
+    import torch
+
     return "paper" if torch.cuda.is_available() else "cpu"
 
 
@@ -75,6 +74,10 @@ def spawn_workers(module: str, argv: list[str], n: int) -> None:
     CUDA devices are dealt round-robin (worker i on device i mod GPUs): with one GPU every
     worker shares it, which pays when one small model leaves the GPU idle (the device check
     measures img/s at 1, 2, 4 and 8 workers). Ctrl-C reaches every worker."""
+    import torch
+
+    from kdig_study.measure import default_threads
+
     threads = max(1, default_threads() // n)
     gpus = torch.cuda.device_count()
     procs = []

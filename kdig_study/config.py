@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import tomllib
 import types
 import typing
@@ -264,6 +265,31 @@ SEARCH_PARAMETERS: dict[str, SearchParam] = {
     "source": SearchParam("ig", "source", lambda c: c.method.ig),
 }
 SEARCH_PARAMS: tuple[str, ...] = tuple(SEARCH_PARAMETERS)
+
+# The ablation's factors (kdig_study.ablation, kdig_study.stats): the on/off ones --factors
+# names, each with its levels, the reference (off: None) first; ``ig`` is the overlay factor
+# at levels none|ig (its other levels are map sources). A compression sweep varies one of
+# SWEEP_KEYS, a setting of the student.
+BINARY_FACTORS: dict[str, tuple[str | None, ...]] = {"kd": (None, "kd"), "ig": (None, "ig"),
+                                                     "at": (None, "at")}
+FACTORS: tuple[str, ...] = tuple(BINARY_FACTORS)
+SWEEP_KEYS: tuple[str, ...] = ("drop_blocks", "width")
+
+# The deployment table (kdig_study.deploy, kdig_study.deploy_measure, `export`): the int8
+# model's activation types, and the batch sizes every latency row is timed at.
+INT8_ACTIVATIONS: tuple[str, ...] = ("uint8", "int8")
+DEPLOY_BATCHES: tuple[int, ...] = (1, 128)
+
+
+def default_int8_activations() -> str:
+    """The activation type of onnxruntime's fast int8 kernels on this machine. On x86-64
+    its convolutions multiply uint8 activations by int8 weights (U8S8: VPMADDUBSW / VNNI);
+    int8 activations (S8S8) take a slower path there: the cpu-scale student's int8 model ran
+    batch 128 in 146 ms with S8S8 against 40 ms with U8S8 (ORT fp32: 49 ms) on a 2-core AMD
+    EPYC with AVX512-VNNI (docs/results.md). On Arm, S8S8 is onnxruntime's recommended
+    format."""
+    machine = platform.machine().lower()
+    return "uint8" if machine in ("x86_64", "amd64", "i686", "x86") else "int8"
 
 
 @dataclass(frozen=True)

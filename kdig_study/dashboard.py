@@ -9,11 +9,8 @@ from __future__ import annotations
 import argparse
 import socket
 
-from optuna_dashboard import run_server
-
 from kdig_study.cli import Parser, run
 from kdig_study.errors import KdigError
-from kdig_study.store import artifact_store, artifacts_dir, default_url, open_storage
 
 
 def _check_port(host: str, port: int) -> None:
@@ -36,6 +33,10 @@ def main() -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     args = p.parse_args()
+    from optuna_dashboard import run_server
+
+    from kdig_study.store import artifact_store, artifacts_dir, default_url, open_storage
+
     url = args.storage or default_url()
     _check_port(args.host, args.port)
     storage = open_storage(url)

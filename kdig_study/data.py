@@ -22,7 +22,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -334,6 +334,20 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3))
     return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def normalize_uint8(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+                    std: Sequence[float] | torch.Tensor,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] as the networks see them, float32 ``(x / 255 - mean) / std``
+    per channel (the data set's mean and std: a sequence, or a [1, 3, 1, 1] tensor), on
+    ``device`` when given (the uint8 images move first). The batch loader folds the same
+    arithmetic into one multiply-add; whole-split passes (maps, benchmarks, the deletion
+    check) use this plain form."""
+    x = images if device is None else images.to(device)
+    mean_t = torch.as_tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean_t) / std_t
 
 
 def make_bundle(source: DecodedDataset, cfg: DataConfig) -> DataBundle:

@@ -9,7 +9,6 @@ constants. onnx and onnxruntime come with ``pip install -e ".[deploy]"``.
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdig_study.config import INT8_ACTIVATIONS, default_int8_activations
 from kdig_study.errors import KdigError
 from kdig_study.models import Net
 from kdig_study.paths import atomic_write
@@ -122,20 +122,6 @@ class Parity:
 def parity(reference: np.ndarray, other: np.ndarray) -> Parity:
     agree = float((reference.argmax(1) == other.argmax(1)).mean())
     return Parity(agree, float(np.abs(reference - other).max()), len(reference))
-
-
-INT8_ACTIVATIONS = ("uint8", "int8")
-
-
-def default_int8_activations() -> str:
-    """The activation type of onnxruntime's fast int8 kernels on this machine. On x86-64
-    its convolutions multiply uint8 activations by int8 weights (U8S8: VPMADDUBSW / VNNI);
-    int8 activations (S8S8) take a slower path there: the cpu-scale student's int8 model ran
-    batch 128 in 146 ms with S8S8 against 40 ms with U8S8 (ORT fp32: 49 ms) on a 2-core AMD
-    EPYC with AVX512-VNNI (docs/results.md). On Arm, S8S8 is onnxruntime's recommended
-    format."""
-    machine = platform.machine().lower()
-    return "uint8" if machine in ("x86_64", "amd64", "i686", "x86") else "int8"
 
 
 def quantize_int8(fp32: Path, out: Path, calibration: torch.Tensor,

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdig_study.config import DEPLOY_BATCHES
 from kdig_study.data import stratified_order
 from kdig_study.deploy import (
     Deployable,
@@ -28,7 +29,6 @@ from kdig_study.paths import file_sha256
 
 MIN_AGREEMENT = 0.999
 CALIBRATION_IMAGES = 512
-BATCHES = (1, 128)
 
 
 def _accuracy(logits: np.ndarray, labels: torch.Tensor) -> float:
@@ -75,12 +75,12 @@ def measure_role(role: str, model: Net, ctx: Context, out_dir: Path, int8: bool,
                         f"{par.agreement:.2%} of the test images (needed: "
                         f"{MIN_AGREEMENT:.1%}); max |logit difference| "
                         f"{par.max_abs_logit_diff:.3g}; the export was removed")
-    x = {b: torch.rand(b, 3, 32, 32) for b in BATCHES}
+    x = {b: torch.rand(b, 3, 32, 32) for b in DEPLOY_BATCHES}
     clean = _accuracy(got, data.test.labels)
     robust = _robust(sess, ctx, ort=True)
     rows = []
     with torch_threads(threads), torch.inference_mode():
-        eager = _latency({b: (lambda b=b: wrapped(x[b])) for b in BATCHES})
+        eager = _latency({b: (lambda b=b: wrapped(x[b])) for b in DEPLOY_BATCHES})
         rows.append({"model": role, "format": "PyTorch eager fp32", "bytes": None,
                      "test_acc": _accuracy(ref, data.test.labels),
                      "robust_test_acc": _robust(wrapped, ctx, ort=False), "latency": eager})
@@ -90,14 +90,14 @@ def measure_role(role: str, model: Net, ctx: Context, out_dir: Path, int8: bool,
                          "test_acc": rows[0]["test_acc"],
                          "robust_test_acc": rows[0]["robust_test_acc"],
                          "latency": _latency({b: (lambda b=b: compiled(x[b]))
-                                              for b in BATCHES})})
-    onnx_x = {b: x[b].numpy() for b in BATCHES}
+                                              for b in DEPLOY_BATCHES})})
+    onnx_x = {b: x[b].numpy() for b in DEPLOY_BATCHES}
     rows.append({"model": role, "format": "ONNX Runtime fp32", "bytes": fp32_path.stat().st_size,
                  "file": fp32_path.name, "sha256": file_sha256(fp32_path), "test_acc": clean,
                  "robust_test_acc": robust, "agreement_with_pytorch": par.agreement,
                  "max_abs_logit_diff": par.max_abs_logit_diff,
                  "latency": _latency({b: (lambda b=b: sess.run(None, {"images": onnx_x[b]}))
-                                      for b in BATCHES})})
+                                      for b in DEPLOY_BATCHES})})
     if int8:
         int8_path = out_dir / f"{role}.int8.onnx"
         train_set, _ = data.train_subset(ctx.cfg.student_train.train_size)
@@ -118,5 +118,5 @@ def measure_role(role: str, model: Net, ctx: Context, out_dir: Path, int8: bool,
                      "agreement_with_fp32": parity(got, q_logits).agreement,
                      "calibration": f"{len(calib)} stratified training images",
                      "latency": _latency({b: (lambda b=b: qs.run(None, {"images": onnx_x[b]}))
-                                          for b in BATCHES})})
+                                          for b in DEPLOY_BATCHES})})
     return rows

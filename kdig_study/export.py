@@ -18,25 +18,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import optuna
-import torch
-
 from kdig_study import __version__
 from kdig_study.cli import Parser, add_study_args, load_from_args, run
-from kdig_study.deploy import (
-    INT8_ACTIVATIONS,
-    OPSET,
-    default_int8_activations,
-    require_deploy,
-)
-from kdig_study.deploy_measure import BATCHES, measure_role
+from kdig_study.config import DEPLOY_BATCHES, INT8_ACTIVATIONS, default_int8_activations
 from kdig_study.errors import KdigError
-from kdig_study.experiment import Context
-from kdig_study.measure import default_threads
 from kdig_study.paths import safe_name, storage_dir, write_json
-from kdig_study.store import default_url, open_storage, quiet_optuna_logs
-from kdig_study.teacher import teacher_fingerprint, teacher_path
-from kdig_study.trials import pick_trial, student_weights
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +50,9 @@ def exports_dir() -> Path:
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
+    import torch
+
+    from kdig_study.deploy import OPSET
 
     return {"kdig_study": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
@@ -75,13 +64,23 @@ def _fmt_row(r: dict[str, Any]) -> str:
     acc = f"{r['test_acc']:.2%}"
     rob = "n/a" if r["robust_test_acc"] is None else f"{r['robust_test_acc']:.2%}"
     lat = "  ".join(f"b{b} {r['latency'][f'b{b}']['median_ms']:.2f}/"
-                    f"{r['latency'][f'b{b}']['p90_ms']:.2f} ms" for b in BATCHES)
+                    f"{r['latency'][f'b{b}']['p90_ms']:.2f} ms" for b in DEPLOY_BATCHES)
     return f"  {r['model']:<8}{r['format']:<64}{size:>9}{acc:>9}{rob:>9}  {lat}"
 
 
 def main() -> int:
     args = _parser().parse_args()
     cfg = load_from_args(args)
+    import optuna
+
+    from kdig_study.deploy import require_deploy
+    from kdig_study.deploy_measure import measure_role
+    from kdig_study.experiment import Context
+    from kdig_study.measure import default_threads
+    from kdig_study.store import default_url, open_storage, quiet_optuna_logs
+    from kdig_study.teacher import teacher_fingerprint, teacher_path
+    from kdig_study.trials import pick_trial, student_weights
+
     require_deploy()
     quiet_optuna_logs()
     url = args.storage or default_url()

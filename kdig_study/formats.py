@@ -13,14 +13,15 @@ def missing(x: Any) -> bool:
     return x is None or (isinstance(x, float) and not math.isfinite(x))
 
 
-def param(value: Any) -> str:
-    """A hyperparameter's value: floats to 4 significant digits, the rest as they are."""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def param(value: Any, digits: int = 4) -> str:
+    """A hyperparameter's value: floats to ``digits`` significant digits (4; a trial's
+    progress line uses 3), the rest as they are."""
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def params(values: Mapping[str, Any]) -> str:
+def params(values: Mapping[str, Any], digits: int = 4) -> str:
     """``temperature=4.5, alpha=0.3, source=ig``."""
-    return ", ".join(f"{k}={param(v)}" for k, v in values.items())
+    return ", ".join(f"{k}={param(v, digits)}" for k, v in values.items())
 
 
 def points(x: float | None, sign: bool = False) -> str:

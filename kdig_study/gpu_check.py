@@ -25,17 +25,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Any
 
 from kdig_study.cli import Parser, run
 from kdig_study.config import ModelConfig, load_study
-from kdig_study.engine import autocast, resolve_device, resolve_precision
 from kdig_study.errors import KdigError
-from kdig_study.models import build_model, fold_batchnorm
 from kdig_study.paths import atomic_write, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 # The paper protocol (docs/design.md, section 6): 45,000 training images, 100 epochs,
 # batch 64; 50 trials; 10 seeds x 4 conditions. The share of epochs a pruned search trains,
@@ -58,6 +56,8 @@ TINY = Sizes(images=640, ig_images=4, workers=(1, 2), repeats=1)
 
 
 def _model(role: str, tiny: bool) -> torch.nn.Module:
+    from kdig_study.models import build_model
+
     cfg = load_study("kd_ig", "paper")
     m: ModelConfig = getattr(cfg, role)
     if tiny:  # a CPU-sized stand-in, so the script runs everywhere in seconds
@@ -68,6 +68,11 @@ def _model(role: str, tiny: bool) -> torch.nn.Module:
 def _train_steps(role: str, n_images: int, batch: int, device: torch.device, tiny: bool
                  ) -> float:
     """img/s of plain training steps on device-resident synthetic data (one process)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kdig_study.engine import autocast, resolve_precision
+
     model = _model(role, tiny).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     precision = resolve_precision("auto", device)
@@ -113,9 +118,12 @@ def _workers_throughput(role: str, workers: int, sizes: Sizes, tiny: bool) -> fl
 def _ig(sizes: Sizes, device: torch.device, tiny: bool) -> dict[str, Any]:
     """IG image-steps/s: ours (the store's integrator, all of the paper's counts in one
     pass) against Captum at its best internal batch size, one call per count."""
+    import torch
     from captum.attr import IntegratedGradients
 
     from kdig_study.attribution.numerics import integrated_gradients, union_rule
+    from kdig_study.engine import autocast, resolve_precision
+    from kdig_study.models import fold_batchnorm
 
     cfg = load_study("kd_ig", "paper")
     counts = (4, 8) if tiny else (16, 32, 50)
@@ -189,6 +197,10 @@ def main() -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--images", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    import torch
+
+    from kdig_study.engine import resolve_device
+
     device = resolve_device(args.device)
     sizes = TINY if args.tiny else FULL
     if args.worker:  # one training worker: print its img/s

@@ -19,32 +19,17 @@ import os
 import sys
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
-import torch
-from optuna.trial import TrialState
-
-from kdig_study.attribution.sources import source_spec
-from kdig_study.attribution.store import MapSpec, gap_summary, index_hash, open_store
+from kdig_study import formats
 from kdig_study.cli import Parser, add_study_args, load_from_args, run, spawn_workers
 from kdig_study.config import StudyConfig, method_name, relevant_space
-from kdig_study.engine import resolve_precision
 from kdig_study.errors import KdigError
-from kdig_study.experiment import Context, adaptive_spec_fields, ig_counts
-from kdig_study.measure import default_threads, profile
-from kdig_study.models import build_model, count_params
-from kdig_study.objectives import Objective, attach_gallery, choose_best
-from kdig_study.search import describe_pruner, make_pruner, make_sampler, run_worker
-from kdig_study.slots import SlotLock
-from kdig_study.store import (
-    artifact_store,
-    default_url,
-    open_storage,
-    open_study,
-    quiet_optuna_logs,
-)
-from kdig_study.teacher import teacher_fingerprint, teacher_path
+
+if TYPE_CHECKING:
+    import optuna
+
+    from kdig_study.experiment import Context
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 def cached_parts(ctx: Context) -> dict[str, bool]:
     """Which of the expensive parts are already in the cache: the teacher, and every map
     store `optimize` computes up front (without training or computing anything)."""
+    from kdig_study.attribution.sources import source_spec
+    from kdig_study.attribution.store import MapSpec, index_hash, open_store
+    from kdig_study.engine import resolve_precision
+    from kdig_study.experiment import adaptive_spec_fields, ig_counts
+    from kdig_study.teacher import teacher_fingerprint, teacher_path
+
     cfg = ctx.cfg
     fp = teacher_fingerprint(cfg, ctx.data, ctx.device)
     teacher = teacher_path(fp).is_file()
@@ -102,6 +93,10 @@ def banner(cfg: StudyConfig, n_trials: int, to_run: int | None = None,
     """The first line: study, scale, size, and the expected wall time of what is left:
     the trials still to run and the parts not cached yet, from the study file's measured
     per-part minutes."""
+    import torch
+
+    from kdig_study.models import build_model, count_params
+
     student = count_params(build_model(cfg.student))
     n_train = cfg.student_train.train_size or "all"
     gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
@@ -130,6 +125,10 @@ def banner(cfg: StudyConfig, n_trials: int, to_run: int | None = None,
 def prepare(study: optuna.Study, ctx: Context) -> None:
     """Teacher and maps before any trial, each summarised in one line (from the cache too):
     a user needs both before trusting trials built on them."""
+    from kdig_study.attribution.store import gap_summary
+    from kdig_study.objectives import attach_gallery
+    from kdig_study.store import artifact_store
+
     cfg = ctx.cfg
     t0 = time.perf_counter()
     t = ctx.teacher()
@@ -158,6 +157,8 @@ def prepare(study: optuna.Study, ctx: Context) -> None:
 
 def _record_teacher(study: optuna.Study, ctx: Context) -> None:
     """Teacher accuracy and cost beside the study, for reports (once)."""
+    from kdig_study.measure import profile
+
     if "teacher" in study.user_attrs:
         return
     t = ctx.teacher()
@@ -174,6 +175,9 @@ def record_latency(study: optuna.Study, ctx: Context) -> dict[str, Any]:
     this process may use and nothing else training (not inside a worker while others train):
     the figures the report shows. The search does not vary the student's shape, so the best
     trial's student has exactly the measured architecture."""
+    from kdig_study.measure import default_threads, profile
+    from kdig_study.models import build_model
+
     cfg = ctx.cfg
     student = build_model(cfg.student, len(ctx.data.classes))
     batch = cfg.student_train.batch_size
@@ -195,6 +199,23 @@ def main() -> int:
         raise KdigError("--n-trials, --workers and --heartbeat must be >= 1")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise KdigError(f"--timeout {args.timeout}: allowed: a finite number of seconds > 0")
+    import optuna
+    import torch
+    from optuna.trial import TrialState
+
+    from kdig_study.experiment import Context
+    from kdig_study.measure import default_threads
+    from kdig_study.objectives import Objective
+    from kdig_study.search import describe_pruner, make_pruner, make_sampler, run_worker
+    from kdig_study.slots import SlotLock
+    from kdig_study.store import (
+        artifact_store,
+        default_url,
+        open_storage,
+        open_study,
+        quiet_optuna_logs,
+    )
+
     worker = args.worker_index
     if os.environ.get("KDIG_THREADS"):
         torch.set_num_threads(int(os.environ["KDIG_THREADS"]))
@@ -248,6 +269,8 @@ def main() -> int:
 
 
 def _summary(study: optuna.Study, n_trials: int, url: str) -> None:
+    from kdig_study.objectives import choose_best
+
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name.lower() for t in trials)
     print(f"study '{study.study_name}': " + ", ".join(f"{v} {k}" for k, v in
@@ -259,8 +282,7 @@ def _summary(study: optuna.Study, n_trials: int, url: str) -> None:
         print(f"Pareto front: {len(best_trials)} trials; chosen for ablations and reports: "
               f"trial {chosen.number} ({rule})")  # type: ignore[union-attr]
     for best in best_trials:
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in best.params.items())
+        params = formats.params(best.params)
         values = ", ".join(f"{v:.2%}" for v in best.values)
         print(f"best: trial {best.number}, objective {values}, test "
               f"{best.user_attrs.get('test_acc', float('nan')):.2%} ({params})")

@@ -19,22 +19,22 @@ import argparse
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import optuna
-from optuna.trial import FrozenTrial, TrialState
-from scipy import stats as sps
+from typing import TYPE_CHECKING, Any
 
 from kdig_study.cli import Parser, default_scale, run
 from kdig_study.errors import KdigError
 from kdig_study.paths import safe_name, write_json
-from kdig_study.search import percentile_pruner
-from kdig_study.store import default_url, open_storage, quiet_optuna_logs
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
 
 def epoch_correlations(trials: list[FrozenTrial]) -> dict[int, float]:
     """{epoch k: Spearman rho between validation accuracy at k and the final objective}
     over the completed trials that reported every epoch up to k."""
+    from optuna.trial import TrialState
+    from scipy import stats as sps
+
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.intermediate_values]
     if len(done) < 3:
         return {}
@@ -60,6 +60,11 @@ def replay(trials: list[FrozenTrial], percentile: float) -> list[dict[str, Any]]
     as the search ran them), for every warm-up from 1 to the last epoch but one: which
     trials it would have pruned, the epochs it would have run, and whether the best trial
     would have survived. A check on the warm-up the correlations suggest, at no compute."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from kdig_study.search import percentile_pruner
+
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE
                    and t.intermediate_values), key=lambda t: t.number)
     if not done:
@@ -106,6 +111,8 @@ def best_by_compute(trials: list[FrozenTrial], cost: Callable[[FrozenTrial], flo
     """[(compute spent so far, best objective so far)] in the order trials finished, compute
     in seconds (default) or by ``cost``; a pruned trial's compute counts, its partial
     accuracy does not."""
+    from optuna.trial import TrialState
+
     fin = sorted((t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                   and t.datetime_start and t.datetime_complete),
                  key=lambda t: t.datetime_complete)
@@ -167,6 +174,11 @@ def main() -> int:
     args = p.parse_args()
     if not 0 < args.percentile <= 100:  # NaN fails too
         raise KdigError(f"--percentile {args.percentile}: allowed 0 < value <= 100")
+    import optuna
+    from optuna.trial import TrialState
+
+    from kdig_study.store import default_url, open_storage, quiet_optuna_logs
+
     quiet_optuna_logs()
     url = args.storage or default_url()
     storage = open_storage(url, read_only=url.startswith("sqlite"))

@@ -16,21 +16,19 @@ import html
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
-import plotly.graph_objects as go
-from optuna.artifacts import download_artifact, get_all_artifact_meta
-from plotly.offline import get_plotlyjs
-
-from kdig_study import report_data as rd
-from kdig_study import report_figures as rf
-from kdig_study.ablation import ablation_study_name
+from kdig_study import formats
 from kdig_study.cli import Parser, default_scale, run
 from kdig_study.config import SCALES, method_name
 from kdig_study.errors import KdigError
 from kdig_study.paths import atomic_write, safe_name
-from kdig_study.store import artifact_store, default_url, open_storage, quiet_optuna_logs
+
+if TYPE_CHECKING:
+    import optuna
+    import plotly.graph_objects as go
+
+    from kdig_study import report_data as rd
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("summary", "Summary: teacher and best student"),
@@ -86,6 +84,8 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def _summary(page: Page, s: rd.StudySummary) -> None:
+    from kdig_study import report_data as rd
+
     rows = rd.summary_rows(s)
     states = ", ".join(f"{v} {k}" for k, v in sorted(s.states.items())) or "no trials yet"
     page.add("summary", f"<p>Trials: {_e(states)}.</p>")
@@ -110,6 +110,9 @@ def _summary(page: Page, s: rd.StudySummary) -> None:
 
 
 def _search(page: Page, study: optuna.Study) -> None:
+    from kdig_study import report_data as rd
+    from kdig_study import report_figures as rf
+
     trials = study.get_trials(deepcopy=False)
     h = rd.history_data(trials)
     if h.numbers:
@@ -143,6 +146,8 @@ def _search(page: Page, study: optuna.Study) -> None:
 
 
 def _ablation(page: Page, ab: rd.Ablation | None) -> None:
+    from kdig_study import report_figures as rf
+
     if ab is None:
         page.empty("ablation", "No ablation yet: run `python -m kdig_study.ablate` for this "
                                "study.")
@@ -176,15 +181,16 @@ def _ablation(page: Page, ab: rd.Ablation | None) -> None:
               _pct(s["min"] if s["n"] else None), _pct(s["max"] if s["n"] else None)]
              for s in a["summaries"]]))
         rows = a["comparisons"] + a["effects"]
+        pval = formats.p_value
         page.add("ablation", _table(
             ["comparison (paired) / effect", "n", "mean", "95% CI", "t-test p", "Holm p",
              "Wilcoxon p", "Holm p", "d_z", "min. detectable"],
             [[("<b>primary:</b> " if r["primary"] else "")
               + _e(r["name"] if r["kind"] == "comparison" else f"effect: {r['name']}"),
               str(r["n"]), _signed(r["mean"]),
-              f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]", _p(r["t_p"]),
-              _p(r["t_p_holm"]), _p(r["wilcoxon_p"]), _p(r["wilcoxon_p_holm"]),
-              _num(_nan_none(r["d_z"]), "{:.2f}"), _signed(r["mde"])] for r in rows]))
+              f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]", pval(r["t_p"]),
+              pval(r["t_p_holm"]), pval(r["wilcoxon_p"]), pval(r["wilcoxon_p_holm"]),
+              formats.number(r["d_z"]), _signed(r["mde"])] for r in rows]))
         notes = [f"Holm: {a.get('correction', '')}.",
                  "Min. detectable: the smallest true difference the paired t-test detects with "
                  "80% power at alpha 0.05 with this n and sd."]
@@ -195,19 +201,13 @@ def _ablation(page: Page, ab: rd.Ablation | None) -> None:
         page.figure("ablation", f"ablation-diff-{metric}", rf.comparison_figure(a, label))
 
 
-def _nan_none(x: Any) -> Any:
-    return None if x is None or x != x else x
-
-
 def _signed(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{100 * x:+.2f} pt"
 
 
-def _p(x: float | None) -> str:
-    return "n/a" if x is None or x != x else f"{x:.3g}"
-
-
 def _compression(page: Page, sweep: dict | None, teacher: dict | None) -> None:
+    from kdig_study import report_figures as rf
+
     if sweep is None:
         page.empty("compression", "No compression sweep yet: run `python -m kdig_study.ablate "
                                   "--sweep width=...` (or drop_blocks=... for MobileNetV2).")
@@ -223,6 +223,8 @@ def _compression(page: Page, sweep: dict | None, teacher: dict | None) -> None:
 
 
 def _robustness(page: Page, r: rd.Robustness | None, pareto: dict | None) -> None:
+    from kdig_study import report_figures as rf
+
     if r is None:
         page.empty("robustness", "No run with robust accuracy yet (the corruption suite is "
                                  "off, or nothing has finished).")
@@ -256,8 +258,7 @@ def _deployment(page: Page, dep: dict[str, Any] | None) -> None:
                            f"threads; versions {_e(dep.get('versions', {}))}.</p>")
 
     def lat(r: dict[str, Any], b: str) -> str:
-        x = r.get("latency", {}).get(b)
-        return "n/a" if not x else f"{x['median_ms']:.2f} / {x['p90_ms']:.2f} ms"
+        return formats.latency(r.get("latency", {}).get(b))
 
     def delta(r: dict[str, Any]) -> str:
         if "delta_test_acc" not in r:
@@ -277,6 +278,10 @@ def _deployment(page: Page, dep: dict[str, Any] | None) -> None:
 
 def _embed_png(page: Page, artifact_id: str, caption: str) -> bool:
     """An artifact PNG inlined into the gallery; False (and a note) if unreadable."""
+    from optuna.artifacts import download_artifact
+
+    from kdig_study.store import artifact_store
+
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "image.png"
         try:
@@ -293,6 +298,11 @@ def _embed_png(page: Page, artifact_id: str, caption: str) -> bool:
 
 
 def _gallery(page: Page, study: optuna.Study, storage: Any) -> None:
+    from optuna.artifacts import get_all_artifact_meta
+
+    from kdig_study import report_data as rd
+    from kdig_study.ablation import ablation_study_name
+
     found = False
     ablation = rd._load(storage, ablation_study_name(study.study_name))
     for holder in [s for s in (ablation, study) if s is not None]:
@@ -319,6 +329,9 @@ def _gallery(page: Page, study: optuna.Study, storage: Any) -> None:
 
 
 def _reference(page: Page, ab: rd.Ablation | None, s: rd.StudySummary) -> None:
+    from kdig_study import report_data as rd
+    from kdig_study import report_figures as rf
+
     rows = rd.reference_rows(ab)
     page.add("reference", f"<p>Paper: {_e(rd.PAPER_SETUP)}. This study: scale "
                           f"<b>{_e(s.scale)}</b>, data <code>{_e(s.data.get('origin', '?'))}"
@@ -348,6 +361,8 @@ font-size:.9em}nav a{margin-right:1em}img.gallery{max-width:100%;image-rendering
 
 
 def render(page: Page) -> str:
+    from plotly.offline import get_plotlyjs
+
     nav = " ".join(f"<a href='#{sid}'>{_e(title)}</a>" for sid, title in SECTIONS)
     body = "".join(f"<section id='{sid}'><h2>{_e(title)}</h2>"
                    f"{''.join(page.sections.get(sid, []))}</section>"
@@ -360,6 +375,10 @@ def render(page: Page) -> str:
 
 def build(storage: Any, url: str, name: str) -> Page:
     """Everything in the report for the search study ``name``."""
+    import optuna
+
+    from kdig_study import report_data as rd
+
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -411,6 +430,10 @@ def main() -> int:
     scale = args.scale or default_scale()
     if scale not in SCALES:
         raise KdigError(f"unknown scale '{scale}'; allowed: {', '.join(SCALES)}")
+    import optuna
+
+    from kdig_study.store import default_url, open_storage, quiet_optuna_logs
+
     quiet_optuna_logs()
     url = args.storage or default_url()
     # --no-dashboard only reads: a store on a read-only disk (or shared read-only) works

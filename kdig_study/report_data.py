@@ -14,12 +14,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from kdig_study.ablation import (
-    SWEEP_KEYS,
     ablation_study_name,
     analyse_metric,
     planned_trials,
     results_table,
 )
+from kdig_study.config import SWEEP_KEYS
 from kdig_study.objectives import choose_best
 from kdig_study.stats import condition_name
 

@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from kdig_study import formats
 from kdig_study.config import StudyConfig
 from kdig_study.optuna_adapter import heartbeat_interval
 from kdig_study.seeds import sampler_seed
@@ -69,8 +70,7 @@ def _trial_line(study: optuna.Study, n_trials: int, prefix: str) -> Any:
         metrics = trial.user_attrs.get("metrics", {})
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() \
             if trial.datetime_complete and trial.datetime_start else float("nan")
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in trial.params.items())
+        params = formats.params(trial.params, digits=3)
         robust = metrics.get("robust_test_acc")
         print(f"{prefix}trial {trial.number} {trial.state.name.lower()}: val {val:.2%}"
               + (f", test {test:.2%}" if test is not None else "")

@@ -33,14 +33,12 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 
-from kdig_study.config import condition_name
+from kdig_study.config import BINARY_FACTORS, condition_name
 
 Condition = frozenset[str]
 Table = dict[Condition, dict[int, float]]
 Design = Mapping[str, tuple[str | None, ...]]  # factor -> levels, levels[0] is None
 
-BINARY: dict[str, tuple[str | None, ...]] = {"kd": (None, "kd"), "ig": (None, "ig"),
-                                             "at": (None, "at")}
 # Where each factor's level stands in a condition's name: KD first, then the overlay, then AT.
 _ORDER = ("kd", "overlay", "at")
 # Smallest n at which the exact two-sided Wilcoxon signed-rank test can reach p < 0.05
@@ -56,7 +54,7 @@ def design_of(factors: Sequence[str]) -> dict[str, tuple[str | None, ...]]:
     factor with levels none and ig."""
     out: dict[str, tuple[str | None, ...]] = {}
     for f in factors:
-        out["overlay" if f == "ig" else f] = BINARY[f]
+        out["overlay" if f == "ig" else f] = BINARY_FACTORS[f]
     return out
 
 
@@ -84,7 +82,7 @@ def conditions(design: Design | Sequence[str], controls: Sequence[str] = ()) -> 
 
 
 @dataclass(frozen=True)
-class Summary:
+class ConditionSummary:
     condition: str
     n: int
     mean: float
@@ -93,13 +91,13 @@ class Summary:
     max: float
 
 
-def summarise(name: str, values: Iterable[float]) -> Summary:
+def summarise(name: str, values: Iterable[float]) -> ConditionSummary:
     v = list(values)
     if not v:
         nan = float("nan")
-        return Summary(name, 0, nan, nan, nan, nan)
+        return ConditionSummary(name, 0, nan, nan, nan, nan)
     sd = statistics.stdev(v) if len(v) > 1 else float("nan")
-    return Summary(name, len(v), statistics.fmean(v), sd, min(v), max(v))
+    return ConditionSummary(name, len(v), statistics.fmean(v), sd, min(v), max(v))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from typing import Any
 
 import optuna
 import sqlalchemy
-import torch
 from filelock import FileLock
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -195,6 +194,8 @@ def git_commit() -> str:
 
 
 def study_attrs(cfg: StudyConfig) -> dict[str, Any]:
+    import torch  # only for its version: a command that reads the store need not load it
+
     config = cfg.to_dict()
     config.pop("source")
     return {"config": config, "config_fingerprint": cfg.fingerprint(), "scale": cfg.scale,

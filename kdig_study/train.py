@@ -12,10 +12,7 @@ from pathlib import Path
 
 from kdig_study.cli import Parser, add_study_args, load_from_args, run
 from kdig_study.config import StudyConfig, method_name
-from kdig_study.engine import save_checkpoint
 from kdig_study.errors import KdigError
-from kdig_study.experiment import Context, run_student
-from kdig_study.measure import profile
 from kdig_study.paths import storage_dir, write_json
 
 
@@ -67,6 +64,10 @@ def _print_model(name: str, acc: dict[str, float], prof: dict, teacher_params: i
 def main() -> int:
     args = _parser().parse_args()
     cfg = _with_overrides(load_from_args(args), args)
+    from kdig_study.engine import save_checkpoint
+    from kdig_study.experiment import Context, run_student
+    from kdig_study.measure import profile
+
     ctx = Context.create(cfg, args.data_dir, args.device, progress=not args.no_progress)
     print(f"study {cfg.name} at scale {cfg.scale}: data {ctx.data.origin} "
           f"({len(ctx.data.train):,} train / {len(ctx.data.val):,} val / "

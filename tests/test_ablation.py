@@ -118,7 +118,7 @@ def _params_file(tmp_path: Path) -> str:
     return str(f)
 
 
-def test_smoke_ablation_end_to_end(tmp_path: Path, isolated_storage: Path) -> None:
+def test_smoke_ablation_end_to_end(tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
     out = tmp_path / "out"
     proc = _ablate("--seeds", "2", "--params", _params_file(tmp_path), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -166,7 +166,7 @@ def test_smoke_ablation_end_to_end(tmp_path: Path, isolated_storage: Path) -> No
 
 
 def test_multi_level_overlay_ablation_through_the_cli(tmp_path: Path,
-                                                      isolated_storage: Path) -> None:
+                                                      isolated_storage: Path, warm_cache: Path) -> None:
     proc = _ablate("--seeds", "1", "--factors", "kd,overlay=none|ig|shuffled|gradcam",
                    "--params", _params_file(tmp_path), "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
@@ -188,7 +188,7 @@ def test_multi_level_overlay_ablation_through_the_cli(tmp_path: Path,
 
 @pytest.mark.slow
 def test_controls_run_with_kd_only_through_the_cli(tmp_path: Path,
-                                                   isolated_storage: Path) -> None:
+                                                   isolated_storage: Path, warm_cache: Path) -> None:
     proc = _ablate("--seeds", "1", "--factors", "kd,ig", "--controls", "shuffled,random",
                    "--params", _params_file(tmp_path), "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
@@ -215,7 +215,7 @@ def test_controls_run_with_kd_only_through_the_cli(tmp_path: Path,
                           "ran with another", "controls=['shuffled', 'random']")
 
 
-def test_sweep_and_monte_carlo_through_the_cli(tmp_path: Path, isolated_storage: Path) -> None:
+def test_sweep_and_monte_carlo_through_the_cli(tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
     params = _params_file(tmp_path)
     proc = _ablate("--seeds", "1", "--factors", "kd", "--params", params, "--sweep",
                    "width=0.125,0.25", "--out", str(tmp_path))
@@ -272,7 +272,7 @@ def _search_study(url: str, name: str, params: dict, value: float, seed: int = 0
 
 
 def test_per_condition_design_takes_each_conditions_own_search(tmp_path: Path,
-                                                                isolated_storage: Path) -> None:
+                                                                isolated_storage: Path, warm_cache: Path) -> None:
     url = f"sqlite:///{isolated_storage}/kdig.db"
     isolated_storage.mkdir(parents=True, exist_ok=True)
     own = {"student": {"lr": 0.002}, "kd": {"temperature": 3.0, "alpha": 0.3},
@@ -324,7 +324,7 @@ def test_bad_params_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_after_a_kill(tmp_path: Path, isolated_storage: Path) -> None:
+def test_resume_after_a_kill(tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
     params = _params_file(tmp_path)
     url = f"sqlite:///{isolated_storage}/kdig.db"
     base = [sys.executable, "-m", "kdig_study.ablate", "--study", "kd_ig", "--scale", "smoke",
@@ -371,7 +371,7 @@ def test_resume_after_a_kill(tmp_path: Path, isolated_storage: Path) -> None:
 
 @pytest.mark.slow
 def test_two_ablate_commands_on_one_study_never_add_an_unplanned_run(
-        tmp_path: Path, isolated_storage: Path) -> None:
+        tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
     """Both used to pick the same planned run; the one that found nothing waiting fell
     through to the random sampler and invented a run (condition=IG, seed=878204)."""
     params = _params_file(tmp_path)

@@ -128,7 +128,7 @@ def test_store_holds_each_images_points_and_gap_and_resumes(
 
 
 @pytest.mark.slow
-def test_adaptive_mode_through_the_attribute_cli(tmp_path) -> None:
+def test_adaptive_mode_through_the_attribute_cli(tmp_path, warm_teacher) -> None:
     from cli_helpers import run_cli
 
     proc = run_cli("attribute", "--study", "kd_ig", "--scale", "smoke", "--no-progress",

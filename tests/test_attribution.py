@@ -184,8 +184,8 @@ def test_damaged_store_is_detected_reported_and_recomputed(setup, damage: str) -
     assert np.array_equal(report.store.maps(8), good)
 
 
-def test_attribute_cli_computes_once_and_concurrent_workers_share(tmp_path: Path,
-                                                                   isolated_storage: Path) -> None:
+def test_attribute_cli_computes_once_and_concurrent_workers_share(
+        tmp_path: Path, isolated_storage: Path, warm_teacher: Path) -> None:
     from cli_helpers import run_cli
 
     first = run_cli("attribute", "--study", "kd_ig", "--scale", "smoke", "--no-progress")

@@ -30,7 +30,8 @@ def _get(url: str, timeout: float = 10) -> tuple[int, bytes]:
         return r.status, r.read()
 
 
-def test_dashboard_shows_metrics_and_serves_artifacts(isolated_storage: Path) -> None:
+def test_dashboard_shows_metrics_and_serves_artifacts(isolated_storage: Path,
+                                                     warm_cache: Path) -> None:
     proc = run_cli("optimize", "--study", "kd_ig", "--scale", "smoke", "--n-trials", "1",
                    "--no-progress")
     assert proc.returncode == 0, proc.stderr

@@ -4,6 +4,7 @@ trip, the checker's veto, and one-line errors."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,13 @@ from conftest import REPO
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A smoke search with two trials (their weights are artifacts), shared by the module."""
+def searched(tmp_path_factory: pytest.TempPathFactory, warm_cache_source: Path
+             ) -> dict[str, str]:
+    """A smoke search with two trials (their weights are artifacts), shared by the module;
+    the teacher, maps and corrupted splits come from the session's warm cache."""
     root = tmp_path_factory.mktemp("export")
     env = {"KDIG_STORAGE": str(root / "storage"), "KDIG_CACHE": str(root / "storage" / "cache")}
+    shutil.copytree(warm_cache_source, env["KDIG_CACHE"])
     proc = run_cli("optimize", "--study", "kd_ig", "--scale", "smoke", "--no-progress",
                    "--n-trials", "2", "--pruner", "none", "--study-name", "exp", env=env)
     assert proc.returncode == 0, proc.stderr

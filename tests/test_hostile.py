@@ -67,7 +67,8 @@ def test_a_name_with_nothing_to_slug_is_refused() -> None:
 
 @pytest.mark.slow
 def test_study_names_never_write_outside_the_chosen_folder(tmp_path: Path,
-                                                           isolated_storage: Path) -> None:
+                                                           isolated_storage: Path,
+                                                           warm_cache: Path) -> None:
     out = tmp_path / "deep" / "out"
     name = "../../escaped-kdig"
     proc = run_cli("optimize", "--study", "kd_ig", "--scale", "smoke", "--no-progress",
@@ -140,8 +141,8 @@ def test_unwritable_artifact_folder_is_one_line_before_any_training(tmp_path: Pa
     assert "training teacher" not in proc.stdout
 
 
-def test_a_read_only_cache_is_read_without_locking(tmp_path: Path,
-                                                   isolated_storage: Path) -> None:
+def test_a_read_only_cache_is_read_without_locking(tmp_path: Path, isolated_storage: Path,
+                                                   warm_teacher: Path) -> None:
     cache = isolated_storage / "cache"
     first = run_cli("train", "--study", "kd_ig", "--scale", "smoke", "--role", "teacher",
                     "--no-progress")
@@ -181,8 +182,8 @@ def test_dashboard_on_a_busy_port_is_one_line(isolated_storage: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sweep_rerun_with_other_values_is_refused_before_any_run(tmp_path: Path,
-                                                                 isolated_storage: Path) -> None:
+def test_sweep_rerun_with_other_values_is_refused_before_any_run(
+        tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
     params = tmp_path / "p.toml"
     params.write_text("[params]\ntemperature = 4.0\nalpha = 0.5\n")
     base = ["--study", "kd_ig", "--scale", "smoke", "--no-progress", "--seeds", "1",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +24,12 @@ PG_URL = os.environ.get("KDIG_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1
 
 
 @pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Teacher and IG maps are computed once for the whole module (as workers share them)."""
-    return tmp_path_factory.mktemp("cache")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory, warm_cache_source: Path) -> Path:
+    """One cache for the whole module (as workers share one), holding the session's smoke
+    teacher, maps and corrupted splits."""
+    cache = tmp_path_factory.mktemp("cache")
+    shutil.copytree(warm_cache_source, cache, dirs_exist_ok=True)
+    return cache
 
 
 @pytest.fixture

@@ -210,7 +210,7 @@ def test_deletion_against_other_images_maps_sees_alignment_not_shape() -> None:
 
 
 @pytest.mark.slow
-def test_attribute_cli_every_source(tmp_path: Path) -> None:
+def test_attribute_cli_every_source(tmp_path: Path, warm_teacher: Path) -> None:
     proc = run_cli("attribute", "--study", "kd_ig", "--scale", "smoke", "--no-progress",
                    "--source", "all", "--preview", "2")
     assert proc.returncode == 0, proc.stderr

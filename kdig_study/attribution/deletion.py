@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from kdig_study.data import normalize_uint8
 from kdig_study.models import Net
 
 
@@ -30,9 +31,7 @@ def deletion_curve(model: Net, images: torch.Tensor, labels: torch.Tensor, maps:
     maps remove blobs of the same shapes, so only their alignment with the image differs.
     """
     n, _, h, w = images.shape
-    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
-    std_t = torch.tensor(std).view(1, 3, 1, 1)
-    x = (images.float() / 255 - mean_t) / std_t
+    x = normalize_uint8(images, mean, std)
     if order == "other":
         maps, order = maps.roll(1, dims=0), "map"
     if order == "map":

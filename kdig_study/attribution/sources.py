@@ -42,6 +42,7 @@ from captum.attr import (
 from kdig_study.attribution.numerics import frozen, make_baseline, reduce_channels
 from kdig_study.attribution.store import ChunkFn, MapSpec, MapStore
 from kdig_study.config import IGConfig
+from kdig_study.data import normalize_uint8
 from kdig_study.engine import autocast
 from kdig_study.models import Net
 from kdig_study.seeds import derive_seed
@@ -196,7 +197,7 @@ def captum_chunks(spec: MapSpec, teacher: Net, images: torch.Tensor, labels: tor
     model = teacher.to(device)
 
     def chunk(start: int, stop: int) -> tuple[np.ndarray, np.ndarray, dict]:
-        x = ((images[start:stop].to(device).float() / 255 - mean_t) / std_t).contiguous()
+        x = normalize_uint8(images[start:stop], mean_t, std_t, device).contiguous()
         base = make_baseline(spec.baseline, x, mean_t, std_t)
         with frozen(model), seeded(chunk_seed(cfg.source_seed, spec.source, start)), \
                 autocast(spec.precision, device):

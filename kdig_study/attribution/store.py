@@ -33,6 +33,7 @@ from kdig_study.attribution.numerics import (
     union_rule,
 )
 from kdig_study.config import IGConfig
+from kdig_study.data import normalize_uint8
 from kdig_study.engine import autocast
 from kdig_study.errors import KdigError
 from kdig_study.models import Net, fold_batchnorm
@@ -180,7 +181,7 @@ def build_store(spec: MapSpec, teacher: Net, images: torch.Tensor, labels: torch
         folded = fold_batchnorm(teacher).to(device).to(memory_format=torch.channels_last)
 
         def chunk(start: int, stop: int) -> tuple[np.ndarray, np.ndarray, dict]:
-            x = ((images[start:stop].to(device).float() / 255 - mean_t) / std_t).contiguous(
+            x = normalize_uint8(images[start:stop], mean_t, std_t, device).contiguous(
                 memory_format=torch.channels_last)
             base = make_baseline(spec.baseline, x, mean_t, std_t)
             with autocast(spec.precision, device):
