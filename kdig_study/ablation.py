@@ -247,7 +247,8 @@ class AblationRunner:
         shape = repr(cfg.student)
         if shape not in self._profiles:
             self._profiles[shape] = latency_columns(
-                profile(result.model, self.ctx.device, batch=cfg.student_train.batch_size))
+                profile(result.model, self.ctx.device, batch=cfg.student_train.batch_size,
+                        how=cfg.measure))
         record_run(trial, result.metrics, self._profiles[shape])
         return float(result.metrics.val_acc)
 

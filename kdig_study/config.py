@@ -215,6 +215,16 @@ class ExpectedConfig:
 
 
 @dataclass(frozen=True)
+class MeasureConfig:
+    """How a run's latency is measured (kdig_study.measure): warm-up passes, then timed
+    passes, at batch 1 and the training batch. Not part of the config fingerprint: it
+    describes a measurement, not a result (smoke runs time fewer passes)."""
+
+    latency_warmup: int = _bounded(10, ge=0)
+    latency_runs: int = _bounded(50, ge=5)
+
+
+@dataclass(frozen=True)
 class ParamSpec:
     """One search dimension: a float/int range (optionally log) or a list of choices."""
 
@@ -310,6 +320,7 @@ class StudyConfig:
     search: SearchConfig = SearchConfig()
     robustness: RobustnessConfig = RobustnessConfig()
     expected: ExpectedConfig = ExpectedConfig()
+    measure: MeasureConfig = MeasureConfig()
     overrides: tuple[str, ...] = ()  # the --set items applied (their values are in the fields)
 
     def to_dict(self) -> dict[str, Any]:
@@ -318,7 +329,7 @@ class StudyConfig:
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not the file's path or description)."""
         d = self.to_dict()
-        for k in ("source", "description", "expected", "overrides"):
+        for k in ("source", "description", "expected", "measure", "overrides"):
             d.pop(k)
         d["data"].pop("path")  # the same data found at another path is the same data
         # How long a search runs does not change what one trial means.
@@ -340,6 +351,7 @@ _SECTIONS: dict[str, type] = {
     "search": SearchConfig,
     "robustness": RobustnessConfig,
     "expected": ExpectedConfig,
+    "measure": MeasureConfig,
 }
 _TOP_KEYS = ("inherit", "description", "scales")
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from kdig_study.config import MeasureConfig
 from kdig_study.models import Net, count_flops, count_params, serialized_bytes
 
 
@@ -105,14 +106,17 @@ def model_cost(model: Net) -> dict[str, int]:
 
 
 def profile(model: Net, device: torch.device | str = "cpu", batch: int = 64,
-            runs: int = 50) -> dict[str, Any]:
-    """Cost plus latency at batch 1 and batch ``batch`` (on the CPU, and on CUDA if used)."""
+            how: MeasureConfig | None = None) -> dict[str, Any]:
+    """Cost plus latency at batch 1 and batch ``batch`` (on the CPU, and on CUDA if used),
+    with the study's warm-up and timed pass counts (``[measure]``; default 10 and 50)."""
+    how = how or MeasureConfig()
     out: dict[str, Any] = model_cost(model)
     devices = ["cpu"] + ([str(device)] if torch.device(device).type == "cuda" else [])
     for dev in devices:
         tag = "" if dev == "cpu" else "_cuda"
         for b in (1, batch):
-            lat = measure_latency(model, b, dev, runs=runs)
+            lat = measure_latency(model, b, dev, warmup=how.latency_warmup,
+                                  runs=how.latency_runs)
             out[f"latency{tag}_b{b}"] = lat.to_dict()
     model.to(device)
     return out

@@ -130,7 +130,8 @@ class Objective:
             raise
         m = run.metrics
         if self._latency is None:
-            prof = profile(run.model, self.ctx.device, batch=cfg.student_train.batch_size)
+            prof = profile(run.model, self.ctx.device, batch=cfg.student_train.batch_size,
+                           how=cfg.measure)
             self._latency = latency_columns(prof)
         # m.wall_s, recorded as train_eval_s: training and evaluation with their setup
         # (model, data, maps); the rest of the trial is sampling, store writes,

@@ -162,7 +162,8 @@ def _record_teacher(study: optuna.Study, ctx: Context) -> None:
     if "teacher" in study.user_attrs:
         return
     t = ctx.teacher()
-    prof = profile(t.model, ctx.device, batch=ctx.cfg.student_train.batch_size)
+    prof = profile(t.model, ctx.device, batch=ctx.cfg.student_train.batch_size,
+                   how=ctx.cfg.measure)
     study.set_user_attr("teacher", {
         "val_acc": t.meta["val_acc"], "test_acc": t.meta["test_acc"], "path": str(t.path),
         "fingerprint": t.fingerprint, "wall_s": t.meta["wall_s"], **prof})
@@ -181,8 +182,8 @@ def record_latency(study: optuna.Study, ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     student = build_model(cfg.student, len(ctx.data.classes))
     batch = cfg.student_train.batch_size
-    out = {"teacher": profile(ctx.teacher().model, ctx.device, batch=batch),
-           "student": profile(student, ctx.device, batch=batch),
+    out = {"teacher": profile(ctx.teacher().model, ctx.device, batch=batch, how=cfg.measure),
+           "student": profile(student, ctx.device, batch=batch, how=cfg.measure),
            "threads": default_threads(), "when": "after the search, one process"}
     study.set_user_attr("latency", out)
     return out

@@ -107,8 +107,10 @@ def test_monte_carlo_subsets_are_stratified_and_shared_by_conditions() -> None:
 
 
 def _ablate(*args: str, env: dict | None = None):
-    return run_cli("ablate", "--study", "kd_ig", "--scale", "smoke", "--no-progress", *args,
-                   env=env)
+    """The ablate command at smoke scale, its students trained for one epoch: these tests
+    check the command (plan, store, resume, output); test_stats checks the statistics."""
+    return run_cli("ablate", "--study", "kd_ig", "--scale", "smoke", "--no-progress",
+                   "--set", "student_train.epochs=1", *args, env=env)
 
 
 def _params_file(tmp_path: Path) -> str:

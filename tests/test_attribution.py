@@ -184,27 +184,38 @@ def test_damaged_store_is_detected_reported_and_recomputed(setup, damage: str) -
     assert np.array_equal(report.store.maps(8), good)
 
 
-def test_attribute_cli_computes_once_and_concurrent_workers_share(
-        tmp_path: Path, isolated_storage: Path, warm_teacher: Path) -> None:
+# the maps of a 200-image training subset (the teacher comes from the warm cache)
+SUBSET = ("--set", "student_train.train_size=200")
+
+
+def test_attribute_cli_computes_once(tmp_path: Path, isolated_storage: Path,
+                                     warm_teacher: Path) -> None:
     from cli_helpers import run_cli
 
-    first = run_cli("attribute", "--study", "kd_ig", "--scale", "smoke", "--no-progress")
+    subset = SUBSET
+    first = run_cli("attribute", "--study", "kd_ig", "--scale", "smoke", "--no-progress", *subset)
     assert first.returncode == 0, first.stderr
-    assert "computed 750 maps" in first.stdout and "steps 8: completeness gap" in first.stdout
+    assert "computed 200 maps" in first.stdout and "steps 8: completeness gap" in first.stdout
     store = Path(first.stdout.strip().splitlines()[-1].split(": ", 1)[1])
     assert (store / "maps_s8.npy").is_file() and (store / "maps_s16.npy").is_file()
     assert list(store.glob("preview_s8_n8.png"))
-    second = run_cli("attribute", "--study", "kd_ig", "--scale", "smoke", "--no-progress")
+    second = run_cli("attribute", "--study", "kd_ig", "--scale", "smoke", "--no-progress", *subset)
     assert "ig: store already complete" in second.stdout and "nothing computed" in second.stdout
-    # two workers asking for a new store at once: one computes it, the other waits for it
+
+
+@pytest.mark.slow  # two worker processes (about 20 s)
+def test_attribute_cli_concurrent_workers_share(tmp_path: Path, isolated_storage: Path,
+                                                warm_teacher: Path) -> None:
+    """Two workers asking for a new store at once: one computes it, the other waits for it."""
+    subset = SUBSET
     procs = [subprocess.Popen([sys.executable, "-m", "kdig_study.attribute", "--study", "kd_ig",
                                "--scale", "smoke", "--steps", "6", "--no-progress",
-                               "--preview", "0"],
+                               "--preview", "0", *subset],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    assert sum("computed 750 maps" in o for o in outs) == 1
+    assert sum("computed 200 maps" in o for o in outs) == 1
     assert sum("store already complete" in o for o in outs) == 1
 
 

@@ -177,3 +177,13 @@ def test_the_table_covers_every_parameter_the_search_and_the_ablation_use() -> N
     space = relevant_space(load_study("student", "smoke"))
     assert set(space) <= {"lr"}
     assert {"temperature", "overlay_strength"} <= set(relevant_space(cfg))
+
+
+def test_measurement_settings_are_checked_but_not_part_of_the_identity() -> None:
+    base = load_study("kd_ig", "smoke")
+    assert (base.measure.latency_warmup, base.measure.latency_runs) == (2, 10)
+    assert load_study("kd_ig", "cpu").measure.latency_runs == 50
+    more = load_study("kd_ig", "smoke", ["measure.latency_runs=200"])
+    assert more.measure.latency_runs == 200 and more.fingerprint() == base.fingerprint()
+    with pytest.raises(KdigError, match="measure.latency_runs = 2: out of range"):
+        load_study("kd_ig", "smoke", ["measure.latency_runs=2"])

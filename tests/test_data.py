@@ -248,6 +248,7 @@ def test_missing_and_malformed_data_say_how_to_get_cifar(tmp_path: Path,
         load_source(DataConfig(path=str(big)))
 
 
+@pytest.mark.slow  # decodes the whole 60,000-image archive (about 20 s)
 def test_real_cifar10_tree(shared_cifar: Path) -> None:
     src = load_source(DataConfig(path=str(shared_cifar)))
     assert len(src.train) == 50_000 and len(src.test) == 10_000

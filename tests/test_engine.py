@@ -116,10 +116,9 @@ def test_teacher_is_trained_once_then_loaded(smoke, isolated_storage: Path) -> N
     assert teacher_fingerprint(other, data, CPU) != first.fingerprint
 
 
-def test_run_student_records_metrics(smoke) -> None:
-    cfg, data = smoke
-    cfg = dataclasses.replace(cfg, student_train=dataclasses.replace(cfg.student_train, epochs=1),
-                              teacher_train=dataclasses.replace(cfg.teacher_train, epochs=1))
+def test_run_student_records_metrics(smoke, warm_cache) -> None:
+    cfg, data = smoke  # the teacher, maps and corrupted splits come from the warm cache
+    cfg = dataclasses.replace(cfg, student_train=dataclasses.replace(cfg.student_train, epochs=1))
     ctx = Context(cfg, data, CPU, progress=False)
     run = run_student(ctx)
     m = run.metrics.to_dict()
@@ -199,11 +198,10 @@ def test_kd_and_at_losses_are_fp32_under_bf16_autocast() -> None:
     assert float(loss) == pytest.approx(float(ref), rel=1e-4)
 
 
-def test_a_bad_ig_integration_stops_the_run_in_one_line(smoke) -> None:
+def test_a_bad_ig_integration_stops_the_run_in_one_line(smoke, warm_cache) -> None:
     """A median completeness gap above ig.max_gap used to print a warning and train on."""
-    cfg, data = smoke
-    tight = dataclasses.replace(cfg, ig=dataclasses.replace(cfg.ig, max_gap=1e-6),
-                                teacher_train=dataclasses.replace(cfg.teacher_train, epochs=1))
+    cfg, data = smoke  # the teacher and its maps come from the warm cache
+    tight = dataclasses.replace(cfg, ig=dataclasses.replace(cfg.ig, max_gap=1e-6))
     lines: list[str] = []
     ctx = Context(tight, data, CPU, progress=False, log=lines.append)
     with pytest.raises(KdigError) as e:

@@ -38,6 +38,10 @@ def env(shared_cache: Path, isolated_storage: Path, monkeypatch: pytest.MonkeyPa
     return {"KDIG_CACHE": str(shared_cache), "KDIG_STORAGE": str(isolated_storage)}
 
 
+# Tests of the command's bookkeeping train their students for one epoch.
+ONE_EPOCH = ("--set", "student_train.epochs=1")
+
+
 def _url(storage: Path) -> str:
     return f"sqlite:///{storage / 'kdig.db'}"
 
@@ -153,7 +157,7 @@ def test_samplers_of_workers_and_resumed_runs_do_not_replay_start_up_proposals()
 
 def test_multi_objective_study_through_the_cli(env: dict, isolated_storage: Path) -> None:
     proc = run_cli("optimize", "--study", "kd_ig_robust", "--scale", "smoke", "--no-progress",
-                   "--n-trials", "3", env=env)
+                   "--n-trials", "3", *ONE_EPOCH, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "Optuna does not prune multi-objective trials" in proc.stdout
     assert "Pareto front" in proc.stdout and "chosen for ablations and reports" in proc.stdout
@@ -169,9 +173,9 @@ def test_multi_objective_study_through_the_cli(env: dict, isolated_storage: Path
 def test_resume_counts_the_total_and_refuses_a_changed_config(env: dict, isolated_storage: Path,
                                                                tmp_path: Path) -> None:
     url = _url(isolated_storage)
-    assert _optimize("--n-trials", "2", env=env).returncode == 0
+    assert _optimize("--n-trials", "2", *ONE_EPOCH, env=env).returncode == 0
     assert len(_trials(url)) == 2
-    proc = _optimize("--n-trials", "3", env=env)
+    proc = _optimize("--n-trials", "3", *ONE_EPOCH, env=env)
     assert proc.returncode == 0, proc.stderr
     assert len(_trials(url)) == 3  # the total, not 3 more
     # the banner's estimate counts the trials left and what the cache already holds
@@ -182,7 +186,7 @@ def test_resume_counts_the_total_and_refuses_a_changed_config(env: dict, isolate
         in proc.stdout and "test accuracy" in proc.stdout
     assert "ig maps (750 images, from the cache): median completeness gap 8 steps" \
         in proc.stdout
-    proc = _optimize("--n-trials", "3", env=env)
+    proc = _optimize("--n-trials", "3", *ONE_EPOCH, env=env)
     assert proc.returncode == 0 and len(_trials(url)) == 3
     assert "0 trial(s) to run" in proc.stdout.splitlines()[0]
     # a changed config is refused, in one line that names the change and the way out
@@ -190,7 +194,7 @@ def test_resume_counts_the_total_and_refuses_a_changed_config(env: dict, isolate
     changed.write_text((REPO / "studies" / "kd_ig.toml").read_text().replace(
         "alpha = 0.01 ", "alpha = 0.5 "))
     proc = run_cli("optimize", "--study", str(changed), "--scale", "smoke", "--no-progress",
-                   "--n-trials", "4", env=env)
+                   "--n-trials", "4", *ONE_EPOCH, env=env)
     assert_one_line_error(proc, "another config", "kd.alpha", "--study-name")
     assert len(_trials(url)) == 3
 

@@ -14,6 +14,7 @@ from cli_helpers import run_cli
 from conftest import REPO, SHARED_CIFAR
 
 
+@pytest.mark.slow  # the whole device-check script with its worker processes (about 30 s)
 def test_device_check_script_runs_on_cpu_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "gpu"
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out), "--tiny"], cwd=REPO,

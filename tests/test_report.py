@@ -307,6 +307,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow  # two Chromium starts (about 17 s)
 def test_page_renders_in_headless_chromium(url: str, tmp_path: Path) -> None:
     browser = _chromium()
     if browser is None:

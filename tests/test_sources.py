@@ -39,18 +39,22 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory: pytest.TempPathFactory):
-    """A smoke context (fp32 maps, a 1-epoch teacher) with its own cache for the module."""
+def ctx(tmp_path_factory: pytest.TempPathFactory, warm_cache_source: Path):
+    """A smoke context (fp32 maps) with its own cache for the module, which starts with the
+    session's smoke teacher (the maps are computed here: fp32 is another store)."""
     import os
+    import shutil
     from unittest import mock
 
     cache = tmp_path_factory.mktemp("cache")
+    shutil.copytree(warm_cache_source / "teachers", cache / "teachers")
     with mock.patch.dict(os.environ, {"KDIG_CACHE": str(cache)}):
         cfg = load_study("kd_ig", "smoke")
         cfg = dataclasses.replace(
             cfg, ig=dataclasses.replace(cfg.ig, precision="fp32", smoothgrad_samples=4,
                                         shap_samples=4),
-            teacher_train=dataclasses.replace(cfg.teacher_train, epochs=2))
+            # the maps of a 300-image training subset
+            student_train=dataclasses.replace(cfg.student_train, train_size=300))
         c = Context(cfg, load_bundle(cfg.data), CPU, progress=False, log=lambda *a: None)
         c.teacher()
         yield c
@@ -150,7 +154,8 @@ def test_captum_sources_match_captum_called_directly(ctx, source: str) -> None:
 def test_captum_sources_through_the_store(ctx, source: str) -> None:
     store = ctx.maps(None, source).store
     assert store.source == source and store.counts == (0,)
-    assert store.maps(16).shape == (len(ctx.data.train), 32, 32)  # any step count: one map
+    n = len(ctx.data.train_subset(ctx.cfg.student_train.train_size)[0])
+    assert n == 300 and store.maps(16).shape == (n, 32, 32)  # any step count: one map
     assert np.isnan(store.gap(8)["median"])
     assert ctx.maps(None, source).store.root == store.root  # cached
 

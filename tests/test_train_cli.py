@@ -20,7 +20,11 @@ def test_smoke_student_through_the_cli(tmp_path: Path, isolated_storage: Path) -
     assert res["student"]["test_acc"] > 0.3  # 10 classes: chance is 0.1
     assert res["teacher"]["test_acc"] > 0.6
     assert Path(res["student"]["checkpoint"]).is_file()
-    assert res["student"]["latency_b1"]["runs"] >= 50
+    # the smoke scale's [measure] counts, said in the measurement's method
+    assert (res["student"]["latency_b1"]["runs"], res["student"]["latency_b1"]["warmup"]) == \
+        (10, 2)
+    assert "2 warm-up passes, then median and p90 of 10 timed" in res["student"]["latency_b1"][
+        "method"]
     # a second run reuses the cached teacher
     proc = run_cli("train", "--study", "kd_ig", "--role", "teacher", "--scale", "smoke",
                    "--no-progress")
