@@ -167,6 +167,7 @@ def test_smoke_ablation_end_to_end(tmp_path: Path, isolated_storage: Path, warm_
                           "ran with another design", "--study-name")
 
 
+@pytest.mark.slow  # a second end-to-end ablation, 8 conditions (about 8 s)
 def test_multi_level_overlay_ablation_through_the_cli(tmp_path: Path,
                                                       isolated_storage: Path, warm_cache: Path) -> None:
     proc = _ablate("--seeds", "1", "--factors", "kd,overlay=none|ig|shuffled|gradcam",
@@ -217,6 +218,7 @@ def test_controls_run_with_kd_only_through_the_cli(tmp_path: Path,
                           "ran with another", "controls=['shuffled', 'random']")
 
 
+@pytest.mark.slow  # two more end-to-end ablations (about 10 s)
 def test_sweep_and_monte_carlo_through_the_cli(tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
     params = _params_file(tmp_path)
     proc = _ablate("--seeds", "1", "--factors", "kd", "--params", params, "--sweep",

@@ -33,7 +33,7 @@ def _get(url: str, timeout: float = 10) -> tuple[int, bytes]:
 def test_dashboard_shows_metrics_and_serves_artifacts(isolated_storage: Path,
                                                      warm_cache: Path) -> None:
     proc = run_cli("optimize", "--study", "kd_ig", "--scale", "smoke", "--n-trials", "1",
-                   "--no-progress")
+                   "--no-progress", "--set", "student_train.epochs=1")
     assert proc.returncode == 0, proc.stderr
     url = f"sqlite:///{isolated_storage / 'kdig.db'}"
     port = _free_port()

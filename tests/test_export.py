@@ -30,6 +30,9 @@ from kdig_study.models import build_model
 
 from cli_helpers import assert_one_line_error, run_cli
 
+# the searched students train for one epoch: these tests check the export, not accuracy
+ONE_EPOCH = ("--set", "student_train.epochs=1")
+
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory, warm_cache_source: Path
@@ -40,7 +43,8 @@ def searched(tmp_path_factory: pytest.TempPathFactory, warm_cache_source: Path
     env = {"KDIG_STORAGE": str(root / "storage"), "KDIG_CACHE": str(root / "storage" / "cache")}
     shutil.copytree(warm_cache_source, env["KDIG_CACHE"])
     proc = run_cli("optimize", "--study", "kd_ig", "--scale", "smoke", "--no-progress",
-                   "--n-trials", "2", "--pruner", "none", "--study-name", "exp", env=env)
+                   "--n-trials", "2", "--pruner", "none", "--study-name", "exp", *ONE_EPOCH,
+                   env=env)
     assert proc.returncode == 0, proc.stderr
     return env
 
@@ -49,7 +53,7 @@ def searched(tmp_path_factory: pytest.TempPathFactory, warm_cache_source: Path
 def test_export_parity_and_int8_through_the_cli(searched: dict[str, str]) -> None:
     proc = run_cli("export", "--study", "kd_ig", "--scale", "smoke", "--no-progress",
                    "--study-name", "exp", "--int8", "--no-compile", "--set",
-                   "search.pruner=none", env=searched)
+                   "search.pruner=none", *ONE_EPOCH, env=searched)
     assert proc.returncode == 0, proc.stderr
     out = Path(searched["KDIG_STORAGE"]) / "exports" / "exp"
     for name in ("student.onnx", "student.int8.onnx", "teacher.onnx", "teacher.int8.onnx",
@@ -82,12 +86,12 @@ def test_a_trial_without_weights_is_one_line(searched: dict[str, str]) -> None:
     study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.1))
     number = study.get_trials()[-1].number
     proc = run_cli("export", "--study", "kd_ig", "--scale", "smoke", "--study-name", "exp",
-                   "--trial", str(number), "--set", "search.pruner=none", env=searched)
+                   "--trial", str(number), "--set", "search.pruner=none", *ONE_EPOCH, env=searched)
     assert_one_line_error(proc, f"trial {number}", "no weights artifact")
     study.add_trial(optuna.trial.create_trial(params={}, distributions={},
                                               state=TrialState.PRUNED))
     proc = run_cli("export", "--study", "kd_ig", "--scale", "smoke", "--study-name", "exp",
-                   "--trial", str(number + 1), "--set", "search.pruner=none", env=searched)
+                   "--trial", str(number + 1), "--set", "search.pruner=none", *ONE_EPOCH, env=searched)
     assert_one_line_error(proc, "is pruned", "only completed trials keep their weights")
 
 

@@ -270,12 +270,14 @@ def _race(url: str, n: int = 4) -> list[subprocess.CompletedProcess[str]]:
             for p in procs]
 
 
+@pytest.mark.slow  # 12 processes racing (about 12 s)
 def test_simultaneous_first_start_on_an_empty_sqlite_store(tmp_path: Path) -> None:
     for attempt in range(3):
         results = _race(f"sqlite:///{tmp_path}/race{attempt}.db")
         assert all(r.returncode == 0 for r in results), [r.stderr[-500:] for r in results]
 
 
+@pytest.mark.slow  # 4 processes racing (about 5 s)
 def test_simultaneous_first_start_on_an_empty_postgresql_database() -> None:
     sqlalchemy = pytest.importorskip("sqlalchemy")
     from test_optimize import PG_URL, _postgres_reachable
