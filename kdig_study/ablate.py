@@ -156,7 +156,7 @@ def parse_controls(text: str, design: dict[str, tuple[str | None, ...]]) -> tupl
     return items
 
 
-def _sweep(text: str | None, cfg: StudyConfig) -> tuple[str | None, list[float] | None]:
+def parse_sweep(text: str | None, cfg: StudyConfig) -> tuple[str | None, list[float] | None]:
     if text is None:
         return None, None
     key, _, values = text.partition("=")
@@ -357,7 +357,7 @@ def _options(args: argparse.Namespace, cfg: StudyConfig) -> _Options:
     """The design, controls and sweep the arguments ask for, checked before any store opens."""
     design = parse_factors(args.factors, cfg)
     controls = parse_controls(args.controls, design)
-    sweep_key, sweep_values = _sweep(args.sweep, cfg)
+    sweep_key, sweep_values = parse_sweep(args.sweep, cfg)
     if args.seeds < 1 or args.monte_carlo < 0 or not 0 < args.fraction <= 1 or \
             args.heartbeat < 1 or args.workers < 1:
         raise KdigError("--seeds, --workers and --heartbeat must be >= 1, --monte-carlo >= 0, "

@@ -238,28 +238,54 @@ def test_sweep_and_monte_carlo_through_the_cli(tmp_path: Path, isolated_storage:
     assert len(res["runs"]) == 4
 
 
+@pytest.mark.parametrize("kind,text,fragments", [
+    ("factors", "kd,xx", ["--factors kd,xx", "'xx'", "allowed: kd, ig, at"]),
+    ("factors", "kd,kd", ["--factors kd,kd"]),
+    ("factors", "ig,overlay=none|ig", ["repeated"]),
+    ("factors", "kd,overlay=ig|shuffled", ["include none"]),
+    ("factors", "kd,overlay=none|lime", ["unknown: 'lime'", "gradcam"]),
+    ("sweep", "depth=3", ["--sweep depth=3", "one of drop_blocks, width"]),
+    ("sweep", "width=-0.5", ["--sweep width=-0.5", "> 0"]),
+    ("sweep", "width=0", ["--sweep width=0", "> 0"]),
+    ("sweep", "width=nan", ["--sweep width=nan", "finite"]),
+    ("sweep", "drop_blocks=3", ["drop_blocks compresses a mobilenetv2", "sweep width"]),
+    ("controls", "shuffled with kd", ["--controls shuffled", "kd and ig"]),
+    ("controls", "ig", ["--controls ig", "'ig'", "allowed: shuffled"]),
+    ("controls", "shuffled,shuffled", ["'shuffled'", "repeated"]),
+    ("controls", "gradcam with kd,overlay=none|ig|gradcam", ["already an overlay level"]),
+])
+def test_bad_factors_sweeps_and_controls_are_one_line(kind: str, text: str,
+                                                      fragments: list[str]) -> None:
+    """The argument checks themselves; test_bad_input_is_one_line sends a few through the
+    command line."""
+    from kdig_study.ablate import parse_controls, parse_factors, parse_sweep
+    from kdig_study.errors import KdigError
+
+    cfg = load_study("kd_ig", "smoke")
+    with pytest.raises(KdigError) as e:
+        if kind == "factors":
+            parse_factors(text, cfg)
+        elif kind == "sweep":
+            parse_sweep(text, cfg)
+        else:
+            controls, _, factors = text.partition(" with ")
+            parse_controls(controls, parse_factors(factors or "kd,ig", cfg))
+    message = str(e.value)
+    assert "\n" not in message
+    for f in fragments:
+        assert f in message, (f, message)
+
+
 @pytest.mark.parametrize("args,fragments", [
     (["--factors", "kd,xx"], ["--factors kd,xx", "'xx'", "allowed: kd, ig, at"]),
-    (["--factors", "kd,kd"], ["--factors kd,kd"]),
-    (["--factors", "ig,overlay=none|ig"], ["repeated"]),
-    (["--factors", "kd,overlay=ig|shuffled"], ["include none"]),
-    (["--factors", "kd,overlay=none|lime"], ["unknown: 'lime'", "gradcam"]),
-    (["--sweep", "depth=3"], ["--sweep depth=3", "one of drop_blocks, width"]),
-    (["--sweep", "width=-0.5"], ["--sweep width=-0.5", "> 0"]),
-    (["--sweep", "width=0"], ["--sweep width=0", "> 0"]),
     (["--sweep", "width=nan"], ["--sweep width=nan", "finite"]),
-    (["--sweep", "drop_blocks=3"], ["drop_blocks compresses a mobilenetv2", "sweep width"]),
     (["--heartbeat", "0"], ["--heartbeat must be >= 1"]),
     (["--params", "best"], ["no study 'kd_ig-smoke'", "optimize"]),
     (["--params", "per-condition"], ["no study 'student-smoke'", "--study student"]),
     (["--params", "per-condition", "--factors", "kd,overlay=none|shuffled"],
      ["no search study for condition(s) shuffled"]),
     (["--params", "missing.toml"], ["--params missing.toml: no such file"]),
-    (["--controls", "shuffled", "--factors", "kd"], ["--controls shuffled", "kd and ig"]),
     (["--controls", "ig"], ["--controls ig", "'ig'", "allowed: shuffled"]),
-    (["--controls", "shuffled,shuffled"], ["'shuffled'", "repeated"]),
-    (["--controls", "gradcam", "--factors", "kd,overlay=none|ig|gradcam"],
-     ["already an overlay level"]),
 ])
 def test_bad_input_is_one_line(args: list[str], fragments: list[str]) -> None:
     assert_one_line_error(_ablate(*args), *fragments)
