@@ -25,7 +25,7 @@ from kdig_study.errors import KdigError
 from kdig_study.optuna_adapter import storage_of
 from kdig_study.paths import safe_name
 
-from cli_helpers import assert_one_line_error, run_cli
+from cli_helpers import assert_one_line_error, run_cli, run_process
 from conftest import REPO
 
 CPU = torch.device("cpu")
@@ -71,8 +71,10 @@ def test_study_names_never_write_outside_the_chosen_folder(tmp_path: Path,
                                                            warm_cache: Path) -> None:
     out = tmp_path / "deep" / "out"
     name = "../../escaped-kdig"
-    proc = run_cli("optimize", "--study", "kd_ig", "--scale", "smoke", "--no-progress",
-                   "--n-trials", "1", "--study-name", name)
+    # a real process: the report below opens the store read-only (SQLite's immutable mode,
+    # which reads the file, not its write-ahead log), as after a search that has exited
+    proc = run_process("optimize", "--study", "kd_ig", "--scale", "smoke", "--no-progress",
+                       "--n-trials", "1", "--study-name", name)
     assert proc.returncode == 0, proc.stderr
     proc = run_cli("report", "--study", "kd_ig", "--scale", "smoke", "--study-name", name,
                    "--out", str(out), "--no-dashboard")
