@@ -168,11 +168,16 @@ def open_storage(url: str, heartbeat_interval: int = 60, max_retry: int = 3,
 
 
 def _read_only_sqlite(db: Path) -> RDBStorage:
-    """An SQLite store opened read-only (SQLite's immutable mode: no -wal/-shm files are
-    needed or made, so a store on a read-only disk opens)."""
+    """An SQLite store opened read-only. Where its write-ahead log holds transactions not
+    yet folded into the file (a search still running, or one that was killed) and the folder
+    is writable, SQLite's read-only mode reads them too; otherwise (a read-only disk) the
+    immutable mode, which needs no -wal/-shm files, reads the file alone."""
     if not db.is_file():
         raise KdigError(f"no SQLite store at {db}")
-    uri = f"sqlite:///file:{db.resolve()}?mode=ro&immutable=1&uri=true"
+    wal = db.with_name(db.name + "-wal")
+    live = wal.is_file() and wal.stat().st_size > 0 and os.access(db.parent, os.W_OK)
+    uri = f"sqlite:///file:{db.resolve()}?mode=ro" + ("" if live else "&immutable=1") + \
+        "&uri=true"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

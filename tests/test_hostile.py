@@ -299,3 +299,21 @@ def test_simultaneous_first_start_on_an_empty_postgresql_database() -> None:
         with admin.connect() as con:
             con.execute(sqlalchemy.text(f"DROP DATABASE {db} WITH (FORCE)"))
         admin.dispose()
+
+
+def test_a_read_only_report_sees_what_a_running_search_has_committed(tmp_path: Path) -> None:
+    """SQLite's immutable mode reads the file, not its write-ahead log: a read-only reader
+    missed every trial a live (or killed) search had committed but not yet checkpointed."""
+    from optuna.trial import create_trial
+
+    from kdig_study.store import open_storage
+
+    url = f"sqlite:///{tmp_path}/live.db"
+    writer = open_storage(url)  # WAL mode, held open like a running search
+    study = optuna.create_study(study_name="live", storage=writer, direction="maximize")
+    study.add_trial(create_trial(params={}, distributions={}, value=0.5))
+    assert (tmp_path / "live.db-wal").stat().st_size > 0  # committed, still in the log
+    reader = open_storage(url, read_only=True)
+    seen = optuna.load_study(study_name="live", storage=reader).get_trials()
+    assert [t.value for t in seen] == [0.5]
+    writer.engine.dispose()
