@@ -95,24 +95,22 @@ def shared_cifar() -> Path:
 
 
 @pytest.fixture(scope="session")
-def setup():
-    """A smoke teacher trained for 3 epochs (once per session; tests only read it), with its
+def setup(warm_cache_source: Path):
+    """The session's smoke teacher (the warm cache's, loaded; tests only read it), with its
     data and the data's mean and std as [1, 3, 1, 1] tensors: what the IG tests integrate."""
-    import dataclasses
-
     import torch
 
     from kdig_study.config import load_study
     from kdig_study.data import load_bundle
-    from kdig_study.engine import seeded_model, train
-    from kdig_study.models import build_model
+    from kdig_study.teacher import get_teacher
 
     cfg = load_study("kd_ig", "smoke")
-    data = load_bundle(cfg.data)
-    teacher = seeded_model(lambda: build_model(cfg.teacher), 0)
-    train(teacher, data.train, data, dataclasses.replace(cfg.teacher_train, epochs=3),
-          device=torch.device("cpu"), progress=False, evaluate_test=False)
-    teacher.eval().to(memory_format=torch.channels_last)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDIG_CACHE", str(warm_cache_source))
+        data = load_bundle(cfg.data)
+        teacher = get_teacher(cfg, data, torch.device("cpu"), progress=False)
+    assert not teacher.trained_now, "the warm cache should hold the smoke teacher"
+    model = teacher.model.eval().to(memory_format=torch.channels_last)
     mean = torch.tensor(data.mean).view(1, 3, 1, 1)
     std = torch.tensor(data.std).view(1, 3, 1, 1)
-    return cfg, data, teacher, mean, std
+    return cfg, data, model, mean, std

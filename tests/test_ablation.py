@@ -122,6 +122,12 @@ def _params_file(tmp_path: Path) -> str:
 
 def test_smoke_ablation_end_to_end(tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
     out = tmp_path / "out"
+    name = "kd_ig-smoke.ablation"
+    url = f"sqlite:///{isolated_storage}/kdig.db"
+    proc = _ablate("--seeds", "1", "--params", _params_file(tmp_path), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert len(trials_of(url, name)) == 4
+    # a re-run with more seeds only adds the new seed's runs
     proc = _ablate("--seeds", "2", "--params", _params_file(tmp_path), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "KD+IG - KD" in proc.stdout and "KD x IG" in proc.stdout
@@ -131,7 +137,6 @@ def test_smoke_ablation_end_to_end(tmp_path: Path, isolated_storage: Path, warm_
     assert "Holm" in proc.stdout and "d_z" in proc.stdout and "MDE" in proc.stdout
     assert "* KD+IG - KD" in proc.stdout and "primary comparison" in proc.stdout
     assert "Wilcoxon n/a where n < 6" in proc.stdout
-    name = "kd_ig-smoke.ablation"
     res = json.loads((out / f"{name}.json").read_text())
     assert res["design"] == "file" and res["seeds"] == {"0": 1000, "1": 1001}
     assert res["primary"] == "KD+IG - KD on test accuracy"
@@ -151,17 +156,15 @@ def test_smoke_ablation_end_to_end(tmp_path: Path, isolated_storage: Path, warm_
     csv_text = (out / f"{name}.csv").read_text()
     assert csv_text.startswith("group,metric,kind,name") and "KD+IG - KD" in csv_text
     assert "t_p_holm" in csv_text.splitlines()[0]
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{isolated_storage}/kdig.db")
+    study = optuna.load_study(study_name=name, storage=url)
     assert study.user_attrs["ablation"]["seeds"] == {"0": 1000, "1": 1001}
     trials = study.get_trials()
     assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
     assert {(t.params["condition"], t.params["replicate"]) for t in trials} == \
         {(c, s) for c in ("student", "KD", "IG", "KD+IG") for s in (0, 1)}
     assert all("test_acc" in t.user_attrs for t in trials)
-    # a re-run with more seeds only adds the new seed's runs
-    proc = _ablate("--seeds", "3", "--params", _params_file(tmp_path), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert len(study.get_trials()) == 12
+    # the first seed's runs are the ones the first command stored (not run again)
+    assert sorted(t.number for t in trials if t.params["replicate"] == 0) == [0, 1, 2, 3]
     # another design on the same study is refused, in one line
     assert_one_line_error(_ablate("--seeds", "3", "--params", "fixed", "--out", str(out)),
                           "ran with another design", "--study-name")

@@ -185,7 +185,7 @@ def test_damaged_store_is_detected_reported_and_recomputed(setup, damage: str) -
 
 
 # the maps of a 200-image training subset (the teacher comes from the warm cache)
-SUBSET = ("--set", "student_train.train_size=200")
+SUBSET = ("--set", "student_train.train_size=100")
 
 
 def test_attribute_cli_computes_once(tmp_path: Path, isolated_storage: Path,
@@ -195,7 +195,7 @@ def test_attribute_cli_computes_once(tmp_path: Path, isolated_storage: Path,
     subset = SUBSET
     first = run_cli("attribute", "--study", "kd_ig", "--scale", "smoke", "--no-progress", *subset)
     assert first.returncode == 0, first.stderr
-    assert "computed 200 maps" in first.stdout and "steps 8: completeness gap" in first.stdout
+    assert "computed 100 maps" in first.stdout and "steps 8: completeness gap" in first.stdout
     store = Path(first.stdout.strip().splitlines()[-1].split(": ", 1)[1])
     assert (store / "maps_s8.npy").is_file() and (store / "maps_s16.npy").is_file()
     assert list(store.glob("preview_s8_n8.png"))
@@ -215,7 +215,7 @@ def test_attribute_cli_concurrent_workers_share(tmp_path: Path, isolated_storage
              for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    assert sum("computed 200 maps" in o for o in outs) == 1
+    assert sum("computed 100 maps" in o for o in outs) == 1
     assert sum("store already complete" in o for o in outs) == 1
 
 

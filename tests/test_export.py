@@ -113,6 +113,11 @@ def test_onnx_matches_pytorch_and_a_failed_check_writes_nothing(
     def reject(*args, **kwargs):
         raise onnx.checker.ValidationError("planted failure")
 
+    def write_anything(model, args, path, **kwargs) -> None:
+        Path(path).write_bytes(b"not checked yet")  # what the veto sees is planted below
+
+    # the veto and the atomic write are under test here, not a second (3 s) export
+    monkeypatch.setattr(torch.onnx, "export", write_anything)
     monkeypatch.setattr(onnx.checker, "check_model", reject)
     bad = tmp_path / "bad.onnx"
     with pytest.raises(KdigError, match="failed onnx.checker.*planted failure"):

@@ -46,7 +46,9 @@ def read_only(folder: Path) -> Iterator[Path]:
     try:
         yield target
     finally:
-        subprocess.run(["umount", str(target)], capture_output=True)
+        # lazy: a store the test opened may still hold a file there, and a mount left behind
+        # makes every later pytest run fail to clean its temporary folders
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
 # -- study names and stored strings ---------------------------------------------------------

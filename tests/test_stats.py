@@ -124,6 +124,34 @@ def test_holm_within_the_metric_family_by_hand() -> None:
     assert all(math.isnan(r["wilcoxon_p_holm"]) for r in rows)
 
 
+def test_holm_agrees_with_statsmodels_on_ties_nans_and_caps(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """stats._holm is written by hand (statsmodels' Holm runs gc.collect() on every call):
+    it must give statsmodels' adjusted p-values, nan left out of the family."""
+    import gc
+    import random
+
+    monkeypatch.setattr(gc, "collect", lambda *a: 0)  # the reference's cost, not its result
+
+    from statsmodels.stats.multitest import multipletests
+
+    from kdig_study.stats import _holm
+
+    rng = random.Random(0)
+    cases = [[0.01, 0.04, 0.03, 0.005], [0.2, 0.2, 0.2], [0.5, 0.9, 0.01], [0.03]]
+    cases += [[rng.choice([rng.random(), rng.random() / 50, 0.02]) for _ in range(rng.randint(2, 12))]
+              for _ in range(30)]
+    for ps in cases:
+        expected = multipletests(ps, method="holm")[1]
+        assert _holm(ps) == pytest.approx(list(expected), abs=1e-15), ps
+    ps = [0.01, float("nan"), 0.04, float("nan"), 0.02]
+    got = _holm(ps)
+    assert math.isnan(got[1]) and math.isnan(got[3])
+    assert [got[0], got[2], got[4]] == pytest.approx(list(multipletests([0.01, 0.04, 0.02],
+                                                                       method="holm")[1]))
+    assert _holm([]) == [] and all(math.isnan(p) for p in _holm([float("nan")] * 2))
+
+
 def test_multi_level_overlay_factor() -> None:
     design = {"kd": (None, "kd"), "overlay": (None, "ig", "shuffled")}
     conds = conditions(design)

@@ -8,13 +8,13 @@ import pytest
 from cli_helpers import assert_one_line_error, run_cli
 
 
-def test_smoke_student_through_the_cli(tmp_path: Path, isolated_storage: Path) -> None:
+def test_smoke_student_through_the_cli(tmp_path: Path, warm_cache: Path) -> None:
     out = tmp_path / "out.json"
     proc = run_cli("train", "--study", "kd_ig", "--role", "student", "--scale", "smoke",
                    "--no-ig", "--no-progress", "--device", "cpu", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    assert "teacher trained now" in text and "student (KD)" in text
+    assert "teacher loaded from cache" in text and "student (KD)" in text
     assert "compression" in text and "latency batch 1: median" in text
     res = json.loads(out.read_text())
     assert res["student"]["test_acc"] > 0.3  # 10 classes: chance is 0.1
@@ -25,9 +25,12 @@ def test_smoke_student_through_the_cli(tmp_path: Path, isolated_storage: Path) -
         (10, 2)
     assert "2 warm-up passes, then median and p90 of 10 timed" in res["student"]["latency_b1"][
         "method"]
-    # a second run reuses the cached teacher
-    proc = run_cli("train", "--study", "kd_ig", "--role", "teacher", "--scale", "smoke",
-                   "--no-progress")
+    # a teacher of other settings is trained, then reused from the cache
+    other = ("--study", "kd_ig", "--role", "teacher", "--scale", "smoke", "--no-progress",
+             "--set", "teacher_train.epochs=1")
+    proc = run_cli("train", *other)
+    assert proc.returncode == 0 and "teacher trained now" in proc.stdout, proc.stderr
+    proc = run_cli("train", *other)
     assert proc.returncode == 0 and "teacher loaded from cache" in proc.stdout
 
 
