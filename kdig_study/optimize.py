@@ -202,7 +202,6 @@ def main() -> int:
         raise KdigError(f"--timeout {args.timeout}: allowed: a finite number of seconds > 0")
     import optuna
     import torch
-    from optuna.trial import TrialState
 
     from kdig_study.experiment import Context
     from kdig_study.measure import default_threads
@@ -237,8 +236,7 @@ def main() -> int:
     ctx = Context.create(cfg, args.data_dir, args.device, progress=progress)
     artifact_store(check_writable=True)  # before any training, not after the first trial
     if worker is None:
-        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                       for t in study.get_trials(deepcopy=False))
+        finished = _finished(study)
         print(banner(cfg, n_trials, max(0, n_trials - finished), cached_parts(ctx)), flush=True)
         if multi:
             print(f"multi-objective study ({', '.join(cfg.search.objectives)}): Optuna does not "
@@ -251,8 +249,7 @@ def main() -> int:
             print(f"{args.workers} workers, {max(1, default_threads() // args.workers)} "
                   f"threads each", flush=True)
             spawn_workers("kdig_study.optimize", sys.argv[1:], args.workers)
-            record_latency(study, ctx)
-            _summary(study, n_trials, url)
+            _after_search(study, ctx, n_trials, url, finished)
             return 0
     prefix = f"[worker {worker}] " if worker is not None else ""
     space = relevant_space(cfg)
@@ -264,9 +261,24 @@ def main() -> int:
     run_worker(study, objective, n_trials, args.timeout, SlotLock(storage, name),
                poll_s=max(1.0, args.heartbeat / 2), prefix=prefix)
     if worker is None:
-        record_latency(study, ctx)
-        _summary(study, n_trials, url)
+        _after_search(study, ctx, n_trials, url, finished)
     return 0
+
+
+def _finished(study: optuna.Study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               for t in study.get_trials(deepcopy=False))
+
+
+def _after_search(study: optuna.Study, ctx: Context, n_trials: int, url: str,
+                  finished_before: int) -> None:
+    """Latency is measured again only when this command finished trials (or none is
+    recorded): a resume with nothing left to run changes nothing and measures nothing."""
+    if _finished(study) > finished_before or "latency" not in study.user_attrs:
+        record_latency(study, ctx)
+    _summary(study, n_trials, url)
 
 
 def _summary(study: optuna.Study, n_trials: int, url: str) -> None:

@@ -186,9 +186,13 @@ def test_resume_counts_the_total_and_refuses_a_changed_config(env: dict, isolate
         in proc.stdout and "test accuracy" in proc.stdout
     assert "ig maps (750 images, from the cache): median completeness gap 8 steps" \
         in proc.stdout
+    latency = optuna.load_study(study_name="kd_ig-smoke", storage=url).user_attrs["latency"]
     proc = _optimize("--n-trials", "3", *ONE_EPOCH, env=env)
     assert proc.returncode == 0 and len(_trials(url)) == 3
     assert "0 trial(s) to run" in proc.stdout.splitlines()[0]
+    # nothing ran, so nothing was measured again (timings never repeat exactly)
+    assert optuna.load_study(study_name="kd_ig-smoke", storage=url).user_attrs["latency"] == \
+        latency
     # a changed config is refused, in one line that names the change and the way out
     changed = tmp_path / "kd_ig.toml"
     changed.write_text((REPO / "studies" / "kd_ig.toml").read_text().replace(

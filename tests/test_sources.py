@@ -53,8 +53,8 @@ def ctx(tmp_path_factory: pytest.TempPathFactory, warm_cache_source: Path):
         cfg = dataclasses.replace(
             cfg, ig=dataclasses.replace(cfg.ig, precision="fp32", smoothgrad_samples=4,
                                         shap_samples=4),
-            # the maps of a 300-image training subset
-            student_train=dataclasses.replace(cfg.student_train, train_size=300))
+            # the maps of a 120-image training subset
+            student_train=dataclasses.replace(cfg.student_train, train_size=120))
         c = Context(cfg, load_bundle(cfg.data), CPU, progress=False, log=lambda *a: None)
         c.teacher()
         yield c
@@ -155,7 +155,7 @@ def test_captum_sources_through_the_store(ctx, source: str) -> None:
     store = ctx.maps(None, source).store
     assert store.source == source and store.counts == (0,)
     n = len(ctx.data.train_subset(ctx.cfg.student_train.train_size)[0])
-    assert n == 300 and store.maps(16).shape == (n, 32, 32)  # any step count: one map
+    assert n == 120 and store.maps(16).shape == (n, 32, 32)  # any step count: one map
     assert np.isnan(store.gap(8)["median"])
     assert ctx.maps(None, source).store.root == store.root  # cached
 
