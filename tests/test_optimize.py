@@ -184,7 +184,7 @@ def test_resume_counts_the_total_and_refuses_a_changed_config(env: dict, isolate
     # teacher and maps, summarised in one line each, from the cache too
     assert "teacher (convnet, 124,722 parameters, from the cache): validation accuracy" \
         in proc.stdout and "test accuracy" in proc.stdout
-    assert "ig maps (750 images, from the cache): median completeness gap 8 steps" \
+    assert "ig maps (450 images, from the cache): median completeness gap 8 steps" \
         in proc.stdout
     latency = optuna.load_study(study_name="kd_ig-smoke", storage=url).user_attrs["latency"]
     proc = _optimize("--n-trials", "3", *ONE_EPOCH, env=env)

@@ -220,7 +220,7 @@ def test_attribute_cli_every_source(tmp_path: Path, warm_teacher: Path) -> None:
                    "--source", "all", "--preview", "2")
     assert proc.returncode == 0, proc.stderr
     for source in MAP_SOURCES:
-        assert f"{source}: computed 750 maps" in proc.stdout, source
+        assert f"{source}: computed 450 maps" in proc.stdout, source
     assert proc.stdout.count("deletion check") == len(MAP_SOURCES)
     assert "deletion ratio: vs random order, vs other images' maps" in proc.stdout
     assert_one_line_error(run_cli("attribute", "--study", "kd_ig", "--scale", "smoke",
