@@ -70,7 +70,7 @@ _DESIGN_TEXT = {
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m kdig_study.ablate", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_study_args(p)
+    add_study_args(p, trains_students=True)
     p.add_argument("--seeds", type=int, default=10,
                    help="replicates per condition (default 10, the paper's count)")
     p.add_argument("--factors", default="kd,ig",
@@ -461,6 +461,7 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
     JSON and CSV."""
     from kdig_study.ablation import analyse_metric, planned_trials, results_table
     from kdig_study.corruptions import robust_metric
+    from kdig_study.objectives import teacher_cache_line
 
     s = setup
     name = study.study_name
@@ -492,6 +493,7 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
     write_json(out_dir / f"{stem}.json", _finite(out))
     text = _csv(blocks)
     atomic_write(out_dir / f"{stem}.csv", lambda tmp: tmp.write_text(text))
+    print(teacher_cache_line(trials, "the ablation's runs"))
     print(f"written: {out_dir / (stem + '.json')}, {out_dir / (stem + '.csv')}")
 
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from kdig_study.experiment import Context
 
 BENCHES = ("loader", "engine", "ig", "adaptive", "sources", "cache", "trials", "robustness",
-           "compile", "deploy")
+           "compile", "deploy", "teacher-cache")
 
 
 def _deploy_student(cfg: StudyConfig, ctx: Context) -> tuple[torch.nn.Module, str]:
@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=8, help="trials per search in 'trials'")
     p.add_argument("--pruning-scale", default="smoke",
                    help="scale of the pruning comparison (cpu: the real figure, ~1 h)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   dest="overrides", help="override a study-file value, as in the other "
+                   "commands (e.g. --set teacher_train.epochs=1: timings do not depend on "
+                   "the teacher's accuracy)")
     p.add_argument("--json", default=None, metavar="FILE")
     return p
 
@@ -82,7 +86,7 @@ def main() -> int:
                         f"{', '.join(BENCHES)}")
     if args.repeats < 1:
         raise KdigError(f"--repeats {args.repeats}: allowed: >= 1")
-    cfg = load_study(args.study, args.scale)
+    cfg = load_study(args.study, args.scale, args.overrides)
     import torch
 
     from kdig_study.bench_deploy import bench_compile, bench_deploy
@@ -93,7 +97,13 @@ def main() -> int:
         bench_second_trial,
         bench_sources,
     )
-    from kdig_study.bench_train import bench_engine, bench_loader, bench_robustness, bench_trials
+    from kdig_study.bench_train import (
+        bench_engine,
+        bench_loader,
+        bench_robustness,
+        bench_teacher_cache,
+        bench_trials,
+    )
     from kdig_study.data import load_bundle
     from kdig_study.engine import resolve_device
     from kdig_study.experiment import Context
@@ -134,6 +144,8 @@ def main() -> int:
         results += bench_deploy(ctx, student, trained)
     if "robustness" in only:
         results.append(bench_robustness(cfg, data, device, args.repeats))
+    if "teacher-cache" in only:
+        results += bench_teacher_cache(Context(cfg, data, device, progress=True), args.repeats)
     if "trials" in only:
         results += bench_trials(args.data_dir, device, args.trials, args.pruning_scale)
     print()

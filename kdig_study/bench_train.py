@@ -249,3 +249,57 @@ def bench_robustness(cfg: StudyConfig, data: DataBundle, device: torch.device,
         f"{len(data.val):,} + test {len(data.test):,})", False, "adds <= 25%",
         {"added_fraction": robust_s / clean_s, "suite_build_or_load_s": build_s},
         headline=f"adds {robust_s / clean_s:.0%} to the evaluation time")
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher-output cache: a KD+IG trial reading it, computing the teacher, the student alone
+
+
+def bench_teacher_cache(ctx: Context, repeats: int) -> list[Result]:
+    """Whole trials (run_student: training, validation, test, corruption suite) of the
+    study's scale: KD+IG reading the teacher-output cache, the same trial computing the
+    teacher (cache off), and the student alone (no KD, no overlay). The cached variant's
+    warm-up run writes the stream; the others need no warm-up (nothing to fill). The cached
+    and computing runs must end with the same weights: the figure is void otherwise."""
+    from kdig_study.experiment import run_student
+
+    cfg = ctx.cfg
+
+    def variant(kd: bool, ig: bool, cache: bool) -> StudyConfig:
+        return dataclasses.replace(
+            cfg, method=dataclasses.replace(cfg.method, kd=kd, ig=ig, at=False),
+            teacher_cache=dataclasses.replace(cfg.teacher_cache, enabled=cache))
+
+    ctx.teacher()
+    ctx.maps()  # the overlay's maps, before any timing
+    runs: dict[str, Any] = {}
+
+    def timed(name: str, c: StudyConfig, warmup: int) -> float:
+        def one() -> None:
+            runs[name] = run_student(ctx, c)
+        return median_time(one, repeats, warmup=warmup)
+
+    alone = timed("alone", variant(False, False, False), 0)
+    computing = timed("computing", variant(True, True, False), 0)
+    cached = timed("cached", variant(True, True, True), 1)
+    a, b = runs["computing"], runs["cached"]
+    same = all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(),
+                                                  b.model.state_dict().values(), strict=True))
+    if not same or a.metrics.test_acc != b.metrics.test_acc:
+        raise RuntimeError("the cached KD+IG trial differs from the computing one: the "
+                           "teacher-output cache is not exact here")
+    tc = cfg.student_train
+    what = (f"KD+IG trial, {cfg.scale} scale ({a.metrics.train_images:,} images x "
+            f"{tc.epochs} epochs, {b.metrics.teacher_steps_cached:,} teacher steps read)")
+    detail = {"student_alone_s": alone, "kd_ig_computing_s": computing,
+              "kd_ig_cached_s": cached, "cached_over_alone": cached / alone,
+              "computing_over_alone": computing / alone,
+              "teacher_epochs": cfg.teacher_train.epochs,
+              "identical_weights_and_metrics": same}
+    return [Result(f"{what}: reading the teacher-output cache", cached, computing, "s",
+                   "the same trial computing the teacher", False,
+                   "the cached trial <= 1.25x the student alone (next row)", detail),
+            Result(f"{what}: cached, against the student alone", cached, alone, "s",
+                   "a student-only trial (no KD, no overlay)", False, "<= 1.25x its time",
+                   {}, headline=f"costs {cached / alone:.2f}x the student-only trial "
+                                f"(computing the teacher: {computing / alone:.2f}x)")]

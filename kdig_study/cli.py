@@ -21,7 +21,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def add_study_args(p: argparse.ArgumentParser) -> None:
+def add_study_args(p: argparse.ArgumentParser, trains_students: bool = False) -> None:
+    """The shared arguments; ``trains_students``: also --no-teacher-cache."""
     p.add_argument("--study", required=True,
                    help="study name in studies/ (e.g. kd_ig) or a path to a .toml file")
     p.add_argument("--scale", default=None,
@@ -34,6 +35,10 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
                    dest="overrides",
                    help="override a study-file value, e.g. --set student_train.epochs=2 "
                         "(repeatable; checked like the file, recorded in the study's config)")
+    if trains_students:
+        p.add_argument("--no-teacher-cache", action="store_true",
+                       help="run the teacher on every KD/AT step instead of reading its "
+                            "outputs from the cache (teacher_cache.enabled = false)")
 
 
 def default_scale() -> str:
@@ -43,8 +48,10 @@ def default_scale() -> str:
 
 
 def load_from_args(args: argparse.Namespace) -> StudyConfig:
-    return load_study(args.study, args.scale or default_scale(),
-                      getattr(args, "overrides", []) or [])
+    overrides = list(getattr(args, "overrides", []) or [])
+    if getattr(args, "no_teacher_cache", False):
+        overrides.append("teacher_cache.enabled=false")
+    return load_study(args.study, args.scale or default_scale(), overrides)
 
 
 def run(main: Callable[[], int | None]) -> NoReturn:

@@ -211,6 +211,8 @@ class ExpectedConfig:
     teacher: float = _bounded(0.0, ge=0.0)  # training the teacher
     maps: float = _bounded(0.0, ge=0.0)  # every map store `optimize` computes up front
     trial: float = _bounded(0.0, ge=0.0)  # one search trial, pruned ones included (mean)
+    # the same, reading the teacher's outputs from the teacher-output cache (0: as `trial`)
+    trial_cached: float = _bounded(0.0, ge=0.0)
     machine: str = "a 2-core CPU"  # where they were measured
 
 
@@ -222,6 +224,18 @@ class MeasureConfig:
 
     latency_warmup: int = _bounded(10, ge=0)
     latency_runs: int = _bounded(50, ge=5)
+
+
+@dataclass(frozen=True)
+class TeacherCacheConfig:
+    """The teacher-output cache (kdig_study.teacher_outputs): KD and AT runs of one data
+    stream read the teacher's logits and attention maps that the stream's first run wrote.
+    Not part of the config fingerprint: a run that reads it gets the bits it would have
+    computed. ``max_mb``: a stream whose epochs would need more is not kept (one line says
+    so), e.g. attention maps at paper scale."""
+
+    enabled: bool = True
+    max_mb: float = _bounded(4096.0, gt=0.0)
 
 
 @dataclass(frozen=True)
@@ -321,6 +335,7 @@ class StudyConfig:
     robustness: RobustnessConfig = RobustnessConfig()
     expected: ExpectedConfig = ExpectedConfig()
     measure: MeasureConfig = MeasureConfig()
+    teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
     overrides: tuple[str, ...] = ()  # the --set items applied (their values are in the fields)
 
     def to_dict(self) -> dict[str, Any]:
@@ -329,7 +344,8 @@ class StudyConfig:
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not the file's path or description)."""
         d = self.to_dict()
-        for k in ("source", "description", "expected", "measure", "overrides"):
+        for k in ("source", "description", "expected", "measure", "teacher_cache",
+                  "overrides"):
             d.pop(k)
         d["data"].pop("path")  # the same data found at another path is the same data
         # How long a search runs does not change what one trial means.
@@ -352,6 +368,7 @@ _SECTIONS: dict[str, type] = {
     "robustness": RobustnessConfig,
     "expected": ExpectedConfig,
     "measure": MeasureConfig,
+    "teacher_cache": TeacherCacheConfig,
 }
 _TOP_KEYS = ("inherit", "description", "scales")
 

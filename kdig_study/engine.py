@@ -19,9 +19,10 @@ from tqdm import tqdm
 from kdig_study.config import KDConfig, TrainConfig
 from kdig_study.data import BatchLoader, DataBundle, ImageSet, Overlay
 from kdig_study.errors import KdigError
-from kdig_study.losses import at_loss, kd_loss
+from kdig_study.losses import at_loss_to, attention_map, kd_loss
 from kdig_study.models import Net, init_whitening, whitening_conv
 from kdig_study.paths import atomic_write, write_json
+from kdig_study.teacher_outputs import EpochOutputs, TeacherOut, TeacherStream
 
 EVAL_BATCH = 1000
 
@@ -47,6 +48,11 @@ class Distillation:
     kd: KDConfig | None = None  # None: no KD term
     at_weight: float = 0.0  # 0: no attention-transfer term
     tap: int = -1  # features index compared by attention transfer
+    outputs: TeacherStream | None = None  # the teacher-output cache of this run's stream
+
+    @property
+    def use_at(self) -> bool:
+        return self.at_weight > 0
 
 
 @dataclass
@@ -71,6 +77,8 @@ class TrainResult:
     images_per_s: float  # training throughput, median over epochs
     precision: str  # resolved: fp32 or bf16
     test_s: float = 0.0  # the final test evaluation
+    teacher_steps_cached: int = 0  # KD/AT steps whose teacher outputs were read
+    teacher_steps_computed: int = 0  # KD/AT steps that ran the teacher
     history: list[EpochStats] = field(default_factory=list)
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # best weights, on the CPU
 
@@ -271,9 +279,18 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
+            cached: EpochOutputs | None = None
+            if distill is not None and distill.outputs is not None:
+                cached = distill.outputs.open_epoch(epoch)
             for batch in loader:
-                loss, logits = _step_loss(fwd, batch.x, batch.x_clean, batch.y, cfg,
-                                          distill, teacher, precision, device)
+                t_out = None
+                if distill is not None and teacher is not None:
+                    def compute(x: torch.Tensor = batch.x_clean) -> TeacherOut:
+                        return teacher_forward(teacher, x, distill, precision, device)
+                    t_out = compute() if cached is None else \
+                        cached.get(batch.index, compute, device, loader.n)
+                loss, logits = _step_loss(fwd, batch.x, batch.y, cfg, distill, t_out,
+                                          precision, device)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -287,6 +304,8 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
                 correct += (logits.detach().argmax(1) == batch.y).sum()
                 seen += batch.y.numel()
                 bar.update()
+            if cached is not None:
+                cached.finish()  # before the callback, which may stop the run here
             if lookahead is not None:
                 lookahead.end_of_epoch()
             seconds = time.perf_counter() - t0
@@ -314,45 +333,60 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
         if evaluate_test else float("nan")
     test_s = time.perf_counter() - t_test
     rates = sorted(h.images_per_s for h in history)
+    stream = distill.outputs if distill is not None else None
     return TrainResult(val_acc=best_acc, test_acc=test_acc, best_epoch=best_epoch,
                        epochs_run=len(history), wall_s=wall, images_per_s=rates[len(rates) // 2],
                        precision=precision, test_s=test_s,
+                       teacher_steps_cached=stream.served if stream else 0,
+                       teacher_steps_computed=stream.computed if stream else
+                       (step if distill is not None else 0),
                        history=history, state=best_state)
 
 
-def _step_loss(model: Net, x: torch.Tensor, x_clean: torch.Tensor, y: torch.Tensor,
-               cfg: TrainConfig, distill: Distillation | None, teacher: Net | None,
+def teacher_forward(teacher: Net, x_clean: torch.Tensor, distill: Distillation,
+                    precision: str, device: torch.device) -> TeacherOut:
+    """The teacher's outputs for one clean augmented batch (eval mode, inference mode, the
+    run's autocast): fp32 logits (Net.head) and, for AT, the fp32 attention map of its tap.
+
+    The teacher sees the clean augmented image, not the IG-overlaid one: its soft labels and
+    attention describe the real image the overlay was made from. The outputs are cloned out
+    of inference mode (autograd may save them for the student's backward pass)."""
+    with torch.inference_mode(), autocast(precision, device):
+        if distill.use_at:
+            logits, fmap = teacher.forward_tap(x_clean, distill.tap)
+            att: torch.Tensor | None = attention_map(fmap.float())
+        else:
+            logits, att = teacher(x_clean), None
+        logits = logits.float()
+    return TeacherOut(logits.clone(), None if att is None else att.clone())
+
+
+def _step_loss(model: Net, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+               distill: Distillation | None, t_out: TeacherOut | None,
                precision: str = "fp32", device: torch.device | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, student logits) for one batch in the configured mode.
+    """(loss, student logits) for one batch in the configured mode, given the teacher's
+    outputs on its clean image (``t_out``; None without a teacher).
 
-    The forward passes run under the run's autocast; the losses in fp32 outside it, on fp32
+    The forward pass runs under the run's autocast; the losses in fp32 outside it, on fp32
     logits (Net.head) and fp32 feature maps: KD and AT compare two nearly equal
     distributions, where bf16 rounding is of the size of the signal.
     """
-    use_at = distill is not None and teacher is not None and distill.at_weight > 0
+    t_att = t_out.attention if t_out is not None else None
+    s_map = None
     with autocast(precision, device or x.device):
-        if use_at:
-            logits, s_map = model.forward_tap(x, distill.tap)  # type: ignore[union-attr]
+        if distill is not None and t_att is not None:
+            logits, s_map = model.forward_tap(x, distill.tap)
         else:
             logits = model(x)
-        t_logits = t_map = None
-        if distill is not None and teacher is not None:
-            with torch.no_grad():
-                # The teacher sees the clean augmented image, not the IG-overlaid one: its
-                # soft labels and attention describe the real image the overlay was made from.
-                if use_at:
-                    t_logits, t_map = teacher.forward_tap(x_clean, distill.tap)
-                else:
-                    t_logits = teacher(x_clean)
     logits = logits.float()
-    if distill is not None and distill.kd is not None and t_logits is not None:
-        loss = kd_loss(logits, t_logits.float(), y, distill.kd.temperature, distill.kd.alpha,
+    if distill is not None and distill.kd is not None and t_out is not None:
+        loss = kd_loss(logits, t_out.logits, y, distill.kd.temperature, distill.kd.alpha,
                        cfg.label_smoothing)
     else:
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-    if use_at:
-        loss = loss + distill.at_weight * at_loss(s_map.float(), t_map.float())  # type: ignore[union-attr]
+    if distill is not None and t_att is not None and s_map is not None:
+        loss = loss + distill.at_weight * at_loss_to(s_map.float(), t_att)
     return loss, logits
 
 

@@ -42,6 +42,7 @@ from kdig_study.models import Net, build_model, count_params, tap_index
 from kdig_study.overlay import IGOverlay, save_preview, source_gallery
 from kdig_study.paths import atomic_write, cache_dir
 from kdig_study.teacher import Teacher, get_teacher
+from kdig_study.teacher_outputs import TeacherStream, device_kind
 
 
 def ig_counts(cfg: StudyConfig) -> tuple[int, ...]:
@@ -251,6 +252,9 @@ class RunMetrics:
     ig_store: str | None = None
     ig_preview: str | None = None
     ig_gap_median: float | None = None
+    # KD/AT runs: steps whose teacher outputs came from the cache, and steps that ran it
+    teacher_steps_cached: int = 0
+    teacher_steps_computed: int = 0
 
     def stored(self) -> dict[str, Any]:
         """The figures a trial records, by their stored names (what reports read back)."""
@@ -259,7 +263,9 @@ class RunMetrics:
             "flops": self.flops, "bytes": self.bytes, "compression": self.compression,
             "best_epoch": self.best_epoch, "epochs_run": self.epochs_run, "seed": self.seed,
             "precision": self.precision, "train_images": self.train_images,
-            "eval_s": self.eval_s, "train_eval_s": self.wall_s} | self._robust_means()
+            "eval_s": self.eval_s, "train_eval_s": self.wall_s,
+            "teacher_steps_cached": self.teacher_steps_cached,
+            "teacher_steps_computed": self.teacher_steps_computed} | self._robust_means()
         out |= {k: v for k, v in (("source", self.source), ("ig_steps", self.ig_steps),
                                   ("ig_gap_median", self.ig_gap_median)) if v is not None}
         return out
@@ -289,6 +295,25 @@ def teacher_params(cfg: StudyConfig, num_classes: int = 10) -> int:
     return count_params(build_model(cfg.teacher, num_classes))
 
 
+def teacher_stream(ctx: Context, cfg: StudyConfig, teacher_fingerprint: str,
+                   pool_rows: torch.Tensor, tap: int | None) -> TeacherStream:
+    """The teacher-output cache of this run's data stream: keyed by everything the stream's
+    images and the teacher's outputs on them depend on (``pool_rows``: the source-pool rows
+    trained on, in order; ``tap``: the AT tap, None without AT)."""
+    tc, data = cfg.student_train, ctx.data
+    fields = {
+        "teacher": teacher_fingerprint, "data": data.fingerprint,
+        "rows": hashlib.sha256(pool_rows.to(torch.int64).numpy().tobytes()).hexdigest(),
+        "seed": tc.seed, "batch_size": tc.batch_size,
+        "drop_last": len(pool_rows) > tc.batch_size,
+        "pad": data.pad if tc.pad < 0 else tc.pad, "flip": data.flip,
+        "precision": resolve_precision(tc.precision, ctx.device),
+        "device": device_kind(ctx.device), "torch": torch.__version__,
+        "compile": tc.compile, "tap": tap}
+    return TeacherStream(fields, epochs=tc.epochs, max_bytes=cfg.teacher_cache.max_mb * 2**20,
+                         log=ctx.log)
+
+
 def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
                 on_epoch: EpochCallback | None = None, desc: str = "student",
                 rows: torch.Tensor | None = None) -> StudentRun:
@@ -302,13 +327,17 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
     t0 = time.perf_counter()
     n_classes = len(data.classes)
     model = seeded_model(lambda: build_model(cfg.student, n_classes), cfg.student_train.seed)
+    train_set, index = data.train_subset(cfg.student_train.train_size)
     distill = None
     if cfg.method.kd or cfg.method.at:
         teacher = ctx.teacher()
         distill = Distillation(teacher=teacher.model, kd=cfg.kd if cfg.method.kd else None,
                                at_weight=cfg.at.weight if cfg.method.at else 0.0,
                                tap=tap_index(model, cfg.student.arch))
-    train_set, index = data.train_subset(cfg.student_train.train_size)
+        if cfg.teacher_cache.enabled:
+            distill = dataclasses.replace(distill, outputs=teacher_stream(
+                ctx, cfg, teacher.fingerprint, index if rows is None else index[rows],
+                distill.tap if distill.use_at else None))
     planes, overlay, ig_info = None, None, {}
     if cfg.method.ig:
         source = cfg.ig.source
@@ -341,5 +370,7 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
         bytes=cost["bytes"], compression=cost["teacher_params"] / cost["params"],
         seed=cfg.student_train.seed, precision=result.precision,
         eval_s=sum(h.val_seconds for h in result.history) + result.test_s,
-        wall_s=time.perf_counter() - t0, robust=robust, **ig_info)
+        wall_s=time.perf_counter() - t0, robust=robust,
+        teacher_steps_cached=result.teacher_steps_cached,
+        teacher_steps_computed=result.teacher_steps_computed, **ig_info)
     return StudentRun(model, result, metrics)

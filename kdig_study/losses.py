@@ -31,4 +31,10 @@ def attention_map(fmap: torch.Tensor) -> torch.Tensor:
 
 def at_loss(student_fmap: torch.Tensor, teacher_fmap: torch.Tensor) -> torch.Tensor:
     """Mean squared difference of the two attention maps (same h, w; channels may differ)."""
-    return (attention_map(student_fmap) - attention_map(teacher_fmap.detach())).pow(2).mean()
+    return at_loss_to(student_fmap, attention_map(teacher_fmap.detach()))
+
+
+def at_loss_to(student_fmap: torch.Tensor, teacher_attention: torch.Tensor) -> torch.Tensor:
+    """``at_loss`` against the teacher's attention map ([B, h*w]) computed beforehand (the
+    teacher-output cache stores maps, not feature maps)."""
+    return (attention_map(student_fmap) - teacher_attention.detach()).pow(2).mean()

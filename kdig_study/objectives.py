@@ -172,3 +172,16 @@ def attach_gallery(study: optuna.Study, artifacts: Any, path: Path) -> None:
         target.write_bytes(path.read_bytes())
         upload_artifact(artifact_store=artifacts, file_path=str(target), study_or_trial=study,
                         mimetype="image/png")
+
+
+def teacher_cache_line(trials: list[FrozenTrial], whose: str) -> str:
+    """How many KD/AT steps of ``trials`` read the teacher's outputs from the cache."""
+    cached = computed = 0
+    for t in trials:
+        m = t.user_attrs.get("metrics", {})
+        cached += m.get("teacher_steps_cached", 0)
+        computed += m.get("teacher_steps_computed", 0)
+    if cached + computed == 0:
+        return f"teacher outputs: none of {whose} ran the teacher (no KD or AT)"
+    return (f"teacher outputs: {cached:,} of {cached + computed:,} KD/AT steps of {whose} "
+            f"read from the teacher-output cache ({cached / (cached + computed):.0%})")

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m kdig_study.optimize", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_study_args(p)
+    add_study_args(p, trains_students=True)
     p.add_argument("--n-trials", type=int, default=None,
                    help="finished trials wanted in the study, in total (default: the study's)")
     p.add_argument("--timeout", type=float, default=None, help="stop starting trials after S s")
@@ -79,7 +79,17 @@ def cached_parts(ctx: Context) -> dict[str, bool]:
         maps = store is not None and all(
             open_store(source_spec(ig, s, cfg.ig, store)) is not None
             for s in search_sources(cfg) if s != "ig")
-    return {"teacher": teacher, "maps": maps}
+    outputs = False
+    if teacher and (cfg.method.kd or cfg.method.at) and cfg.teacher_cache.enabled:
+        from kdig_study.experiment import teacher_stream
+        from kdig_study.models import build_model, tap_index
+
+        _, index = ctx.data.train_subset(cfg.student_train.train_size)
+        tap = tap_index(build_model(cfg.student, len(ctx.data.classes)), cfg.student.arch) \
+            if cfg.method.at else None
+        stream = teacher_stream(ctx, cfg, fp, index, tap)
+        outputs = stream.cached_epochs() >= cfg.student_train.epochs
+    return {"teacher": teacher, "maps": maps, "teacher_outputs": outputs}
 
 
 def search_sources(cfg: StudyConfig) -> list[str]:
@@ -113,8 +123,16 @@ def banner(cfg: StudyConfig, n_trials: int, to_run: int | None = None,
         else:
             minutes += getattr(e, part)
             parts.append(f"{part} ~{getattr(e, part):.0f} min")
-    minutes += to_run * e.trial
-    parts.append(f"{to_run} trial(s) to run x ~{e.trial:.1f} min")
+    if (cfg.method.kd or cfg.method.at) and cfg.teacher_cache.enabled and e.trial_cached:
+        # the trials share one data stream: its first run writes the teacher's outputs
+        first = 0 if cached.get("teacher_outputs") else min(1, to_run)
+        minutes += first * e.trial + (to_run - first) * e.trial_cached
+        parts.append(f"{to_run} trial(s) to run x ~{e.trial_cached:.1f} min reading the "
+                     f"teacher's outputs" + (f" (the first ~{e.trial:.1f} min writes them)"
+                                             if first else ", cached"))
+    else:
+        minutes += to_run * e.trial
+        parts.append(f"{to_run} trial(s) to run x ~{e.trial:.1f} min")
     expected = f"; expected about {minutes:.0f} min on {e.machine} ({', '.join(parts)})" \
         if e.trial else f" ({', '.join(parts[:-1])})" if parts[:-1] else ""
     return (f"study {cfg.name} at scale {cfg.scale} ({gpu}): {n_trials} trials of a "
@@ -282,7 +300,7 @@ def _after_search(study: optuna.Study, ctx: Context, n_trials: int, url: str,
 
 
 def _summary(study: optuna.Study, n_trials: int, url: str) -> None:
-    from kdig_study.objectives import choose_best
+    from kdig_study.objectives import choose_best, teacher_cache_line
 
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name.lower() for t in trials)
@@ -299,7 +317,9 @@ def _summary(study: optuna.Study, n_trials: int, url: str) -> None:
         values = ", ".join(f"{v:.2%}" for v in best.values)
         print(f"best: trial {best.number}, objective {values}, test "
               f"{best.user_attrs.get('test_acc', float('nan')):.2%} ({params})")
+    print(teacher_cache_line(trials, "the study's trials"))
     print(f"store: {url}; open it with: python -m kdig_study.dashboard --storage {url}")
+
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from kdig_study.paths import storage_dir, write_json
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m kdig_study.train", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_study_args(p)
+    add_study_args(p, trains_students=True)
     p.add_argument("--role", required=True, choices=["teacher", "student"])
     for name in ("kd", "ig", "at"):
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
@@ -93,6 +93,10 @@ def main() -> int:
         _print_model(f"student ({mode})", m.stored(), s_prof, round(t_params))
         print(f"  {m.epochs_run} epochs in {run_.result.wall_s / 60:.1f} min "
               f"({m.train_images_per_s:.0f} img/s)")
+        steps = m.teacher_steps_cached + m.teacher_steps_computed
+        if steps:
+            print(f"  teacher outputs: {m.teacher_steps_cached:,} of {steps:,} KD/AT steps "
+                  f"read from the cache")
         ckpt = storage_dir() / "checkpoints" / \
             f"{cfg.name}-{cfg.scale}-{mode.lower()}-seed{cfg.student_train.seed}.safetensors"
         save_checkpoint(ckpt, run_.result.state, {"config": cfg.to_dict(), **m.to_dict()})

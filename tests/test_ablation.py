@@ -141,6 +141,9 @@ def test_smoke_ablation_end_to_end(tmp_path: Path, isolated_storage: Path, warm_
     assert "Holm" in proc.stdout and "d_z" in proc.stdout and "MDE" in proc.stdout
     assert "* KD+IG - KD" in proc.stdout and "primary comparison" in proc.stdout
     assert "Wilcoxon n/a where n < 6" in proc.stdout
+    # each replicate's KD and KD+IG runs share one stream: one of the two reads it
+    assert "teacher outputs: 28 of 56 KD/AT steps of the ablation's runs read from the " \
+        "teacher-output cache (50%)" in proc.stdout, proc.stdout
     res = json.loads((out / f"{name}.json").read_text())
     assert res["design"] == "file" and res["seeds"] == {"0": 1000, "1": 1001}
     assert res["primary"] == "KD+IG - KD on test accuracy"
@@ -242,7 +245,7 @@ def test_sweep_and_monte_carlo_through_the_cli(tmp_path: Path, isolated_storage:
                    params, "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "kd_ig-smoke.ablation-mc0.5.json").read_text())
-    assert {r["train_images"] for r in res["runs"]} == {375}
+    assert {r["train_images"] for r in res["runs"]} == {225}
     assert len(res["runs"]) == 4
 
 

@@ -157,7 +157,7 @@ def test_kd_and_at_losses_are_fp32_under_bf16_autocast() -> None:
     logits the KD gradient was ~9% off. Now the head and both losses run in fp32: the
     gradient of the classifier matches an fp64 reference computed from the same features."""
     from kdig_study.config import KDConfig, TrainConfig
-    from kdig_study.engine import _step_loss
+    from kdig_study.engine import _step_loss, teacher_forward
 
     torch.manual_seed(0)
     cfg_model = ModelConfig(arch="convnet", width=0.25)
@@ -175,7 +175,9 @@ def test_kd_and_at_losses_are_fp32_under_bf16_autocast() -> None:
     distill = Distillation(teacher=teacher, kd=kd, at_weight=0.5, tap=2)
     tc = TrainConfig()
     student.zero_grad()
-    loss, logits = _step_loss(student, x, x, y, tc, distill, teacher, "bf16", CPU)
+    t_out = teacher_forward(teacher, x, distill, "bf16", CPU)
+    assert t_out.logits.dtype == torch.float32 and t_out.attention.dtype == torch.float32
+    loss, logits = _step_loss(student, x, y, tc, distill, t_out, "bf16", CPU)
     assert logits.dtype == torch.float32 and loss.dtype == torch.float32
     loss.backward()
     ours = student.classifier.weight.grad.clone()
