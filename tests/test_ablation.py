@@ -430,7 +430,9 @@ def test_two_ablate_commands_on_one_study_never_add_an_unplanned_run(
     trials = optuna.load_study(study_name="kd_ig-smoke.ablation", storage=url).get_trials()
     planned = {(c, r) for c in ("student", "KD", "IG", "KD+IG") for r in (0, 1)}
     made = [(t.params.get("condition"), t.params.get("replicate")) for t in trials]
-    assert set(made) <= planned and len(made) == len(set(made)) == 8, made
+    # (on failure: each run's state and system attributes, e.g. Optuna's fail reason)
+    assert set(made) <= planned and len(made) == len(set(made)) == 8, \
+        [(m, t.state.name, t.system_attrs) for m, t in zip(made, trials, strict=True)]
     assert all(t.state == TrialState.COMPLETE for t in trials)
     # the two commands shared the work
     assert all("[" in out for out, _ in outs)

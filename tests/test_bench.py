@@ -22,7 +22,8 @@ def test_bench_runs_every_section(tmp_path: Path) -> None:
     names = " | ".join(r["name"] for r in res["results"])
     for part in ("batched loader", "engine training epoch", "IG maps, 8 trapezoid steps",
                  "all study step counts", "second run (store cached)", "second run (teacher",
-                 "corruption suite", "outside training and evaluation", "median pruner"):
+                 "corruption suite", "outside training and evaluation", "median pruner",
+                 "reading the teacher-output cache", "against the student alone"):
         assert part in names, part
     for r in res["results"]:
         assert r["ours"] > 0 and r["baseline"] > 0 and r["ratio"] > 0

@@ -205,7 +205,7 @@ def test_resume_counts_the_total_and_refuses_a_changed_config(env: dict, isolate
 
 def _workers_finish_exactly(url: str, env: dict, name: str, n: int = 5) -> None:
     proc = _optimize("--n-trials", str(n), "--workers", "3", "--storage", url,
-                     "--study-name", name, env=env, process=True)
+                     "--study-name", name, *ONE_EPOCH, env=env, process=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "database is locked" not in proc.stderr + proc.stdout
     states = _states(_trials(url, name))

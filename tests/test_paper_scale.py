@@ -36,6 +36,9 @@ def _shrunk() -> list[str]:
     sets = ["data.val_size=100", "data.test_size=200", "teacher_train.train_size=300",
             "teacher_train.epochs=1", "student_train.train_size=96", "student_train.epochs=2",
             "robustness.test_per_setting=20", "robustness.val_per_setting=10",
+            # latency at paper scale times 10 + 50 passes of batch 128 per model and trial:
+            # the rehearsal checks the pipeline, not the figures
+            "measure.latency_warmup=1", "measure.latency_runs=5",
             # A teacher of one epoch on 300 images is near constant, so f(x) - f(baseline) is
             # tiny and bf16 maps always miss ig.max_gap and are recomputed in fp32: compute
             # them in fp32 at once (the fallback has its own test in test_engine.py).
