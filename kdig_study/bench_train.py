@@ -291,9 +291,14 @@ def bench_teacher_cache(ctx: Context, repeats: int) -> list[Result]:
     tc = cfg.student_train
     what = (f"KD+IG trial, {cfg.scale} scale ({a.metrics.train_images:,} images x "
             f"{tc.epochs} epochs, {b.metrics.teacher_steps_cached:,} teacher steps read)")
+    # the training passes alone (no evaluation, which every variant pays the same), last run
+    passes = {k: sum(h.seconds for h in r.result.history) for k, r in runs.items()}
     detail = {"student_alone_s": alone, "kd_ig_computing_s": computing,
               "kd_ig_cached_s": cached, "cached_over_alone": cached / alone,
               "computing_over_alone": computing / alone,
+              "training_passes_s": passes,
+              "training_passes_cached_over_alone": passes["cached"] / passes["alone"],
+              "training_passes_computing_over_alone": passes["computing"] / passes["alone"],
               "teacher_epochs": cfg.teacher_train.epochs,
               "identical_weights_and_metrics": same}
     return [Result(f"{what}: reading the teacher-output cache", cached, computing, "s",
