@@ -114,7 +114,8 @@ def test_banner_scales_the_estimate_by_trials_left_and_the_cache() -> None:
     from kdig_study.config import load_study
     from kdig_study.optimize import banner
 
-    cfg = load_study("kd_ig", "cpu")
+    # the teacher-output cache's share: test_teacher_outputs.py
+    cfg = load_study("kd_ig", "cpu", ["teacher_cache.enabled=false"])
     e = cfg.expected
     fresh = banner(cfg, 8, 8, {"teacher": False, "maps": False})
     total = e.teacher + e.maps + 8 * e.trial
