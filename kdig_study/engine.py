@@ -5,6 +5,7 @@ callback may raise to stop early (pruning), and the exception passes through."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -281,14 +282,14 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
             seen = 0
             cached: EpochOutputs | None = None
             if distill is not None and distill.outputs is not None:
-                cached = distill.outputs.open_epoch(epoch)
+                cached = distill.outputs.open_epoch(epoch, loader.n)
             for batch in loader:
                 t_out = None
                 if distill is not None and teacher is not None:
-                    def compute(x: torch.Tensor = batch.x_clean) -> TeacherOut:
-                        return teacher_forward(teacher, x, distill, precision, device)
+                    compute = functools.partial(teacher_forward, teacher, batch.x_clean,
+                                                distill, precision, device)
                     t_out = compute() if cached is None else \
-                        cached.get(batch.index, compute, device, loader.n)
+                        cached.get(batch.index, compute, device)
                 loss, logits = _step_loss(fwd, batch.x, batch.y, cfg, distill, t_out,
                                           precision, device)
                 opt.zero_grad(set_to_none=True)
@@ -333,13 +334,12 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
         if evaluate_test else float("nan")
     test_s = time.perf_counter() - t_test
     rates = sorted(h.images_per_s for h in history)
-    stream = distill.outputs if distill is not None else None
+    teacher_steps = step if distill is not None else 0
+    read = distill.outputs.served if distill is not None and distill.outputs else 0
     return TrainResult(val_acc=best_acc, test_acc=test_acc, best_epoch=best_epoch,
                        epochs_run=len(history), wall_s=wall, images_per_s=rates[len(rates) // 2],
                        precision=precision, test_s=test_s,
-                       teacher_steps_cached=stream.served if stream else 0,
-                       teacher_steps_computed=stream.computed if stream else
-                       (step if distill is not None else 0),
+                       teacher_steps_cached=read, teacher_steps_computed=teacher_steps - read,
                        history=history, state=best_state)
 
 

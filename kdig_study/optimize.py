@@ -321,6 +321,5 @@ def _summary(study: optuna.Study, n_trials: int, url: str) -> None:
     print(f"store: {url}; open it with: python -m kdig_study.dashboard --storage {url}")
 
 
-
 if __name__ == "__main__":
     run(main)

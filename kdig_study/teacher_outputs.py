@@ -90,8 +90,7 @@ class TeacherStream:
     max_bytes: float
     log: Callable[[str], None] = print
     root: Path = field(init=False)
-    served: int = 0  # steps whose outputs were read
-    computed: int = 0  # steps that ran the teacher
+    served: int = 0  # steps whose outputs were read (the rest of the run's steps ran it)
     keep: bool = True
 
     def __post_init__(self) -> None:
@@ -107,12 +106,9 @@ class TeacherStream:
             e += 1
         return e
 
-    def open_epoch(self, epoch: int) -> EpochOutputs:
-        if self.keep:
-            loaded = self._read(epoch)
-            if loaded is not None:
-                return EpochOutputs(self, epoch, loaded)
-        return EpochOutputs(self, epoch, None)
+    def open_epoch(self, epoch: int, images: int) -> EpochOutputs:
+        """Epoch ``epoch`` of ``images`` images: stored, or to be computed (and recorded)."""
+        return EpochOutputs(self, epoch, self._read(epoch) if self.keep else None, images)
 
     def _read(self, epoch: int) -> dict[str, torch.Tensor] | None:
         path = self.epoch_path(epoch)
@@ -154,14 +150,15 @@ class EpochOutputs:
     them and writes the epoch's file when ``finish`` is called after its last batch."""
 
     def __init__(self, stream: TeacherStream, epoch: int,
-                 stored: dict[str, torch.Tensor] | None) -> None:
-        self.stream, self.epoch, self.stored = stream, epoch, stored
+                 stored: dict[str, torch.Tensor] | None, images: int) -> None:
+        self.stream, self.epoch, self.stored, self.images = stream, epoch, stored, images
         self.pos = 0
         self.parts: list[tuple[torch.Tensor, TeacherOut]] = []
 
-    def get(self, idx: torch.Tensor, compute: Callable[[], TeacherOut], device: torch.device,
-            images_per_epoch: int) -> TeacherOut:
-        """The teacher's outputs for the batch of stream rows ``idx`` ([B])."""
+    def get(self, idx: torch.Tensor, compute: Callable[[], TeacherOut],
+            device: torch.device) -> TeacherOut:
+        """The teacher's outputs for the batch of stream rows ``idx`` ([B]): read, or
+        ``compute()``d and recorded."""
         if self.stored is not None:
             b = idx.numel()
             order = self.stored["order"][self.pos:self.pos + b]
@@ -177,14 +174,12 @@ class EpochOutputs:
             self.stream.served += 1
             return out
         out = compute()
-        self.stream.computed += 1
+        if self.stream.keep and not self.parts:  # the first batch tells the outputs' size
+            per_image = out.logits.shape[1] + (0 if out.attention is None
+                                               else out.attention.shape[1])
+            self.stream.check_size(per_image, self.images)
         if self.stream.keep:
-            if not self.parts:
-                per_image = out.logits.shape[1] + (0 if out.attention is None
-                                                   else out.attention.shape[1])
-                self.stream.check_size(per_image, images_per_epoch)
-            if self.stream.keep:
-                self.parts.append((idx.cpu(), out))
+            self.parts.append((idx.cpu(), out))
         return out
 
     def finish(self) -> None:
