@@ -353,6 +353,11 @@ _Options = tuple[dict[str, tuple[str | None, ...]], tuple[str, ...], str | None,
                  list[float] | None]
 
 
+# An ablation's plan is built, stored and analysed whole: 10,000 runs is 100 seeds of a
+# 3-factor design with 3 controls and a 9-value sweep, far past any study's budget.
+MAX_RUNS = 10_000
+
+
 def _options(args: argparse.Namespace, cfg: StudyConfig) -> _Options:
     """The design, controls and sweep the arguments ask for, checked before any store opens."""
     design = parse_factors(args.factors, cfg)
@@ -362,6 +367,16 @@ def _options(args: argparse.Namespace, cfg: StudyConfig) -> _Options:
             args.heartbeat < 1 or args.workers < 1:
         raise KdigError("--seeds, --workers and --heartbeat must be >= 1, --monte-carlo >= 0, "
                         "0 < --fraction <= 1")
+    from kdig_study.stats import conditions
+
+    # bounded before anything is built: `--seeds 100000000` took 18.7 GB planning its runs
+    runs = len(conditions(design, controls)) * (args.monte_carlo or args.seeds) * \
+        max(1, len(sweep_values or []))
+    if runs > MAX_RUNS:
+        raise KdigError(f"--seeds {args.monte_carlo or args.seeds}: {runs:,} runs planned "
+                        f"({len(conditions(design, controls))} conditions"
+                        + (f" x {len(sweep_values)} sweep values" if sweep_values else "")
+                        + f"); allowed: at most {MAX_RUNS:,} runs per ablation")
     return design, controls, sweep_key, sweep_values
 
 
@@ -393,15 +408,17 @@ def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, 
                   params, origin, replicates, seeds, runs)
 
 
-def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup) -> optuna.Study:
+def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
+                        ctx: Context) -> optuna.Study:
     """The ablation study, created or resumed; refused if it ran with another design,
-    parameters, levels, fraction or sweep. Records the ablation's identity beside it."""
+    parameters, levels, fraction, sweep or data. Records the ablation's identity beside it."""
     import optuna
 
     from kdig_study.store import open_study
 
     study = open_study(storage, name, setup.cfg, optuna.samplers.RandomSampler(),
-                       optuna.pruners.NopPruner(), ["maximize"], url)
+                       optuna.pruners.NopPruner(), ["maximize"], url,
+                       data_fingerprint=ctx.data.fingerprint, data_origin=ctx.data.origin)
     ident = {"design": setup.mode, "params": setup.params, "levels": setup.levels,
              "fraction": setup.fraction, "sweep_key": setup.sweep_key,
              "sweep_values": setup.sweep_values}
@@ -431,16 +448,15 @@ def _announce(setup: _Setup, name: str, url: str) -> None:
           f"{s.cfg.student_train.seed} + {ABLATION_SEED_OFFSET} + r)", flush=True)
 
 
-def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: Any) -> None:
+def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: Any,
+         ctx: Context) -> None:
     """The planned runs: maps up front (first process), then here or in --workers processes."""
     from kdig_study.ablation import AblationRunner
-    from kdig_study.experiment import Context
     from kdig_study.objectives import attach_gallery
     from kdig_study.stats import overlay_sources
     from kdig_study.store import artifact_store
 
     worker = args.worker_index
-    ctx = Context.create(setup.cfg, args.data_dir, args.device, progress=not args.no_progress)
     if worker is None:
         _maps_up_front(ctx, setup.params, setup.runs, setup.sweep_key)
         levels_on = overlay_sources(setup.design, setup.controls)
@@ -510,9 +526,13 @@ def main() -> int:
     setup = resolve_plan(args, cfg, options, storage, url)
     name = args.study_name or ablation_study_name(setup.search_name, setup.fraction,
                                                   setup.sweep_key)
-    study = open_ablation_study(storage, url, name, setup)
+    from kdig_study.experiment import Context
+
+    # the data before the study: its fingerprint is part of the study's identity
+    ctx = Context.create(setup.cfg, args.data_dir, args.device, progress=not args.no_progress)
+    study = open_ablation_study(storage, url, name, setup, ctx)
     _announce(setup, name, url)
-    _run(args, setup, study, storage)
+    _run(args, setup, study, storage, ctx)
     if args.worker_index is None:
         analyse_and_write(setup, study, Path(args.out))
     return 0

@@ -32,7 +32,7 @@ from kdig_study.corruptions import robust_key
 from kdig_study.data import stratified_order
 from kdig_study.experiment import Context, run_student
 from kdig_study.measure import latency_columns, profile
-from kdig_study.objectives import record_run
+from kdig_study.objectives import record_provenance, record_run
 from kdig_study.optuna_adapter import rdb_storage_of, stored_trial
 from kdig_study.seeds import ablation_seed
 from kdig_study.slots import DONE, RUN, Next, SlotLock, claim_and_run, held_runs
@@ -243,6 +243,7 @@ class AblationRunner:
         cfg = run_config(self.ctx.cfg, self.params[run.name], run, self.sweep_key)
         rows = monte_carlo_rows(self.ctx, run.replicate, self.fraction) if self.fraction \
             else None
+        record_provenance(trial, self.ctx, cfg)
         result = run_student(self.ctx, cfg, rows=rows, desc=f"{run.name} r{run.replicate}")
         shape = repr(cfg.student)
         if shape not in self._profiles:

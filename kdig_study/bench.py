@@ -84,8 +84,10 @@ def main() -> int:
     if unknown:
         raise KdigError(f"--only {','.join(unknown)}: unknown benchmark; allowed: "
                         f"{', '.join(BENCHES)}")
-    if args.repeats < 1:
-        raise KdigError(f"--repeats {args.repeats}: allowed: >= 1")
+    for flag in ("repeats", "images", "ig_images", "adaptive_images", "trials"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise KdigError(f"--{flag.replace('_', '-')} {value}: allowed: a whole number >= 1")
     cfg = load_study(args.study, args.scale, args.overrides)
     import torch
 

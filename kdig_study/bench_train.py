@@ -158,7 +158,8 @@ def _study_run(cfg: StudyConfig, ctx: Context, url: str, name: str, n_trials: in
     quiet_optuna_logs()
     storage = open_storage(url)
     pruner = make_pruner(cfg) if prune else optuna.pruners.NopPruner()
-    study = open_study(storage, name, cfg, make_sampler(cfg, None), pruner, ["maximize"], url)
+    study = open_study(storage, name, cfg, make_sampler(cfg, None), pruner, ["maximize"], url,
+                       data_fingerprint=ctx.data.fingerprint, data_origin=ctx.data.origin)
     t0 = time.perf_counter()
     artifacts = FileSystemArtifactStore(Path(url.removeprefix("sqlite:///")).parent)
     run_worker(study, Objective(ctx, prune=prune, artifacts=artifacts), n_trials, None,

@@ -143,8 +143,9 @@ class Context:
             report = build_store(spec, self.teacher().model, train_set.images,
                                  train_set.labels, index, self.data.mean, self.data.std, cfg.ig,
                                  self.device, self.progress, log=self.log)
+            # `not gap <= max_gap`: a NaN gap (a non-finite teacher) fails the check too
             bad = {s: report.store.gap(s)["median"] for s in spec.counts
-                   if report.store.gap(s)["median"] > cfg.ig.max_gap}
+                   if not report.store.gap(s)["median"] <= cfg.ig.max_gap}
             if not bad:
                 self._maps[("ig", counts)] = report
                 return report

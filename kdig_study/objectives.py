@@ -96,6 +96,19 @@ def record_run(trial: optuna.Trial, m: RunMetrics, latency: dict[str, float]) ->
         trial.set_user_attr("robust", {k: round(v, 4) for k, v in m.robust.breakdown().items()})
 
 
+def record_provenance(trial: optuna.Trial, ctx: Context, cfg: StudyConfig) -> None:
+    """The data and the teacher a run learns from, on the run itself (``provenance``): a
+    trial's numbers mean something only with them. The teacher is None where the run uses
+    none (no KD, IG or AT)."""
+    from kdig_study.teacher import teacher_fingerprint
+
+    m = cfg.method
+    uses_teacher = m.kd or m.ig or m.at
+    trial.set_user_attr("provenance", {
+        "data": ctx.data.fingerprint, "data_origin": ctx.data.origin,
+        "teacher": teacher_fingerprint(cfg, ctx.data, ctx.device) if uses_teacher else None})
+
+
 class Objective:
     """One trial = one student run with suggested parameters. Reports validation accuracy
     every epoch; the pruner may stop it early."""
@@ -123,6 +136,7 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}: "
                                          f"val acc {stats.val_acc:.4f}")
 
+        record_provenance(trial, self.ctx, cfg)
         try:
             run = run_student(self.ctx, cfg, on_epoch=on_epoch, desc=f"trial {trial.number}")
         except optuna.TrialPruned:

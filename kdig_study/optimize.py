@@ -235,23 +235,30 @@ def main() -> int:
     )
 
     worker = args.worker_index
-    if os.environ.get("KDIG_THREADS"):
-        torch.set_num_threads(int(os.environ["KDIG_THREADS"]))
+    threads = os.environ.get("KDIG_THREADS")
+    if threads:
+        if not threads.isdigit() or int(threads) < 1:
+            raise KdigError(f"KDIG_THREADS={threads}: allowed: a whole number >= 1 (torch "
+                            f"threads per worker)")
+        torch.set_num_threads(int(threads))
     quiet_optuna_logs()
     url = args.storage or default_url()
     storage = open_storage(url, heartbeat_interval=args.heartbeat)
     name = args.study_name or f"{cfg.name}-{cfg.scale}"
     multi = len(cfg.search.objectives) > 1
     pruner = optuna.pruners.NopPruner() if multi else make_pruner(cfg)
+    # the data first: its fingerprint is part of the study's identity, and a config the data
+    # refuses (e.g. a validation split larger than the pool) must not leave a study behind
+    ctx = Context.create(cfg, args.data_dir, args.device,
+                         progress=not args.no_progress and worker is None)
     study = open_study(storage, name, cfg, make_sampler(cfg, args.seed), pruner,
-                       ["maximize"] * len(cfg.search.objectives), url)
+                       ["maximize"] * len(cfg.search.objectives), url,
+                       data_fingerprint=ctx.data.fingerprint, data_origin=ctx.data.origin)
     study.sampler = make_sampler(cfg, args.seed, worker, len(study.get_trials(deepcopy=False)))
     if multi and worker is None:
         from optuna_dashboard import set_objective_names
 
         set_objective_names(study, [o.replace("_", " ") for o in cfg.search.objectives])
-    progress = not args.no_progress and worker is None
-    ctx = Context.create(cfg, args.data_dir, args.device, progress=progress)
     artifact_store(check_writable=True)  # before any training, not after the first trial
     if worker is None:
         finished = _finished(study)

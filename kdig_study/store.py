@@ -224,15 +224,28 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def open_study(storage: RDBStorage, name: str, cfg: StudyConfig,
                sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner,
-               directions: list[str], url: str) -> optuna.Study:
-    """Create the study, or load it if its config is the same one; refuse a changed config."""
+               directions: list[str], url: str, *, data_fingerprint: str,
+               data_origin: str) -> optuna.Study:
+    """Create the study, or load it if its config and data are the same ones; refuse a
+    changed config or other data (trials trained on two data sets are not one study)."""
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                 pruner=pruner, directions=directions, load_if_exists=True)
     attrs = study.user_attrs
     if "config_fingerprint" not in attrs:
         for k, v in study_attrs(cfg).items():
             study.set_user_attr(k, v)
+        study.set_user_attr("data_fingerprint", data_fingerprint)
+        study.set_user_attr("data_origin", data_origin)
         return study
+    recorded = attrs.get("data_fingerprint")
+    if recorded is None:  # a study made before data was part of its identity
+        study.set_user_attr("data_fingerprint", data_fingerprint)
+        study.set_user_attr("data_origin", data_origin)
+    elif recorded != data_fingerprint:
+        raise KdigError(
+            f"study '{name}' in {url} was made on other data ({attrs.get('data_origin', '?')},"
+            f" fingerprint {recorded[:12]}); this run's data is {data_origin} (fingerprint "
+            f"{data_fingerprint[:12]}): give the study's --data-dir, or --study-name NEW")
     if attrs["config_fingerprint"] != cfg.fingerprint():
         new = study_attrs(cfg)["config"]
         keys = changed_keys(attrs.get("config", {}), new)

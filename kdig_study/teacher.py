@@ -26,6 +26,7 @@ from kdig_study.data import DataBundle
 from kdig_study.engine import (
     evaluate,
     load_checkpoint,
+    non_finite,
     resolve_precision,
     save_checkpoint,
     seeded_model,
@@ -105,6 +106,11 @@ def get_teacher(cfg: StudyConfig, data: DataBundle, device: torch.device,
             model, meta = _load_given(cfg, data, device, model)
         else:
             model, meta = _train(cfg, data, device, progress, log, path)
+        bad = non_finite(dict(model.state_dict()))
+        if bad:  # never cached: every later run would build maps and trials on it
+            raise KdigError(f"the teacher's training diverged: NaN or infinite weights in "
+                            f"{len(bad)} tensor(s) ({bad[0]}, ...); lower teacher_train.lr "
+                            f"or use teacher_train.precision = \"fp32\"")
         meta |= {"fingerprint": fp, "model": dataclasses.asdict(cfg.teacher),
                  "scale": cfg.scale, "params": count_params(model)}
         save_checkpoint(path, {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -150,6 +156,10 @@ def _load_given(cfg: StudyConfig, data: DataBundle, device: torch.device, model:
         raise KdigError(f"teacher.weights {path} does not fit a {cfg.teacher.arch} teacher of "
                         f"width {cfg.teacher.width} ({count_params(model):,} parameters): "
                         f"{first}") from None
+    bad = non_finite(state)
+    if bad:
+        raise KdigError(f"teacher.weights {path}: NaN or infinite values in {len(bad)} of "
+                        f"{len(state)} tensors ({bad[0]}, ...); a teacher needs finite weights")
     model = model.to(device).eval()
     t0 = time.perf_counter()
     precision = resolve_precision(cfg.teacher_train.precision, device)

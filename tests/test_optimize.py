@@ -176,6 +176,21 @@ def test_resume_counts_the_total_and_refuses_a_changed_config(env: dict, isolate
     url = _url(isolated_storage)
     assert _optimize("--n-trials", "2", *ONE_EPOCH, env=env).returncode == 0
     assert len(_trials(url)) == 2
+    # every trial records the data and the teacher it learnt from
+    study = optuna.load_study(study_name="kd_ig-smoke", storage=url)
+    data_fp, teacher_fp = study.user_attrs["data_fingerprint"], \
+        study.user_attrs["teacher"]["fingerprint"]
+    assert [t.user_attrs["provenance"]["data"] for t in _trials(url)] == [data_fp] * 2
+    assert [t.user_attrs["provenance"]["teacher"] for t in _trials(url)] == [teacher_fp] * 2
+    # a study made on other data (another --data-dir) is refused in one line, before any
+    # teacher or trial: its trials and this run's would not be one study
+    study.set_user_attr("data_fingerprint", "0" * 64)
+    study.set_user_attr("data_origin", "CIFAR-10 from /elsewhere")
+    proc = _optimize("--n-trials", "3", *ONE_EPOCH, env=env)
+    assert_one_line_error(proc, "was made on other data (CIFAR-10 from /elsewhere",
+                          "fingerprint 000000000000", "--study-name NEW")
+    assert len(_trials(url)) == 2
+    study.set_user_attr("data_fingerprint", data_fp)
     proc = _optimize("--n-trials", "3", *ONE_EPOCH, env=env)
     assert proc.returncode == 0, proc.stderr
     assert len(_trials(url)) == 3  # the total, not 3 more
@@ -247,12 +262,15 @@ def test_three_workers_on_postgresql(env: dict) -> None:
 
 
 def _wait_for_running(url: str, proc: subprocess.Popen, timeout: float = 300,
-                      settle: float = 1.0) -> None:
+                      settle: float = 1.0, before: int | None = None) -> None:
+    """Until a trial runs (numbered below ``before``, where given: a signal sent while the
+    last trial ran could land after the command had finished, rc 0)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
         try:
-            if any(t.state == TrialState.RUNNING for t in _trials(url)):
+            if any(t.state == TrialState.RUNNING and (before is None or t.number < before)
+                   for t in _trials(url)):
                 time.sleep(settle)  # inside the trial
                 return
         except KeyError:  # the study does not exist yet
@@ -298,7 +316,7 @@ def test_ctrl_c_fails_the_trial_cleanly_and_the_command_resumes(env: dict,
     # Ctrl-C as soon as the first of three trials runs: a smoke trial can take under a
     # second, and a signal sent a second later found the command already done (CI: rc 0)
     proc = _popen(env, "--n-trials", "3")
-    _wait_for_running(url, proc, settle=0.0)
+    _wait_for_running(url, proc, settle=0.0, before=2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)

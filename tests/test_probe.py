@@ -1,0 +1,131 @@
+"""What a hostile probe found (each case reproduced, then fixed): the store's side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import create_trial
+
+from kdig_study.config import load_study
+from kdig_study.errors import KdigError
+from kdig_study.store import open_storage, open_study
+
+from cli_helpers import assert_one_line_error, run_cli
+
+
+def _open(url: str, fingerprint: str, origin: str) -> optuna.Study:
+    return open_study(open_storage(url), "s", load_study("kd_ig", "smoke"),
+                      optuna.samplers.RandomSampler(), optuna.pruners.NopPruner(), ["maximize"],
+                      url, data_fingerprint=fingerprint, data_origin=origin)
+
+
+def test_a_study_refuses_other_data_and_keeps_its_own(tmp_path: Path) -> None:
+    """`optimize --data-dir A`, then `--data-dir B` on the same study, added B's trials to
+    A's study (rc 0): the data's fingerprint is part of the study's identity."""
+    url = f"sqlite:///{tmp_path}/probe.db"
+    study = _open(url, "a" * 64, "tree A")
+    study.add_trial(create_trial(params={}, distributions={}, value=0.5))
+    with pytest.raises(KdigError) as e:
+        _open(url, "b" * 64, "tree B")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "made on other data (tree A, fingerprint aaaaaaaaaaaa)" in msg
+    assert "this run's data is tree B (fingerprint bbbbbbbbbbbb)" in msg
+    again = _open(url, "a" * 64, "tree A, moved")  # same pixels elsewhere: the same study
+    assert len(again.trials) == 1
+    assert again.user_attrs["data_fingerprint"] == "a" * 64
+    assert again.user_attrs["data_origin"] == "tree A"
+
+
+def test_a_study_made_before_data_was_recorded_adopts_its_next_data(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/old.db"
+    study = _open(url, "a" * 64, "tree A")
+    storage = open_storage(url)
+    sid = storage.get_study_id_from_name("s")
+    for key in ("data_fingerprint", "data_origin"):  # as an older version left it
+        storage.set_study_user_attr(sid, key, None)
+    assert study.user_attrs.get("data_fingerprint") is None
+    assert _open(url, "c" * 64, "tree C").user_attrs["data_fingerprint"] == "c" * 64
+    with pytest.raises(KdigError, match="made on other data"):
+        _open(url, "a" * 64, "tree A")
+
+
+def _nan_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v.contiguous()
+            for k, v in model.state_dict().items()}
+
+
+def test_nan_teacher_weights_are_refused_in_one_line(tmp_path: Path,
+                                                     isolated_storage: Path) -> None:
+    """A teacher.weights file of NaNs gave 'validation accuracy 10.00%', a 'nan%' gap under
+    a 'stop above 5%' that did not stop, and a completed trial (rc 0)."""
+    from safetensors.torch import save_file
+
+    from kdig_study.engine import load_checkpoint
+    from kdig_study.models import build_model
+
+    model = build_model(load_study("kd_ig", "smoke").teacher)
+    nan = tmp_path / "nan.safetensors"
+    save_file(_nan_state(model), str(nan))
+    proc = run_cli("train", "--study", "kd_ig", "--scale", "smoke", "--role", "teacher",
+                   "--no-progress", "--set", f'teacher.weights="{nan}"')
+    assert_one_line_error(proc, f"teacher.weights {nan}: NaN or infinite values",
+                          "a teacher needs finite weights")
+    assert not list((isolated_storage / "cache").glob("teachers/*/teacher.safetensors"))
+    # a cached checkpoint gone bad the same way (same names, a file that reads): refused
+    with pytest.raises(KdigError, match="NaN or infinite values in .* tensor"):
+        load_checkpoint(nan, build_model(load_study("kd_ig", "smoke").teacher))
+
+
+def test_a_nan_completeness_gap_fails_the_gap_check(isolated_storage: Path) -> None:
+    """NaN > max_gap is False: NaN maps passed the check that must stop them."""
+    from kdig_study.data import load_bundle
+    from kdig_study.experiment import Context
+    from kdig_study.models import build_model
+    from kdig_study.teacher import Teacher
+
+    cfg = load_study("kd_ig", "smoke", ["student_train.train_size=40"])
+    ctx = Context(cfg, load_bundle(cfg.data), torch.device("cpu"), progress=False)
+    ctx.log = lambda *a, **k: None
+    model = build_model(cfg.teacher)
+    model.load_state_dict(_nan_state(model))
+    ctx._teacher = Teacher(model.eval(), "f" * 64, isolated_storage / "t.safetensors", {},
+                           trained_now=False)
+    with pytest.raises(KdigError) as e:
+        ctx.maps(None, "ig")
+    assert "median completeness gap above ig.max_gap" in str(e.value)
+    assert "nan%" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flag,value", [("--images", "0"), ("--images", "-5"),
+                                        ("--ig-images", "0"), ("--adaptive-images", "0"),
+                                        ("--trials", "0"), ("--repeats", "0")])
+def test_bench_sizes_below_one_are_one_line(flag: str, value: str) -> None:
+    assert_one_line_error(run_cli("bench", "--scale", "smoke", flag, value),
+                          f"{flag} {value}: allowed: a whole number >= 1")
+
+
+def test_bad_threads_and_absent_devices_are_one_line() -> None:
+    from kdig_study.engine import resolve_device
+
+    proc = run_cli("optimize", "--study", "kd_ig", "--scale", "smoke", "--no-progress",
+                   env={"KDIG_THREADS": "abc"})
+    assert_one_line_error(proc, "KDIG_THREADS=abc: allowed: a whole number >= 1")
+    for name in ("mps", "xpu", "meta"):
+        with pytest.raises(KdigError, match=f"--device {name}: allowed: auto, cpu, cuda"):
+            resolve_device(name)
+    if not torch.cuda.is_available():
+        with pytest.raises(KdigError, match="no CUDA device"):
+            resolve_device("cuda:3")
+
+
+def test_an_ablation_plan_is_bounded_before_it_is_built(isolated_storage: Path) -> None:
+    """`ablate --seeds 100000000` took 18.7 GB before printing anything, and left a study."""
+    proc = run_cli("ablate", "--study", "kd_ig", "--scale", "smoke", "--no-progress",
+                   "--seeds", "100000000", "--params", "fixed")
+    assert_one_line_error(proc, "--seeds 100000000: 400,000,000 runs planned (4 conditions)",
+                          "at most 10,000 runs")
+    assert not (isolated_storage / "kdig.db").exists()
