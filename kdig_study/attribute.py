@@ -70,10 +70,13 @@ def sanity(ctx: Context, store: MapStore, steps: int) -> dict[str, Any]:
     from kdig_study.attribution.deletion import area, deletion_curve
 
     path = store.root / f"deletion_s{store.variant(steps)}_n{SANITY_IMAGES}.json"
-    if path.is_file():
+    try:
         cached = json.loads(path.read_text())
-        if "ratio_other" in cached:  # (older checks lack the other-images reference)
+        # (older checks lack the other-images reference; a damaged file is computed again)
+        if isinstance(cached, dict) and isinstance(cached.get("ratio_other"), float):
             return cached
+    except (OSError, ValueError):
+        pass
     train_set, _ = ctx.data.train_subset(ctx.cfg.student_train.train_size)
     n = min(SANITY_IMAGES, len(train_set))
     maps = torch.from_numpy(store.maps(steps)[:n].astype("float32"))

@@ -18,8 +18,10 @@ import io
 import json
 import math
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ from PIL import Image
 
 from kdig_study.config import RobustnessConfig
 from kdig_study.data import DataBundle, ImageSet, stratified_order
+from kdig_study.errors import KdigError
 from kdig_study.paths import atomic_write, cache_dir, locked
 
 # Severity 1, 2, 3 of each corruption; severity 0 is the clean image.
@@ -143,21 +146,41 @@ def build_split(data: ImageSet, cfg: RobustnessConfig, per_setting: int, fingerp
                                      asdict(cfg)], sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "corrupted" / f"{split}-{key}.npz"
     with locked(path):
-        if not path.is_file():
-            rows = _slices(data.labels, sets, per_setting, cfg.seed + 7)
-            imgs = torch.stack([corrupt(data.images[r], s.corruption, s.severity, cfg.seed)
-                                for r, s in zip(rows, sets, strict=True)])
-            labs = torch.stack([data.labels[r] for r in rows])
+        done = _read_split(path, sets)
+        if done is not None:
+            return done
+        if path.is_file():  # damaged (a BadZipFile failed every trial after it had trained)
+            print(f"corrupted-split cache {path} is unreadable; building it again", flush=True)
+            path.unlink()
+        rows = _slices(data.labels, sets, per_setting, cfg.seed + 7)
+        imgs = torch.stack([corrupt(data.images[r], s.corruption, s.severity, cfg.seed)
+                            for r, s in zip(rows, sets, strict=True)])
+        labs = torch.stack([data.labels[r] for r in rows])
 
-            def write(tmp):  # type: ignore[no-untyped-def]
-                with tmp.open("wb") as f:
-                    np.savez(f, images=imgs.numpy(), labels=labs.numpy(),
-                             rows=torch.stack(rows).numpy())
+        def write(tmp):  # type: ignore[no-untyped-def]
+            with tmp.open("wb") as f:
+                np.savez(f, images=imgs.numpy(), labels=labs.numpy(),
+                         rows=torch.stack(rows).numpy())
 
-            atomic_write(path, write)
-    with np.load(path) as z:
-        return CorruptedSplit(sets, torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
-                              torch.from_numpy(z["rows"]))
+        atomic_write(path, write)
+        done = _read_split(path, sets)
+        if done is None:  # pragma: no cover - the disk failed under us
+            raise KdigError(f"corrupted-split cache {path}: unreadable right after writing it")
+        return done
+
+
+def _read_split(path: Path, sets: list[Setting]) -> CorruptedSplit | None:
+    """The cached split, or None where it is missing, unreadable or of another shape."""
+    try:
+        with np.load(path) as z:
+            images, labels, rows = z["images"], z["labels"], z["rows"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if images.ndim != 5 or images.shape[0] != len(sets) or labels.shape != images.shape[:2] \
+            or rows.shape != images.shape[:2]:
+        return None
+    return CorruptedSplit(sets, torch.from_numpy(images), torch.from_numpy(labels),
+                          torch.from_numpy(rows))
 
 
 # Per-corruption and per-setting accuracies are named robust_test_<key> wherever they

@@ -22,6 +22,7 @@ import io
 import json
 import os
 import tarfile
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,7 +276,11 @@ def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = T
     ).hexdigest()[:20]
     cache = cache_dir() / "data" / f"cifar10-{key}.npz"
     with locked(cache):
-        if not cache.is_file():
+        arrays = _read_decoded(cache)
+        if arrays is None and cache.is_file():
+            print(f"data cache {cache} is unreadable; decoding the data again", flush=True)
+            cache.unlink()
+        if arrays is None:
             reader: Callable[[Path, bool], tuple] = {
                 "archive": _read_archive, "folder": _read_folder,
                 "torchvision": _read_torchvision}[kind]
@@ -288,13 +293,9 @@ def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = T
                              classes=np.array(classes), fingerprint=np.array(fp))
 
             atomic_write(cache, write)
-    try:
-        with np.load(cache) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, KeyError) as e:
-        cache.unlink(missing_ok=True)
-        raise KdigError(f"data cache {cache} was unreadable ({e}); it has been removed, "
-                        f"run again to rebuild it") from None
+            arrays = _read_decoded(cache)
+            if arrays is None:  # pragma: no cover - the disk failed under us
+                raise KdigError(f"data cache {cache}: unreadable right after writing it")
     if len(arrays["classes"]) != 10:
         raise KdigError(f"{target}: found {len(arrays['classes'])} classes; CIFAR-10 has 10")
     return DecodedDataset(
@@ -304,6 +305,23 @@ def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = T
         fingerprint=str(arrays["fingerprint"]),
         origin=f"{kind}:{target}",
     )
+
+
+_DECODED_KEYS = ("train_x", "train_y", "test_x", "test_y", "classes", "fingerprint")
+
+
+def _read_decoded(cache: Path) -> dict[str, np.ndarray] | None:
+    """The decoded data set's arrays, or None where the cache is missing or damaged (a
+    damaged one gave a traceback on every run, and was never removed)."""
+    try:
+        with np.load(cache) as z:
+            arrays = {k: z[k] for k in _DECODED_KEYS}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    n_train, n_test = len(arrays["train_y"]), len(arrays["test_y"])
+    if len(arrays["train_x"]) != n_train or len(arrays["test_x"]) != n_test or not n_train:
+        return None
+    return arrays
 
 
 # ---------------------------------------------------------------------------------------------

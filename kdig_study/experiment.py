@@ -358,11 +358,11 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
                    "ig_gap_median": gap if gap == gap else None}
     if rows is not None:
         train_set = train_set.take(rows)
+    suite = ctx.robust_suite()  # read (or rebuilt, if damaged) before training, not after
     result = train(model, train_set, data, cfg.student_train, device=ctx.device,
                    distill=distill, planes=planes, overlay=overlay, on_epoch=on_epoch,
                    progress=ctx.progress, desc=desc)
     cost = ctx.student_cost(cfg, model)
-    suite = ctx.robust_suite()
     robust = suite.evaluate(model, ctx.device, result.precision) if suite is not None else None
     metrics = RunMetrics(
         val_acc=result.val_acc, test_acc=result.test_acc, best_epoch=result.best_epoch,

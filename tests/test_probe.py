@@ -129,3 +129,109 @@ def test_an_ablation_plan_is_bounded_before_it_is_built(isolated_storage: Path) 
     assert_one_line_error(proc, "--seeds 100000000: 400,000,000 runs planned (4 conditions)",
                           "at most 10,000 runs")
     assert not (isolated_storage / "kdig.db").exists()
+
+
+def _store_case(n: int = 40, size: int = 8):
+    import numpy as np
+
+    from kdig_study.attribution.store import MapSpec
+
+    spec = MapSpec(teacher="t" * 64, data="d" * 64, images="i" * 16, n_images=n,
+                   method="trapezoid", baseline="zeros", reduce="abs_sum", counts=(4, 8),
+                   precision="fp32")
+    # image i's map is all (i + 1) at 4 steps and -(i + 1) at 8: never zero
+    rows = np.arange(1, n + 1, dtype=np.float32)[:, None, None] * np.ones((size, size))
+    want = np.stack([rows, -rows]).astype(np.float16)
+
+    def chunks(fail_at: int | None = None):
+        def chunk(start: int, stop: int):
+            if fail_at is not None and start >= fail_at:
+                raise KeyboardInterrupt  # Ctrl-C (or a kill) after `fail_at` images
+            return want[:, start:stop], np.full((2, stop - start), 0.01, np.float32), {}
+        return chunk
+
+    return spec, want, chunks
+
+
+@pytest.mark.parametrize("damage", ["none", "truncate", "flip"])
+def test_an_unfinished_map_store_resumes_only_over_intact_files(damage: str,
+                                                                isolated_storage: Path) -> None:
+    """kill -9 at 128 images, the .npy truncated, rerun: the store finished 'complete' with
+    79 all-zero maps (a memmap reads and writes past a truncated end as zeros)."""
+    import numpy as np
+
+    from kdig_study.attribution.store import store_root, write_store
+
+    spec, want, chunks = _store_case()
+    index = torch.arange(spec.n_images)
+    with pytest.raises(KeyboardInterrupt):
+        write_store(spec, index, (8, 8), lambda: chunks(fail_at=16), 8, "maps", progress=False)
+    maps_file = store_root(spec) / "maps_s4.npy"
+    if damage == "truncate":
+        with maps_file.open("r+b") as f:
+            f.truncate(maps_file.stat().st_size - 5 * 8 * 8 * 2)
+    elif damage == "flip":  # same size, a finished row changed
+        arr = np.load(maps_file, mmap_mode="r+")
+        arr[3, 2, 2] = 0
+        arr.flush()
+        del arr
+    lines: list[str] = []
+    report = write_store(spec, index, (8, 8), chunks, 8, "maps", progress=False,
+                         log=lines.append)
+    assert report.computed_images == (24 if damage == "none" else 40)
+    if damage == "none":
+        assert lines == []
+    else:
+        assert len(lines) == 1 and "computing it from the start" in lines[0], lines
+        assert ("truncated or replaced" if damage == "truncate" else "changed on disk") \
+            in lines[0]
+    for i, c in enumerate(spec.counts):
+        assert np.array_equal(np.asarray(report.store.maps(c)), want[i])
+
+
+def test_damaged_data_and_corrupted_split_caches_are_rebuilt_not_fatal(
+        tmp_path: Path, isolated_storage: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A damaged corrupted-split cache failed every trial after it had trained (BadZipFile);
+    a damaged decoded-data cache gave a traceback on every run and was never removed."""
+    from dataclasses import replace
+
+    from test_data import _make_tree
+
+    from kdig_study.config import DataConfig
+    from kdig_study.corruptions import RobustSuite
+    from kdig_study.data import load_bundle, load_source
+
+    _make_tree(tmp_path / "tree", per_class=3)
+    cfg = DataConfig(path=str(tmp_path / "tree"), val_size=10)
+    first = load_source(cfg)
+    [cache] = (isolated_storage / "cache" / "data").glob("*.npz")
+    cache.write_bytes(cache.read_bytes()[:500])  # a cut-off write of another tool
+    again = load_source(cfg)
+    assert again.fingerprint == first.fingerprint
+    assert torch.equal(again.train.images, first.train.images)
+    assert "is unreadable; decoding the data again" in capsys.readouterr().out
+
+    study = load_study("kd_ig", "smoke")
+    robustness = replace(study.robustness, test_per_setting=10, val_per_setting=10)
+    data = load_bundle(study.data)
+    suite = RobustSuite(data, robustness)
+    for f in (isolated_storage / "cache" / "corrupted").glob("*.npz"):
+        f.write_bytes(b"PK\x03\x04 not a zip at all")
+    rebuilt = RobustSuite(data, robustness)
+    assert torch.equal(rebuilt.test.images, suite.test.images)
+    assert torch.equal(rebuilt.val.labels, suite.val.labels)
+    assert capsys.readouterr().out.count("is unreadable; building it again") == 2
+
+
+def test_a_garbage_deletion_check_is_computed_again(warm_cache: Path) -> None:
+    from kdig_study.attribute import SANITY_IMAGES, sanity
+    from kdig_study.experiment import Context
+
+    ctx = Context.create(load_study("kd_ig", "smoke"), progress=False)
+    ctx.log = lambda *a, **k: None
+    store = ctx.maps(None, "ig").store
+    path = store.root / f"deletion_s{store.variant(8)}_n{SANITY_IMAGES}.json"
+    path.write_text("{ this is not json")
+    out = sanity(ctx, store, 8)
+    assert out["images"] > 0 and out["ratio_other"] > 0
+    assert sanity(ctx, store, 8) == out  # and cached again, whole

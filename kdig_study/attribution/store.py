@@ -15,6 +15,7 @@ import hashlib
 import json
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -230,7 +231,7 @@ def write_store(spec: MapSpec, index: torch.Tensor, size: tuple[int, int],
             log(note)
             shutil.rmtree(root)
         computed = _compute(spec, root, index, size, make_chunks, batch, desc, progress,
-                            measured if measured is not None else {}, extras)
+                            measured if measured is not None else {}, extras, log)
         meta, why = _verify(root)
         if meta is None:  # pragma: no cover - a failure of the disk under us
             raise KdigError(f"map store {root} failed its own check after writing: {why}")
@@ -239,21 +240,35 @@ def write_store(spec: MapSpec, index: torch.Tensor, size: tuple[int, int],
 
 def _compute(spec: MapSpec, root: Path, index: torch.Tensor, size: tuple[int, int],
              make_chunks: Callable[[], ChunkFn], batch: int, desc: str, progress: bool,
-             measured: dict[str, Any], extras: tuple[str, ...]) -> int:
+             measured: dict[str, Any], extras: tuple[str, ...],
+             log: Callable[..., Any] = print) -> int:
     n, (h, w) = spec.n_images, size
     root.mkdir(parents=True, exist_ok=True)
     files = {c: root / f"maps_s{c}.npy" for c in spec.counts}
     gap_file = root / "gaps.npy"
     extra_files = {name: root / f"{name}.npy" for name in extras}
     progress_file = root / "progress.json"
+    shapes: dict[Path, tuple[tuple[int, ...], str]] = \
+        {f: ((n, h, w), "float16") for f in files.values()} | \
+        {gap_file: ((len(spec.counts), n), "float32")} | \
+        {f: ((n,), "int32") for f in extra_files.values()}
     done = 0
-    if progress_file.is_file() and all(f.is_file() for f in [*files.values(), gap_file,
-                                                               *extra_files.values()]):
-        done = json.loads(progress_file.read_text())["done"]
+    crc: dict[str, int] = {}
+    why = _unresumable(progress_file, shapes)
+    if why is None:
+        state = json.loads(progress_file.read_text())
+        done, crc = state["done"], state["crc"]
         arrays = {c: np.load(f, mmap_mode="r+") for c, f in files.items()}
         gaps = np.load(gap_file, mmap_mode="r+")
         extra = {k: np.load(f, mmap_mode="r+") for k, f in extra_files.items()}
-    else:
+        now = _done_crc(arrays, gaps, extra, files, gap_file, extra_files, 0, done, {})
+        if now != crc:
+            why = "the rows it had finished changed on disk"
+            del arrays, gaps, extra
+    if why is not None:
+        if why != "not started":
+            log(f"unfinished map store {root}: {why}; computing it from the start")
+        done, crc = 0, {}
         arrays = {c: np.lib.format.open_memmap(f, mode="w+", dtype=np.float16, shape=(n, h, w))
                   for c, f in files.items()}
         gaps = np.lib.format.open_memmap(gap_file, mode="w+", dtype=np.float32,
@@ -278,9 +293,11 @@ def _compute(spec: MapSpec, root: Path, index: torch.Tensor, size: tuple[int, in
                 extra[k][done:stop] = v
             for arr in (*arrays.values(), gaps, *extra.values()):
                 arr.flush()
+            crc = _done_crc(arrays, gaps, extra, files, gap_file, extra_files, done, stop, crc)
             done = stop
-            # Only after the chunk is on disk: a restart resumes from here.
-            write_json(progress_file, {"done": done})
+            # Only after the chunk is on disk: a restart resumes from here, once the rows
+            # done so far still give these checksums.
+            write_json(progress_file, {"done": done, "crc": crc})
             bar.update(stop - bar.n)
     finally:
         bar.close()
@@ -289,6 +306,54 @@ def _compute(spec: MapSpec, root: Path, index: torch.Tensor, size: tuple[int, in
     measured["computed_images"] = n - start_done
     _finish(spec, root, files, gap_file, measured, extra_files)
     return n - start_done
+
+
+def _unresumable(progress_file: Path, shapes: dict[Path, tuple[tuple[int, ...], str]]
+                 ) -> str | None:
+    """Why an unfinished store cannot be resumed (None: it can). Each file must hold the
+    array its header promises, whole: a memmap opened on a truncated file reads (and writes)
+    past its end as zeros, and a resumed store finished 'complete' with all-zero maps."""
+    if not progress_file.is_file():
+        return "not started"
+    try:
+        state = json.loads(progress_file.read_text())
+        done, crc = int(state["done"]), state["crc"]
+        if not isinstance(crc, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        return f"{progress_file.name} is unreadable or from an older version"
+    for f, (shape, dtype) in shapes.items():
+        if not f.is_file():
+            return f"{f.name} is missing"
+        try:
+            with f.open("rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                got, _, got_dtype = read(fh)
+                offset = fh.tell()
+        except (ValueError, OSError) as e:
+            return f"{f.name} has no readable header ({e})"
+        expected = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if got != shape or got_dtype != np.dtype(dtype) or f.stat().st_size != expected:
+            return (f"{f.name} is {f.stat().st_size:,} bytes of {got} {got_dtype}, not "
+                    f"{expected:,} bytes of {shape} {dtype} (truncated or replaced)")
+    if not 0 <= done <= shapes[next(iter(shapes))][0][0]:
+        return f"{progress_file.name} counts {done} images done"
+    return None
+
+
+def _done_crc(arrays: dict[int, np.ndarray], gaps: np.ndarray, extra: dict[str, np.ndarray],
+              files: dict[int, Path], gap_file: Path, extra_files: dict[str, Path],
+              start: int, stop: int, crc: dict[str, int]) -> dict[str, int]:
+    """CRC-32 of every file's rows [0, stop), extended from ``crc`` (rows [0, start))."""
+    out = dict(crc)
+    parts = [(files[c].name, arrays[c][start:stop]) for c in arrays] + \
+        [(f"{gap_file.name}[{i}]", gaps[i, start:stop]) for i in range(gaps.shape[0])] + \
+        [(extra_files[k].name, v[start:stop]) for k, v in extra.items()]
+    for name, rows in parts:
+        out[name] = zlib.crc32(np.ascontiguousarray(rows).tobytes(), out.get(name, 0))
+    return out
 
 
 def _finish(spec: MapSpec, root: Path, files: dict[int, Path], gap_file: Path,
