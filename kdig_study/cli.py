@@ -54,9 +54,39 @@ def load_from_args(args: argparse.Namespace) -> StudyConfig:
     return load_study(args.study, args.scale or default_scale(), overrides)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+# Set in a worker's environment by spawn_workers: the pid of the process that started it.
+_PARENT_ENV = "KDIG_PARENT_PID"
+
+
+def _watch_parent() -> None:
+    """In a worker: interrupt this process (the Ctrl-C path: its trial failed cleanly, the
+    store consistent) once the parent that started it is gone, even by SIGKILL; workers
+    used to run on to the end of their trials."""
+    import threading
+    import time
+
+    parent = os.environ.pop(_PARENT_ENV, None)  # not inherited by what this one starts
+    if parent is None:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by run(), even where SIGINT is ignored
+
+    threading.Thread(target=watch, daemon=True, name="kdig-parent-watch").start()
+
+
 def run(main: Callable[[], int | None]) -> NoReturn:
     """Run a CLI entry point: a KdigError becomes one line on stderr and exit status 2;
-    Ctrl-C exits with 130 after the entry point's own cleanup ran."""
+    Ctrl-C, SIGTERM and SIGHUP (a preempted machine, `scancel`, `docker stop`, a closed
+    terminal) exit with 130 after the entry point's own cleanup ran."""
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    _watch_parent()
     try:
         code = main() or 0
     except KdigError as e:
@@ -72,6 +102,9 @@ def run(main: Callable[[], int | None]) -> NoReturn:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     sys.exit(code)
 
 
@@ -90,7 +123,7 @@ def spawn_workers(module: str, argv: list[str], n: int) -> None:
     procs = []
     for i in range(n):
         env = os.environ.copy() | {"OMP_NUM_THREADS": str(threads),
-                                   "KDIG_THREADS": str(threads)}
+                                   "KDIG_THREADS": str(threads), _PARENT_ENV: str(os.getpid())}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         procs.append(subprocess.Popen([sys.executable, "-m", module, *argv,
@@ -99,8 +132,8 @@ def spawn_workers(module: str, argv: list[str], n: int) -> None:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
         for p in procs:  # a terminal's Ctrl-C reached them too; make sure, then wait
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+            if p.poll() is None:  # (SIGTERM: a background start ignores SIGINT)
+                p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait()
         raise

@@ -251,6 +251,7 @@ def main() -> int:
     # refuses (e.g. a validation split larger than the pool) must not leave a study behind
     ctx = Context.create(cfg, args.data_dir, args.device,
                          progress=not args.no_progress and worker is None)
+    new = name not in optuna.get_all_study_names(storage)
     study = open_study(storage, name, cfg, make_sampler(cfg, args.seed), pruner,
                        ["maximize"] * len(cfg.search.objectives), url,
                        data_fingerprint=ctx.data.fingerprint, data_origin=ctx.data.origin)
@@ -269,7 +270,15 @@ def main() -> int:
                   flush=True)
         # Teacher and every map source the search may pick, once, here, before any worker
         # needs them.
-        prepare(study, ctx)
+        try:
+            prepare(study, ctx)
+        except KdigError:
+            # a check of the teacher or the maps failed (e.g. the completeness-gap stop):
+            # a study this command made and nothing ran in would block the name for every
+            # later run with a fixed config
+            if new and not study.get_trials(deepcopy=False):
+                optuna.delete_study(study_name=name, storage=storage)
+            raise
         if args.workers > 1:
             print(f"{args.workers} workers, {max(1, default_threads() // args.workers)} "
                   f"threads each", flush=True)

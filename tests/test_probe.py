@@ -235,3 +235,14 @@ def test_a_garbage_deletion_check_is_computed_again(warm_cache: Path) -> None:
     out = sanity(ctx, store, 8)
     assert out["images"] > 0 and out["ratio_other"] > 0
     assert sanity(ctx, store, 8) == out  # and cached again, whole
+
+
+def test_a_study_whose_maps_fail_the_gap_check_is_not_left_behind(
+        warm_cache: Path, isolated_storage: Path) -> None:
+    """A config that failed a later check (a gap-stop) still created its study, which then
+    refused every later run under the default name as 'another config'."""
+    proc = run_cli("optimize", "--study", "kd_ig", "--scale", "smoke", "--no-progress",
+                   "--n-trials", "1", "--set", "ig.max_gap=1e-9")
+    assert_one_line_error(proc, "median completeness gap above ig.max_gap = 0.00%")
+    storage = open_storage(f"sqlite:///{isolated_storage}/kdig.db")
+    assert "kd_ig-smoke" not in optuna.get_all_study_names(storage)
