@@ -273,14 +273,16 @@ def render(analysis: dict[str, Any], title: str) -> str:
     for s in analysis["summaries"]:
         lines.append(f"  {s['condition']:<16}{s['n']:>3}{pts(s['mean']):>8}{pts(s['sd']):>7}"
                      f"{pts(s['min']):>8}{pts(s['max']):>8}")
-    head = (f"  {'':<26}{'n':>3}{'mean':>8}  {'95% CI':<17}{'t p':>8}{'Holm':>8}"
-            f"{'Wilc. p':>9}{'Holm':>8}{'d_z':>7}{'MDE':>7}")
-    lines.append(head.replace(" " * 26, f"{'comparison (paired) / effect':<26}"[:26], 1))
-    for r in analysis["comparisons"] + analysis["effects"]:
-        name = ("* " if r["primary"] else "") + r["name"] + \
-            (" (effect)" if r["kind"] == "effect" else "")
+    rows = analysis["comparisons"] + analysis["effects"]
+    names = [("* " if r["primary"] else "") + r["name"] +
+             (" (effect)" if r["kind"] == "effect" else "") for r in rows]
+    heading = "comparison (paired) / effect"  # was cut to its first 26 characters
+    w = max(len(n) for n in [heading, *names]) + 1
+    lines.append(f"  {heading:<{w}}{'n':>3}{'mean':>8}  {'95% CI':<17}{'t p':>8}{'Holm':>8}"
+                 f"{'Wilc. p':>9}{'Holm':>8}{'d_z':>7}{'MDE':>7}")
+    for name, r in zip(names, rows, strict=True):
         ci = f"[{pts(r['ci_low'], sign=True)}, {pts(r['ci_high'], sign=True)}]"
-        lines.append(f"  {name:<26}{r['n']:>3}{pts(r['mean'], sign=True):>8}  {ci:<17}"
+        lines.append(f"  {name:<{w}}{r['n']:>3}{pts(r['mean'], sign=True):>8}  {ci:<17}"
                      f"{pval(r['t_p']):>8}{pval(r['t_p_holm']):>8}{pval(r['wilcoxon_p']):>9}"
                      f"{pval(r['wilcoxon_p_holm']):>8}{formats.number(r['d_z']):>7}"
                      f"{pts(r['mde']):>7}")

@@ -414,8 +414,12 @@ def load_checkpoint(path: Path, model: Net) -> None:
     non-finite ones."""
     try:
         state = load_file(str(path))
+    except Exception as e:  # safetensors' own error type: a truncated or damaged file
+        raise KdigError(f"checkpoint {path} is not a readable safetensors file "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
         model.load_state_dict(state, strict=True)
-    except (OSError, RuntimeError) as e:
+    except RuntimeError as e:
         raise KdigError(f"checkpoint {path} does not fit this model: {e}") from None
     bad = non_finite(state)
     if bad:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,17 @@ def _versions() -> dict[str, str]:
     return {"kdig_study": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
             "opset": str(OPSET)}
+
+
+def publish_folder(staging: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``staging`` whole. A kill between the two renames leaves the
+    previous set under ``.NAME.old`` and no half-mixed folder; the next export removes it."""
+    old = out_dir.parent / f".{out_dir.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _fmt_row(r: dict[str, Any]) -> str:
@@ -102,11 +114,17 @@ def main() -> int:
     threads = default_threads()
     print(f"exporting trial {trial.number} of '{name}' (val acc {trial.values[0]:.2%}) to "
           f"{out_dir}; {threads} threads", flush=True)
-    rows = measure_role("student", student, ctx, out_dir, args.int8, not args.no_compile,
+    # The export is written as a set: into a staging folder, provenance last, then swapped
+    # in whole. Written in place, a kill left one trial's student.onnx beside an
+    # export.json naming another, and an export without --int8 kept an older int8 file.
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    rows = measure_role("student", student, ctx, staging, args.int8, not args.no_compile,
                         threads, int8_activations=args.int8_activations)
     teacher_cached = teacher_path(teacher_fingerprint(cfg, ctx.data, ctx.device)).is_file()
     if not args.no_teacher and teacher_cached:
-        rows += measure_role("teacher", ctx.teacher().model, ctx, out_dir, args.int8,
+        rows += measure_role("teacher", ctx.teacher().model, ctx, staging, args.int8,
                              not args.no_compile, threads,
                              int8_activations=args.int8_activations)
     elif not args.no_teacher:
@@ -116,7 +134,8 @@ def main() -> int:
               "scale": cfg.scale, "input": "float32 images in [0, 1], NCHW, 3x32x32; "
               "normalisation inside the graph", "threads": threads, "versions": _versions(),
               "rows": rows}
-    write_json(out_dir / "export.json", record)
+    write_json(staging / "export.json", record)
+    publish_folder(staging, out_dir)
     study.set_user_attr("deployment", {k: v for k, v in record.items() if k != "versions"}
                         | {"versions": record["versions"], "folder": str(out_dir)})
     print(f"  {'model':<8}{'format':<64}{'size':>9}{'test':>9}{'robust':>9}  "

@@ -18,10 +18,12 @@ summary.txt to OUT.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +67,12 @@ def _model(role: str, tiny: bool) -> torch.nn.Module:
     return build_model(m)
 
 
-def _train_steps(role: str, n_images: int, batch: int, device: torch.device, tiny: bool
-                 ) -> float:
-    """img/s of plain training steps on device-resident synthetic data (one process)."""
+def _train_steps(role: str, n_images: int, batch: int, device: torch.device, tiny: bool,
+                 barrier: tuple[Path, int] | None = None) -> dict[str, float]:
+    """Plain training steps on device-resident synthetic data (one process): the images
+    trained and the timed window (wall-clock start and end, comparable across processes).
+    ``barrier`` (folder, processes): after its warm-up, each process waits there until all
+    are warm, so that the timed windows overlap."""
     import torch
     import torch.nn.functional as F
 
@@ -92,27 +97,40 @@ def _train_steps(role: str, n_images: int, batch: int, device: torch.device, tin
             torch.cuda.synchronize()
 
     run_steps(min(steps, 10))  # warm-up
-    t0 = time.perf_counter()
+    if barrier is not None:
+        folder, n = barrier
+        (folder / f"ready-{os.getpid()}").touch()
+        while len(list(folder.glob("ready-*"))) < n:
+            time.sleep(0.01)
+    start = time.time()
     run_steps(steps)
-    return steps * batch / (time.perf_counter() - t0)
+    return {"images": steps * batch, "start": start, "end": time.time()}
 
 
 def _workers_throughput(role: str, workers: int, sizes: Sizes, tiny: bool) -> float:
     """Total img/s of ``workers`` processes training at once on the one device."""
     env = os.environ.copy() | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
-    cmd = [sys.executable, "-m", "kdig_study.gpu_check", "--worker", role, "--images",
-           str(sizes.images)] + (["--tiny"] if tiny else [])
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env) for _ in range(workers)]
-    rates = []
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        if p.returncode != 0:
-            raise KdigError(f"a {role} worker failed: {err.strip().splitlines()[-1:]}")
-        rates.append(float(out.strip().splitlines()[-1]))
-    # each worker reports its own rate over its own timed window; the windows overlap
-    # (the processes run together), so the total is their sum
-    return sum(rates)
+    with tempfile.TemporaryDirectory() as barrier:
+        cmd = [sys.executable, "-m", "kdig_study.gpu_check", "--worker", role, "--images",
+               str(sizes.images), "--barrier", barrier, "--barrier-n", str(workers)] + \
+            (["--tiny"] if tiny else [])
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env) for _ in range(workers)]
+        runs = []
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            if p.returncode != 0:
+                raise KdigError(f"a {role} worker failed: {err.strip().splitlines()[-1:]}")
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+    return shared_window_rate(runs)
+
+
+def shared_window_rate(runs: list[dict[str, float]]) -> float:
+    """All images over one shared wall window, from the first start to the last end. The
+    sum of each worker's rate over its own window overstated it (2 workers 3.8x one on 2
+    cores): windows that did not overlap were counted as if they had."""
+    return sum(r["images"] for r in runs) / (max(r["end"] for r in runs) -
+                                              min(r["start"] for r in runs))
 
 
 def _ig(sizes: Sizes, device: torch.device, tiny: bool) -> dict[str, Any]:
@@ -196,6 +214,8 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="tiny models and sizes (CPU tests)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--images", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--barrier-n", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     import torch
 
@@ -203,8 +223,10 @@ def main() -> int:
 
     device = resolve_device(args.device)
     sizes = TINY if args.tiny else FULL
-    if args.worker:  # one training worker: print its img/s
-        print(_train_steps(args.worker, args.images or sizes.images, 64, device, args.tiny))
+    if args.worker:  # one training worker: print its images and timed window (JSON)
+        barrier = (Path(args.barrier), args.barrier_n) if args.barrier else None
+        print(json.dumps(_train_steps(args.worker, args.images or sizes.images, 64, device,
+                                      args.tiny, barrier)))
         return 0
     out = Path(args.out)
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from kdig_study.config import (
 )
 from kdig_study.experiment import Context, RunMetrics, run_student
 from kdig_study.measure import latency_columns, profile
-from kdig_study.paths import storage_dir
+from kdig_study.paths import file_sha256, storage_dir
 
 
 def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
@@ -165,6 +165,8 @@ class Objective:
         with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
             ckpt = Path(tmp) / f"trial{trial.number}-best.safetensors"
             save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt))
+            # checked when read back (export, report): flipped or cut bytes must not export
+            trial.set_user_attr("weights_sha256", file_sha256(ckpt))
             upload_artifact(artifact_store=self.artifacts, file_path=str(ckpt),
                             study_or_trial=trial, mimetype="application/octet-stream")
         preview = m.ig_preview

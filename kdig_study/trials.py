@@ -16,6 +16,7 @@ from kdig_study.errors import KdigError
 from kdig_study.models import Net, build_model
 from kdig_study.objectives import choose_best
 from kdig_study.optuna_adapter import storage_of
+from kdig_study.paths import file_sha256
 from kdig_study.store import artifact_store
 
 
@@ -57,5 +58,11 @@ def student_weights(study: optuna.Study, trial: FrozenTrial, cfg: StudyConfig, n
         except Exception as e:  # the artifact folder is elsewhere, or the file is gone
             raise KdigError(f"trial {trial.number}: its weights artifact could not be read "
                             f"({e}); is KDIG_ARTIFACTS the folder the search wrote to?") from None
+        want = trial.user_attrs.get("weights_sha256")
+        if want is not None and file_sha256(path) != want:
+            raise KdigError(f"trial {trial.number} of '{study.study_name}': its weights "
+                            f"artifact {metas[0].artifact_id} is damaged (its sha256 is not the "
+                            f"one recorded when it was written); choose another --trial, or "
+                            f"run the search again")
         load_checkpoint(path, model)
     return model.eval()

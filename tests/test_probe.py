@@ -246,3 +246,50 @@ def test_a_study_whose_maps_fail_the_gap_check_is_not_left_behind(
     assert_one_line_error(proc, "median completeness gap above ig.max_gap = 0.00%")
     storage = open_storage(f"sqlite:///{isolated_storage}/kdig.db")
     assert "kd_ig-smoke" not in optuna.get_all_study_names(storage)
+
+
+def test_the_device_check_counts_workers_over_one_shared_window() -> None:
+    """Summing each worker's rate over its own window gave 2 workers 3.8x one on 2 cores."""
+    from kdig_study.gpu_check import shared_window_rate
+
+    # one after the other: no gain at all, whatever each window's own rate
+    assert shared_window_rate([{"images": 100, "start": 0.0, "end": 1.0},
+                               {"images": 100, "start": 1.0, "end": 2.0}]) == 100
+    # fully overlapping: twice one worker's rate
+    assert shared_window_rate([{"images": 100, "start": 5.0, "end": 6.0},
+                               {"images": 100, "start": 5.0, "end": 6.0}]) == 200
+
+
+def test_an_export_folder_is_replaced_as_a_set(tmp_path: Path) -> None:
+    """A re-export killed midway left trial 1's student.onnx beside an export.json naming
+    trial 0; an export without --int8 left an older student.int8.onnx beside it."""
+    from kdig_study.export import publish_folder
+
+    out = tmp_path / "exports" / "s"
+    out.mkdir(parents=True)
+    for name, text in (("student.onnx", "t0"), ("student.int8.onnx", "t0"),
+                       ("export.json", '{"trial": 0}')):
+        (out / name).write_text(text)
+    staging = tmp_path / "exports" / ".s.partial"
+    staging.mkdir()
+    (staging / "student.onnx").write_text("t1")
+    (staging / "export.json").write_text('{"trial": 1}')
+    publish_folder(staging, out)
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "student.onnx"]
+    assert (out / "student.onnx").read_text() == "t1"
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["s"]
+
+
+def test_the_ablation_table_heading_is_whole_and_aligned() -> None:
+    from kdig_study.ablate import render
+
+    row = {"primary": True, "name": "KD+IG+AT - KD+IG+AT-shuffled", "kind": "comparison",
+           "n": 10, "mean": 0.5, "ci_low": -0.1, "ci_high": 1.1, "t_p": 0.04, "t_p_holm": 0.2,
+           "wilcoxon_p": 0.05, "wilcoxon_p_holm": 0.3, "d_z": 0.7, "mde": 0.9}
+    text = render({"summaries": [], "comparisons": [row], "effects": [],
+                   "correction": "Holm"}, "test accuracy, %")
+    head, line = text.splitlines()[2:4]
+    assert head.strip().startswith("comparison (paired) / effect  ")
+    assert line.strip().startswith("* KD+IG+AT - KD+IG+AT-shuffled ")
+    # the n column ends at the same place in the heading and the row
+    assert head.index(" n ") + 2 == line.index(" 10 ") + 3
