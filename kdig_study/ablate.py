@@ -372,11 +372,11 @@ def _options(args: argparse.Namespace, cfg: StudyConfig) -> _Options:
     from kdig_study.stats import conditions
 
     # bounded before anything is built: `--seeds 100000000` took 18.7 GB planning its runs
-    runs = len(conditions(design, controls)) * (args.monte_carlo or args.seeds) * \
-        max(1, len(sweep_values or []))
+    n_conditions = len(conditions(design, controls))
+    runs = n_conditions * (args.monte_carlo or args.seeds) * max(1, len(sweep_values or []))
     if runs > MAX_RUNS:
         raise KdigError(f"--seeds {args.monte_carlo or args.seeds}: {runs:,} runs planned "
-                        f"({len(conditions(design, controls))} conditions"
+                        f"({n_conditions} conditions"
                         + (f" x {len(sweep_values)} sweep values" if sweep_values else "")
                         + f"); allowed: at most {MAX_RUNS:,} runs per ablation")
     return design, controls, sweep_key, sweep_values

@@ -99,14 +99,12 @@ def record_run(trial: optuna.Trial, m: RunMetrics, latency: dict[str, float]) ->
 def record_provenance(trial: optuna.Trial, ctx: Context, cfg: StudyConfig) -> None:
     """The data and the teacher a run learns from, on the run itself (``provenance``): a
     trial's numbers mean something only with them. The teacher is None where the run uses
-    none (no KD, IG or AT)."""
-    from kdig_study.teacher import teacher_fingerprint
-
+    none (no KD, IG or AT); one that does loads it here, as its run would."""
     m = cfg.method
     uses_teacher = m.kd or m.ig or m.at
     trial.set_user_attr("provenance", {
         "data": ctx.data.fingerprint, "data_origin": ctx.data.origin,
-        "teacher": teacher_fingerprint(cfg, ctx.data, ctx.device) if uses_teacher else None})
+        "teacher": ctx.teacher().fingerprint if uses_teacher else None})
 
 
 class Objective:

@@ -252,12 +252,8 @@ def _compute(spec: MapSpec, root: Path, index: torch.Tensor, size: tuple[int, in
         {f: ((n, h, w), "float16") for f in files.values()} | \
         {gap_file: ((len(spec.counts), n), "float32")} | \
         {f: ((n,), "int32") for f in extra_files.values()}
-    done = 0
-    crc: dict[str, int] = {}
-    why = _unresumable(progress_file, shapes)
+    done, crc, why = _resumable_state(progress_file, shapes)
     if why is None:
-        state = json.loads(progress_file.read_text())
-        done, crc = state["done"], state["crc"]
         arrays = {c: np.load(f, mmap_mode="r+") for c, f in files.items()}
         gaps = np.load(gap_file, mmap_mode="r+")
         extra = {k: np.load(f, mmap_mode="r+") for k, f in extra_files.items()}
@@ -308,23 +304,24 @@ def _compute(spec: MapSpec, root: Path, index: torch.Tensor, size: tuple[int, in
     return n - start_done
 
 
-def _unresumable(progress_file: Path, shapes: dict[Path, tuple[tuple[int, ...], str]]
-                 ) -> str | None:
-    """Why an unfinished store cannot be resumed (None: it can). Each file must hold the
-    array its header promises, whole: a memmap opened on a truncated file reads (and writes)
-    past its end as zeros, and a resumed store finished 'complete' with all-zero maps."""
+def _resumable_state(progress_file: Path, shapes: dict[Path, tuple[tuple[int, ...], str]]
+                     ) -> tuple[int, dict[str, int], str | None]:
+    """An unfinished store's images done and their checksums, and why it cannot be resumed
+    (None: it can). Each file must hold the array its header promises, whole: a memmap
+    opened on a truncated file reads (and writes) past its end as zeros, and a resumed store
+    finished 'complete' with all-zero maps."""
     if not progress_file.is_file():
-        return "not started"
+        return 0, {}, "not started"
     try:
         state = json.loads(progress_file.read_text())
         done, crc = int(state["done"]), state["crc"]
         if not isinstance(crc, dict):
             raise TypeError
     except (ValueError, KeyError, TypeError):
-        return f"{progress_file.name} is unreadable or from an older version"
+        return 0, {}, f"{progress_file.name} is unreadable or from an older version"
     for f, (shape, dtype) in shapes.items():
         if not f.is_file():
-            return f"{f.name} is missing"
+            return 0, {}, f"{f.name} is missing"
         try:
             with f.open("rb") as fh:
                 version = np.lib.format.read_magic(fh)
@@ -333,14 +330,14 @@ def _unresumable(progress_file: Path, shapes: dict[Path, tuple[tuple[int, ...], 
                 got, _, got_dtype = read(fh)
                 offset = fh.tell()
         except (ValueError, OSError) as e:
-            return f"{f.name} has no readable header ({e})"
+            return 0, {}, f"{f.name} has no readable header ({e})"
         expected = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
         if got != shape or got_dtype != np.dtype(dtype) or f.stat().st_size != expected:
-            return (f"{f.name} is {f.stat().st_size:,} bytes of {got} {got_dtype}, not "
-                    f"{expected:,} bytes of {shape} {dtype} (truncated or replaced)")
+            return 0, {}, (f"{f.name} is {f.stat().st_size:,} bytes of {got} {got_dtype}, "
+                           f"not {expected:,} bytes of {shape} {dtype} (truncated or replaced)")
     if not 0 <= done <= shapes[next(iter(shapes))][0][0]:
-        return f"{progress_file.name} counts {done} images done"
-    return None
+        return 0, {}, f"{progress_file.name} counts {done} images done"
+    return done, crc, None
 
 
 def _done_crc(arrays: dict[int, np.ndarray], gaps: np.ndarray, extra: dict[str, np.ndarray],
