@@ -239,6 +239,19 @@ class TeacherCacheConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Mid-run checkpoints (kdig_study.checkpoint) of the teacher, trials and ablation runs:
+    written at the end of every ``every_epochs``-th epoch, or, with ``every_minutes`` > 0,
+    at the end of the first epoch that many minutes after the last write; an interrupted
+    run goes on from its last one. Not part of the config fingerprint: a resumed run ends
+    with the bits it would have had uninterrupted."""
+
+    enabled: bool = True
+    every_epochs: int = _bounded(1, ge=1)
+    every_minutes: float = _bounded(0.0, ge=0.0)
+
+
+@dataclass(frozen=True)
 class ParamSpec:
     """One search dimension: a float/int range (optionally log) or a list of choices."""
 
@@ -336,6 +349,7 @@ class StudyConfig:
     expected: ExpectedConfig = ExpectedConfig()
     measure: MeasureConfig = MeasureConfig()
     teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     overrides: tuple[str, ...] = ()  # the --set items applied (their values are in the fields)
 
     def to_dict(self) -> dict[str, Any]:
@@ -345,7 +359,7 @@ class StudyConfig:
         """Hash of everything that changes results (not the file's path or description)."""
         d = self.to_dict()
         for k in ("source", "description", "expected", "measure", "teacher_cache",
-                  "overrides"):
+                  "checkpoint", "overrides"):
             d.pop(k)
         d["data"].pop("path")  # the same data found at another path is the same data
         # How long a search runs does not change what one trial means.
@@ -369,6 +383,7 @@ _SECTIONS: dict[str, type] = {
     "expected": ExpectedConfig,
     "measure": MeasureConfig,
     "teacher_cache": TeacherCacheConfig,
+    "checkpoint": CheckpointConfig,
 }
 _TOP_KEYS = ("inherit", "description", "scales")
 

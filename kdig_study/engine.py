@@ -5,6 +5,7 @@ callback may raise to stop early (pruning), and the exception passes through."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from kdig_study.checkpoint import Resume
 from kdig_study.config import KDConfig, TrainConfig
 from kdig_study.data import BatchLoader, DataBundle, ImageSet, Overlay
 from kdig_study.errors import KdigError
@@ -244,11 +246,16 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
           device: torch.device, distill: Distillation | None = None,
           planes: torch.Tensor | None = None, overlay: Overlay | None = None,
           on_epoch: EpochCallback | None = None, evaluate_test: bool = True,
-          progress: bool = True, desc: str = "train") -> TrainResult:
+          progress: bool = True, desc: str = "train", resume: Resume | None = None
+          ) -> TrainResult:
     """Train ``model`` on ``train_set``; validate every epoch; test the best epoch's weights.
 
     ``planes`` ([N, P, 32, 32], aligned with ``train_set``) are cropped and flipped with their
     images and handed to ``overlay``; a KD teacher sees the clean augmented image.
+    ``resume``: checkpoint at the end of epochs (after ``on_epoch``: an epoch whose report
+    was interrupted is run again, never left unreported) and go on from the last checkpoint
+    of the same run, ending with the weights and metrics the run would have had
+    uninterrupted. ``on_epoch`` is not called again for the epochs a checkpoint restored.
     """
     torch.manual_seed(cfg.seed)
     precision = resolve_precision(cfg.precision, device)
@@ -273,14 +280,23 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
     fwd: Net = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
     if cfg.compile and teacher is not None:
         teacher = torch.compile(teacher)  # type: ignore[assignment]
-    history: list[EpochStats] = []
-    best_acc, best_epoch, best_state = -1.0, 0, {}
-    step = 0
-    start = time.perf_counter()
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, mininterval=0.5,
-               dynamic_ncols=True, leave=False)
+    run = _RunState()
+    if resume is not None:
+        stored = resume.load()
+        if stored is not None:
+            run = _restore(stored, model, opt, sched, lookahead, loader, device)
+            resume.log(f"resumed {desc} from epoch {run.epoch + 1} of {cfg.epochs} (epochs "
+                       f"1-{run.epoch} from its checkpoint)" if run.epoch < cfg.epochs else
+                       f"resumed {desc} after its last epoch ({cfg.epochs}, from its "
+                       f"checkpoint): testing", flush=True)
+    history, step = run.history, run.step
+    best_acc, best_epoch, best_state = run.best_acc, run.best_epoch, run.best_state
+    last_write = time.monotonic()
+    start = time.perf_counter() - run.wall_s
+    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not progress,
+               mininterval=0.5, dynamic_ncols=True, leave=False)
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(run.epoch + 1, cfg.epochs + 1):
             model.train()
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
@@ -331,6 +347,14 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
                             img_s=f"{stats.images_per_s:.0f}")
             if on_epoch is not None:
                 on_epoch(stats)
+            if resume is not None and (epoch == cfg.epochs or resume.due(epoch, last_write)):
+                read = distill.outputs.served if distill is not None and distill.outputs \
+                    else 0
+                resume.save(_snapshot(
+                    _RunState(epoch, step, best_acc, best_epoch, best_state, history,
+                              time.perf_counter() - start, run.teacher_read + read),
+                    model, opt, sched, lookahead, loader))
+                last_write = time.monotonic()
     finally:
         bar.close()
     wall = time.perf_counter() - start
@@ -341,12 +365,69 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
     test_s = time.perf_counter() - t_test
     rates = sorted(h.images_per_s for h in history)
     teacher_steps = step if distill is not None else 0
-    read = distill.outputs.served if distill is not None and distill.outputs else 0
+    read = run.teacher_read + \
+        (distill.outputs.served if distill is not None and distill.outputs else 0)
     return TrainResult(val_acc=best_acc, test_acc=test_acc, best_epoch=best_epoch,
                        epochs_run=len(history), wall_s=wall, images_per_s=rates[len(rates) // 2],
                        precision=precision, test_s=test_s,
                        teacher_steps_cached=read, teacher_steps_computed=teacher_steps - read,
                        history=history, state=best_state)
+
+
+@dataclass
+class _RunState:
+    """Where a run stands at the end of an epoch (what a checkpoint restores beside the
+    model, optimizer, scheduler, lookahead and generators)."""
+
+    epoch: int = 0  # epochs done
+    step: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[EpochStats] = field(default_factory=list)
+    wall_s: float = 0.0  # training and validation so far, over every sitting
+    teacher_read: int = 0  # steps whose teacher outputs were read from the cache
+
+
+def _snapshot(run: _RunState, model: Net, opt: torch.optim.Optimizer,
+              sched: torch.optim.lr_scheduler.LRScheduler | None, lookahead: Lookahead | None,
+              loader: BatchLoader) -> dict[str, Any]:
+    """A checkpoint's content: tensors, numbers, strings, lists and dicts only (it is read
+    back with weights_only=True)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "epoch": run.epoch, "step": run.step, "best_acc": run.best_acc,
+        "best_epoch": run.best_epoch, "best_state": run.best_state,
+        "history": [dataclasses.asdict(h) for h in run.history], "wall_s": run.wall_s,
+        "teacher_read": run.teacher_read,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict() if sched is not None else None,
+        "lookahead": [t.cpu() for t in lookahead.average]
+        if lookahead is not None and lookahead.average is not None else None,
+        "loader": loader.generator.get_state(), "overlay": loader.overlay_generator.get_state(),
+        "rng": rng}
+
+
+def _restore(state: dict[str, Any], model: Net, opt: torch.optim.Optimizer,
+             sched: torch.optim.lr_scheduler.LRScheduler | None, lookahead: Lookahead | None,
+             loader: BatchLoader, device: torch.device) -> _RunState:
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])  # moves its buffers to the parameters' device
+    if sched is not None:
+        sched.load_state_dict(state["scheduler"])
+    if lookahead is not None and state["lookahead"] is not None:
+        lookahead.average = [t.to(device) for t in state["lookahead"]]
+    loader.generator.set_state(state["loader"])
+    loader.overlay_generator.set_state(state["overlay"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return _RunState(state["epoch"], state["step"], state["best_acc"], state["best_epoch"],
+                     state["best_state"], [EpochStats(**h) for h in state["history"]],
+                     state["wall_s"], state["teacher_read"])
 
 
 def teacher_forward(teacher: Net, x_clean: torch.Tensor, distill: Distillation,

@@ -24,6 +24,7 @@ from kdig_study.attribution.store import (
     index_hash,
     write_store,
 )
+from kdig_study.checkpoint import run_resume
 from kdig_study.config import StudyConfig
 from kdig_study.corruptions import RobustAccuracy, RobustSuite, robust_metric
 from kdig_study.data import DataBundle, load_bundle
@@ -329,6 +330,14 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
     n_classes = len(data.classes)
     model = seeded_model(lambda: build_model(cfg.student, n_classes), cfg.student_train.seed)
     train_set, index = data.train_subset(cfg.student_train.train_size)
+    m = cfg.method
+    # what the run's result depends on beyond its config: the data, the teacher, the rows
+    identity: list[Any] = [
+        "student", cfg.fingerprint(), data.fingerprint,
+        ctx.teacher().fingerprint if m.kd or m.at or m.ig else None,
+        None if rows is None else hashlib.sha256(rows.to(torch.int64).numpy().tobytes()
+                                                 ).hexdigest(),
+        device_kind(ctx.device), resolve_precision(cfg.student_train.precision, ctx.device)]
     distill = None
     if cfg.method.kd or cfg.method.at:
         teacher = ctx.teacher()
@@ -346,6 +355,7 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
         if not np.array_equal(store.index(), index.numpy()):  # docs/design.md, defect 1
             raise KdigError(f"map store {store.root} is for other images than this run's "
                             f"training set")
+        identity.append(store.root.name)  # e.g. the fp32 maps a bf16 gap fell back to
         planes = store.planes(cfg.ig.steps)  # [N, 1, 32, 32], row i = training image i
         if rows is not None:
             planes = planes[rows]
@@ -359,11 +369,20 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
     if rows is not None:
         train_set = train_set.take(rows)
     suite = ctx.robust_suite()  # read (or rebuilt, if damaged) before training, not after
-    result = train(model, train_set, data, cfg.student_train, device=ctx.device,
-                   distill=distill, planes=planes, overlay=overlay, on_epoch=on_epoch,
-                   progress=ctx.progress, desc=desc)
-    cost = ctx.student_cost(cfg, model)
-    robust = suite.evaluate(model, ctx.device, result.precision) if suite is not None else None
+    resume = run_resume(cfg.checkpoint, identity, ctx.log)
+    try:
+        result = train(model, train_set, data, cfg.student_train, device=ctx.device,
+                       distill=distill, planes=planes, overlay=overlay, on_epoch=on_epoch,
+                       progress=ctx.progress, desc=desc, resume=resume)
+        cost = ctx.student_cost(cfg, model)
+        robust = suite.evaluate(model, ctx.device, result.precision) \
+            if suite is not None else None
+    except Exception:  # pruned or failed: the run has ended (an interrupt keeps its checkpoint)
+        if resume is not None:
+            resume.remove()
+        raise
+    if resume is not None:
+        resume.remove()
     metrics = RunMetrics(
         val_acc=result.val_acc, test_acc=result.test_acc, best_epoch=result.best_epoch,
         epochs_run=result.epochs_run, train_images=len(train_set),

@@ -7,11 +7,13 @@ optimised (docs/design.md, defect 2).
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.artifacts import get_all_artifact_meta, upload_artifact
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from optuna_dashboard import save_note
 from safetensors.torch import save_file
@@ -26,6 +28,7 @@ from kdig_study.config import (
 )
 from kdig_study.experiment import Context, RunMetrics, run_student
 from kdig_study.measure import latency_columns, profile
+from kdig_study.optuna_adapter import stored_trial
 from kdig_study.paths import file_sha256, storage_dir
 
 
@@ -123,22 +126,32 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         params = suggest(trial, self.space)
         cfg = apply_params(self.ctx.cfg, params)
-        epochs: list[float] = []
+        stored = stored_trial(trial.study, trial)
+        # a retry (of an interrupted trial, or a dead worker's) inherits the epochs it
+        # reported, and its run goes on from its last checkpoint
+        reported = set(stored.intermediate_values)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(stored)
+        last_epoch = [0]
 
         def on_epoch(stats: Any) -> None:
-            epochs.append(stats.val_acc)
+            last_epoch[0] = stats.epoch
             if len(self.objectives) > 1:
                 return
-            trial.report(stats.val_acc, stats.epoch)
+            if stats.epoch not in reported:
+                trial.report(stats.val_acc, stats.epoch)
             if self.prune and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {stats.epoch}: "
                                          f"val acc {stats.val_acc:.4f}")
 
         record_provenance(trial, self.ctx, cfg)
+        desc = f"trial {trial.number}" + (f" (retry of trial {retry_of})"
+                                          if retry_of is not None else "")
         try:
-            run = run_student(self.ctx, cfg, on_epoch=on_epoch, desc=f"trial {trial.number}")
+            run = run_student(self.ctx, cfg, on_epoch=on_epoch, desc=desc)
         except optuna.TrialPruned:
-            trial.set_user_attr("metrics", {"epochs_run": len(epochs)})
+            trial.set_user_attr("metrics", {"epochs_run": last_epoch[0]})
             raise
         m = run.metrics
         if self._latency is None:

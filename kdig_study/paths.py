@@ -63,26 +63,41 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None], durable: bool = False) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
     The rename is atomic on POSIX, so readers see the old file or the new one, never a
     partial one, and an interrupt leaves at most a stray ``.tmp`` file behind. The file gets
     the mode a plain open() gives under the umask (safetensors writes 0600, which made a
     shared cache's teacher unreadable to other users). A folder that cannot be written is
-    one line naming it.
+    one line naming it. ``durable``: the file and then its folder are flushed to disk
+    (fsync) around the rename, so a power cut or a killed machine leaves the old file or the
+    new one, never an empty name (mid-run checkpoints).
     """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     except OSError as e:
         raise KdigError(f"cannot write {path}: {e.strerror or e}; check that the folder is "
                         f"writable (or point KDIG_STORAGE / KDIG_CACHE elsewhere)") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:

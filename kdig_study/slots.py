@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,11 +21,11 @@ from typing import Any, Literal
 import optuna
 import sqlalchemy
 from filelock import FileLock
-from optuna.storages import RDBStorage
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from kdig_study.optuna_adapter import record_heartbeat
-from kdig_study.store import fail_stale
+from kdig_study.store import MAX_RETRY, fail_stale
 
 
 class SlotLock:
@@ -112,12 +113,15 @@ def claim_and_run(study: optuna.Study, lock: SlotLock, decide: Callable[[], Next
     released (the slot is taken), the trial's first heartbeat is written at once (a worker
     killed before Optuna's first one is caught too) and ``objective`` runs. To wait, the
     lock is released, the waiting line is logged when it changed, and the worker sleeps
-    ``poll_s`` seconds. Ctrl-C fails the running trial and propagates."""
+    ``poll_s`` seconds. Ctrl-C (and SIGTERM, SIGHUP: the commands raise KeyboardInterrupt
+    for them) fails the running trial, queues its retry and propagates."""
     start = time.monotonic()
     said = ""
+    current: list[int] = []  # the number of the trial in flight
 
     def released_then_run(trial: optuna.Trial) -> float:
         lock.release()  # the trial is RUNNING in the store: its slot is taken
+        current[:] = [trial.number]
         record_heartbeat(study, trial)
         return objective(trial)
 
@@ -128,7 +132,13 @@ def claim_and_run(study: optuna.Study, lock: SlotLock, decide: Callable[[], Next
             if step.action == "done":
                 return True
             if step.action == "run":
-                study.optimize(released_then_run, n_trials=1, callbacks=list(callbacks))
+                current.clear()
+                try:
+                    study.optimize(released_then_run, n_trials=1, callbacks=list(callbacks))
+                except KeyboardInterrupt:
+                    if current:
+                        retry_interrupted(study, current[0])
+                    raise
                 continue
         line = step.waiting() if step.waiting is not None else ""
         if line != said:
@@ -136,3 +146,17 @@ def claim_and_run(study: optuna.Study, lock: SlotLock, decide: Callable[[], Next
             said = line
         time.sleep(poll_s)
     return False
+
+
+def retry_interrupted(study: optuna.Study, number: int) -> None:
+    """Queue the retry of trial ``number`` when an interrupt failed it: with its own
+    parameters (a search trial's; an ablation run's fixed ones, in its system attributes)
+    and intermediate values, as Optuna's heartbeat retry does for a killed worker's trial, so
+    that the next run of the command goes on from the trial's last checkpoint."""
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None or trial.state != TrialState.FAIL:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY,
+                                         inherit_intermediate_values=True)(study, trial)

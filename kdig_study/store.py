@@ -75,6 +75,11 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+# How many times one trial is retried (its worker died, or it was interrupted): each retry
+# goes on from the trial's last checkpoint.
+MAX_RETRY = 3
+
+
 def fail_stale(study: optuna.Study) -> None:
     """Fail (and queue again, up to the retry limit) the trials of dead workers."""
     with warnings.catch_warnings():
@@ -107,7 +112,7 @@ def _schema_lock(backend: str, url: str, db: Path | None, engine_kwargs: dict[st
         engine.dispose()
 
 
-def open_storage(url: str, heartbeat_interval: int = 60, max_retry: int = 3,
+def open_storage(url: str, heartbeat_interval: int = 60, max_retry: int = MAX_RETRY,
                  read_only: bool = False) -> RDBStorage:
     """An RDBStorage for SQLite or PostgreSQL, with heartbeats: a trial whose worker stops
     beating for 2 x ``heartbeat_interval`` seconds becomes FAIL and is queued again (up to
@@ -150,7 +155,7 @@ def open_storage(url: str, heartbeat_interval: int = 60, max_retry: int = 3,
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                 grace_period=2 * heartbeat_interval,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                    max_retry=max_retry, inherit_intermediate_values=False))
+                    max_retry=max_retry, inherit_intermediate_values=True))
     except ModuleNotFoundError as e:
         raise KdigError(f"--storage {url!r}: database driver missing ({e}); for PostgreSQL "
                         f"install it with: pip install -e \".[postgres]\"") from None

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from kdig_study.checkpoint import Resume, run_resume
 from kdig_study.config import StudyConfig
 from kdig_study.data import DataBundle
 from kdig_study.engine import (
@@ -35,6 +36,7 @@ from kdig_study.engine import (
 from kdig_study.errors import KdigError
 from kdig_study.models import Net, build_model, count_params
 from kdig_study.paths import cache_dir, file_sha256, locked, write_json
+from kdig_study.teacher_outputs import device_kind
 
 
 @dataclass
@@ -102,10 +104,16 @@ def get_teacher(cfg: StudyConfig, data: DataBundle, device: torch.device,
                 + ("evaluating the given weights again" if cfg.teacher.weights
                    else "training it again"))
             shutil.rmtree(path.parent, ignore_errors=True)
-        if cfg.teacher.weights:
+        resume = None if cfg.teacher.weights else run_resume(
+            cfg.checkpoint, ["teacher", fp, device_kind(device)], log)
+        if resume is None:
             model, meta = _load_given(cfg, data, device, model)
         else:
-            model, meta = _train(cfg, data, device, progress, log, path)
+            try:
+                model, meta = _train(cfg, data, device, progress, log, path, resume)
+            except Exception:  # failed: the run has ended (an interrupt keeps its checkpoint)
+                resume.remove()
+                raise
         bad = non_finite(dict(model.state_dict()))
         if bad:  # never cached: every later run would build maps and trials on it
             raise KdigError(f"the teacher's training diverged: NaN or infinite weights in "
@@ -117,11 +125,13 @@ def get_teacher(cfg: StudyConfig, data: DataBundle, device: torch.device,
                         meta)
         meta["sha256"] = file_sha256(path)
         write_json(path.with_suffix(".json"), meta)
+        if resume is not None:
+            resume.remove()
         return Teacher(model.to(device).eval(), fp, path, meta, trained_now=True)
 
 
 def _train(cfg: StudyConfig, data: DataBundle, device: torch.device, progress: bool,
-           log: Any, path: Path) -> tuple[Net, dict[str, Any]]:
+           log: Any, path: Path, resume: Resume | None) -> tuple[Net, dict[str, Any]]:
     train_set, _ = data.train_subset(cfg.teacher_train.train_size)
     model = seeded_model(lambda: build_model(cfg.teacher, len(data.classes)),
                          cfg.teacher_train.seed)
@@ -129,7 +139,7 @@ def _train(cfg: StudyConfig, data: DataBundle, device: torch.device, progress: b
         f"({count_params(model):,} parameters) on {len(train_set):,} images for "
         f"{cfg.teacher_train.epochs} epochs; cached at {path}")
     result = train(model, train_set, data, cfg.teacher_train, device=device,
-                   progress=progress, desc="teacher")
+                   progress=progress, desc="teacher", resume=resume)
     return model, {
         "train": dataclasses.asdict(cfg.teacher_train),
         "data": {"fingerprint": data.fingerprint, "origin": data.origin,

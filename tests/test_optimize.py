@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -280,6 +281,22 @@ def _wait_for_running(url: str, proc: subprocess.Popen, timeout: float = 300,
     raise AssertionError("no trial started")
 
 
+TWELVE_EPOCHS = ("--set", "student_train.epochs=12")
+
+
+def _wait_for_checkpoint(cache: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until a run of ``proc`` has written a mid-run checkpoint (it is inside a trial, with
+    at least one epoch done); runs other tests interrupted may have left theirs."""
+    before = set((cache / "checkpoints").glob("*.pt"))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if set((cache / "checkpoints").glob("*.pt")) - before:
+            return
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint written")
+
+
 def _default_sigint() -> None:
     # As from a terminal. A test run started in the background (`cmd &` in a script, as a
     # CI runner may) ignores SIGINT, Python keeps an ignored SIGINT ignored, and the
@@ -299,14 +316,17 @@ def test_killed_worker_trial_fails_and_is_retried(env: dict, isolated_storage: P
     url = _url(isolated_storage)
     # a cached teacher and maps, so the kill lands inside a trial
     assert _optimize("--n-trials", "1", "--study-name", "warm", env=env).returncode == 0
-    proc = _popen(env, "--n-trials", "2", "--heartbeat", "1")
-    _wait_for_running(url, proc)
+    proc = _popen(env, "--n-trials", "2", "--heartbeat", "1", *TWELVE_EPOCHS)
+    _wait_for_checkpoint(Path(env["KDIG_CACHE"]), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed = [t for t in _trials(url) if t.state == TrialState.RUNNING]
     assert len(killed) == 1
-    again = _optimize("--n-trials", "2", "--heartbeat", "1", env=env)
+    again = _optimize("--n-trials", "2", "--heartbeat", "1", *TWELVE_EPOCHS, env=env)
     assert again.returncode == 0, again.stderr
+    # the stale trial's retry goes on from its last checkpoint, with its inherited epochs
+    assert re.search(rf"resumed trial \d+ \(retry of trial {killed[0].number}\) from epoch "
+                     r"\d+ of 12", again.stdout), again.stdout[-2000:]
     trials = _trials(url)
     states = _states(trials)
     assert states.get("RUNNING", 0) == 0
@@ -326,17 +346,33 @@ def test_an_interrupt_fails_the_trial_cleanly_and_the_command_resumes(
     assert _optimize("--n-trials", "1", "--study-name", "warm", env=env).returncode == 0
     # while a trial other than the last runs (a signal sent during the last one may land
     # after the command finished)
-    proc = _popen(env, "--n-trials", "3")
-    _wait_for_running(url, proc, settle=0.0, before=2)
+    proc = _popen(env, "--n-trials", "3", *TWELVE_EPOCHS)
+    _wait_for_checkpoint(Path(env["KDIG_CACHE"]), proc)  # inside a trial, after an epoch
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out[-1500:], err)
     assert "Traceback" not in err and "interrupted" in err
-    states = _states(_trials(url))
+    trials = _trials(url)
+    states = _states(trials)
     assert states.get("RUNNING", 0) == 0 and states.get("FAIL", 0) == 1
-    assert _optimize("--n-trials", "3", env=env).returncode == 0
-    states = _states(_trials(url))
+    failed = next(t for t in trials if t.state == TrialState.FAIL)
+    # queued again at once with its own parameters and the epochs it reported
+    retry = next(t for t in trials if t.state == TrialState.WAITING)
+    assert retry.params == failed.params and retry.system_attrs["failed_trial"] == failed.number
+    assert retry.intermediate_values == failed.intermediate_values
+    again = _optimize("--n-trials", "3", *TWELVE_EPOCHS, env=env)
+    assert again.returncode == 0
+    # (the signal may land after an epoch's report, before its checkpoint: hence <=)
+    resumed = re.search(rf"resumed trial {retry.number} \(retry of trial {failed.number}\) "
+                        r"from epoch (\d+) of 12", again.stdout)
+    assert resumed and 2 <= int(resumed[1]) <= max(failed.intermediate_values, default=0) + 1, \
+        again.stdout[-2000:]
+    trials = _trials(url)
+    states = _states(trials)
     assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 3
+    done = trials[retry.number]
+    assert done.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert set(done.intermediate_values) == set(range(1, max(done.intermediate_values) + 1))
 
 
 def _pids(pattern: str) -> set[int]:

@@ -67,16 +67,22 @@ def test_waits_saying_each_new_line_once_and_stops_at_the_timeout(store: Any) ->
     assert all(a != b for a, b in itertools.pairwise(logged))
 
 
-def test_an_interrupted_trial_fails_and_frees_the_lock(store: Any) -> None:
+def test_an_interrupted_trial_fails_frees_the_lock_and_is_queued_again(store: Any) -> None:
     study = optuna.create_study(study_name="i", storage=store)
     lock = SlotLock(store, "i")
 
     def objective(trial: optuna.Trial) -> float:
+        trial.suggest_float("x", 0, 1)
+        trial.report(0.5, 1)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         claim_and_run(study, lock, lambda: RUN, objective, poll_s=0.01)
     assert not lock.held
-    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+    failed, retry = study.get_trials()
+    assert (failed.state, retry.state) == (TrialState.FAIL, TrialState.WAITING)
+    # its own parameters and the epochs it reported, to go on from its checkpoint
+    assert retry.params == failed.params and retry.intermediate_values == {1: 0.5}
+    assert retry.system_attrs["failed_trial"] == failed.number
     lock.acquire()  # nobody holds it any more
     lock.release()
