@@ -25,7 +25,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from kdig_study.optuna_adapter import record_heartbeat
-from kdig_study.store import MAX_RETRY, fail_stale
+from kdig_study.store import MAX_RETRY, FailedElsewhere, fail_stale
 
 
 class SlotLock:
@@ -123,7 +123,10 @@ def claim_and_run(study: optuna.Study, lock: SlotLock, decide: Callable[[], Next
         lock.release()  # the trial is RUNNING in the store: its slot is taken
         current[:] = [trial.number]
         record_heartbeat(study, trial)
-        return objective(trial)
+        value = objective(trial)
+        if _failed_by_another(study, trial.number):
+            raise FailedElsewhere  # Optuna would tell it, and fail on the finished trial
+        return value
 
     while timeout is None or time.monotonic() - start < timeout:
         with lock.held_until_released():
@@ -139,6 +142,14 @@ def claim_and_run(study: optuna.Study, lock: SlotLock, decide: Callable[[], Next
                     if current:
                         retry_interrupted(study, current[0])
                     raise
+                except (ValueError, FailedElsewhere,
+                        optuna.exceptions.UpdateFinishedTrialError):
+                    # "Cannot tell a FAIL trial": another process failed it meanwhile
+                    if not current or not _failed_by_another(study, current[0]):
+                        raise
+                    log(f"trial {current[0]} was failed by another worker while it ran (its "
+                        f"heartbeat looked stale there); its result is not recorded and its "
+                        f"queued retry runs it again", flush=True)
                 continue
         line = step.waiting() if step.waiting is not None else ""
         if line != said:
@@ -146,6 +157,11 @@ def claim_and_run(study: optuna.Study, lock: SlotLock, decide: Callable[[], Next
             said = line
         time.sleep(poll_s)
     return False
+
+
+def _failed_by_another(study: optuna.Study, number: int) -> bool:
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    return trial is not None and trial.state == TrialState.FAIL
 
 
 def retry_interrupted(study: optuna.Study, number: int) -> None:

@@ -29,11 +29,20 @@ from kdig_study.paths import storage_dir
 _HELP_URL = "e.g. sqlite:///storage/kdig.db or postgresql+psycopg://user@host:5432/db"
 
 
+class FailedElsewhere(Exception):
+    """Another process failed this worker's trial while it ran (its heartbeat looked stale
+    there): its result must not be told."""
+
+
 class _NoInterruptTraceback(logging.Filter):
-    """Ctrl-C fails the running trial (as it should); Optuna would log it with a traceback."""
+    """Ctrl-C fails the running trial (as it should), and so does another process that took
+    it for a dead worker's; Optuna would log either with a traceback (the command says it in
+    one line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+        return not (record.exc_info and isinstance(
+            record.exc_info[1], (KeyboardInterrupt, FailedElsewhere,
+                                 optuna.exceptions.UpdateFinishedTrialError)))
 
 
 def quiet_optuna_logs() -> None:
@@ -203,6 +212,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def use_study_heartbeat(study: optuna.Study, storage: RDBStorage, log: Any = print) -> None:
+    """Beat at the interval the study was made with (a study made before it was recorded
+    gets this process's)."""
+    recorded = study.user_attrs.get("heartbeat_interval")
+    if recorded is None:
+        study.set_user_attr("heartbeat_interval", storage.heartbeat_interval)
+    elif recorded != storage.heartbeat_interval:
+        log(f"--heartbeat {storage.heartbeat_interval}: study '{study.study_name}' beats every "
+            f"{recorded} s (set when it was made; every worker uses it): using {recorded} s",
+            flush=True)
+        storage.heartbeat_interval = recorded
+        storage.grace_period = 2 * recorded
+
+
 def study_attrs(cfg: StudyConfig) -> dict[str, Any]:
     import torch  # only for its version: a command that reads the store need not load it
 
@@ -230,9 +253,13 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def open_study(storage: RDBStorage, name: str, cfg: StudyConfig,
                sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner,
                directions: list[str], url: str, *, data_fingerprint: str,
-               data_origin: str) -> optuna.Study:
+               data_origin: str, log: Any = print) -> optuna.Study:
     """Create the study, or load it if its config and data are the same ones; refuse a
-    changed config or other data (trials trained on two data sets are not one study)."""
+    changed config or other data (trials trained on two data sets are not one study).
+
+    The heartbeat interval is the study's, recorded when it is made: a process that asks
+    for another one uses the study's (said in one line). Two intervals on one study made
+    the shorter one fail the other's live trials as stale, destroying their work."""
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                 pruner=pruner, directions=directions, load_if_exists=True)
     attrs = study.user_attrs
@@ -241,7 +268,9 @@ def open_study(storage: RDBStorage, name: str, cfg: StudyConfig,
             study.set_user_attr(k, v)
         study.set_user_attr("data_fingerprint", data_fingerprint)
         study.set_user_attr("data_origin", data_origin)
+        study.set_user_attr("heartbeat_interval", storage.heartbeat_interval)
         return study
+    use_study_heartbeat(study, storage, log)
     recorded = attrs.get("data_fingerprint")
     if recorded is None:  # a study made before data was part of its identity
         study.set_user_attr("data_fingerprint", data_fingerprint)

@@ -86,3 +86,52 @@ def test_an_interrupted_trial_fails_frees_the_lock_and_is_queued_again(store: An
     assert retry.system_attrs["failed_trial"] == failed.number
     lock.acquire()  # nobody holds it any more
     lock.release()
+
+
+@pytest.mark.parametrize("where", ["report", "tell"])
+def test_a_trial_another_worker_failed_is_never_told_twice(store: Any, where: str) -> None:
+    """Another process failed this worker's live trial (its heartbeat looked stale there):
+    the worker died with UpdateFinishedTrialError / "Cannot tell a FAIL trial"."""
+    study = optuna.create_study(study_name="t", storage=store)
+    lock = SlotLock(store, "t")
+    logged: list[str] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        if trial.number == 0:  # as another worker's fail_stale would
+            store.set_trial_state_values(trial_id(trial), TrialState.FAIL)
+            if where == "report":
+                trial.report(0.5, 1)
+        return 1.0
+
+    def decide() -> Next:
+        return DONE if study.get_trials(states=(TrialState.COMPLETE,)) else RUN
+
+    assert claim_and_run(study, lock, decide, objective, poll_s=0.01,
+                         log=lambda line, **_: logged.append(line))
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert logged == ["trial 0 was failed by another worker while it ran (its heartbeat looked "
+                      "stale there); its result is not recorded and its queued retry runs it "
+                      "again"]
+
+
+def test_the_heartbeat_interval_is_the_studys(tmp_path: Path) -> None:
+    from kdig_study.config import load_study
+    from kdig_study.store import open_study
+
+    url = f"sqlite:///{tmp_path / 'hb.db'}"
+    cfg = load_study("kd_ig", "smoke")
+
+    def opened(interval: int, lines: list[str]) -> Any:
+        storage = open_storage(url, heartbeat_interval=interval)
+        open_study(storage, "hb", cfg, optuna.samplers.RandomSampler(),
+                   optuna.pruners.NopPruner(), ["maximize"], url, data_fingerprint="d",
+                   data_origin="o", log=lambda line, **_: lines.append(line))
+        return storage
+
+    first: list[str] = []
+    assert opened(60, first).heartbeat_interval == 60 and first == []
+    later: list[str] = []
+    storage = opened(1, later)
+    assert (storage.heartbeat_interval, storage.grace_period) == (60, 120)
+    assert later == ["--heartbeat 1: study 'hb' beats every 60 s (set when it was made; every "
+                     "worker uses it): using 60 s"]
