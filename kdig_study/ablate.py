@@ -47,7 +47,7 @@ from kdig_study.config import (
     param_values,
 )
 from kdig_study.errors import KdigError
-from kdig_study.paths import atomic_write, safe_name, write_json
+from kdig_study.paths import atomic_write, safe_name, writable_folder, write_json
 from kdig_study.seeds import ABLATION_SEED_OFFSET, ablation_seed
 
 if TYPE_CHECKING:
@@ -519,6 +519,8 @@ def main() -> int:
     args = _parser().parse_args()
     cfg = load_from_args(args)
     options = _options(args, cfg)  # bad arguments fail before the store is opened
+    if args.worker_index is None:  # where the results go, checked before any run
+        writable_folder(Path(args.out), "--out")
     from kdig_study.ablation import ablation_study_name
     from kdig_study.store import default_url, open_storage, quiet_optuna_logs
 

@@ -23,9 +23,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kdig_study.cli import Parser, add_study_args, load_from_args, run
-from kdig_study.config import MAP_SOURCES
+from kdig_study.config import MAP_SOURCES, MAX_IG_STEPS
 from kdig_study.errors import KdigError
-from kdig_study.paths import write_json
+from kdig_study.paths import cache_dir, writable_folder, write_json
 
 if TYPE_CHECKING:
     from kdig_study.attribution.store import MapStore
@@ -98,9 +98,12 @@ def sanity(ctx: Context, store: MapStore, steps: int) -> dict[str, Any]:
 def main() -> int:
     args = _parser().parse_args()
     cfg = load_from_args(args)
-    if args.steps is not None and args.steps < 1:
-        raise KdigError(f"--steps {args.steps}: allowed: >= 1")
+    if args.steps is not None and not 1 <= args.steps <= MAX_IG_STEPS:
+        raise KdigError(f"--steps {args.steps}: allowed: 1 to {MAX_IG_STEPS} (as ig.steps)")
     sources = parse_sources(args.source, cfg.ig.source)
+    # maps, previews and deletion checks are written to the cache: a read-only one was found
+    # only after the work was done
+    writable_folder(cache_dir(), "cache folder (KDIG_CACHE)")
     from kdig_study.attribution.sources import uses_steps
     from kdig_study.attribution.store import gap_summary
     from kdig_study.experiment import Context, ig_counts

@@ -47,6 +47,11 @@ NestedRule = Literal["trapezoid", "clenshaw_curtis"]
 NESTED_RULES: tuple[str, ...] = typing.get_args(NestedRule)
 
 
+# The most IG steps per map (ig.steps, ig.adaptive_cap, `attribute --steps`): 4,096 points
+# per image already take minutes per thousand images on a GPU.
+MAX_IG_STEPS = 4096
+
+
 def _bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
              le: float | None = None) -> Any:
     """A dataclass field with a numeric range that the loader checks."""
@@ -155,7 +160,7 @@ class ATConfig:
 
 @dataclass(frozen=True)
 class IGConfig:
-    steps: int = _bounded(50, ge=1, le=4096)
+    steps: int = _bounded(50, ge=1, le=MAX_IG_STEPS)
     # trapezoid, clenshaw_curtis: ours, nested (8/16/32/64 share points); the rest are
     # Captum's rules
     method: IGRule = "gausslegendre"
@@ -172,7 +177,7 @@ class IGConfig:
     target_gap: float = _bounded(0.0, ge=0.0, le=1.0)
     adaptive_rule: NestedRule = "clenshaw_curtis"
     adaptive_start: int = _bounded(4, ge=1, le=1024)
-    adaptive_cap: int = _bounded(128, ge=1, le=4096)
+    adaptive_cap: int = _bounded(128, ge=1, le=MAX_IG_STEPS)
     overlay_prob: float = _bounded(0.1, ge=0.0, le=1.0)
     overlay_strength: float = _bounded(0.5, ge=0.0, le=1.0)  # lam in x' = (1-lam) x + lam M
     exponent_low: float = _bounded(1.0, gt=0.0)
@@ -357,15 +362,28 @@ class StudyConfig:
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not the file's path or description)."""
-        d = self.to_dict()
-        for k in ("source", "description", "expected", "measure", "teacher_cache",
-                  "checkpoint", "overrides"):
-            d.pop(k)
-        d["data"].pop("path")  # the same data found at another path is the same data
-        # How long a search runs does not change what one trial means.
-        d["search"].pop("n_trials")
-        d["search"].pop("timeout")
-        return _hash(d)
+        return _hash(identity(self.to_dict()))
+
+
+# What a config's results do not depend on: its file and description, how it is measured,
+# its caches and checkpoints, the --set items (their values are in the fields), where the
+# data was found (the same data elsewhere is the same data), and how long a search runs.
+_NOT_IDENTITY = ("source", "description", "expected", "measure", "teacher_cache",
+                 "checkpoint", "overrides")
+_NOT_IDENTITY_KEYS = {"data": ("path",), "search": ("n_trials", "timeout")}
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config dict (``StudyConfig.to_dict()``, or one stored as JSON) that
+    results depend on, in JSON's types (tuples as lists): what the fingerprint hashes and a
+    changed-config refusal compares."""
+    d = json.loads(json.dumps(config, default=str))
+    for k in _NOT_IDENTITY:
+        d.pop(k, None)
+    for section, keys in _NOT_IDENTITY_KEYS.items():
+        for k in keys:
+            d.get(section, {}).pop(k, None)
+    return d
 
 
 _SECTIONS: dict[str, type] = {

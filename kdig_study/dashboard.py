@@ -38,8 +38,8 @@ def main() -> int:
     from kdig_study.store import artifact_store, artifacts_dir, default_url, open_storage
 
     url = args.storage or default_url()
+    storage = open_storage(url, existing=True)
     _check_port(args.host, args.port)
-    storage = open_storage(url)
     print(f"optuna-dashboard on http://{args.host}:{args.port} for {url} "
           f"(artifacts: {artifacts_dir()}); Ctrl-C stops it", flush=True)
     run_server(storage, host=args.host, port=args.port, artifact_store=artifact_store())

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from kdig_study.attribution.sources import DERIVED, captum_chunks, derived_chunks, source_spec
 from kdig_study.attribution.store import (
@@ -200,13 +201,25 @@ class Context:
     def preview(self, store: MapStore, steps: int, n: int = 8) -> Path:
         """The store's preview grid (images, maps, overlays) for ``steps``, made once."""
         path = store.root / f"preview_s{store.variant(steps)}_n{n}.png"
-        if not path.is_file():
+        if not self._intact_png(path):
             train_set, _ = self.data.train_subset(self.cfg.student_train.train_size)
             n = min(n, len(train_set))
             maps = torch.from_numpy(store.maps(steps)[:n].astype(np.float32))
             save_preview(path, train_set.images[:n], maps, self.cfg.ig.overlay_strength)
         return path
 
+
+    def _intact_png(self, path: Path) -> bool:
+        """A cached figure that decodes; a damaged one is said, and made again."""
+        if not path.is_file():
+            return False
+        try:
+            with Image.open(path) as im:
+                im.load()
+            return True
+        except (OSError, SyntaxError, ValueError):  # PIL's errors for a bad or cut file
+            self.log(f"cached figure {path} is damaged; making it again")
+            return False
 
     def gallery(self, sources: list[str], n: int = 4) -> Path:
         """One image per source row (image, map, overlay) for the first ``n`` training
@@ -217,7 +230,7 @@ class Context:
         key = hashlib.sha256(json.dumps([[s.root.name for s in stores.values()], n, steps,
                                          self.cfg.ig.overlay_strength]).encode()).hexdigest()
         path = cache_dir() / "ig" / "galleries" / f"{key[:20]}.png"
-        if not path.is_file():
+        if not self._intact_png(path):
             train_set, _ = self.data.train_subset(self.cfg.student_train.train_size)
             n = min(n, len(train_set))
             maps = {s: torch.from_numpy(st.maps(steps)[:n].astype(np.float32))

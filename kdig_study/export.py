@@ -96,7 +96,7 @@ def main() -> int:
     require_deploy()
     quiet_optuna_logs()
     url = args.storage or default_url()
-    storage = open_storage(url)
+    storage = open_storage(url, existing=True)
     name = args.study_name or f"{cfg.name}-{cfg.scale}"
     try:
         study = optuna.load_study(study_name=name, storage=storage)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from kdig_study.cli import Parser, run
 from kdig_study.config import ModelConfig, load_study
 from kdig_study.errors import KdigError
-from kdig_study.paths import atomic_write, write_json
+from kdig_study.paths import atomic_write, writable_folder, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -228,7 +228,10 @@ def main() -> int:
         print(json.dumps(_train_steps(args.worker, args.images or sizes.images, 64, device,
                                       args.tiny, barrier)))
         return 0
-    out = Path(args.out)
+    if device.type == "cpu" and not args.tiny:
+        print("device check without --tiny on a CPU: the full sizes are made for a GPU and "
+              "take a long time here; Ctrl-C and add --tiny for a quick check", flush=True)
+    out = writable_folder(Path(args.out), "--out")  # before minutes of measuring
     t0 = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device check on {name} ({'tiny' if args.tiny else 'full'} sizes)", flush=True)

@@ -29,7 +29,7 @@ from kdig_study.config import (
 from kdig_study.experiment import Context, RunMetrics, run_student
 from kdig_study.measure import latency_columns, profile
 from kdig_study.optuna_adapter import stored_trial
-from kdig_study.paths import file_sha256, storage_dir
+from kdig_study.paths import atomic_write, file_sha256, storage_dir
 
 
 def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
@@ -175,7 +175,8 @@ class Objective:
         tmp_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
             ckpt = Path(tmp) / f"trial{trial.number}-best.safetensors"
-            save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt))
+            atomic_write(ckpt, lambda f: save_file({k: v.contiguous() for k, v in state.items()},
+                                                   str(f)))
             # checked when read back (export, report): flipped or cut bytes must not export
             trial.set_user_attr("weights_sha256", file_sha256(ckpt))
             upload_artifact(artifact_store=self.artifacts, file_path=str(ckpt),

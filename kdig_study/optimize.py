@@ -38,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     add_study_args(p, trains_students=True)
     p.add_argument("--n-trials", type=int, default=None,
                    help="finished trials wanted in the study, in total (default: the study's)")
-    p.add_argument("--timeout", type=float, default=None, help="stop starting trials after S s")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="start no trial S s after this command started (teacher and maps "
+                        "included); default search.timeout (0: none)")
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--storage", default=None,
                    help="study store URL (default: sqlite:///storage/kdig.db)")
     p.add_argument("--study-name", default=None, help="default: <study>-<scale>")
@@ -208,6 +211,7 @@ def record_latency(study: optuna.Study, ctx: Context) -> dict[str, Any]:
 
 
 def main() -> int:
+    started = time.time()
     args = _parser().parse_args()
     cfg = load_from_args(args)
     if args.pruner is not None:
@@ -218,6 +222,10 @@ def main() -> int:
         raise KdigError("--n-trials, --workers and --heartbeat must be >= 1")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise KdigError(f"--timeout {args.timeout}: allowed: a finite number of seconds > 0")
+    timeout = args.timeout if args.timeout is not None else cfg.search.timeout or None
+    # one deadline for the command and its --workers processes (they get it as --deadline)
+    deadline = args.deadline if args.deadline is not None else \
+        None if timeout is None else started + timeout
     import optuna
     import torch
 
@@ -282,7 +290,8 @@ def main() -> int:
         if args.workers > 1:
             print(f"{args.workers} workers, {max(1, default_threads() // args.workers)} "
                   f"threads each", flush=True)
-            spawn_workers("kdig_study.optimize", sys.argv[1:], args.workers)
+            spawn_workers("kdig_study.optimize", sys.argv[1:] + (
+                [] if deadline is None else ["--deadline", repr(deadline)]), args.workers)
             _after_search(study, ctx, n_trials, url, finished)
             return 0
     prefix = f"[worker {worker}] " if worker is not None else ""
@@ -292,7 +301,9 @@ def main() -> int:
               f"pruner {describe_pruner(cfg)}; store {url}, study '{name}'", flush=True)
     objective = Objective(ctx, prune=cfg.search.pruner != "none",
                           artifacts=artifact_store(check_writable=True))
-    run_worker(study, objective, n_trials, args.timeout, SlotLock(storage, name),
+    run_worker(study, objective, n_trials,
+               None if deadline is None else max(0.0, deadline - time.time()),
+               SlotLock(storage, name),
                poll_s=max(1.0, args.heartbeat / 2), prefix=prefix)
     if worker is None:
         _after_search(study, ctx, n_trials, url, finished)

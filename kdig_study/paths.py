@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+from safetensors import SafetensorError
 
 from kdig_study.errors import KdigError
 
@@ -84,9 +85,10 @@ def atomic_write(path: Path, write: Callable[[Path], None], durable: bool = Fals
         os.replace(tmp, path)
         if durable:
             _fsync(path.parent)
-    except OSError as e:
-        raise KdigError(f"cannot write {path}: {e.strerror or e}; check that the folder is "
-                        f"writable (or point KDIG_STORAGE / KDIG_CACHE elsewhere)") from None
+    except (OSError, SafetensorError) as e:  # safetensors' own error for a full disk
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise KdigError(f"cannot write {path}: {why}; check that the folder is writable and "
+                        f"has space (or point KDIG_STORAGE / KDIG_CACHE elsewhere)") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -98,6 +100,23 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def writable_folder(path: Path, what: str) -> Path:
+    """``path`` as a folder files can be written to, made if absent, checked before any work
+    (an output found unwritable after hours of training loses them): or one line naming
+    ``what`` (e.g. "--out")."""
+    if path.exists() and not path.is_dir():
+        raise KdigError(f"{what} {path} is a file; give a folder (it is made if absent)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise KdigError(f"{what} {path} is not writable ({e.strerror or e}); give a writable "
+                        f"folder") from None
+    return path
 
 
 def write_json(path: Path, obj: Any) -> None:

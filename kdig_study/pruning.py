@@ -174,6 +174,8 @@ def main() -> int:
     args = p.parse_args()
     if not 0 < args.percentile <= 100:  # NaN fails too
         raise KdigError(f"--percentile {args.percentile}: allowed 0 < value <= 100")
+    if not -1 < args.rho <= 1:  # a rank correlation; NaN fails too
+        raise KdigError(f"--rho {args.rho}: allowed -1 < value <= 1 (a rank correlation)")
     import optuna
     from optuna.trial import TrialState
 

@@ -437,7 +437,8 @@ def main() -> int:
     quiet_optuna_logs()
     url = args.storage or default_url()
     # --no-dashboard only reads: a store on a read-only disk (or shared read-only) works
-    storage = open_storage(url, read_only=args.no_dashboard and url.startswith("sqlite"))
+    storage = open_storage(url, read_only=args.no_dashboard and url.startswith("sqlite"),
+                           existing=True)
     name = args.study_name or f"{Path(args.study).stem}-{scale}"
     page = build(storage, url, name)
     out = Path(args.out) / f"{safe_name(name)}.html"

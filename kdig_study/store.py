@@ -21,10 +21,10 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from kdig_study import __version__
-from kdig_study.config import StudyConfig
+from kdig_study.config import StudyConfig, identity
 from kdig_study.errors import KdigError
 from kdig_study.optuna_adapter import StaleAwareRDBStorage
-from kdig_study.paths import storage_dir
+from kdig_study.paths import storage_dir, writable_folder
 
 _HELP_URL = "e.g. sqlite:///storage/kdig.db or postgresql+psycopg://user@host:5432/db"
 
@@ -35,13 +35,13 @@ class FailedElsewhere(Exception):
 
 
 class _NoInterruptTraceback(logging.Filter):
-    """Ctrl-C fails the running trial (as it should), and so does another process that took
-    it for a dead worker's; Optuna would log either with a traceback (the command says it in
-    one line)."""
+    """Ctrl-C fails the running trial (as it should), and so do another process that took it
+    for a dead worker's and a KdigError (e.g. a full disk); Optuna would log each with a
+    traceback, where the command says it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and isinstance(
-            record.exc_info[1], (KeyboardInterrupt, FailedElsewhere,
+            record.exc_info[1], (KeyboardInterrupt, FailedElsewhere, KdigError,
                                  optuna.exceptions.UpdateFinishedTrialError)))
 
 
@@ -68,14 +68,14 @@ def artifact_store(check_writable: bool = False) -> FileSystemArtifactStore:
     there (a read-only folder used to fail each trial after it had trained)."""
     path = artifacts_dir()
     try:
-        path.mkdir(parents=True, exist_ok=True)
         if check_writable:
-            probe = path / f".write-probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-    except OSError as e:
-        raise KdigError(f"artifact folder {path} is not writable ({e.strerror or e}); point "
-                        f"KDIG_ARTIFACTS (or KDIG_STORAGE) at a writable folder") from None
+            writable_folder(path, "artifact folder")
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+    except (OSError, KdigError) as e:
+        raise KdigError(f"artifact folder {path} is not writable "
+                        f"({getattr(e, 'strerror', None) or e}); point KDIG_ARTIFACTS (or "
+                        f"KDIG_STORAGE) at a writable folder") from None
     return FileSystemArtifactStore(path)
 
 
@@ -122,11 +122,12 @@ def _schema_lock(backend: str, url: str, db: Path | None, engine_kwargs: dict[st
 
 
 def open_storage(url: str, heartbeat_interval: int = 60, max_retry: int = MAX_RETRY,
-                 read_only: bool = False) -> RDBStorage:
+                 read_only: bool = False, existing: bool = False) -> RDBStorage:
     """An RDBStorage for SQLite or PostgreSQL, with heartbeats: a trial whose worker stops
     beating for 2 x ``heartbeat_interval`` seconds becomes FAIL and is queued again (up to
     ``max_retry`` times). ``read_only``: an SQLite file opened for reading only (e.g. a
-    store on a read-only disk, for a report); nothing is created or changed."""
+    store on a read-only disk, for a report); nothing is created or changed. ``existing``:
+    an SQLite file that must be there already (commands that read a store)."""
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
@@ -138,6 +139,9 @@ def open_storage(url: str, heartbeat_interval: int = 60, max_retry: int = MAX_RE
         if not parsed.database or parsed.database == ":memory:":
             raise KdigError(f"--storage {url!r}: an SQLite store needs a file; {_HELP_URL}")
         db = Path(parsed.database)
+        if (existing or read_only) and not db.is_file():  # never an empty store by a typo
+            raise KdigError(f"no SQLite store at {db}: check --storage (or KDIG_STORAGE); "
+                            f"`optimize` and `ablate` make one")
         if read_only:
             return _read_only_sqlite(db)
         try:
@@ -186,8 +190,6 @@ def _read_only_sqlite(db: Path) -> RDBStorage:
     yet folded into the file (a search still running, or one that was killed) and the folder
     is writable, SQLite's read-only mode reads them too; otherwise (a read-only disk) the
     immutable mode, which needs no -wal/-shm files, reads the file alone."""
-    if not db.is_file():
-        raise KdigError(f"no SQLite store at {db}")
     wal = db.with_name(db.name + "-wal")
     live = wal.is_file() and wal.stat().st_size > 0 and os.access(db.parent, os.W_OK)
     uri = f"sqlite:///file:{db.resolve()}?mode=ro" + ("" if live else "&immutable=1") + \
@@ -246,7 +248,9 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
+    """The keys (``section.key``) whose values differ between two configs, counting only
+    what results depend on, compared in JSON's types (a stored list is a config's tuple)."""
+    a, b = _flatten(identity(old)), _flatten(identity(new))
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 

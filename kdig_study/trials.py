@@ -36,8 +36,11 @@ def pick_trial(study: optuna.Study, which: str) -> FrozenTrial:
                         f"0..{max(trials, default=-1)}")
     t = trials[number]
     if t.state != TrialState.COMPLETE:
+        done = [u.number for u in trials.values() if u.state == TrialState.COMPLETE]
+        hint = f"try --trial best, or one of {', '.join(map(str, done[:10]))}" if done else \
+            "the study has no completed trial yet"
         raise KdigError(f"trial {number} of '{study.study_name}' is {t.state.name.lower()}: "
-                        f"only completed trials keep their weights; try --trial best")
+                        f"only completed trials keep their weights; {hint}")
     return t
 
 

@@ -293,3 +293,155 @@ def test_the_ablation_table_heading_is_whole_and_aligned() -> None:
     assert line.strip().startswith("* KD+IG+AT - KD+IG+AT-shuffled ")
     # the n column ends at the same place in the heading and the row
     assert head.index(" n ") + 2 == line.index(" 10 ") + 3
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A 256 KiB file system (tmpfs; root and mount needed, else skip): a disk that fills."""
+    import subprocess
+
+    target = tmp_path / "small-disk"
+    target.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(target)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("a full disk needs a tmpfs mount (root): not available here")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_a_full_disk_writing_weights_is_one_line(full_disk: Path) -> None:
+    """Trial weights on a full disk raised SafetensorError with a traceback."""
+    from safetensors.torch import save_file
+
+    from kdig_study.paths import atomic_write
+
+    state = {"w": torch.zeros(1024, 1024)}  # 4 MiB
+    with pytest.raises(KdigError) as e:
+        atomic_write(full_disk / "w.safetensors", lambda tmp: save_file(state, str(tmp)))
+    assert "\n" not in str(e.value) and f"cannot write {full_disk / 'w.safetensors'}" in \
+        str(e.value)
+    assert not list(full_disk.iterdir())  # no partial file left
+
+
+def test_a_map_store_too_large_for_its_disk_is_one_line_not_a_bus_error(
+        full_disk: Path) -> None:
+    """Its memmaps are sparse: the disk filled while maps were written, and the process died
+    of SIGBUS ("Bus error"). Their blocks are reserved when they are made."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, sys\n"
+            "from kdig_study.attribution.store import _reserve\n"
+            "from kdig_study.errors import KdigError\n"
+            f"f = {str(full_disk / 'maps.npy')!r}\n"
+            "a = np.lib.format.open_memmap(f, mode='w+', dtype=np.float16, shape=(64, 64, 64))\n"
+            "if sys.argv[1] == 'reserve':\n"
+            "    try:\n"
+            "        _reserve(__import__('pathlib').Path(f).parent, [__import__('pathlib').Path(f)])\n"
+            "    except KdigError as e:\n"
+            "        print(e); sys.exit(2)\n"
+            "a[:] = 1\n"
+            "a.flush()\n")
+    bare = subprocess.run([sys.executable, "-c", code, "bare"], capture_output=True, text=True)
+    assert bare.returncode == -7  # SIGBUS: what a map build on a full disk did
+    (full_disk / "maps.npy").unlink()
+    fixed = subprocess.run([sys.executable, "-c", code, "reserve"], capture_output=True,
+                           text=True)
+    assert fixed.returncode == 2, fixed.stderr
+    assert fixed.stdout.strip().startswith(f"map store {full_disk} needs 0.5 MB: No space left")
+
+
+# -- the minor findings: each one line, before any work ---------------------------------------
+
+@pytest.mark.parametrize("command,args,fragments", [
+    ("pruning", ["--study", "kd_ig", "--unpruned", "u", "--rho", "2"], ["--rho 2.0", "-1 <"]),
+    ("pruning", ["--study", "kd_ig", "--unpruned", "u", "--rho", "nan"], ["--rho nan"]),
+    ("attribute", ["--study", "kd_ig", "--scale", "smoke", "--steps", "99999"],
+     ["--steps 99999", "1 to 4096"]),
+])
+def test_out_of_range_arguments_are_one_line(command: str, args: list[str],
+                                             fragments: list[str]) -> None:
+    assert_one_line_error(run_cli(command, *args), *fragments)
+
+
+@pytest.mark.parametrize("command,args", [
+    ("report", ["--study", "kd_ig", "--scale", "smoke"]),
+    ("export", ["--study", "kd_ig", "--scale", "smoke", "--trial", "best"]),
+    ("dashboard", []),
+])
+def test_a_mistyped_store_path_is_one_line_and_creates_nothing(command: str, args: list[str],
+                                                               tmp_path: Path) -> None:
+    """report, export and dashboard created an empty store there (the dashboard served it)."""
+    db = tmp_path / "typo" / "kdgi.db"
+    assert_one_line_error(run_cli(command, *args, "--storage", f"sqlite:///{db}"),
+                          f"no SQLite store at {db}")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    target = tmp_path / "results.json"
+    target.write_text("{}")
+    proc = run_cli("ablate", "--study", "kd_ig", "--scale", "smoke", "--params", "fixed",
+                   "--seeds", "1", "--out", str(target))
+    assert_one_line_error(proc, f"--out {target} is a file; give a folder")
+    assert "[1/" not in proc.stdout  # no run started
+    check = run_cli("gpu_check", "--out", str(target), "--device", "cpu")
+    assert_one_line_error(check, f"--out {target} is a file")
+    assert "without --tiny on a CPU" in check.stdout  # said before the full-size run starts
+
+
+def test_a_changed_config_names_the_keys_that_changed_and_only_those(tmp_path: Path) -> None:
+    """Stored lists compared unequal to the config's tuples, and keys outside the
+    fingerprint (overrides) were listed: every key but the changed one."""
+    url = f"sqlite:///{tmp_path}/probe.db"
+    base = load_study("kd_ig", "smoke")
+    open_study(open_storage(url), "s", base, optuna.samplers.RandomSampler(),
+               optuna.pruners.NopPruner(), ["maximize"], url, data_fingerprint="d",
+               data_origin="o")
+    changed = load_study("kd_ig", "smoke", ["kd.temperature=7", "measure.latency_runs=7"])
+    with pytest.raises(KdigError) as e:
+        open_study(open_storage(url), "s", changed, optuna.samplers.RandomSampler(),
+                   optuna.pruners.NopPruner(), ["maximize"], url, data_fingerprint="d",
+                   data_origin="o")
+    assert "(changed: kd.temperature)" in str(e.value)
+
+
+def test_a_damaged_preview_is_made_again(warm_cache: Path) -> None:
+    from PIL import Image
+
+    from kdig_study.experiment import Context
+
+    lines: list[str] = []
+    ctx = Context.create(load_study("kd_ig", "smoke"), progress=False)
+    ctx.log = lambda *a, **k: lines.append(" ".join(map(str, a)))
+    store = ctx.maps().store
+    path = ctx.preview(store, 8)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])  # cut short
+    assert ctx.preview(store, 8) == path and path.read_bytes() == good
+    assert lines == [f"cached figure {path} is damaged; making it again"]
+    with Image.open(path) as im:
+        im.load()
+
+
+def test_a_timeout_counts_from_the_command_start(warm_teacher: Path) -> None:
+    """It counted from the first trial, after the teacher and maps (which can take hours)."""
+    proc = run_cli("optimize", "--study", "kd_ig", "--scale", "smoke", "--no-progress",
+                   "--n-trials", "2", "--set", "search.timeout=0.5")  # maps cold: > 0.5 s
+    assert proc.returncode == 0, proc.stderr
+    assert "--timeout reached: no new trials started" in proc.stdout
+    assert "trial 0" not in proc.stdout
+
+
+def test_export_of_an_unfinished_trial_suggests_only_what_exists(tmp_path: Path) -> None:
+    from kdig_study.trials import pick_trial
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/t.db", study_name="t")
+    study.add_trial(create_trial(state=optuna.trial.TrialState.FAIL))
+    with pytest.raises(KdigError, match="has no completed trial yet$"):
+        pick_trial(study, "0")
+    study.add_trial(create_trial(params={}, distributions={}, value=0.5))
+    with pytest.raises(KdigError, match="try --trial best, or one of 1$"):
+        pick_trial(study, "0")

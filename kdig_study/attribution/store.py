@@ -11,8 +11,10 @@ map sources (:mod:`kdig_study.attribution.sources`) use with their own chunk fun
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 import time
 import zlib
@@ -271,6 +273,7 @@ def _compute(spec: MapSpec, root: Path, index: torch.Tensor, size: tuple[int, in
                                          shape=(len(spec.counts), n))
         extra = {k: np.lib.format.open_memmap(f, mode="w+", dtype=np.int32, shape=(n,))
                  for k, f in extra_files.items()}
+        _reserve(root, [*files.values(), gap_file, *extra_files.values()])
         np.save(root / "index.npy", index.numpy())
     chunk = make_chunks() if done < n else None
     bar = tqdm(total=n, initial=done, desc=desc, unit="img", disable=not progress,
@@ -302,6 +305,25 @@ def _compute(spec: MapSpec, root: Path, index: torch.Tensor, size: tuple[int, in
     measured["computed_images"] = n - start_done
     _finish(spec, root, files, gap_file, measured, extra_files)
     return n - start_done
+
+
+def _reserve(root: Path, paths: list[Path]) -> None:
+    """Give the new (sparse) memmap files their disk blocks now: on a full disk, writing a
+    memmap's pages later kills the process with SIGBUS ("Bus error"), where reserving
+    them here is an OSError, said in one line before any map is computed."""
+    need = sum(p.stat().st_size for p in paths)
+    try:
+        for p in paths:
+            fd = os.open(p, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, p.stat().st_size)
+            finally:
+                os.close(fd)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it
+            return
+        raise KdigError(f"map store {root} needs {need / 2**20:,.1f} MB: {e.strerror or e}; "
+                        f"free space there or point KDIG_CACHE at another disk") from None
 
 
 def _resumable_state(progress_file: Path, shapes: dict[Path, tuple[tuple[int, ...], str]]
