@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import math
 import sys
@@ -266,7 +267,7 @@ def _maps_up_front(ctx: Context, params: dict[str, Params], runs: list[Run],
 
 
 def render(analysis: dict[str, Any], title: str) -> str:
-    from kdig_study.stats import WILCOXON_MIN_N
+    from kdig_study.stats import WILCOXON_MIN_N, verdict_text
 
     pts, pval = formats.points, formats.p_value
     lines = [title, f"  {'condition':<16}{'n':>3}{'mean':>8}{'sd':>7}{'min':>8}{'max':>8}"]
@@ -279,19 +280,27 @@ def render(analysis: dict[str, Any], title: str) -> str:
     heading = "comparison (paired) / effect"  # was cut to its first 26 characters
     w = max(len(n) for n in [heading, *names]) + 1
     lines.append(f"  {heading:<{w}}{'n':>3}{'mean':>8}  {'95% CI':<17}{'t p':>8}{'Holm':>8}"
-                 f"{'Wilc. p':>9}{'Holm':>8}{'d_z':>7}{'MDE':>7}")
+                 f"{'Wilc. p':>9}{'Holm':>8}{'TOST p':>8}{'Holm':>8}{'d_z':>7}{'MDE':>7}"
+                 f"  verdict")
     for name, r in zip(names, rows, strict=True):
         ci = f"[{pts(r['ci_low'], sign=True)}, {pts(r['ci_high'], sign=True)}]"
         lines.append(f"  {name:<{w}}{r['n']:>3}{pts(r['mean'], sign=True):>8}  {ci:<17}"
                      f"{pval(r['t_p']):>8}{pval(r['t_p_holm']):>8}{pval(r['wilcoxon_p']):>9}"
-                     f"{pval(r['wilcoxon_p_holm']):>8}{formats.number(r['d_z']):>7}"
-                     f"{pts(r['mde']):>7}")
+                     f"{pval(r['wilcoxon_p_holm']):>8}{pval(r['tost_p']):>8}"
+                     f"{pval(r['tost_p_holm']):>8}{formats.number(r['d_z']):>7}"
+                     f"{pts(r['mde']):>7}  {verdict_text(r)}")
     notes = []
     if analysis.get("primary"):
         notes.append(f"* primary comparison, declared in advance: {analysis['primary']}")
+    alpha, margin = analysis["alpha"], analysis["equivalence_margin"]
     notes.append(f"Holm: {analysis['correction']}; d_z = mean / sd of the per-replicate "
                  f"differences; MDE = the smallest true difference (points) the paired t-test "
-                 f"detects with 80% power at alpha 0.05 with this n and sd")
+                 f"detects with 80% power at the row's Holm level (alpha {alpha:g} / the "
+                 f"number of rows still in the step-down) with this n and sd; TOST: two "
+                 f"one-sided t-tests against +-{pts(margin)} points; verdict: better/worse "
+                 f"where the Holm t p < {alpha:g}, equivalent where the Holm TOST p < {alpha:g}, "
+                 f"else inconclusive with the n each test would need (80% power, this sd; "
+                 f"equivalence: if the true difference is 0)")
     ns = {r["n"] for r in analysis["comparisons"] + analysis["effects"]}
     if any(n < WILCOXON_MIN_N for n in ns):
         notes.append(f"Wilcoxon n/a where n < {WILCOXON_MIN_N}: the exact two-sided test "
@@ -303,7 +312,8 @@ def _csv(blocks: list[tuple[str, str, dict[str, Any]]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     cols = ["n", "mean", "ci_low", "ci_high", "t_p", "t_p_holm", "wilcoxon_p",
-            "wilcoxon_p_holm", "d_z", "mde", "primary"]
+            "wilcoxon_p_holm", "tost_p", "tost_p_holm", "eq_ci_low", "eq_ci_high", "d_z",
+            "level", "mde", "verdict", "n_equivalence", "n_detect", "primary"]
     w.writerow(["group", "metric", "kind", "name", "sd", "min", "max", *cols])
     for group, metric, a in blocks:
         for s in a["summaries"]:
@@ -427,16 +437,38 @@ def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
     if setup.controls:  # only where given: ablations recorded before controls still match
         ident["controls"] = list(setup.controls)
     old = study.user_attrs.get("ablation")
+    declared = dataclasses.asdict(setup.cfg.analysis)
+    if old is not None and old.get("analysis", declared) != declared:
+        was = old["analysis"]
+        diff = ", ".join(f"{k} {was.get(k)!r} -> {v!r}" for k, v in declared.items()
+                         if was.get(k) != v)
+        raise KdigError(f"ablation study '{name}' in {url} declared another analysis before it "
+                        f"ran ({diff}); an analysis is declared before the runs: restore "
+                        f"[analysis], or give this one its own --study-name")
     if old is not None and {k: old.get(k) for k in ident} != ident:
         changed = [k for k in ident if old.get(k) != ident[k]]
         raise KdigError(f"ablation study '{name}' in {url} ran with another {', '.join(changed)}"
                         f" ({', '.join(f'{k}={old.get(k)}' for k in changed)}); give this one "
                         f"its own --study-name, or run it as it was")
     study.set_user_attr("ablation", ident | {
+        "analysis": (old or {}).get("analysis", declared),
         "search_study": setup.search_name, "origin": setup.origin,
         "design_text": _DESIGN_TEXT[setup.mode],
         "seeds": {str(r): s for r, s in setup.seeds.items()} | (old or {}).get("seeds", {})})
     return study
+
+
+def analysis_line(setup: _Setup) -> str:
+    """The declared analysis, as the banner says it before any run."""
+    from kdig_study.stats import primary_pair
+
+    a = setup.cfg.analysis
+    pair = primary_pair(a, setup.design, setup.controls)
+    primary = f"primary {a.primary} on {dict(METRICS)[a.metric]}" if pair is not None else \
+        "no primary comparison (its conditions are not in this ablation)"
+    return (f"analysis (declared in [analysis], recorded on the study): {primary}; every row "
+            f"judged at family-wise alpha {a.alpha:g} (Holm), equivalence by TOST within "
+            f"+-{a.equivalence_margin:g} points")
 
 
 def _announce(setup: _Setup, name: str, url: str) -> None:
@@ -445,6 +477,7 @@ def _announce(setup: _Setup, name: str, url: str) -> None:
           f"{'Monte-Carlo subsets' if s.fraction is not None else 'replicates'}"
           + (f" x {len(s.sweep_values)} {s.sweep_key}" if s.sweep_values else "")
           + f"), store {url}", flush=True)
+    print(analysis_line(s), flush=True)
     print(f"design: --params {s.mode}: {_DESIGN_TEXT[s.mode]}; replicate seeds "
           f"{s.seeds[0]}..{s.seeds[s.replicates - 1]} (student_train.seed "
           f"{s.cfg.student_train.seed} + {ABLATION_SEED_OFFSET} + r)", flush=True)
@@ -480,6 +513,7 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
     from kdig_study.ablation import analyse_metric, planned_trials, results_table
     from kdig_study.corruptions import robust_metric
     from kdig_study.objectives import teacher_cache_line
+    from kdig_study.stats import primary_pair
 
     s = setup
     name = study.study_name
@@ -492,14 +526,17 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
         "params": {n: effective(s.cfg, p) | p for n, p in s.params.items()},
         "origin": s.origin, "factors": s.levels, "controls": list(s.controls),
         "replicates": s.replicates, "seeds": {str(r): v for r, v in s.seeds.items()},
-        "scale": s.cfg.scale, "primary": "KD+IG - KD on test accuracy", "results": {}}
+        "scale": s.cfg.scale, "analysis": dataclasses.asdict(s.cfg.analysis),
+        "primary": f"{s.cfg.analysis.primary} on {dict(METRICS)[s.cfg.analysis.metric]}"
+        if primary_pair(s.cfg.analysis, s.design, s.controls) is not None else None,
+        "results": {}}
     print(f"design: {_DESIGN_TEXT[s.mode]} (--params {s.mode})")
     for group, value in groups:
         for metric, title in METRICS:
             table = results_table(trials, metric, s.sweep_key, value)
             if not table:  # e.g. robustness switched off
                 continue
-            a = analyse_metric(table, s.design, s.controls, metric)
+            a = analyse_metric(table, s.design, s.controls, metric, s.cfg.analysis)
             blocks.append((group, metric, a))
             out["results"].setdefault(group, {})[metric] = a
             print(render(a, f"{title}, % ({group})" if s.sweep_values else f"{title}, %"))
@@ -528,6 +565,9 @@ def main() -> int:
     url = args.storage or default_url()
     storage = open_storage(url, heartbeat_interval=args.heartbeat)
     setup = resolve_plan(args, cfg, options, storage, url)
+    from kdig_study.stats import primary_pair
+
+    primary_pair(setup.cfg.analysis, setup.design, setup.controls)  # before the study exists
     name = args.study_name or ablation_study_name(setup.search_name, setup.fraction,
                                                   setup.sweep_key)
     from kdig_study.experiment import Context

@@ -27,7 +27,13 @@ import torch
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from kdig_study.config import MAP_SOURCES, SWEEP_KEYS, StudyConfig, apply_params
+from kdig_study.config import (
+    MAP_SOURCES,
+    SWEEP_KEYS,
+    AnalysisConfig,
+    StudyConfig,
+    apply_params,
+)
 from kdig_study.corruptions import robust_key
 from kdig_study.data import stratified_order
 from kdig_study.experiment import Context, run_student
@@ -39,14 +45,15 @@ from kdig_study.slots import DONE, RUN, Next, SlotLock, claim_and_run, held_runs
 from kdig_study.stats import (
     Condition,
     Design,
+    Judgement,
     Table,
     analyse,
     condition_name,
     conditions,
     overlay_sources,
+    primary_pair,
 )
 
-PRIMARY_METRIC = "test_acc"  # the primary comparison is declared on test accuracy
 Params = dict[str, Any]
 
 
@@ -85,11 +92,13 @@ def parse_ablation_study_name(name: str) -> AblationName | None:
 
 
 def analyse_metric(table: Table, design: Design, controls: tuple[str, ...],
-                   metric: str) -> dict[str, Any]:
-    """:func:`kdig_study.stats.analyse` of one metric's table, the primary comparison
-    counted on test accuracy only (where it was declared in advance)."""
-    a = analyse(table, design, controls)
-    if metric != PRIMARY_METRIC:
+                   metric: str, analysis: AnalysisConfig) -> dict[str, Any]:
+    """:func:`kdig_study.stats.analyse` of one metric's table, judged as ``analysis``
+    declares (alpha, equivalence margin in points), the primary comparison counted on its
+    declared metric only."""
+    judge = Judgement(alpha=analysis.alpha, margin=analysis.equivalence_margin / 100)
+    a = analyse(table, design, controls, judge, primary_pair(analysis, design, controls))
+    if metric != analysis.metric:
         for r in a["comparisons"]:
             r["primary"] = False
         a["primary"] = None

@@ -197,6 +197,21 @@ OBJECTIVES: tuple[str, ...] = ("val_acc", "robust_val_acc")
 
 
 @dataclass(frozen=True)
+class AnalysisConfig:
+    """The ablation's analysis, declared before it runs (recorded on the ablation study; a
+    resumed ablation with other values is refused): the ``primary`` comparison ("A - B",
+    condition names) on ``metric``; every comparison and effect is judged at family-wise
+    level ``alpha`` (Holm) and called equivalent only by a two one-sided tests procedure
+    within +-``equivalence_margin`` accuracy points. Not part of the config fingerprint: it
+    changes no run, only how runs are judged."""
+
+    primary: str = "KD+IG - KD"
+    metric: Literal["test_acc", "robust_test_acc", "val_acc"] = "test_acc"
+    alpha: float = _bounded(0.05, gt=0.0, le=0.2)
+    equivalence_margin: float = _bounded(0.4, gt=0.0, le=50.0)  # accuracy points
+
+
+@dataclass(frozen=True)
 class RobustnessConfig:
     """The corruption suite every run is evaluated on (kdig_study.corruptions)."""
 
@@ -355,6 +370,7 @@ class StudyConfig:
     measure: MeasureConfig = MeasureConfig()
     teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
     overrides: tuple[str, ...] = ()  # the --set items applied (their values are in the fields)
 
     def to_dict(self) -> dict[str, Any]:
@@ -369,7 +385,7 @@ class StudyConfig:
 # its caches and checkpoints, the --set items (their values are in the fields), where the
 # data was found (the same data elsewhere is the same data), and how long a search runs.
 _NOT_IDENTITY = ("source", "description", "expected", "measure", "teacher_cache",
-                 "checkpoint", "overrides")
+                 "checkpoint", "analysis", "overrides")
 _NOT_IDENTITY_KEYS = {"data": ("path",), "search": ("n_trials", "timeout")}
 
 
@@ -402,6 +418,7 @@ _SECTIONS: dict[str, type] = {
     "measure": MeasureConfig,
     "teacher_cache": TeacherCacheConfig,
     "checkpoint": CheckpointConfig,
+    "analysis": AnalysisConfig,
 }
 _TOP_KEYS = ("inherit", "description", "scales")
 

@@ -147,6 +147,7 @@ def _search(page: Page, study: optuna.Study) -> None:
 
 def _ablation(page: Page, ab: rd.Ablation | None) -> None:
     from kdig_study import report_figures as rf
+    from kdig_study.stats import verdict_text
 
     if ab is None:
         page.empty("ablation", "No ablation yet: run `python -m kdig_study.ablate` for this "
@@ -182,18 +183,28 @@ def _ablation(page: Page, ab: rd.Ablation | None) -> None:
              for s in a["summaries"]]))
         rows = a["comparisons"] + a["effects"]
         pval = formats.p_value
+
         page.add("ablation", _table(
             ["comparison (paired) / effect", "n", "mean", "95% CI", "t-test p", "Holm p",
-             "Wilcoxon p", "Holm p", "d_z", "min. detectable"],
+             "Wilcoxon p", "Holm p", "TOST p", "Holm p", "d_z", "min. detectable",
+             "verdict"],
             [[("<b>primary:</b> " if r["primary"] else "")
               + _e(r["name"] if r["kind"] == "comparison" else f"effect: {r['name']}"),
               str(r["n"]), _signed(r["mean"]),
               f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]", pval(r["t_p"]),
               pval(r["t_p_holm"]), pval(r["wilcoxon_p"]), pval(r["wilcoxon_p_holm"]),
-              formats.number(r["d_z"]), _signed(r["mde"])] for r in rows]))
+              pval(r["tost_p"]), pval(r["tost_p_holm"]),
+              formats.number(r["d_z"]), _signed(r["mde"]), _e(verdict_text(r))]
+             for r in rows]))
+        alpha, margin = a["alpha"], a["equivalence_margin"]
         notes = [f"Holm: {a.get('correction', '')}.",
-                 "Min. detectable: the smallest true difference the paired t-test detects with "
-                 "80% power at alpha 0.05 with this n and sd."]
+                 f"Min. detectable: the smallest true difference the paired t-test detects "
+                 f"with 80% power at the row's Holm level (alpha {alpha:g} in all) with this "
+                 f"n and sd. TOST: two one-sided t-tests against +-{100 * margin:.2f} points "
+                 f"(the declared equivalence margin). Verdicts come from these numbers: "
+                 f"better or worse where the Holm t-test p < {alpha:g}, equivalent where the "
+                 f"Holm TOST p < {alpha:g}, else inconclusive, with the replicates each test "
+                 f"would need at 80% power; a large p-value alone is never equivalence."]
         if any(r.get("wilcoxon_note") for r in rows):
             notes.append(next(r["wilcoxon_note"] for r in rows if r.get("wilcoxon_note")) + ".")
         page.add("ablation", f"<p class='note'>{_e(' '.join(notes))}</p>")

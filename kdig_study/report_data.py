@@ -19,7 +19,7 @@ from kdig_study.ablation import (
     planned_trials,
     results_table,
 )
-from kdig_study.config import SWEEP_KEYS
+from kdig_study.config import SWEEP_KEYS, AnalysisConfig
 from kdig_study.objectives import choose_best
 from kdig_study.stats import condition_name
 
@@ -217,13 +217,15 @@ def ablation_data(storage: Any, search_name: str,
     info = study.user_attrs.get("ablation", {})
     levels = info.get("levels") or {"kd": ["none", "kd"], "overlay": ["none", "ig"]}
     design = {f: tuple(None if lv == "none" else lv for lv in v) for f, v in levels.items()}
+    # as declared when the ablation was made (ablations made before it: the defaults)
+    declared = AnalysisConfig(**info.get("analysis", {}))
     analysis, points = {}, {}
     for metric in metrics:
         table = results_table(trials, metric)
         if not table:
             continue
         analysis[metric] = analyse_metric(table, design, tuple(info.get("controls", ())),
-                                          metric)
+                                          metric, declared)
         points[metric] = {condition_name(c): v for c, v in table.items()}
     return Ablation(study.study_name, levels, analysis, points, info.get("params", {}),
                     info.get("design", ""), info.get("design_text", ""), info.get("seeds", {}),

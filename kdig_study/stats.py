@@ -14,10 +14,17 @@ factorial design, compared with KD and with KD+IG; they take no part in the effe
 A result table is ``{condition: {seed: value}}``. Paired statistics use the seeds present
 in every condition compared.
 
-The primary comparison is declared in advance: KD+IG - KD (on test accuracy, in the
-ablation's output). Every other comparison and every effect is secondary; p-values are
+The primary comparison is declared in advance (``[analysis] primary``, by default KD+IG -
+KD on test accuracy). Every other comparison and every effect is secondary; p-values are
 given raw and Holm-adjusted within the family of one metric (all its comparisons and
-effects, the primary included), separately for the t-test and the Wilcoxon test.
+effects, the primary included), separately for the t-test, the Wilcoxon test and the
+equivalence test.
+
+Each row gets a verdict from its numbers: *better* or *worse* where the Holm-adjusted t-test
+is below alpha; else *equivalent* within +-margin where the Holm-adjusted TOST (two one-sided
+t-tests against -margin and +margin) is below alpha, its (1 - 2 alpha) interval inside the
+margin; else *inconclusive*, with the n at which each test would reach 80% power at this
+run's sd. A large p-value alone never makes a row equivalent.
 """
 
 from __future__ import annotations
@@ -25,14 +32,18 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from scipy import stats as sps
 from statsmodels.stats.power import TTestPower
+from statsmodels.stats.weightstats import DescrStatsW
+from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
-from kdig_study.config import BINARY_FACTORS, condition_name
+from kdig_study.config import BINARY_FACTORS, AnalysisConfig, condition_name
+from kdig_study.errors import KdigError
 
 Condition = frozenset[str]
 Table = dict[Condition, dict[int, float]]
@@ -112,12 +123,20 @@ class Paired:
     t_p: float  # one-sample t-test of the per-seed values against 0, two-sided
     wilcoxon_p: float  # Wilcoxon signed-rank, two-sided, exact; nan where n < 6 (see note)
     d_z: float  # Cohen's d_z: mean / sd of the per-seed values
-    mde: float  # smallest mean the t-test detects with 80% power at alpha 0.05, this n and sd
+    mde: float  # smallest mean the t-test detects with 80% power at the row's Holm level
+    tost_p: float = float("nan")  # two one-sided t-tests against -margin and +margin
+    eq_ci_low: float = float("nan")  # (1 - 2 alpha) t-interval: TOST's interval
+    eq_ci_high: float = float("nan")
     a: str = ""
     b: str = ""
     primary: bool = False
     t_p_holm: float = float("nan")  # Holm-adjusted within the metric's family
     wilcoxon_p_holm: float = float("nan")
+    tost_p_holm: float = float("nan")
+    level: float = float("nan")  # the alpha this row's t-test is judged at by Holm's steps
+    verdict: str = ""  # better, worse, equivalent, inconclusive (see the module's doc)
+    n_equivalence: int | None = None  # n at which TOST has 80% power if the truth is 0
+    n_detect: int | None = None  # n at which the t-test detects this mean with 80% power
     wilcoxon_note: str = ""
 
 
@@ -138,17 +157,81 @@ def _t_p(values: Sequence[float]) -> float:
     return float(sps.ttest_1samp(values, 0.0).pvalue)
 
 
+# Differences of accuracies are multiples of 1 / (images evaluated), up to float noise
+# (1e-17): rounded to 10 decimals, true ties tie again (0.0012000000000000001 == 0.0012)
+# whatever the metric's resolution.
+_TIE_DECIMALS = 10
+# Up to this many non-zero differences the signed-rank test with ties enumerates all 2^n
+# sign flips (a permutation test: exact with ties); above, the tie-corrected normal
+# approximation.
+_EXACT_TIES_N = 16
+
+
 def _wilcoxon_p(values: Sequence[float]) -> tuple[float, str]:
     n = len(values)
     if n < WILCOXON_MIN_N:
         return float("nan"), (f"n/a: n = {n} < {WILCOXON_MIN_N}, where the exact two-sided "
                               f"test cannot reach p < 0.05")
-    if all(d == 0 for d in values):
+    d = [round(v, _TIE_DECIMALS) for v in values]
+    nonzero = [x for x in d if x != 0]
+    if not nonzero:
         return 1.0, ""
+    ties = len({abs(x) for x in nonzero}) < len(nonzero) or len(nonzero) < n
     try:
-        return float(sps.wilcoxon(values, zero_method="wilcox").pvalue), ""
+        if not ties:
+            return float(sps.wilcoxon(d, zero_method="wilcox", method="exact").pvalue), ""
+        if len(nonzero) <= _EXACT_TIES_N:
+            method = sps.PermutationMethod(n_resamples=2 ** len(nonzero))
+            return float(sps.wilcoxon(d, zero_method="wilcox", method=method).pvalue), \
+                "ties or zeros: exact over all sign flips"
+        return float(sps.wilcoxon(d, zero_method="wilcox", method="asymptotic").pvalue), \
+            "ties or zeros: tie-corrected normal approximation"
     except ValueError as e:  # e.g. every difference zero after ties
         return float("nan"), f"n/a: {e}"
+
+
+def _tost_p(values: Sequence[float], margin: float) -> float:
+    """p of two one-sided t-tests of the mean against -margin and +margin (equivalence
+    within the margin where p < alpha); nan where undefined."""
+    n = len(values)
+    if n < 2 or not math.isfinite(margin) or margin <= 0:
+        return float("nan")
+    if all(v == values[0] for v in values):  # no spread: the mean is known exactly
+        return 0.0 if abs(values[0]) < margin else 1.0
+    return float(DescrStatsW(list(values)).ttost_mean(-margin, margin)[0])
+
+
+def n_for_equivalence(sd: float, margin: float, alpha: float, power: float = POWER,
+                      n_max: int = 100_000) -> int | None:
+    """The smallest n at which TOST at ``alpha`` shows equivalence within +-margin with
+    ``power`` when the true mean is 0 and the sd is ``sd``. Then T = mean / se is central
+    t(n - 1), and TOST rejects both hypotheses when |T| < delta - t(1 - alpha), delta =
+    margin * sqrt(n) / sd: power = 2 F(delta - t(1 - alpha)) - 1, exactly."""
+    if not (math.isfinite(sd) and sd > 0 and margin > 0):
+        return None
+    for n in range(2, n_max + 1):
+        delta = margin * math.sqrt(n) / sd
+        crit = sps.t.ppf(1 - alpha, n - 1)
+        if 2 * sps.t.cdf(delta - crit, n - 1) - 1 >= power:
+            return n
+    return None
+
+
+def n_for_detection(mean: float, sd: float, alpha: float, power: float = POWER
+                    ) -> int | None:
+    """The smallest n at which a two-sided paired t-test at ``alpha`` detects a true mean of
+    ``mean`` with ``power`` at this sd (statsmodels' power analysis)."""
+    if not (math.isfinite(sd) and sd > 0 and math.isfinite(mean) and mean != 0):
+        return None
+    try:
+        with warnings.catch_warnings():  # no root found: said by returning None
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            n = float(TTestPower().solve_power(effect_size=abs(mean) / sd, nobs=None,
+                                               alpha=alpha, power=power,
+                                               alternative="two-sided"))
+    except (ValueError, RuntimeError):
+        return None
+    return max(2, math.ceil(n)) if math.isfinite(n) else None
 
 
 def minimum_detectable(n: int, sd: float, alpha: float = ALPHA, power: float = POWER) -> float:
@@ -161,25 +244,37 @@ def minimum_detectable(n: int, sd: float, alpha: float = ALPHA, power: float = P
     return float(d) * sd
 
 
-def contrast(name: str, kind: str, values: Sequence[float], **extra: Any) -> Paired:
+@dataclass(frozen=True)
+class Judgement:
+    """How rows are judged: the family-wise ``alpha`` and the equivalence ``margin`` (in the
+    metric's units: accuracy fractions)."""
+
+    alpha: float = ALPHA
+    margin: float = float("nan")  # nan: no equivalence test
+
+
+def contrast(name: str, kind: str, values: Sequence[float], judge: Judgement = Judgement(),
+             **extra: Any) -> Paired:
     n = len(values)
     mean = statistics.fmean(values) if values else float("nan")
     sd = statistics.stdev(values) if n > 1 else float("nan")
     lo, hi = _ci(values)
+    eq_lo, eq_hi = _ci(values, 1 - 2 * judge.alpha)
     w_p, note = _wilcoxon_p(values)
     d_z = mean / sd if n > 1 and sd > 0 else float("nan")
     return Paired(name, kind, n, mean, lo, hi, _t_p(values), w_p, d_z,
-                  minimum_detectable(n, sd), wilcoxon_note=note, **extra)
+                  minimum_detectable(n, sd, judge.alpha), tost_p=_tost_p(values, judge.margin),
+                  eq_ci_low=eq_lo, eq_ci_high=eq_hi, wilcoxon_note=note, **extra)
 
 
 def paired(a_name: str, a: dict[int, float], b_name: str, b: dict[int, float],
-           primary: bool = False) -> Paired:
+           primary: bool = False, judge: Judgement = Judgement()) -> Paired:
     seeds = sorted(set(a) & set(b))
     return contrast(f"{a_name} - {b_name}", "comparison", [a[s] - b[s] for s in seeds],
-                    a=a_name, b=b_name, primary=primary)
+                    judge, a=a_name, b=b_name, primary=primary)
 
 
-def effects(table: Table, design: Design) -> list[Paired]:
+def effects(table: Table, design: Design, judge: Judgement = Judgement()) -> list[Paired]:
     """Factorial effects, per seed, summarised over seeds.
 
     For a set S of factors, each at one non-reference level L_f: at every setting o of the
@@ -211,19 +306,22 @@ def effects(table: Table, design: Design) -> list[Paired]:
                         count += 1
                     per_seed.append(total / count)
                 name = " x ".join(condition_name([str(lv)]) for lv in on)
-                out.append(contrast(name, "effect", per_seed))
+                out.append(contrast(name, "effect", per_seed, judge))
     return out
 
 
-def comparisons(table: Table, design: Design, controls: Sequence[str] = ()) -> list[Paired]:
-    """Each condition against the student; KD+IG against KD (the primary comparison); and
-    for every other overlay level and control: against no overlay and against IG, at each
-    setting of the other factors."""
+def comparisons(table: Table, design: Design, controls: Sequence[str] = (),
+                judge: Judgement = Judgement(),
+                primary: tuple[Condition, Condition] | None = PRIMARY) -> list[Paired]:
+    """Each condition against the student; the primary comparison (by default KD+IG - KD);
+    and for every other overlay level and control: against no overlay and against IG, at
+    each setting of the other factors."""
     conds = conditions(design, controls)
     student = frozenset()
     pairs: list[tuple[Condition, Condition]] = [(c, student) for c in conds if c != student]
-    primary_pair = PRIMARY if all(c in conds for c in PRIMARY) else None
-    if primary_pair is not None:
+    primary_pair = primary if primary is not None and all(c in conds for c in primary) \
+        else None
+    if primary_pair is not None and primary_pair not in pairs:
         pairs.append(primary_pair)
     for level in overlay_sources(design, controls):
         if level == "ig":
@@ -236,7 +334,7 @@ def comparisons(table: Table, design: Design, controls: Sequence[str] = ()) -> l
                 if ref in conds and (c, ref) not in pairs:
                     pairs.append((c, ref))
     return [paired(condition_name(a), table.get(a, {}), condition_name(b), table.get(b, {}),
-                   primary=(a, b) == primary_pair) for a, b in pairs]
+                   primary=(a, b) == primary_pair, judge=judge) for a, b in pairs]
 
 
 def _holm(ps: list[float]) -> list[float]:
@@ -256,21 +354,82 @@ def _holm(ps: list[float]) -> list[float]:
     return out
 
 
-def analyse(table: Table, design: Design | Sequence[str], controls: Sequence[str] = ()
-            ) -> dict[str, Any]:
+def primary_pair(analysis: AnalysisConfig, design: Design, controls: tuple[str, ...] = ()
+                 ) -> tuple[Condition, Condition] | None:
+    """The declared primary comparison ("A - B") as two of the ablation's conditions. The
+    default (KD+IG - KD) is simply absent from an ablation without those conditions; one
+    declared in the study file or with --set must be among them (one line otherwise)."""
+    names = {condition_name(c): c for c in conditions(design, controls)}
+    parts = [x.strip() for x in analysis.primary.split(" - ")]
+    if len(parts) == 2 and all(x in names for x in parts):
+        return names[parts[0]], names[parts[1]]
+    if analysis.primary == AnalysisConfig().primary:
+        return None
+    raise KdigError(f"analysis.primary = {analysis.primary!r}: give 'A - B' with A and B "
+                    f"among this ablation's conditions: {', '.join(names)}")
+
+
+def holm_levels(ps: list[float], alpha: float) -> list[float]:
+    """The level each p-value is compared with in Holm's step-down procedure: alpha / m for
+    the smallest of m finite p-values, alpha / (m - 1) for the next, ...; alpha / m where p
+    is nan."""
+    idx = sorted((i for i, p in enumerate(ps) if math.isfinite(p)), key=lambda i: ps[i])
+    m = max(1, len(idx))
+    out = [alpha / m] * len(ps)
+    for rank, i in enumerate(idx):
+        out[i] = alpha / (m - rank)
+    return out
+
+
+def verdict(row: Mapping[str, Any], alpha: float, margin: float) -> str:
+    """A row's verdict from its Holm-adjusted p-values (see the module's doc)."""
+    within = f"within +-{100 * margin:.2f}"
+    if row["t_p_holm"] < alpha:  # a difference, and, where shown, a negligible one
+        return ("better" if row["mean"] > 0 else "worse") + \
+            (f", {within}" if row["tost_p_holm"] < alpha else "")
+    if row["tost_p_holm"] < alpha:
+        return f"equivalent {within}"
+    return "inconclusive"
+
+
+def verdict_text(row: Mapping[str, Any]) -> str:
+    """A row's verdict, an inconclusive one with the replicates that would decide it."""
+    if row["verdict"] != "inconclusive":
+        return row["verdict"]
+    need = [f"{what} n={n}" for what, n in (("equivalence", row.get("n_equivalence")),
+                                            ("difference", row.get("n_detect")))
+            if n is not None]
+    return "inconclusive" + (f" ({', '.join(need)})" if need else "")
+
+
+def analyse(table: Table, design: Design | Sequence[str], controls: Sequence[str] = (),
+            judge: Judgement = Judgement(),
+            primary: tuple[Condition, Condition] | None = PRIMARY) -> dict[str, Any]:
     """Summaries, comparisons and effects of one metric, with Holm-adjusted p-values over
-    that family (comparisons and effects together)."""
+    that family (comparisons and effects together), equivalence tests within
+    ``judge.margin``, each row's Holm level, MDE at that level, and verdict."""
     d = design_of(design) if not isinstance(design, Mapping) else design
     conds = conditions(d, controls)
     summaries = [summarise(condition_name(c), table.get(c, {}).values()) for c in conds]
-    family = comparisons(table, d, controls) + effects(table, d)
+    family = comparisons(table, d, controls, judge, primary) + effects(table, d, judge)
     t_holm = _holm([x.t_p for x in family])
     w_holm = _holm([x.wilcoxon_p for x in family])
-    rows = [asdict(x) | {"t_p_holm": t, "wilcoxon_p_holm": w}
-            for x, t, w in zip(family, t_holm, w_holm, strict=True)]
+    e_holm = _holm([x.tost_p for x in family])
+    levels = holm_levels([x.t_p for x in family], judge.alpha)
+    rows = []
+    for x, t, w, e, level in zip(family, t_holm, w_holm, e_holm, levels, strict=True):
+        sd = abs(x.mean / x.d_z) if math.isfinite(x.d_z) and x.d_z != 0 else float("nan")
+        row = asdict(x) | {"t_p_holm": t, "wilcoxon_p_holm": w, "tost_p_holm": e,
+                           "level": level, "mde": minimum_detectable(x.n, sd, level),
+                           "n_equivalence": n_for_equivalence(sd, judge.margin, level)
+                           if math.isfinite(judge.margin) else None,
+                           "n_detect": n_for_detection(x.mean, sd, level)}
+        row["verdict"] = verdict(row, judge.alpha, judge.margin)
+        rows.append(row)
     return {"summaries": [asdict(s) for s in summaries],
             "comparisons": [r for r in rows if r["kind"] == "comparison"],
             "effects": [r for r in rows if r["kind"] == "effect"],
             "correction": "Holm, within this metric's comparisons and effects, separately "
-                          "for the t-test and the Wilcoxon test",
+                          "for the t-test, the Wilcoxon test and the equivalence test (TOST)",
+            "alpha": judge.alpha, "equivalence_margin": judge.margin,
             "primary": next((r["name"] for r in rows if r["primary"]), None)}

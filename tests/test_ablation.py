@@ -23,7 +23,7 @@ from kdig_study.ablation import (
     plan,
     run_config,
 )
-from kdig_study.config import load_study
+from kdig_study.config import AnalysisConfig, load_study
 from kdig_study.data import load_bundle
 from kdig_study.experiment import Context
 from kdig_study.stats import design_of
@@ -62,10 +62,10 @@ def test_the_primary_comparison_counts_on_test_accuracy_only() -> None:
     design = design_of(["kd", "ig"])
     table = {frozenset(c): {r: 0.5 + 0.01 * len(c) + 0.003 * r * (1 + len(c)) for r in range(4)}
              for c in ([], ["kd"], ["ig"], ["kd", "ig"])}
-    test = analyse_metric(table, design, (), "test_acc")
+    test = analyse_metric(table, design, (), "test_acc", AnalysisConfig())
     assert test["primary"] == "KD+IG - KD"
     assert [c["name"] for c in test["comparisons"] if c["primary"]] == ["KD+IG - KD"]
-    robust = analyse_metric(table, design, (), "robust_test_acc")
+    robust = analyse_metric(table, design, (), "robust_test_acc", AnalysisConfig())
     assert robust["primary"] is None and not any(c["primary"] for c in robust["comparisons"])
     assert [c["mean"] for c in robust["comparisons"]] == [c["mean"] for c in test["comparisons"]]
 
@@ -436,3 +436,34 @@ def test_two_ablate_commands_on_one_study_never_add_an_unplanned_run(
     assert all(t.state == TrialState.COMPLETE for t in trials)
     # the two commands shared the work
     assert all("[" in out for out, _ in outs)
+
+
+def test_the_analysis_is_declared_recorded_enforced_and_judges_every_row(
+        tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
+    args = ["--params", "fixed", "--seeds", "2", "--factors", "kd,ig", "--out", str(tmp_path)]
+    bad = _ablate(*args, "--set", "analysis.primary=KD+AT - KD")
+    assert_one_line_error(bad, "analysis.primary = 'KD+AT - KD'", "student, KD, IG, KD+IG")
+    url = f"sqlite:///{isolated_storage}/kdig.db"
+    assert "kd_ig-smoke.ablation" not in optuna.get_all_study_names(url)  # nothing made
+
+    proc = _ablate(*args, "--set", "analysis.equivalence_margin=0.3",
+                   "--set", "analysis.primary=IG - student")
+    assert proc.returncode == 0, proc.stderr
+    assert "analysis (declared in [analysis], recorded on the study): primary IG - student " \
+           "on test accuracy; every row judged at family-wise alpha 0.05 (Holm), equivalence " \
+           "by TOST within +-0.3 points" in proc.stdout
+    out = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
+    assert out["analysis"] == {"primary": "IG - student", "metric": "test_acc", "alpha": 0.05,
+                               "equivalence_margin": 0.3}
+    test = out["results"]["all"]["test_acc"]
+    assert test["primary"] == "IG - student" and test["equivalence_margin"] == 0.003
+    for row in test["comparisons"] + test["effects"]:
+        assert row["verdict"].split(",")[0] in ("better", "worse", "inconclusive") or \
+            row["verdict"].startswith("equivalent within +-0.30"), row
+        assert row["level"] <= 0.05
+    assert "verdict" in proc.stdout and "TOST p" in proc.stdout
+
+    again = _ablate(*args, "--set", "analysis.equivalence_margin=0.5",
+                    "--set", "analysis.primary=IG - student")
+    assert_one_line_error(again, "declared another analysis before it ran",
+                          "equivalence_margin 0.3 -> 0.5")

@@ -208,3 +208,88 @@ def test_degenerate_inputs_do_not_crash() -> None:
     same = paired("a", {0: 1.0, 1: 1.0}, "b", {0: 1.0, 1: 1.0})
     assert same.t_p == 1.0 and math.isnan(same.d_z)
     assert summarise("x", []).n == 0
+
+
+# -- equivalence, verdicts, ties, levels -------------------------------------------------
+
+def test_verdicts_come_from_the_numbers_never_from_a_large_p() -> None:
+    from kdig_study.stats import Judgement
+
+    judge = Judgement(alpha=0.05, margin=0.004)  # +-0.4 points
+    student = {s: 0.50 for s in range(10)}
+    table = {frozenset(): student,
+             # tight around 0: inside the margin, shown by TOST
+             frozenset({"kd"}): {s: 0.5 + (0.0002 if s % 2 else -0.0002) for s in range(10)},
+             # +0.1 points, tight: a difference, and a negligible one
+             frozenset({"kd", "at"}): {s: 0.501 + (1e-4 if s % 2 else -1e-4)
+                                       for s in range(10)},
+             # +2 points: better
+             frozenset({"ig"}): {s: 0.52 + (0.001 if s % 2 else -0.001) for s in range(10)},
+             # mean +0.1 points, sd 1 point: neither shown
+             frozenset({"kd", "ig"}): {s: 0.501 + (0.01 if s % 2 else -0.01) for s in range(10)}}
+    a = analyse(table, {"kd": (None, "kd"), "overlay": (None, "ig"), "at": (None, "at")},
+                judge=judge)
+    rows = {r["name"]: r for r in a["comparisons"]}
+    assert rows["KD+AT - student"]["verdict"] == "better, within +-0.40"
+    assert rows["KD - student"]["verdict"] == "equivalent within +-0.40"
+    assert -0.004 < rows["KD - student"]["eq_ci_low"] < rows["KD - student"]["eq_ci_high"] < 0.004
+    assert rows["IG - student"]["verdict"] == "better"
+    noisy = rows["KD+IG - student"]
+    assert noisy["t_p"] > 0.5 and noisy["verdict"] == "inconclusive"  # not "no difference"
+    assert noisy["n_equivalence"] > noisy["n"] and noisy["n_detect"] > noisy["n"]
+    assert a["alpha"] == 0.05 and a["equivalence_margin"] == 0.004
+
+
+def test_the_equivalence_sample_size_is_where_tost_reaches_80_percent_power() -> None:
+    import numpy as np
+
+    from kdig_study.stats import n_for_equivalence
+
+    sd, margin, alpha = 0.01, 0.004, 0.05
+    n = n_for_equivalence(sd, margin, alpha)
+    assert n is not None and n > 10
+
+    def power(n: int, reps: int = 20000) -> float:
+        rng = np.random.default_rng(0)
+        x = rng.normal(0.0, sd, size=(reps, n))
+        m, se = x.mean(1), x.std(1, ddof=1) / np.sqrt(n)
+        crit = sps.t.ppf(1 - alpha, n - 1)
+        return float(np.mean(((m + margin) / se > crit) & ((m - margin) / se < -crit)))
+
+    assert power(n) >= 0.78 and power(n - 2) < 0.8  # simulated, not the formula again
+
+
+def test_wilcoxon_float_noise_ties_tie_and_ties_are_tested_exactly() -> None:
+    import itertools
+
+    from kdig_study.stats import contrast
+
+    clean = [0.0012, 0.0012, 0.003, -0.001, 0.002, 0.0005, 0.0012, 0.0007]
+    noisy = [0.0012000000000000001, 0.0011999999999999999, *clean[2:]]
+    a, b = contrast("a", "comparison", clean), contrast("b", "comparison", noisy)
+    assert a.wilcoxon_p == b.wilcoxon_p and "ties" in a.wilcoxon_note
+    # by hand: the signed-rank statistic over all 2^8 sign flips, midranks for the ties
+    ranks = sps.rankdata([abs(x) for x in clean])
+    observed = sum(r for r, x in zip(ranks, clean, strict=True) if x > 0)
+    total = ranks.sum()
+    extreme = 0
+    for signs in itertools.product((0, 1), repeat=len(clean)):
+        w = sum(r for r, on in zip(ranks, signs, strict=True) if on)
+        extreme += abs(w - total / 2) >= abs(observed - total / 2) - 1e-9
+    assert a.wilcoxon_p == pytest.approx(extreme / 2 ** len(clean))
+
+
+def test_each_row_is_judged_and_its_mde_given_at_its_holm_level() -> None:
+    from kdig_study.stats import holm_levels, minimum_detectable
+
+    assert holm_levels([0.01, 0.04, float("nan"), 0.03], 0.05) == \
+        [0.05 / 3, 0.05 / 1, 0.05 / 3, 0.05 / 2]
+    noise = [0.004, -0.006, 0.01, -0.002, 0.007, -0.009, 0.003, 0.001]
+    table = {frozenset(): {s: 0.5 for s in range(8)},
+             frozenset({"kd"}): {s: 0.51 + e for s, e in enumerate(noise)}}
+    a = analyse(table, ["kd"])
+    row = a["comparisons"][0]
+    assert row["level"] < 0.05
+    sd = abs(row["mean"] / row["d_z"])
+    assert row["mde"] == pytest.approx(minimum_detectable(row["n"], sd, row["level"]))
+    assert row["mde"] > minimum_detectable(row["n"], sd, 0.05)
