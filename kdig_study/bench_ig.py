@@ -359,10 +359,12 @@ def bench_sources(cfg: StudyConfig, ctx: Context, n_images: int, repeats: int
     built = ig_store.meta.get("measured", {})
     ig_rate = built.get("computed_images", 0) / built["compute_seconds"] \
         if built.get("compute_seconds") else float("nan")
+    labels = ctx.data.train_subset(cfg.student_train.train_size)[0].labels
     for source in DERIVED:
         steps = ig_store.counts[0]
         t = median_time(lambda source=source, steps=steps: derived_maps(
-            source, ig_store.maps(steps), cfg.ig.source_seed), repeats)
+            source, ig_store.maps(steps), cfg.ig.source_seed, labels,
+            (cfg.ig.exponent_low, cfg.ig.exponent_high)), repeats)
         total = ig_store.meta["spec"]["n_images"]
         results.append(Result(
             f"{source} maps of all {total:,} training images (from the IG maps)", total / t,

@@ -32,11 +32,12 @@ from kdig_study.errors import KdigError
 SCALES: tuple[str, ...] = ("smoke", "cpu", "paper")
 Scale = Literal["smoke", "cpu", "paper"]
 # Where the overlay's maps come from (kdig_study.attribution.sources): the teacher's IG maps;
-# two controls (IG maps of other images, smooth random maps with IG's per-map values); and
-# Captum's other attribution methods on the same teacher. The Literal is the one definition;
-# the tuple is read from it.
-MapSource = Literal["ig", "shuffled", "random", "saliency", "input_x_gradient", "smoothgrad",
-                    "gradient_shap", "gradcam"]
+# four controls (IG maps of other images, of other images of the same class, smooth random
+# maps with IG's per-map values, one flat map at IG's mean overlay value); and Captum's other
+# attribution methods on the same teacher. The Literal is the one definition; the tuple is
+# read from it.
+MapSource = Literal["ig", "shuffled", "shuffled_same_class", "random", "constant", "saliency",
+                    "input_x_gradient", "smoothgrad", "gradient_shap", "gradcam"]
 MAP_SOURCES: tuple[str, ...] = typing.get_args(MapSource)
 # IG quadrature rules: trapezoid and clenshaw_curtis are ours (nested: 8/16/32/64 share
 # points); the rest are Captum's.

@@ -172,8 +172,8 @@ class Context:
         measured: dict[str, Any] = {}
         if source in DERIVED:
             return write_store(spec, index, size,  # type: ignore[arg-type]
-                               lambda: derived_chunks(source, ig_store, spec.counts,
-                                                      cfg.ig.source_seed, measured),
+                               lambda: derived_chunks(source, ig_store, spec.counts, cfg.ig,
+                                                      train_set.labels, measured),
                                batch=4096, desc=f"{source} maps", progress=self.progress,
                                log=self.log, measured=measured)
         teacher = self.teacher().model

@@ -48,7 +48,12 @@ class IGOverlay:
         chosen = (torch.rand(b, generator=gen) < self.prob).to(device)  # [B]
         s = torch.exp(self.log_low + (self.log_high - self.log_low)
                       * torch.rand(b, generator=gen)).to(device)  # [B]
-        m = minmax(planes[:, 0].float().clamp_min(0).pow(s.view(b, 1, 1)))  # [B, H, W]
+        p = planes[:, 0].float().clamp_min(0)  # [B, H, W]
+        m = minmax(p.pow(s.view(b, 1, 1)))
+        # a flat map (the constant control) has no contrast to stretch: it overlays its own
+        # value (an all-zero map overlays 0 either way)
+        flat = p.flatten(1).amax(1) == p.flatten(1).amin(1)  # [B]
+        m = torch.where(flat.view(b, 1, 1), p, m)
         blended = torch.lerp(x01, m.unsqueeze(1).expand_as(x01), self.strength)
         return torch.where(chosen.view(b, 1, 1, 1), blended, x01)
 

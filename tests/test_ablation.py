@@ -203,30 +203,31 @@ def test_multi_level_overlay_ablation_through_the_cli(tmp_path: Path,
 @pytest.mark.slow
 def test_controls_run_with_kd_only_through_the_cli(tmp_path: Path,
                                                    isolated_storage: Path, warm_cache: Path) -> None:
-    proc = _ablate("--seeds", "1", "--factors", "kd,ig", "--controls", "shuffled,random",
+    controls = ["shuffled", "shuffled_same_class", "random", "constant"]
+    proc = _ablate("--seeds", "1", "--factors", "kd,ig", "--controls", ",".join(controls),
                    "--params", _params_file(tmp_path), "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert "6 runs (6 conditions x 1 replicates)" in proc.stdout
+    assert "8 runs (8 conditions x 1 replicates)" in proc.stdout
     res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
-    assert res["controls"] == ["shuffled", "random"]
+    assert res["controls"] == controls
     test = res["results"]["all"]["test_acc"]
     assert [s["condition"] for s in test["summaries"]] == \
-        ["student", "KD", "IG", "KD+IG", "KD+shuffled", "KD+random"]
+        ["student", "KD", "IG", "KD+IG", *(f"KD+{c}" for c in controls)]
     pairs = {c["name"] for c in test["comparisons"]}
-    assert {"KD+shuffled - KD", "KD+shuffled - KD+IG", "KD+random - KD", "KD+random - KD+IG",
-            "KD+IG - KD"} <= pairs
+    assert {f"KD+{c} - {ref}" for c in controls for ref in ("KD", "KD+IG")} | \
+        {"KD+IG - KD"} <= pairs
     # the controls take no part in the factorial effects
     assert {e["name"] for e in test["effects"]} == {"KD", "IG", "KD x IG"}
     sources = {r["condition"]: r.get("source") for r in res["runs"]}
-    assert sources["KD+random"] == "random" and sources["KD+shuffled"] == "shuffled"
-    assert len(res["runs"]) == 6
+    assert all(sources[f"KD+{c}"] == c for c in controls)
+    assert len(res["runs"]) == 8
     study = optuna.load_study(study_name="kd_ig-smoke.ablation",
                               storage=f"sqlite:///{isolated_storage}/kdig.db")
-    assert study.user_attrs["ablation"]["controls"] == ["shuffled", "random"]
+    assert study.user_attrs["ablation"]["controls"] == controls
     # the same study without the controls is refused: it ran with them
     assert_one_line_error(_ablate("--seeds", "1", "--factors", "kd,ig", "--params",
                                   _params_file(tmp_path), "--controls", "gradcam"),
-                          "ran with another", "controls=['shuffled', 'random']")
+                          "ran with another", f"controls={controls}")
 
 
 @pytest.mark.slow  # two more end-to-end ablations (about 10 s)

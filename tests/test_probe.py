@@ -285,14 +285,19 @@ def test_the_ablation_table_heading_is_whole_and_aligned() -> None:
 
     row = {"primary": True, "name": "KD+IG+AT - KD+IG+AT-shuffled", "kind": "comparison",
            "n": 10, "mean": 0.5, "ci_low": -0.1, "ci_high": 1.1, "t_p": 0.04, "t_p_holm": 0.2,
-           "wilcoxon_p": 0.05, "wilcoxon_p_holm": 0.3, "d_z": 0.7, "mde": 0.9}
+           "wilcoxon_p": 0.05, "wilcoxon_p_holm": 0.3, "tost_p": 0.5, "tost_p_holm": 1.0,
+           "d_z": 0.7, "mde": 0.9, "verdict": "inconclusive", "n_equivalence": 40,
+           "n_detect": 19}
     text = render({"summaries": [], "comparisons": [row], "effects": [],
-                   "correction": "Holm"}, "test accuracy, %")
+                   "correction": "Holm", "alpha": 0.05, "equivalence_margin": 0.004},
+                  "test accuracy, %")
     head, line = text.splitlines()[2:4]
     assert head.strip().startswith("comparison (paired) / effect  ")
     assert line.strip().startswith("* KD+IG+AT - KD+IG+AT-shuffled ")
     # the n column ends at the same place in the heading and the row
     assert head.index(" n ") + 2 == line.index(" 10 ") + 3
+    assert head.endswith("  verdict")
+    assert line.endswith("  inconclusive (equivalence n=40, difference n=19)")
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from kdig_study.attribution.sources import (
     autocorrelation_width,
     captum_chunks,
     chunk_seed,
+    class_derangement,
     derangement,
     smooth_random_maps,
     source_spec,
@@ -108,6 +109,55 @@ def test_random_source_through_the_store(ctx) -> None:
             f"random_autocorrelation_width_s{steps}"} <= set(measured)
     a, b = np.asarray(ig.maps(steps)), np.asarray(rnd.maps(steps))
     assert np.array_equal(np.sort(a[7], axis=None), np.sort(b[7], axis=None))
+
+
+def test_same_class_shuffled_maps_come_from_other_images_of_the_same_class(ctx) -> None:
+    ig = ctx.maps(None, "ig").store
+    sc = ctx.maps(None, "shuffled_same_class").store
+    labels = ctx.data.train_subset(ctx.cfg.student_train.train_size)[0].labels
+    a = np.asarray(ig.maps(ig.counts[0]))
+    b = np.asarray(sc.maps(ig.counts[0]))
+    # each row's map is the IG map of another row of its class
+    perm = class_derangement(labels, ctx.cfg.ig.source_seed)
+    assert np.array_equal(b, a[perm.numpy()])
+    assert bool((perm != torch.arange(len(perm))).all())
+    assert torch.equal(labels[perm], labels)
+    assert sc.meta["measured"][f"own_map_kept_s{ig.counts[0]}"] == 0
+    # unlike shuffled, whose maps mostly come from other classes
+    sh = derangement(len(labels), ctx.cfg.ig.source_seed)
+    assert float((labels[sh] != labels).float().mean()) > 0.5
+
+
+def test_a_class_of_one_keeps_its_map_and_the_rest_are_deranged() -> None:
+    labels = torch.tensor([0, 1, 1, 2, 2, 2, 0])
+    perm = class_derangement(labels, 5)
+    assert torch.equal(labels[perm], labels)
+    assert bool((perm != torch.arange(7)).all())
+    lone = class_derangement(torch.tensor([0, 1, 1]), 5)
+    assert lone[0] == 0 and lone[1] == 2 and lone[2] == 1
+
+
+def test_the_constant_control_overlays_the_ig_maps_mean_overlay_value(ctx) -> None:
+    from kdig_study.overlay import IGOverlay
+
+    ig = ctx.maps(None, "ig").store
+    const = ctx.maps(None, "constant").store
+    steps = ig.counts[0]
+    maps = np.asarray(const.maps(steps))
+    value = const.meta["measured"][f"constant_value_s{steps}"]
+    assert np.all(maps == maps.flat[0]) and abs(float(maps.flat[0]) - value) < 1e-3
+    # what the IG overlay blends in on average, measured through the overlay itself (prob 1,
+    # strength 1: x' = M), against the flat map's value
+    overlay = IGOverlay(1.0, 1.0, ctx.cfg.ig.exponent_low, ctx.cfg.ig.exponent_high)
+    g = torch.Generator().manual_seed(0)
+    planes = torch.from_numpy(np.asarray(ig.maps(steps), dtype=np.float32)).unsqueeze(1)
+    x = torch.zeros(len(planes), 3, *planes.shape[-2:])
+    seen = torch.stack([overlay(x, planes, g).mean() for _ in range(20)])
+    assert abs(float(seen.mean()) - value) < 0.01
+    # the flat map overlays its own value on every pixel (not minmax's 0)
+    flat = torch.from_numpy(maps[:8].astype(np.float32)).unsqueeze(1)
+    out = overlay(torch.zeros(8, 3, *flat.shape[-2:]), flat, g)
+    assert torch.allclose(out, flat.expand(-1, 3, -1, -1))
 
 
 def _captum_direct(source: str, model, x, y, base, cfg) -> torch.Tensor:

@@ -4,15 +4,23 @@ methods, each through the same map store, reduction and overlay as IG.
 * ``shuffled``: the IG maps of other training images, by a seeded derangement (no image
   gets its own map). Same maps, same values, no alignment with the image: the control for
   "does the content of the map matter?".
+* ``shuffled_same_class``: the IG maps of other training images of the same class, by a
+  seeded derangement within each class: "wrong image" without "wrong class" (``shuffled``
+  gives about 90% of images a map from another class).
 * ``random``: smooth random fields at the spatial scale of the IG maps (their measured
   autocorrelation width), each given exactly the values of its image's IG map by rank
   (histogram matching): the same per-map value distribution, blobs in random places. The
   control for "does any blob do?".
+* ``constant``: one flat map at the mean value the IG maps overlay (the mean of
+  minmax(map ** s) over maps and the exponent range): the overlay's photometric part alone,
+  a contrast reduction toward that grey, with no spatial content (a flat map overlays its
+  own value: kdig_study.overlay).
 * ``saliency`` (|gradient|), ``input_x_gradient``, ``smoothgrad`` (NoiseTunnel over
   saliency), ``gradient_shap``, ``gradcam`` (LayerGradCam on the last feature block,
   upsampled by Captum's LayerAttribution.interpolate): Captum's implementations on the same
   teacher, target (the true label) and baseline as IG. Written by hand here: only the
-  derangement, the random fields and the chunked store around them; Captum has neither.
+  derangements, the random fields, the flat map and the chunked store around them; Captum
+  has none of them.
 
 Every map is reduced like IG's (sum over channels of |attr|, or the configured reduction),
 except Grad-CAM, whose map is its own single channel (ReLU of the weighted activations).
@@ -47,7 +55,8 @@ from kdig_study.engine import autocast
 from kdig_study.models import Net
 from kdig_study.seeds import derive_seed
 
-DERIVED: tuple[str, ...] = ("shuffled", "random")  # computed from the IG maps, no attribution
+# computed from the IG maps, no attribution
+DERIVED: tuple[str, ...] = ("shuffled", "shuffled_same_class", "random", "constant")
 CAPTUM: tuple[str, ...] = ("saliency", "input_x_gradient", "smoothgrad", "gradient_shap",
                            "gradcam")
 
@@ -59,6 +68,9 @@ def uses_steps(source: str) -> bool:
 
 def options(source: str, cfg: IGConfig, parent: MapStore | None = None) -> dict[str, Any]:
     """The settings that decide a source's maps (part of its store key)."""
+    if source == "constant":  # its value depends on the overlay's exponent range
+        assert parent is not None
+        return {"parent": parent.root.name, "exponents": [cfg.exponent_low, cfg.exponent_high]}
     if source in DERIVED:
         assert parent is not None
         return {"seed": cfg.source_seed, "parent": parent.root.name}
@@ -133,11 +145,46 @@ def smooth_random_maps(ig_maps: np.ndarray, seed: int, width: float) -> np.ndarr
     return np.take_along_axis(values, ranks, axis=1).reshape(n, h, w)
 
 
-def derived_maps(source: str, ig_maps: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
-    """The ``shuffled`` or ``random`` maps of one IG step count, and what was measured."""
+def class_derangement(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """A permutation of range(len(labels)) that sends every row to another row of the same
+    class (a seeded derangement within each class); a class of one image keeps its own map
+    (said by the caller)."""
+    perm = torch.arange(len(labels))
+    for c in torch.unique(labels).tolist():
+        rows = torch.nonzero(labels == c).flatten()
+        if len(rows) >= 2:
+            perm[rows] = rows[derangement(len(rows), derive_seed(seed, f"class-{c}"))]
+    return perm
+
+
+def overlay_mean(ig_maps: np.ndarray, exponent_low: float, exponent_high: float,
+                 grid: int = 16) -> float:
+    """The mean value the IG overlay blends in: minmax(map ** s) averaged over pixels, maps
+    (up to 2,000) and s log-uniform in [low, high] (the midpoints of ``grid`` equal-
+    probability bins)."""
+    from kdig_study.overlay import minmax
+
+    maps = torch.from_numpy(np.asarray(ig_maps[:2000], dtype=np.float32)).clamp_min(0)
+    logs = np.linspace(math.log(exponent_low), math.log(exponent_high), 2 * grid + 1)[1::2]
+    return float(np.mean([minmax(maps.pow(math.exp(e))).mean().item() for e in logs]))
+
+
+def derived_maps(source: str, ig_maps: np.ndarray, seed: int,
+                 labels: torch.Tensor | None = None,
+                 exponents: tuple[float, float] = (1.0, 2.0)) -> tuple[np.ndarray, dict]:
+    """The maps of a control (``shuffled``, ``shuffled_same_class``, ``random``,
+    ``constant``) of one IG step count, and what was measured."""
     if source == "shuffled":
         perm = derangement(len(ig_maps), seed).numpy()
         return np.asarray(ig_maps)[perm], {}
+    if source == "shuffled_same_class":
+        assert labels is not None
+        perm = class_derangement(labels, seed).numpy()
+        kept = int((perm == np.arange(len(perm))).sum())
+        return np.asarray(ig_maps)[perm], {"own_map_kept": kept}
+    if source == "constant":
+        value = overlay_mean(ig_maps, *exponents)
+        return np.full(np.shape(ig_maps), value, np.float32), {"constant_value": value}
     sample = np.asarray(ig_maps[: min(len(ig_maps), 2000)], dtype=np.float32)
     width = autocorrelation_width(sample)
     maps = smooth_random_maps(np.asarray(ig_maps), seed, width)
@@ -145,12 +192,14 @@ def derived_maps(source: str, ig_maps: np.ndarray, seed: int) -> tuple[np.ndarra
                   "random_autocorrelation_width": autocorrelation_width(maps[:2000])}
 
 
-def derived_chunks(source: str, parent: MapStore, counts: tuple[int, ...], seed: int,
-                   measured: dict[str, Any]) -> ChunkFn:
-    """A chunk function over the whole derived arrays (computed once, sliced per chunk)."""
+def derived_chunks(source: str, parent: MapStore, counts: tuple[int, ...], cfg: IGConfig,
+                   labels: torch.Tensor, measured: dict[str, Any]) -> ChunkFn:
+    """A chunk function over the whole derived arrays (computed once, sliced per chunk);
+    ``labels``: the stored images' classes, row for row."""
     full: dict[int, np.ndarray] = {}
     for c in counts:
-        full[c], info = derived_maps(source, parent.maps(c), seed)
+        full[c], info = derived_maps(source, parent.maps(c), cfg.source_seed, labels,
+                                     (cfg.exponent_low, cfg.exponent_high))
         measured.update({f"{k}_s{c}": v for k, v in info.items()})
 
     def chunk(start: int, stop: int) -> tuple[np.ndarray, np.ndarray, dict]:
