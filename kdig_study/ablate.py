@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=int, default=60, metavar="S")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes sharing the plan (on a GPU they share it)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the seeds the declared [analysis] needs (from a pilot sd), "
+                        "then stop: nothing runs")
+    p.add_argument("--pilot-sd", type=float, default=None, metavar="POINTS",
+                   help="for --plan: the sd of the primary comparison's per-seed differences "
+                        "(default: from the ablation in the store with the most pairs)")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -392,6 +398,49 @@ def _options(args: argparse.Namespace, cfg: StudyConfig) -> _Options:
     return design, controls, sweep_key, sweep_values
 
 
+def seeds_plan(cfg: StudyConfig, options: _Options, url: str, pilot_sd: float | None) -> str:
+    """How many seeds the declared analysis needs for its primary comparison, from a pilot
+    sd (given in points, or measured on the ablation in the store with the most pairs):
+    at alpha and at Holm's strictest step (alpha / the family's rows)."""
+    from kdig_study.stats import analyse, n_for_detection, n_for_equivalence, primary_pair
+
+    design, controls = options[0], options[1]
+    a = cfg.analysis
+    pair = primary_pair(a, design, controls)
+    if pair is None:
+        raise KdigError(f"--plan: the primary comparison {a.primary!r} is not among this "
+                        f"ablation's conditions; declare one with --set analysis.primary='A - B'")
+    if pilot_sd is not None:
+        if not (math.isfinite(pilot_sd) and pilot_sd > 0):
+            raise KdigError(f"--pilot-sd {pilot_sd}: allowed: a number of points > 0")
+        sd, origin = pilot_sd / 100, "--pilot-sd"
+    else:
+        from kdig_study.ablation import pilot_sd as measured_sd
+        from kdig_study.store import open_storage
+
+        found = measured_sd(open_storage(url, existing=True), pair, a.metric)
+        if found is None:
+            raise KdigError(f"--plan needs a pilot sd of {a.primary}: no ablation in {url} has "
+                            f"2 or more replicates of both; give --pilot-sd POINTS, or run a "
+                            f"small ablation first (e.g. --seeds 5)")
+        sd, name, n = found
+        origin = f"study '{name}', {n} replicates"
+    empty = analyse({}, design, controls)
+    rows = len(empty["comparisons"]) + len(empty["effects"])
+    margin = a.equivalence_margin / 100
+    lines = [f"plan for {a.primary} on {a.metric}: equivalence margin +-"
+             f"{a.equivalence_margin:g} points, pilot sd of the per-seed differences "
+             f"{100 * sd:.3f} points ({origin}); 80% power"]
+    for level, label in ((a.alpha, f"alpha {a.alpha:g}"),
+                         (a.alpha / rows, f"alpha {a.alpha:g} / {rows} (Holm's strictest "
+                                          f"step, {rows} rows in the family)")):
+        eq, det = n_for_equivalence(sd, margin, level), n_for_detection(margin, sd, level)
+        lines.append(f"  at {label}: {eq if eq is not None else '> 100,000'} seeds show "
+                     f"equivalence if the true difference is 0; {det} seeds detect a true "
+                     f"difference of +-{a.equivalence_margin:g} points")
+    return "\n".join(lines)
+
+
 def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, storage: Any,
                  url: str) -> _Setup:
     """Every condition's parameters, the replicates' seeds (none a search trial used) and the
@@ -563,6 +612,9 @@ def main() -> int:
 
     quiet_optuna_logs()
     url = args.storage or default_url()
+    if args.plan:
+        print(seeds_plan(cfg, options, url, args.pilot_sd))
+        return 0
     storage = open_storage(url, heartbeat_interval=args.heartbeat)
     setup = resolve_plan(args, cfg, options, storage, url)
     from kdig_study.stats import primary_pair

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,25 @@ def analyse_metric(table: Table, design: Design, controls: tuple[str, ...],
             r["primary"] = False
         a["primary"] = None
     return a
+
+
+def pilot_sd(storage: Any, pair: tuple[Condition, Condition], metric: str
+             ) -> tuple[float, str, int] | None:
+    """(sd of the per-replicate differences A - B on ``metric``, study name, replicates) of
+    the plain ablation in the store with the most replicates of both conditions (not a
+    Monte-Carlo one nor a sweep: their replicates differ in kind); None where none has 2."""
+    best: tuple[float, str, int] | None = None
+    for name in optuna.get_all_study_names(storage):
+        parsed = parse_ablation_study_name(name)
+        if parsed is None or parsed.fraction is not None or parsed.sweep_key is not None:
+            continue
+        study = optuna.load_study(study_name=name, storage=storage)
+        table = results_table(planned_trials(study.get_trials(deepcopy=False), None), metric)
+        a, b = table.get(pair[0], {}), table.get(pair[1], {})
+        seeds = sorted(set(a) & set(b))
+        if len(seeds) >= 2 and (best is None or len(seeds) > best[2]):
+            best = (statistics.stdev([a[s] - b[s] for s in seeds]), name, len(seeds))
+    return best
 
 
 def overlay_level(cond: Condition) -> str:

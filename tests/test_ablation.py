@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -468,3 +469,22 @@ def test_the_analysis_is_declared_recorded_enforced_and_judges_every_row(
                     "--set", "analysis.primary=IG - student")
     assert_one_line_error(again, "declared another analysis before it ran",
                           "equivalence_margin 0.3 -> 0.5")
+
+    # --plan: the seeds the declared margin needs, from this ablation's sd, nothing run
+    plan = _ablate(*args, "--set", "analysis.equivalence_margin=0.3",
+                   "--set", "analysis.primary=IG - student", "--plan")
+    assert plan.returncode == 0, plan.stderr
+    diffs = [r["test_acc"] for r in out["runs"] if r["condition"] == "IG"]
+    base = [r["test_acc"] for r in out["runs"] if r["condition"] == "student"]
+    sd = statistics.stdev([x - y for x, y in zip(diffs, base, strict=True)])
+    assert f"pilot sd of the per-seed differences {100 * sd:.3f} points (study " \
+           f"'kd_ig-smoke.ablation', 2 replicates)" in plan.stdout
+    from kdig_study.stats import n_for_equivalence
+    n = n_for_equivalence(sd, 0.003, 0.05)
+    assert f"at alpha 0.05: {n if n is not None else '> 100,000'} seeds show equivalence" \
+        in plan.stdout
+    assert "Holm's strictest step, 7 rows in the family" in plan.stdout
+    given = _ablate(*args, "--set", "analysis.primary=IG - student", "--plan",
+                    "--pilot-sd", "0.5")
+    assert f"at alpha 0.05: {n_for_equivalence(0.005, 0.004, 0.05)} seeds" in given.stdout
+    assert "[1/" not in plan.stdout + given.stdout  # nothing ran
