@@ -314,6 +314,35 @@ def render(analysis: dict[str, Any], title: str) -> str:
     return "\n".join(lines + [f"  {n}" for n in notes])
 
 
+def render_families(split: dict[str, Any], group: str | None) -> str:
+    """Each comparison's mean difference under each corruption family (points) with its
+    verdict's mark, and a line where one family carries most of an aggregate difference."""
+    pts = formats.points
+    families = list(split["families"])
+    mark = {"better": "+", "worse": "-", "equivalent": "=", "inconclusive": "?"}
+    w = max(len(r["name"]) for r in split["comparisons"]) + 2
+    cw = max(len(f) for f in families) + 2
+    head = "".join(f"{f:>{cw}}" for f in families)
+    lines = ["test accuracy under corruptions, by family: mean paired difference, points "
+             "(+ better, - worse, = equivalent, ? inconclusive; Holm within each family)"
+             + (f" ({group})" if group else ""),
+             f"  {'comparison':<{w}}{'all':>10}{head}"]
+    notes = []
+    for r in split["comparisons"]:
+        cells = "".join(
+            f"{pts(c['mean'], sign=True) + mark[c['verdict'].split(' ')[0].rstrip(',')]:>{cw}}"
+            for c in r["families"].values())
+        total = pts(r["mean"], sign=True) + mark[r["verdict"].split(" ")[0].rstrip(",")]
+        lines.append(f"  {r['name']:<{w}}{total:>10}{cells}")
+        c = r["carried_by"]
+        if c is not None:
+            notes.append(f"  {r['name']}: {c['family']} carries {c['share']:.0%} of the "
+                         f"{pts(r['mean'], sign=True)} points (there "
+                         f"{pts(c['family_mean'], sign=True)}; the other families "
+                         f"{pts(c['rest_mean'], sign=True)} on average)")
+    return "\n".join(lines + notes)
+
+
 def _csv(blocks: list[tuple[str, str, dict[str, Any]]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -562,7 +591,7 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
     from kdig_study.ablation import analyse_metric, planned_trials, results_table
     from kdig_study.corruptions import robust_metric
     from kdig_study.objectives import teacher_cache_line
-    from kdig_study.stats import primary_pair
+    from kdig_study.stats import by_family, primary_pair
 
     s = setup
     name = study.study_name
@@ -589,6 +618,19 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
             blocks.append((group, metric, a))
             out["results"].setdefault(group, {})[metric] = a
             print(render(a, f"{title}, % ({group})" if s.sweep_values else f"{title}, %"))
+        robust = out["results"].get(group, {}).get("robust_test_acc")
+        if robust is not None:
+            families = {}
+            for family in s.cfg.robustness.corruptions:
+                metric = robust_metric(family)
+                table = results_table(trials, metric, s.sweep_key, value)
+                if table:
+                    families[family] = analyse_metric(table, s.design, s.controls, metric,
+                                                      s.cfg.analysis)
+                    blocks.append((group, metric, families[family]))
+            split = by_family(robust, families) | {"families": families}
+            out["results"][group]["robust_by_family"] = split
+            print(render_families(split, group if s.sweep_values else None))
     out["runs"] = [{"number": t.number, **t.params, "val_acc": t.value,
                     **t.user_attrs.get("metrics", {}),
                     **{robust_metric(k): v for k, v in t.user_attrs.get("robust", {}).items()}}

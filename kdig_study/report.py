@@ -210,6 +210,30 @@ def _ablation(page: Page, ab: rd.Ablation | None) -> None:
         page.add("ablation", f"<p class='note'>{_e(' '.join(notes))}</p>")
         page.figure("ablation", f"ablation-{metric}", rf.ablation_figure(ab, metric, label))
         page.figure("ablation", f"ablation-diff-{metric}", rf.comparison_figure(a, label))
+        if metric == "robust_test_acc" and ab.by_family is not None:
+            _families(page, ab.by_family)
+
+
+def _families(page: Page, split: dict[str, Any]) -> None:
+    """The robust comparisons under each corruption family, and the family carrying one."""
+    from kdig_study import report_figures as rf
+    from kdig_study.stats import verdict_text
+
+    families = list(split["families"])
+    page.add("ablation", "<h3>Test accuracy under corruptions, by family</h3>")
+    page.add("ablation", _table(
+        ["comparison (paired)", "all families", *families],
+        [[_e(r["name"]), f"{_signed(r['mean'])} ({_e(r['verdict'])})",
+          *(f"{_signed(c['mean'])} ({_e(verdict_text(c))})" for c in r["families"].values())]
+         for r in split["comparisons"]]))
+    carried = [f"{r['name']}: {c['family']} carries {c['share']:.0%} of the "
+               f"{_signed(r['mean'])} (there {_signed(c['family_mean'])}; the other families "
+               f"{_signed(c['rest_mean'])} on average)."
+               for r in split["comparisons"] if (c := r["carried_by"]) is not None]
+    page.add("ablation", "<p class='note'>" + _e(
+        "Each family's rows are Holm-adjusted within that family. " + " ".join(carried))
+        + "</p>")
+    page.figure("ablation", "ablation-families", rf.family_figure(split))
 
 
 def _signed(x: float | None) -> str:

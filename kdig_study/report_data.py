@@ -20,8 +20,9 @@ from kdig_study.ablation import (
     results_table,
 )
 from kdig_study.config import SWEEP_KEYS, AnalysisConfig
+from kdig_study.corruptions import robust_metric
 from kdig_study.objectives import choose_best
-from kdig_study.stats import condition_name
+from kdig_study.stats import by_family, condition_name
 
 # The reference paper's ablation (docs/design.md, section 6): CIFAR-10 test accuracy, 10 runs,
 # mean and sd.
@@ -203,6 +204,7 @@ class Ablation:
     design_text: str = ""
     seeds: dict[str, int] = field(default_factory=dict)  # replicate -> student seed
     controls: list[str] = field(default_factory=list)  # sources run with KD on only
+    by_family: dict[str, Any] | None = None  # kdig_study.stats.by_family of the robust rows
 
 
 def ablation_data(storage: Any, search_name: str,
@@ -227,9 +229,20 @@ def ablation_data(storage: Any, search_name: str,
         analysis[metric] = analyse_metric(table, design, tuple(info.get("controls", ())),
                                           metric, declared)
         points[metric] = {condition_name(c): v for c, v in table.items()}
+    split = None
+    if "robust_test_acc" in analysis:
+        families = {}
+        for key in sorted({k for t in trials for k in t.user_attrs.get("robust", {})
+                           if "-" not in k}):  # "jpeg", not the severity "jpeg-2"
+            table = results_table(trials, robust_metric(key))
+            if table:
+                families[key] = analyse_metric(table, design, tuple(info.get("controls", ())),
+                                               robust_metric(key), declared)
+        split = by_family(analysis["robust_test_acc"], families) | {"families": families} \
+            if families else None
     return Ablation(study.study_name, levels, analysis, points, info.get("params", {}),
                     info.get("design", ""), info.get("design_text", ""), info.get("seeds", {}),
-                    list(info.get("controls", [])))
+                    list(info.get("controls", [])), split)
 
 
 def sweep_data(storage: Any, search_name: str) -> dict[str, Any] | None:

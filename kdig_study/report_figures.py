@@ -136,6 +136,26 @@ def comparison_figure(analysis: dict, label: str) -> go.Figure:
                                           "margin": dict(l=220, r=20, t=50, b=50)}))
 
 
+def family_figure(split: dict) -> go.Figure:
+    """The robust comparisons' mean paired differences (points) under each corruption family,
+    beside the mean over families: where a difference lives."""
+    rows = split["comparisons"]
+    families = list(split["families"])
+    cols = ["all", *families]
+    z = [[100 * r["mean"], *(100 * r["families"][f]["mean"] for f in families)] for r in rows]
+    z = [[v if v == v else None for v in row] for row in z]
+    top = max((abs(v) for row in z for v in row if v is not None), default=1.0) or 1.0
+    fig = go.Figure(go.Heatmap(
+        z=z, x=cols, y=[_e(r["name"]) for r in rows], zmid=0, zmin=-top, zmax=top,
+        colorscale="RdBu", text=[[f"{v:+.2f}" if v is not None else "n/a" for v in row]
+                                 for row in z],
+        texttemplate="%{text}", colorbar=dict(title="points")))
+    fig.update_yaxes(autorange="reversed")
+    return fig.update_layout(title="Paired differences under corruptions, by family (points)",
+                             **(_LAYOUT | {"height": max(300, 60 + 30 * len(rows)),
+                                          "margin": dict(l=220, r=20, t=50, b=50)}))
+
+
 def compression_figures(sweep: dict, teacher: dict | None) -> list[go.Figure]:
     rows = sweep["rows"]
     figs = []

@@ -196,8 +196,10 @@ def _tost_p(values: Sequence[float], margin: float) -> float:
     n = len(values)
     if n < 2 or not math.isfinite(margin) or margin <= 0:
         return float("nan")
-    if all(v == values[0] for v in values):  # no spread: the mean is known exactly
-        return 0.0 if abs(values[0]) < margin else 1.0
+    if all(v == values[0] for v in values):
+        # no spread (e.g. students that all stayed at chance): the t statistics are
+        # undefined, and equivalence is never claimed from a degenerate test
+        return float("nan")
     return float(DescrStatsW(list(values)).ttost_mean(-margin, margin)[0])
 
 
@@ -433,3 +435,41 @@ def analyse(table: Table, design: Design | Sequence[str], controls: Sequence[str
                           "for the t-test, the Wilcoxon test and the equivalence test (TOST)",
             "alpha": judge.alpha, "equivalence_margin": judge.margin,
             "primary": next((r["name"] for r in rows if r["primary"]), None)}
+
+
+def carried_by(aggregate: Mapping[str, Any], families: Mapping[str, Mapping[str, Any]],
+               threshold: float = 0.5) -> dict[str, Any] | None:
+    """Where one family carries most of a difference in the aggregate: for a row judged
+    better or worse on the mean over K families, each family's share of the aggregate mean is
+    (its own mean difference / K) / the aggregate's; the largest, where above ``threshold``,
+    with the mean over the other families (what the difference is without that one).
+    ``families``: family -> the same row in that family's analysis."""
+    total = aggregate["mean"]
+    if not aggregate["verdict"].startswith(("better", "worse")) or not families or \
+            not math.isfinite(total) or total == 0:
+        return None
+    k = len(families)
+    shares = {f: r["mean"] / k / total for f, r in families.items() if math.isfinite(r["mean"])}
+    if not shares:
+        return None
+    top = max(shares, key=lambda f: shares[f])
+    if shares[top] <= threshold:
+        return None
+    rest = [r["mean"] for f, r in families.items() if f != top and math.isfinite(r["mean"])]
+    return {"family": top, "share": shares[top], "family_mean": families[top]["mean"],
+            "rest_mean": statistics.fmean(rest) if rest else float("nan")}
+
+
+def by_family(aggregate: Mapping[str, Any], families: Mapping[str, Mapping[str, Any]]
+              ) -> dict[str, Any]:
+    """Each comparison of the aggregate robust analysis beside its per-family rows, and the
+    family that carries it where one does (:func:`carried_by`)."""
+    rows = []
+    for row in aggregate["comparisons"]:
+        per = {f: next(r for r in a["comparisons"] if r["name"] == row["name"])
+               for f, a in families.items()}
+        rows.append({"name": row["name"], "mean": row["mean"], "verdict": row["verdict"],
+                     "families": {f: {"mean": r["mean"], "verdict": r["verdict"],
+                                      "t_p_holm": r["t_p_holm"]} for f, r in per.items()},
+                     "carried_by": carried_by(row, per)})
+    return {"comparisons": rows}

@@ -464,6 +464,13 @@ def test_the_analysis_is_declared_recorded_enforced_and_judges_every_row(
             row["verdict"].startswith("equivalent within +-0.30"), row
         assert row["level"] <= 0.05
     assert "verdict" in proc.stdout and "TOST p" in proc.stdout
+    # robustness per corruption family: every comparison under every family
+    split = out["results"]["all"]["robust_by_family"]
+    families = set(load_study("kd_ig", "smoke").robustness.corruptions)
+    assert set(split["families"]) == families  # (the JSON's keys are sorted)
+    for row in split["comparisons"]:
+        assert set(row["families"]) == families
+    assert "test accuracy under corruptions, by family" in proc.stdout
 
     again = _ablate(*args, "--set", "analysis.equivalence_margin=0.5",
                     "--set", "analysis.primary=IG - student")

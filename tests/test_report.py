@@ -166,6 +166,10 @@ def test_data_steps(url: str) -> None:
     assert rob.by_condition["KD"]["robust"] == pytest.approx(0.655)
     assert rob.by_condition["KD"]["jpeg"] == pytest.approx(0.705) and len(rob.points) == 8
     assert rd.pareto_data(study) is None
+    split = ab.by_family
+    assert split is not None and set(split["families"]) == {"jpeg", "gaussian_noise"}
+    kd = next(r for r in split["comparisons"] if r["name"] == "KD - student")
+    assert set(kd["families"]) == {"jpeg", "gaussian_noise"}
     ref = {r["condition"]: r for r in rd.reference_rows(ab)}
     assert ref["KD+IG"]["paper_mean"] == 92.02 and ref["KD+IG"]["ours_mean"] == pytest.approx(77.0)
     assert ref["AT"]["ours_mean"] is None and ref["AT"]["ours_n"] == 0
@@ -180,9 +184,9 @@ def test_every_section_present(url: str) -> None:
     for sid, _title in SECTIONS:
         assert f"<section id='{sid}'>" in html, sid
     assert "class=\"empty\"" not in html  # all data present: no "not yet" notes
-    assert len(page.figures) == 17  # history, importance, parallel, 2 pairs, curves,
-    # 3 ablation (clean, corrupted, validation) each with its paired differences,
-    # 2 compression, 2 robustness, reference
+    assert len(page.figures) == 18  # history, importance, parallel, 2 pairs, curves,
+    # 3 ablation (clean, corrupted, validation) each with its paired differences, the
+    # corrupted comparisons by family, 2 compression, 2 robustness, reference
     assert "92.02" in html and "KD+IG - KD" in html and "effect: KD x IG" in html
     deployment = html.split("<section id='deployment'>")[1].split("</section>")[0]
     assert "ONNX Runtime int8" in deployment and "-0.50 pt clean, -1.00 pt robust" in deployment
@@ -190,6 +194,9 @@ def test_every_section_present(url: str) -> None:
     ablation = html.split("<section id='ablation'>")[1].split("</section>")[0]
     assert "Design: best" in ablation and "Holm p" in ablation and "d_z" in ablation
     assert "<b>primary:</b> KD+IG - KD" in ablation and "student seeds 1000..1001" in ablation
+    assert "TOST p" in ablation and "verdict" in ablation
+    assert "Test accuracy under corruptions, by family" in ablation
+    assert "<th>jpeg</th>" in ablation and "<th>gaussian_noise</th>" in ablation
     assert len(re.findall(r"<script type='text/javascript'>", html)) == 1  # plotly.js once
     assert "cdn.plot.ly" not in html.split("</head>")[1]  # no network needed
 
