@@ -27,8 +27,10 @@ import argparse
 import csv
 import dataclasses
 import io
+import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
 
     from kdig_study.ablation import Params, Run
     from kdig_study.experiment import Context
+    from kdig_study.stats import Table
 
 METRICS = (("test_acc", "test accuracy"), ("robust_test_acc", "test accuracy under corruptions"),
            ("val_acc", "validation accuracy"))
@@ -104,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pilot-sd", type=float, default=None, metavar="POINTS",
                    help="for --plan: the sd of the primary comparison's per-seed differences "
                         "(default: from the ablation in the store with the most pairs)")
+    p.add_argument("--reanalyse", default=None, metavar="FILE.json",
+                   help="judge a finished ablation's results JSON (its runs) under the "
+                        "declared [analysis]: tables, verdicts, plain words; nothing runs; "
+                        "writes <name>.verdicts.json to --out")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -286,14 +293,14 @@ def render(analysis: dict[str, Any], title: str) -> str:
     heading = "comparison (paired) / effect"  # was cut to its first 26 characters
     w = max(len(n) for n in [heading, *names]) + 1
     lines.append(f"  {heading:<{w}}{'n':>3}{'mean':>8}  {'95% CI':<17}{'t p':>8}{'Holm':>8}"
-                 f"{'Wilc. p':>9}{'Holm':>8}{'TOST p':>8}{'Holm':>8}{'d_z':>7}{'MDE':>7}"
+                 f"{'Wilc. p':>9}{'Holm':>8}{'TOST p':>10}{'Holm':>9}{'d_z':>7}{'MDE':>7}"
                  f"  verdict")
     for name, r in zip(names, rows, strict=True):
         ci = f"[{pts(r['ci_low'], sign=True)}, {pts(r['ci_high'], sign=True)}]"
         lines.append(f"  {name:<{w}}{r['n']:>3}{pts(r['mean'], sign=True):>8}  {ci:<17}"
                      f"{pval(r['t_p']):>8}{pval(r['t_p_holm']):>8}{pval(r['wilcoxon_p']):>9}"
-                     f"{pval(r['wilcoxon_p_holm']):>8}{pval(r['tost_p']):>8}"
-                     f"{pval(r['tost_p_holm']):>8}{formats.number(r['d_z']):>7}"
+                     f"{pval(r['wilcoxon_p_holm']):>8}{pval(r['tost_p']):>10}"
+                     f"{pval(r['tost_p_holm']):>9}{formats.number(r['d_z']):>7}"
                      f"{pts(r['mde']):>7}  {verdict_text(r)}")
     notes = []
     if analysis.get("primary"):
@@ -536,6 +543,12 @@ def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
     return study
 
 
+def analysis_text(cfg: StudyConfig) -> str:
+    a = cfg.analysis
+    return (f"analysis: primary {a.primary} on {dict(METRICS)[a.metric]}, family-wise alpha "
+            f"{a.alpha:g} (Holm), equivalence by TOST within +-{a.equivalence_margin:g} points")
+
+
 def analysis_line(setup: _Setup) -> str:
     """The declared analysis, as the banner says it before any run."""
     from kdig_study.stats import primary_pair
@@ -585,13 +598,87 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
         setup.runs, log=lambda *a, **k: print(prefix + " ".join(map(str, a)), **k))
 
 
+def analyse_group(table_of: Callable[[str], Table], design: dict[str, tuple[str | None, ...]],
+                  controls: tuple[str, ...], cfg: StudyConfig, group: str | None,
+                  blocks: list[tuple[str, str, dict[str, Any]]]) -> dict[str, Any]:
+    """Every metric's analysis of one group of runs (``table_of(metric)``: its table), the
+    robust comparisons by corruption family, and the plain words made from the verdicts:
+    printed, appended to ``blocks`` (the CSV's), returned (the JSON's)."""
+    from kdig_study.ablation import analyse_metric
+    from kdig_study.corruptions import robust_metric
+    from kdig_study.stats import by_family, plain_words
+
+    res: dict[str, Any] = {}
+    label = group or "all"
+    for metric, title in METRICS:
+        table = table_of(metric)
+        if not table:  # e.g. robustness switched off
+            continue
+        res[metric] = analyse_metric(table, design, controls, metric, cfg.analysis)
+        blocks.append((label, metric, res[metric]))
+        print(render(res[metric], f"{title}, % ({group})" if group else f"{title}, %"))
+    split = None
+    if "robust_test_acc" in res:
+        families = {}
+        for family in cfg.robustness.corruptions:
+            table = table_of(robust_metric(family))
+            if table:
+                families[family] = analyse_metric(table, design, controls,
+                                                  robust_metric(family), cfg.analysis)
+                blocks.append((label, robust_metric(family), families[family]))
+        split = by_family(res["robust_test_acc"], families) | {"families": families}
+        res["robust_by_family"] = split
+        print(render_families(split, group))
+    declared = res.get(cfg.analysis.metric)
+    if declared is not None:
+        res["plain_words"] = plain_words(declared, split)
+        print("In plain words (made from the verdicts above):"
+              + "".join(f"\n  {line}" for line in res["plain_words"]))
+    return res
+
+
+def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
+    """The analysis of a results JSON that ``ablate`` wrote (its ``runs``, ``factors`` and
+    ``controls``), under this command's declared [analysis]: e.g. a study run before
+    equivalence tests and verdicts existed, judged now, its runs untouched."""
+    from kdig_study.stats import conditions
+
+    try:
+        done = json.loads(path.read_text())
+        levels, runs = done["factors"], done["runs"]
+        controls = tuple(done.get("controls", ()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KdigError(f"--reanalyse {path}: not a results JSON of ablate "
+                        f"({type(e).__name__}: {e})") from None
+    if any(k in r for r in runs for k in SWEEP_KEYS):
+        raise KdigError(f"--reanalyse {path}: a sweep's results; re-run `ablate` on its store")
+    design = {f: tuple(None if lv == "none" else lv for lv in v) for f, v in levels.items()}
+    names = {condition_name(c): c for c in conditions(design, controls)}
+
+    def table_of(metric: str) -> Table:
+        table: Table = {}
+        for r in runs:
+            if r.get(metric) is not None and r["condition"] in names:
+                table.setdefault(names[r["condition"]], {})[int(r["replicate"])] = \
+                    float(r[metric])
+        return table
+
+    blocks: list[tuple[str, str, dict[str, Any]]] = []
+    print(f"{path}: {len(runs)} runs of {len(names)} conditions; " + analysis_text(cfg))
+    results = {"all": analyse_group(table_of, design, controls, cfg, None, blocks)}
+    target = out_dir / f"{safe_name(path.stem)}.verdicts.json"
+    write_json(target, _finite({"source": str(path), "analysis":
+                                dataclasses.asdict(cfg.analysis), "results": results}))
+    print(f"written: {target}")
+
+
 def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None:
     """Statistics of the planned runs per sweep group and metric: printed, and written as
     JSON and CSV."""
-    from kdig_study.ablation import analyse_metric, planned_trials, results_table
+    from kdig_study.ablation import planned_trials, results_table
     from kdig_study.corruptions import robust_metric
     from kdig_study.objectives import teacher_cache_line
-    from kdig_study.stats import by_family, primary_pair
+    from kdig_study.stats import primary_pair
 
     s = setup
     name = study.study_name
@@ -610,27 +697,9 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
         "results": {}}
     print(f"design: {_DESIGN_TEXT[s.mode]} (--params {s.mode})")
     for group, value in groups:
-        for metric, title in METRICS:
-            table = results_table(trials, metric, s.sweep_key, value)
-            if not table:  # e.g. robustness switched off
-                continue
-            a = analyse_metric(table, s.design, s.controls, metric, s.cfg.analysis)
-            blocks.append((group, metric, a))
-            out["results"].setdefault(group, {})[metric] = a
-            print(render(a, f"{title}, % ({group})" if s.sweep_values else f"{title}, %"))
-        robust = out["results"].get(group, {}).get("robust_test_acc")
-        if robust is not None:
-            families = {}
-            for family in s.cfg.robustness.corruptions:
-                metric = robust_metric(family)
-                table = results_table(trials, metric, s.sweep_key, value)
-                if table:
-                    families[family] = analyse_metric(table, s.design, s.controls, metric,
-                                                      s.cfg.analysis)
-                    blocks.append((group, metric, families[family]))
-            split = by_family(robust, families) | {"families": families}
-            out["results"][group]["robust_by_family"] = split
-            print(render_families(split, group if s.sweep_values else None))
+        out["results"][group] = analyse_group(
+            lambda metric, value=value: results_table(trials, metric, s.sweep_key, value),
+            s.design, s.controls, s.cfg, group if s.sweep_values else None, blocks)
     out["runs"] = [{"number": t.number, **t.params, "val_acc": t.value,
                     **t.user_attrs.get("metrics", {}),
                     **{robust_metric(k): v for k, v in t.user_attrs.get("robust", {}).items()}}
@@ -654,6 +723,9 @@ def main() -> int:
 
     quiet_optuna_logs()
     url = args.storage or default_url()
+    if args.reanalyse:
+        reanalyse(Path(args.reanalyse), cfg, Path(args.out))
+        return 0
     if args.plan:
         print(seeds_plan(cfg, options, url, args.pilot_sd))
         return 0

@@ -473,3 +473,34 @@ def by_family(aggregate: Mapping[str, Any], families: Mapping[str, Mapping[str, 
                                       "t_p_holm": r["t_p_holm"]} for f, r in per.items()},
                      "carried_by": carried_by(row, per)})
     return {"comparisons": rows}
+
+
+def plain_words(analysis: Mapping[str, Any], split: Mapping[str, Any] | None = None
+                ) -> list[str]:
+    """What one metric's analysis says, in sentences made only from its verdicts and
+    numbers (points): the primary comparison; every comparison of IG with another map source
+    (does the map's content matter?); and, from ``split`` (:func:`by_family`), each
+    difference one corruption family carries. Nothing here is written by hand over them."""
+    def pt(x: float) -> str:
+        return f"{100 * x:+.2f}" if math.isfinite(x) else "n/a"
+
+    lines = []
+    rows = analysis["comparisons"]
+    for r in rows:
+        if r["primary"]:
+            lines.append(f"{r['name']} (primary): {pt(r['mean'])} points, 95% CI "
+                         f"[{pt(r['ci_low'])}, {pt(r['ci_high'])}]: {verdict_text(r)}.")
+    for r in rows:
+        names = (r.get("a", ""), r.get("b", ""))
+        if "KD+IG" in names and any(n.startswith("KD+") and n not in ("KD+IG",) and
+                                    n != "KD" for n in names):
+            lines.append(f"{r['name']}: {pt(r['mean'])} points, 90% CI [{pt(r['eq_ci_low'])}, "
+                         f"{pt(r['eq_ci_high'])}] against +-{100 * analysis['equivalence_margin']:.2f}"
+                         f" (TOST Holm p {r['tost_p_holm']:.3g}): {verdict_text(r)}.")
+    for r in (split or {}).get("comparisons", []):
+        c = r.get("carried_by")
+        if c is not None:
+            lines.append(f"{r['name']} under corruptions: {pt(r['mean'])} points ({r['verdict']}),"
+                         f" {c['share']:.0%} of it from {c['family']} ({pt(c['family_mean'])} "
+                         f"there; {pt(c['rest_mean'])} on average under the other families).")
+    return lines
