@@ -42,12 +42,14 @@ from kdig_study.config import (
     FACTORS,
     MAP_SOURCES,
     SWEEP_KEYS,
+    SWEEPABLE,
     StudyConfig,
     apply_params,
     condition_name,
     condition_study,
     load_params,
     param_values,
+    with_setting,
 )
 from kdig_study.errors import KdigError
 from kdig_study.paths import atomic_write, safe_name, writable_folder, write_json
@@ -93,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="R replicates on stratified random subsets of the training set")
     p.add_argument("--fraction", type=float, default=0.8, help="subset size for --monte-carlo")
     p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
-                   help=f"also vary the student: {' or '.join(SWEEP_KEYS)} (compression sweep)")
+                   help=f"also vary the student: {' or '.join(SWEEP_KEYS)} (compression sweep),"
+                        f" or any of SECTION.KEY (dose-response), e.g. ig.overlay_strength")
     p.add_argument("--study-name", default=None,
                    help="name of the ablation study (default: <search study>.ablation[...]); "
                         "e.g. a second ablation with other --params")
@@ -178,9 +181,17 @@ def parse_sweep(text: str | None, cfg: StudyConfig) -> tuple[str | None, list[fl
         nums = [float(v) for v in values.split(",") if v.strip()]
     except ValueError:
         nums = []
-    if key not in SWEEP_KEYS or not nums or not all(math.isfinite(v) for v in nums):
+    if not nums or not all(math.isfinite(v) for v in nums) or \
+            (key not in SWEEP_KEYS and "." not in key):
         raise KdigError(f"--sweep {text}: expected KEY=V1,V2,... (finite numbers) with KEY one "
-                        f"of {', '.join(SWEEP_KEYS)}")
+                        f"of {', '.join(SWEEP_KEYS)} (the student: a compression sweep) or "
+                        f"SECTION.KEY (e.g. ig.overlay_strength: a dose-response sweep)")
+    if key not in SWEEP_KEYS:
+        for v in nums:  # each value checked like a study file's, before anything runs
+            with_setting(cfg, key, v, f"--sweep {text}")
+        if len(set(nums)) != len(nums):
+            raise KdigError(f"--sweep {text}: a value is given twice")
+        return key, nums
     arch = cfg.student.arch
     if key == "drop_blocks" and (arch != "mobilenetv2" or
                                  any(v != int(v) or not 0 <= v <= 17 for v in nums)):
@@ -650,7 +661,8 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise KdigError(f"--reanalyse {path}: not a results JSON of ablate "
                         f"({type(e).__name__}: {e})") from None
-    if any(k in r for r in runs for k in SWEEP_KEYS):
+    swept = [*SWEEP_KEYS, *(f"{s}.{k}" for s, ks in SWEEPABLE.items() for k in ks)]
+    if any(k in r for r in runs for k in swept):
         raise KdigError(f"--reanalyse {path}: a sweep's results; re-run `ablate` on its store")
     design = {f: tuple(None if lv == "none" else lv for lv in v) for f, v in levels.items()}
     names = {condition_name(c): c for c in conditions(design, controls)}

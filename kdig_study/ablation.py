@@ -31,9 +31,11 @@ from optuna.trial import FrozenTrial, TrialState
 from kdig_study.config import (
     MAP_SOURCES,
     SWEEP_KEYS,
+    SWEEPABLE,
     AnalysisConfig,
     StudyConfig,
     apply_params,
+    with_setting,
 )
 from kdig_study.corruptions import robust_key
 from kdig_study.data import stratified_order
@@ -68,8 +70,9 @@ class AblationName:
     sweep_key: str | None = None
 
 
+_SWEEP_NAMES = [*SWEEP_KEYS, *(f"{s}.{k}" for s, ks in SWEEPABLE.items() for k in ks)]
 _NAME = re.compile(r"(?P<search>.+)\.ablation(?:-mc(?P<fraction>[0-9.e+-]+?))?"
-                   rf"(?:-sweep-(?P<sweep_key>{'|'.join(SWEEP_KEYS)}))?")
+                   rf"(?:-sweep-(?P<sweep_key>{'|'.join(map(re.escape, _SWEEP_NAMES))}))?")
 
 
 def ablation_study_name(search: str, fraction: float | None = None,
@@ -184,7 +187,10 @@ def run_config(base: StudyConfig, params: Params, run: Run, sweep_key: str | Non
         student = dataclasses.replace(student, drop_blocks=int(run.sweep))  # type: ignore[arg-type]
     elif sweep_key == "width":
         student = dataclasses.replace(student, width=float(run.sweep))  # type: ignore[arg-type]
-    return dataclasses.replace(cfg, method=method, ig=ig, student_train=train, student=student)
+    out = dataclasses.replace(cfg, method=method, ig=ig, student_train=train, student=student)
+    if sweep_key is not None and sweep_key not in SWEEP_KEYS:  # SECTION.KEY: any setting
+        out = with_setting(out, sweep_key, run.sweep, "--sweep")
+    return out
 
 
 def monte_carlo_rows(ctx: Context, replicate: int, fraction: float) -> torch.Tensor:

@@ -332,6 +332,35 @@ BINARY_FACTORS: dict[str, tuple[str | None, ...]] = {"kd": (None, "kd"), "ig": (
                                                      "at": (None, "at")}
 FACTORS: tuple[str, ...] = tuple(BINARY_FACTORS)
 SWEEP_KEYS: tuple[str, ...] = ("drop_blocks", "width")
+# Any of these study keys may be swept too (`--sweep SECTION.KEY=V1,V2,...`: a dose-response
+# ablation): what one run of a student changes. Not the data, the teacher or its maps'
+# method (one context serves every run of an ablation: sweeping those would silently keep
+# the first), nor the training subset (the maps are made for it) or the seed (replicates).
+SWEEPABLE: dict[str, tuple[str, ...]] = {
+    "student": ("width", "drop_blocks"),
+    "student_train": ("epochs", "lr", "weight_decay", "label_smoothing", "batch_size"),
+    "kd": ("temperature", "alpha"),
+    "at": ("weight",),
+    "ig": ("overlay_strength", "overlay_prob", "exponent_low", "exponent_high", "steps"),
+}
+
+
+def with_setting(cfg: StudyConfig, key: str, value: Any, src: str) -> StudyConfig:
+    """``cfg`` with one SWEEPABLE key (``section.key``) set, checked like a study file's
+    value (type, range, the checks across fields): one line naming ``src`` otherwise."""
+    section, _, name = key.partition(".")
+    if name not in SWEEPABLE.get(section, ()):
+        allowed = ", ".join(f"{s}.{k}" for s, ks in SWEEPABLE.items() for k in ks)
+        raise KdigError(f"{src}: {key!r} cannot be swept; allowed: {allowed}")
+    current = getattr(cfg, section)
+    table = {f.name: getattr(current, f.name) for f in dataclasses.fields(current)}
+    if typing.get_type_hints(type(current))[name] is int and isinstance(value, float) and \
+            value.is_integer():  # a sweep's values are read as numbers: 4.0 is the epochs 4
+        value = int(value)
+    new = _build(_SECTIONS[section], table | {name: value}, src, section)
+    out = dataclasses.replace(cfg, **{section: new})
+    _check_study(out)
+    return out
 
 # The deployment table (kdig_study.deploy, kdig_study.deploy_measure, `export`): the int8
 # model's activation types, and the batch sizes every latency row is timed at.

@@ -251,6 +251,34 @@ def test_sweep_and_monte_carlo_through_the_cli(tmp_path: Path, isolated_storage:
     assert len(res["runs"]) == 4
 
 
+def test_any_study_key_sweeps_with_the_controls_at_every_level(
+        tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
+    """A dose-response ablation: ig.overlay_strength at two levels, KD and KD+IG and the
+    shuffled control at each, paired within a level."""
+    proc = _ablate("--seeds", "1", "--factors", "kd,ig", "--controls", "shuffled",
+                   "--params", "fixed", "--sweep", "ig.overlay_strength=0.25,0.75",
+                   "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "kd_ig-smoke.ablation-sweep-ig.overlay_strength.json")
+                     .read_text())
+    assert set(res["results"]) == {"ig.overlay_strength=0.25", "ig.overlay_strength=0.75"}
+    for group in res["results"].values():
+        names = {c["name"] for c in group["test_acc"]["comparisons"]}
+        assert {"KD+IG - KD", "KD+shuffled - KD+IG"} <= names
+    # each run trained at its level (its recorded overlay strength), every level run once
+    levels = {(r["condition"], r["ig.overlay_strength"]) for r in res["runs"]}
+    assert len(levels) == len(res["runs"]) == 2 * 5
+    study = optuna.load_study(study_name="kd_ig-smoke.ablation-sweep-ig.overlay_strength",
+                              storage=f"sqlite:///{isolated_storage}/kdig.db")
+    assert parse_ablation_study_name(study.study_name).sweep_key == "ig.overlay_strength"
+    # the level is what the run trains with, on top of the condition's parameters
+    cfg = load_study("kd_ig", "smoke")
+    run = Run(frozenset({"kd", "ig"}), 0, 0.75)
+    assert run_config(cfg, {}, run, "ig.overlay_strength").ig.overlay_strength == 0.75
+    epochs = run_config(cfg, {}, Run(frozenset(), 0, 5.0), "student_train.epochs")
+    assert epochs.student_train.epochs == 5 and isinstance(epochs.student_train.epochs, int)
+
+
 @pytest.mark.parametrize("kind,text,fragments", [
     ("factors", "kd,xx", ["--factors kd,xx", "'xx'", "allowed: kd, ig, at"]),
     ("factors", "kd,kd", ["--factors kd,kd"]),
@@ -262,6 +290,10 @@ def test_sweep_and_monte_carlo_through_the_cli(tmp_path: Path, isolated_storage:
     ("sweep", "width=0", ["--sweep width=0", "> 0"]),
     ("sweep", "width=nan", ["--sweep width=nan", "finite"]),
     ("sweep", "drop_blocks=3", ["drop_blocks compresses a mobilenetv2", "sweep width"]),
+    ("sweep", "teacher.width=0.5", ["'teacher.width' cannot be swept", "ig.overlay_strength"]),
+    ("sweep", "ig.overlay_strength=0.2,1.5", ["ig.overlay_strength = 1.5: out of range"]),
+    ("sweep", "student_train.epochs=2,2.5", ["student_train.epochs = 2.5: wrong type"]),
+    ("sweep", "kd.alpha=0.1,0.1", ["given twice"]),
     ("controls", "shuffled with kd", ["--controls shuffled", "kd and ig"]),
     ("controls", "ig", ["--controls ig", "'ig'", "allowed: shuffled"]),
     ("controls", "shuffled,shuffled", ["'shuffled'", "repeated"]),
