@@ -236,6 +236,24 @@ def _families(page: Page, split: dict[str, Any]) -> None:
     page.figure("ablation", "ablation-families", rf.family_figure(split))
 
 
+def _dose_response(page: Page, sweeps: list[dict[str, Any]]) -> None:
+    """Each swept study key: accuracy per condition at each level, and the declared primary
+    comparison's difference and verdict per level."""
+    from kdig_study import report_figures as rf
+
+    for d in sweeps:
+        key = d["key"]
+        page.add("ablation", f"<h3>Dose-response: {_e(key)} "
+                             f"(<code>{_e(d['study'])}</code>)</h3>")
+        if d["primary"]:
+            page.add("ablation", _table(
+                [key, "primary comparison", "n", "mean", "95% CI", "verdict"],
+                [[f"{r['value']:g}", _e(r["name"]), str(r["n"]), _signed(r["mean"]),
+                  f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]", _e(r["verdict"])]
+                 for r in d["primary"]]))
+        page.figure("ablation", f"dose-{key}", rf.dose_figure(d))
+
+
 def _signed(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{100 * x:+.2f} pt"
 
@@ -434,6 +452,7 @@ def build(storage: Any, url: str, name: str) -> Page:
     _search(page, study)
     ab = rd.ablation_data(storage, name)
     _ablation(page, ab)
+    _dose_response(page, rd.dose_response_data(storage, name))
     _compression(page, rd.sweep_data(storage, name), s.teacher)
     _robustness(page, rd.robustness_data(storage, name, study), rd.pareto_data(study))
     _deployment(page, study.user_attrs.get("deployment"))

@@ -7,6 +7,7 @@ check these); kdig_study.report_figures turns them into Plotly figures.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ from kdig_study.ablation import (
     planned_trials,
     results_table,
 )
-from kdig_study.config import SWEEP_KEYS, AnalysisConfig
+from kdig_study.config import SWEEP_KEYS, SWEEPABLE, AnalysisConfig
 from kdig_study.corruptions import robust_metric
 from kdig_study.objectives import choose_best
 from kdig_study.stats import by_family, condition_name
@@ -269,6 +270,46 @@ def sweep_data(storage: Any, search_name: str) -> dict[str, Any] | None:
                          "latency_b1_ms": m[0].get("latency_b1_median_ms")})
         return {"key": key, "rows": rows}
     return None
+
+
+def dose_response_data(storage: Any, search_name: str) -> list[dict[str, Any]]:
+    """Per swept study key (``--sweep SECTION.KEY=...``): each level's mean test accuracy
+    per condition (plain and under corruptions), and the declared primary comparison's
+    paired difference and verdict at that level."""
+    out = []
+    for key in (f"{s}.{k}" for s, ks in SWEEPABLE.items() for k in ks):
+        study = _load(storage, ablation_study_name(search_name, sweep_key=key))
+        if study is None:
+            continue
+        trials = planned_trials(study.get_trials(deepcopy=False), None, key)
+        if not trials:
+            continue
+        info = study.user_attrs.get("ablation", {})
+        levels = info.get("levels") or {"kd": ["none", "kd"], "overlay": ["none", "ig"]}
+        design = {f: tuple(None if lv == "none" else lv for lv in v) for f, v in levels.items()}
+        controls = tuple(info.get("controls", ()))
+        declared = AnalysisConfig(**info.get("analysis", {}))
+        rows, primary = [], []
+        for value in sorted({t.params[key] for t in trials}):
+            for metric in ("test_acc", "robust_test_acc"):
+                table = results_table(trials, metric, key, value)
+                for cond, vals in table.items():
+                    if metric == "test_acc":
+                        rows.append({"value": value, "condition": condition_name(cond),
+                                     "n": len(vals), "test_acc": statistics.fmean(vals.values())})
+                    else:
+                        row = next(r for r in rows if r["value"] == value and
+                                   r["condition"] == condition_name(cond))
+                        row["robust_test_acc"] = statistics.fmean(vals.values())
+            a = analyse_metric(results_table(trials, declared.metric, key, value), design,
+                               controls, declared.metric, declared)
+            p = next((r for r in a["comparisons"] if r["primary"]), None)
+            if p is not None:
+                primary.append({"value": value, "name": p["name"], "mean": p["mean"],
+                                "ci_low": p["ci_low"], "ci_high": p["ci_high"], "n": p["n"],
+                                "verdict": p["verdict"]})
+        out.append({"key": key, "study": study.study_name, "rows": rows, "primary": primary})
+    return out
 
 
 def reference_rows(ab: Ablation | None) -> list[dict[str, Any]]:

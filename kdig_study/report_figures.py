@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import math
 
+import plotly.colors as pcolors
 import plotly.graph_objects as go
 
 from kdig_study.report_data import Ablation, History, Robustness
@@ -154,6 +155,28 @@ def family_figure(split: dict) -> go.Figure:
     return fig.update_layout(title="Paired differences under corruptions, by family (points)",
                              **(_LAYOUT | {"height": max(300, 60 + 30 * len(rows)),
                                           "margin": dict(l=220, r=20, t=50, b=50)}))
+
+
+def dose_figure(d: dict) -> go.Figure:
+    """Mean test accuracy (solid) and under corruptions (dotted) of each condition against
+    the swept key's level."""
+    fig = go.Figure()
+    conds = sorted({r["condition"] for r in d["rows"]})
+    for i, cond in enumerate(conds):
+        rows = sorted((r for r in d["rows"] if r["condition"] == cond), key=lambda r: r["value"])
+        color = _COLORS.get(cond, pcolors.qualitative.Plotly[i % 10])
+        fig.add_trace(go.Scatter(x=[r["value"] for r in rows],
+                                 y=[100 * r["test_acc"] for r in rows], mode="lines+markers",
+                                 name=_e(cond), line=dict(color=color)))
+        if any("robust_test_acc" in r for r in rows):
+            fig.add_trace(go.Scatter(
+                x=[r["value"] for r in rows],
+                y=[100 * r["robust_test_acc"] if "robust_test_acc" in r else None
+                   for r in rows], mode="lines+markers", name=f"{_e(cond)}, corrupted",
+                line=dict(color=color, dash="dot"), showlegend=True))
+    return fig.update_layout(title=f"Dose-response: test accuracy against {_e(d['key'])}",
+                             xaxis_title=_e(d["key"]), yaxis_title="test accuracy, %",
+                             **_LAYOUT)
 
 
 def compression_figures(sweep: dict, teacher: dict | None) -> list[go.Figure]:

@@ -346,3 +346,37 @@ def test_page_renders_in_headless_chromium(url: str, tmp_path: Path) -> None:
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.std() > 10  # not a blank page
     assert (pixels < 128).mean() > 0.005  # some ink: text and plot marks
+
+
+def test_a_dose_response_sweep_gets_its_table_and_figure(url: str) -> None:
+    study = _search_study(url)
+    key = "ig.overlay_strength"
+    dose = optuna.create_study(study_name=f"kd_ig-cpu.ablation-sweep-{key}", storage=url,
+                               direction="maximize")
+    dose.set_user_attr("ablation", {"levels": {"kd": ["none", "kd"], "overlay": ["none", "ig"]},
+                                    "analysis": {"equivalence_margin": 0.4}})
+    dists = {"condition": CategoricalDistribution(list(FLAGS)),
+             "replicate": IntDistribution(0, 9), "kd": CategoricalDistribution([0, 1]),
+             "at": CategoricalDistribution([0, 1]),
+             "overlay": CategoricalDistribution(["none", "ig"]),
+             key: CategoricalDistribution([0.25, 0.75])}
+    for level in (0.25, 0.75):
+        for (cond, seed), acc in ACC.items():
+            kd, ig = FLAGS[cond]
+            acc = acc - (0.04 * ig if level == 0.75 else 0)  # a stronger overlay costs more
+            dose.add_trial(create_trial(
+                params={"condition": cond, "replicate": seed, "kd": kd, "at": 0,
+                        "overlay": "ig" if ig else "none", key: level},
+                distributions=dists, value=acc, user_attrs={
+                    "test_acc": acc, "metrics": _metrics(acc), "robust": _robust(acc)}))
+    [d] = rd.dose_response_data(storage_of(study), "kd_ig-cpu")
+    assert d["key"] == key
+    row = next(r for r in d["rows"] if r["value"] == 0.75 and r["condition"] == "KD+IG")
+    assert row["test_acc"] == pytest.approx(0.73) and row["n"] == 2
+    assert row["robust_test_acc"] == pytest.approx(0.63)
+    primary = {r["value"]: r for r in d["primary"]}
+    assert primary[0.25]["name"] == "KD+IG - KD" and primary[0.25]["mean"] == pytest.approx(0.015)
+    assert primary[0.75]["mean"] == pytest.approx(-0.025)
+    html = render(build(storage_of(study), url, "kd_ig-cpu"))
+    ablation = html.split("<section id='ablation'>")[1].split("</section>")[0]
+    assert f"Dose-response: {key}" in ablation and "<td>0.75</td>" in ablation
