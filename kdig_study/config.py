@@ -149,9 +149,32 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class KDConfig:
+    """The distillation loss: ``method`` and its parameters, and the weights of its term
+    and of cross-entropy, in one of two forms: ``alpha`` (the paper's: alpha on the KD term,
+    1 - alpha on CE; torchdistill puts alpha on CE instead) or ``ce_weight`` and
+    ``kd_weight`` (separate weights, mdistiller's form). A study gives one form: both in
+    one table is refused (a config ported from either framework must not flip silently)."""
+
+    # hinton: T^2 KL (Hinton et al.); dkd: decoupled TCKD/NCKD (Zhao et al. 2022); dist:
+    # Pearson relations (Huang et al. 2022); lskd: hinton on z-scored logits (Sun et al. 2024)
+    method: Literal["hinton", "dkd", "dist", "lskd"] = "hinton"
     temperature: float = _bounded(2.5, gt=0.0, le=100.0)
     # weight of the KD term (docs/design.md, section 3: the paper's convention, not torchdistill's)
     alpha: float = _bounded(0.01, ge=0.0, le=1.0)
+    ce_weight: float = _bounded(-1.0, ge=-1.0)  # -1: not given (alpha's form)
+    kd_weight: float = _bounded(-1.0, ge=-1.0)
+    dkd_alpha: float = _bounded(1.0, ge=0.0)  # TCKD's weight (mdistiller's CIFAR default)
+    dkd_beta: float = _bounded(8.0, ge=0.0)  # NCKD's weight
+    dkd_warmup: int = _bounded(20, ge=0)  # epochs over which the DKD term rises linearly
+    dist_beta: float = _bounded(1.0, ge=0.0)  # inter-class relation's weight
+    dist_gamma: float = _bounded(1.0, ge=0.0)  # intra-class relation's weight
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        """(CE weight, KD term weight)."""
+        if self.kd_weight >= 0:
+            return self.ce_weight, self.kd_weight
+        return 1.0 - self.alpha, self.alpha
 
 
 @dataclass(frozen=True)
@@ -353,12 +376,14 @@ def with_setting(cfg: StudyConfig, key: str, value: Any, src: str) -> StudyConfi
         allowed = ", ".join(f"{s}.{k}" for s, ks in SWEEPABLE.items() for k in ks)
         raise KdigError(f"{src}: {key!r} cannot be swept; allowed: {allowed}")
     current = getattr(cfg, section)
-    table = {f.name: getattr(current, f.name) for f in dataclasses.fields(current)}
     if typing.get_type_hints(type(current))[name] is int and isinstance(value, float) and \
             value.is_integer():  # a sweep's values are read as numbers: 4.0 is the epochs 4
         value = int(value)
-    new = _build(_SECTIONS[section], table | {name: value}, src, section)
-    out = dataclasses.replace(cfg, **{section: new})
+    if key == "kd.alpha" and cfg.kd.kd_weight >= 0:
+        raise KdigError(f"{src}: kd.alpha is not used here: this study gives its weights as "
+                        f"kd.ce_weight and kd.kd_weight")
+    checked = getattr(_build(_SECTIONS[section], {name: value}, src, section), name)
+    out = dataclasses.replace(cfg, **{section: dataclasses.replace(current, **{name: checked})})
     _check_study(out)
     return out
 
@@ -419,6 +444,10 @@ _NOT_IDENTITY = ("source", "description", "expected", "measure", "teacher_cache"
 _NOT_IDENTITY_KEYS = {"data": ("path",), "search": ("n_trials", "timeout")}
 
 
+_KD_DEFAULTS = {"method": "hinton", "ce_weight": -1.0, "kd_weight": -1.0, "dkd_alpha": 1.0,
+                "dkd_beta": 8.0, "dkd_warmup": 20, "dist_beta": 1.0, "dist_gamma": 1.0}
+
+
 def identity(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a config dict (``StudyConfig.to_dict()``, or one stored as JSON) that
     results depend on, in JSON's types (tuples as lists): what the fingerprint hashes and a
@@ -429,6 +458,12 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     for section, keys in _NOT_IDENTITY_KEYS.items():
         for k in keys:
             d.get(section, {}).pop(k, None)
+    # keys added after studies were made: at their defaults they are what those studies
+    # ran, so they are left out and those studies keep their identity
+    kd = d.get("kd", {})
+    for k, default in _KD_DEFAULTS.items():
+        if k in kd and kd[k] == default:
+            kd.pop(k)
     return d
 
 
@@ -502,9 +537,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise KdigError(f"{path}: cannot be read: {e.strerror or e}") from None
 
 
+_KD_FORMS = (("alpha",), ("ce_weight", "kd_weight"))
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
+        if k == "kd" and isinstance(v, dict) and isinstance(out.get(k), dict):
+            # a later layer (a scale preset, an inheriting file, --set) that gives the KD
+            # weights in one form replaces the other form of the layer below
+            for form, other in (_KD_FORMS, _KD_FORMS[::-1]):
+                if any(x in v for x in form):
+                    out[k] = {x: y for x, y in out[k].items() if x not in other}
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v)
         else:
@@ -618,6 +662,14 @@ def _build_study(table: dict[str, Any], name: str, src: str, scale: str, where: 
 
 def _check_study(cfg: StudyConfig) -> None:
     """Checks that span several fields."""
+    if (cfg.kd.ce_weight >= 0) != (cfg.kd.kd_weight >= 0):
+        given = "ce_weight" if cfg.kd.ce_weight >= 0 else "kd_weight"
+        raise KdigError(f"{cfg.source}: kd.{given} without its pair: give kd.ce_weight and "
+                        f"kd.kd_weight together (or kd.alpha alone)")
+    if cfg.kd.kd_weight >= 0 and "alpha" in cfg.search.space:
+        raise KdigError(f"{cfg.source}: search.space.alpha searches the alpha form of the KD "
+                        f"weights, but kd.ce_weight and kd.kd_weight are given: use a study "
+                        f"file without [search.space.alpha] for explicit weights, or kd.alpha")
     src = cfg.source
     if cfg.ig.target_gap and cfg.ig.adaptive_cap < cfg.ig.adaptive_start:
         raise KdigError(f"{src}: ig.adaptive_cap = {cfg.ig.adaptive_cap} is below "
@@ -725,6 +777,8 @@ def _check_range(f: dataclasses.Field[Any], value: Any) -> str | None:
 
 
 def _build(cls: type, table: dict[str, Any], src: str, where: str) -> Any:
+    if cls is KDConfig:
+        _check_kd_weights(table, src, where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -745,6 +799,16 @@ def _build(cls: type, table: dict[str, Any], src: str, where: str) -> Any:
                             f"allowed: {allowed}")
         kwargs[key] = converted
     return cls(**kwargs)
+
+
+def _check_kd_weights(table: dict[str, Any], src: str, where: str) -> None:
+    """One weights form per table (a study file's, a preset's, --set's): alpha, or ce_weight
+    with kd_weight. A later layer's form replaces an earlier's (``_merge``)."""
+    explicit = [k for k in ("ce_weight", "kd_weight") if k in table]
+    if explicit and "alpha" in table:
+        raise KdigError(f"{src}: {where}.alpha and {where}.{explicit[0]} are two weight "
+                        f"conventions (alpha: KD alpha, CE 1 - alpha, the paper's; ce_weight "
+                        f"and kd_weight: separate, mdistiller's); give one")
 
 
 def _param_field(name: str) -> tuple[dataclasses.Field[Any], Any]:

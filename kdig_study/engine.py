@@ -22,7 +22,7 @@ from kdig_study.checkpoint import Resume
 from kdig_study.config import KDConfig, TrainConfig
 from kdig_study.data import BatchLoader, DataBundle, ImageSet, Overlay
 from kdig_study.errors import KdigError
-from kdig_study.losses import at_loss_to, attention_map, kd_loss
+from kdig_study.losses import at_loss_to, attention_map, distill_loss
 from kdig_study.models import Net, init_whitening, whitening_conv
 from kdig_study.paths import atomic_write, write_json
 from kdig_study.teacher_outputs import EpochOutputs, TeacherOut, TeacherStream
@@ -313,7 +313,7 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
                     t_out = compute() if cached is None else \
                         cached.get(batch.index, compute, device)
                 loss, logits = _step_loss(fwd, batch.x, batch.y, cfg, distill, t_out,
-                                          precision, device)
+                                          precision, device, epoch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -450,8 +450,8 @@ def teacher_forward(teacher: Net, x_clean: torch.Tensor, distill: Distillation,
 
 def _step_loss(model: Net, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
                distill: Distillation | None, t_out: TeacherOut | None,
-               precision: str = "fp32", device: torch.device | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               precision: str = "fp32", device: torch.device | None = None,
+               epoch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, student logits) for one batch in the configured mode, given the teacher's
     outputs on its clean image (``t_out``; None without a teacher).
 
@@ -468,8 +468,7 @@ def _step_loss(model: Net, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
             logits = model(x)
     logits = logits.float()
     if distill is not None and distill.kd is not None and t_out is not None:
-        loss = kd_loss(logits, t_out.logits, y, distill.kd.temperature, distill.kd.alpha,
-                       cfg.label_smoothing)
+        loss = distill_loss(logits, t_out.logits, y, distill.kd, cfg.label_smoothing, epoch)
     else:
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
     if distill is not None and t_att is not None and s_map is not None:
