@@ -147,6 +147,9 @@ class MethodConfig:
     at: bool = False
 
 
+KDMethod = Literal["hinton", "dkd", "dist", "lskd"]
+
+
 @dataclass(frozen=True)
 class KDConfig:
     """The distillation loss: ``method`` and its parameters, and the weights of its term
@@ -157,7 +160,7 @@ class KDConfig:
 
     # hinton: T^2 KL (Hinton et al.); dkd: decoupled TCKD/NCKD (Zhao et al. 2022); dist:
     # Pearson relations (Huang et al. 2022); lskd: hinton on z-scored logits (Sun et al. 2024)
-    method: Literal["hinton", "dkd", "dist", "lskd"] = "hinton"
+    method: KDMethod = "hinton"
     temperature: float = _bounded(2.5, gt=0.0, le=100.0)
     # weight of the KD term (docs/design.md, section 3: the paper's convention, not torchdistill's)
     alpha: float = _bounded(0.01, ge=0.0, le=1.0)
@@ -344,7 +347,18 @@ SEARCH_PARAMETERS: dict[str, SearchParam] = {
     "lr": SearchParam("student_train", "lr", lambda c: True),
     "at_weight": SearchParam("at", "weight", lambda c: c.method.at),
     "source": SearchParam("ig", "source", lambda c: c.method.ig),
+    # the KD method as a categorical, and each method's own parameters, used only where the
+    # trial's method is theirs (define-by-run: suggested after kd_method)
+    "kd_method": SearchParam("kd", "method", lambda c: c.method.kd),
+    "dkd_alpha": SearchParam("kd", "dkd_alpha", lambda c: c.method.kd and c.kd.method == "dkd"),
+    "dkd_beta": SearchParam("kd", "dkd_beta", lambda c: c.method.kd and c.kd.method == "dkd"),
+    "dist_beta": SearchParam("kd", "dist_beta", lambda c: c.method.kd and c.kd.method == "dist"),
+    "dist_gamma": SearchParam("kd", "dist_gamma",
+                              lambda c: c.method.kd and c.kd.method == "dist"),
 }
+# search parameters whose choices are names, and the names allowed
+_NAMED_CHOICES = {"source": ("map sources", MAP_SOURCES),
+                  "kd_method": ("KD methods", typing.get_args(KDMethod))}
 SEARCH_PARAMS: tuple[str, ...] = tuple(SEARCH_PARAMETERS)
 
 # The ablation's factors (kdig_study.ablation, kdig_study.stats): the on/off ones --factors
@@ -844,8 +858,42 @@ def param_values(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def relevant_space(cfg: StudyConfig) -> dict[str, ParamSpec]:
-    """The search parameters that matter for the study's method switches."""
-    return {k: v for k, v in cfg.search.space.items() if SEARCH_PARAMETERS[k].used(cfg)}
+    """The search parameters that matter for the study's method switches, for any KD method
+    the space may choose; ``kd_method`` first, as a trial suggests its conditional
+    parameters after it (see :func:`used_by`)."""
+    space = cfg.search.space
+    variants = [cfg]
+    if "kd_method" in space and SEARCH_PARAMETERS["kd_method"].used(cfg):
+        variants = [apply_params(cfg, {"kd_method": m}) for m in space["kd_method"].choices]
+    keep = {k: v for k, v in space.items()
+            if any(SEARCH_PARAMETERS[k].used(c) for c in variants)}
+    return dict(sorted(keep.items(), key=lambda kv: kv[0] != "kd_method"))
+
+
+def fixed_trial(cfg: StudyConfig) -> dict[str, Any]:
+    """The study file's own settings as a trial of its search (``optimize --enqueue-fixed``):
+    every relevant parameter the fixed settings use, each inside the space (one line
+    otherwise: Optuna cannot record a value its distribution does not hold)."""
+    values = param_values(cfg)
+    out: dict[str, Any] = {}
+    for name, spec in relevant_space(cfg).items():
+        if not used_by(cfg, name, out):
+            continue
+        v = values[name]
+        inside = v in spec.choices if spec.choices else \
+            spec.low is not None and spec.high is not None and spec.low <= v <= spec.high
+        if not inside:
+            where = list(spec.choices) if spec.choices else f"[{spec.low}, {spec.high}]"
+            raise KdigError(f"--enqueue-fixed: the study's {name} = {v!r} is outside "
+                            f"search.space.{name} ({where}); widen the space or drop the flag")
+        out[name] = v
+    return out
+
+
+def used_by(cfg: StudyConfig, name: str, params: Mapping[str, Any]) -> bool:
+    """Whether a trial with ``params`` suggested so far uses search parameter ``name``
+    (define-by-run: DKD's parameters only where it chose dkd)."""
+    return SEARCH_PARAMETERS[name].used(apply_params(cfg, params))
 
 
 def _build_space(table: Any, src: str, where: str) -> dict[str, ParamSpec]:
@@ -868,11 +916,12 @@ def _build_space(table: Any, src: str, where: str) -> dict[str, ParamSpec]:
                             f"got low={spec.low}, high={spec.high}")
         elif spec.log and spec.low <= 0:
             raise KdigError(f"{src}: {key}.low = {spec.low}: a log scale needs low > 0")
-        if name == "source":
-            bad = [c for c in spec.choices if c not in MAP_SOURCES]
+        if name in _NAMED_CHOICES:
+            what, names = _NAMED_CHOICES[name]
+            bad = [c for c in spec.choices if c not in names]
             if not spec.choices or bad:
-                raise KdigError(f"{src}: {key}.choices = {list(spec.choices)}: a list of map "
-                                f"sources; allowed: {', '.join(MAP_SOURCES)}")
+                raise KdigError(f"{src}: {key}.choices = {list(spec.choices)}: a list of "
+                                f"{what}; allowed: {', '.join(names)}")
             space[name] = spec
             continue
         if any(isinstance(c, str) for c in spec.choices):

@@ -25,6 +25,7 @@ from kdig_study.config import (
     apply_params,
     method_name,
     relevant_space,
+    used_by,
 )
 from kdig_study.experiment import Context, RunMetrics, run_student
 from kdig_study.measure import latency_columns, profile
@@ -32,9 +33,14 @@ from kdig_study.optuna_adapter import stored_trial
 from kdig_study.paths import atomic_write, file_sha256, storage_dir
 
 
-def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, space: dict[str, ParamSpec],
+            cfg: StudyConfig | None = None) -> dict[str, Any]:
+    """A trial's parameters, define-by-run: with ``cfg``, a parameter the values suggested so
+    far do not use (DKD's, in a trial that chose dist) is not suggested at all."""
     params: dict[str, Any] = {}
     for name, spec in space.items():
+        if cfg is not None and not used_by(cfg, name, params):
+            continue
         if spec.choices:
             choices = [int(c) for c in spec.choices] if name == "ig_steps" \
                 else list(spec.choices)  # numbers, or map sources for `source`
@@ -124,7 +130,7 @@ class Objective:
         self._latency: dict[str, Any] | None = None  # the student's shape is fixed per study
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        params = suggest(trial, self.space)
+        params = suggest(trial, self.space, self.ctx.cfg)
         cfg = apply_params(self.ctx.cfg, params)
         stored = stored_trial(trial.study, trial)
         # a retry (of an interrupted trial, or a dead worker's) inherits the epochs it

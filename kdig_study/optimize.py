@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdig_study import formats
 from kdig_study.cli import Parser, add_study_args, load_from_args, run, spawn_workers
-from kdig_study.config import StudyConfig, method_name, relevant_space
+from kdig_study.config import StudyConfig, fixed_trial, method_name, relevant_space
 from kdig_study.errors import KdigError
 
 if TYPE_CHECKING:
@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", default=None, help="default: <study>-<scale>")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--seed", type=int, default=None, help="sampler seed (default: the study's)")
+    p.add_argument("--enqueue-fixed", action="store_true",
+                   help="run the study file's own settings as the search's first trial")
     p.add_argument("--pruner", default=None, choices=["median", "hyperband", "none"],
                    help="override the study file's pruner (a different config: give it its "
                         "own --study-name)")
@@ -222,6 +224,7 @@ def main() -> int:
         raise KdigError("--n-trials, --workers and --heartbeat must be >= 1")
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise KdigError(f"--timeout {args.timeout}: allowed: a finite number of seconds > 0")
+    fixed = fixed_trial(cfg) if args.enqueue_fixed else None  # checked before any study
     timeout = args.timeout if args.timeout is not None else cfg.search.timeout or None
     # one deadline for the command and its --workers processes (they get it as --deadline)
     deadline = args.deadline if args.deadline is not None else \
@@ -269,6 +272,10 @@ def main() -> int:
 
         set_objective_names(study, [o.replace("_", " ") for o in cfg.search.objectives])
     artifact_store(check_writable=True)  # before any training, not after the first trial
+    if fixed is not None and worker is None:
+        study.enqueue_trial(fixed, skip_if_exists=True)
+        print(f"enqueued the study file's settings as a trial: {formats.params(fixed)}",
+              flush=True)
     if worker is None:
         finished = _finished(study)
         print(banner(cfg, n_trials, max(0, n_trials - finished), cached_parts(ctx)), flush=True)

@@ -139,11 +139,14 @@ def _other_value(cfg, name: str):
         return next(s for s in MAP_SOURCES if s != now)
     if name == "ig_steps":
         return now * 2 + 1
+    if name == "kd_method":
+        return "dkd" if now != "dkd" else "dist"
     return now * 0.5 if now else 0.25
 
 
 @pytest.mark.parametrize("name", ["temperature", "alpha", "overlay_strength", "overlay_prob",
-                                  "ig_steps", "lr", "at_weight", "source"])
+                                  "ig_steps", "lr", "at_weight", "source", "kd_method",
+                                  "dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma"])
 def test_every_search_parameter_round_trips_into_the_runs_config(name: str) -> None:
     """Each table entry reaches the run's config (apply_params), is read back by the same
     name (param_values), and changes nothing else: a parameter recorded but never applied
@@ -165,7 +168,7 @@ def test_the_table_covers_every_parameter_the_search_and_the_ablation_use() -> N
     from kdig_study.ablation import Run, run_config
     from kdig_study.config import SEARCH_PARAMS, apply_params, relevant_space
 
-    assert len(SEARCH_PARAMS) == 8  # a new entry needs a case in the test above
+    assert len(SEARCH_PARAMS) == 13  # a new entry needs a case in the test above
     cfg = load_study("kd_ig", "smoke")
     with pytest.raises(KdigError, match="unknown search parameter 'temprature'"):
         apply_params(cfg, {"temprature": 3.0})

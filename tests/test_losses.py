@@ -192,3 +192,48 @@ def test_each_kd_method_trains_a_student_end_to_end(method: str, warm_cache) -> 
     hinton = run_student(ctx, load_study("kd_ig", "smoke", sets[:-2] + ["kd.alpha=0.5"]))
     assert math.isfinite(run.result.history[0].loss)
     assert run.result.history[0].loss != hinton.result.history[0].loss  # another loss ran
+
+
+def test_the_kd_method_is_searched_with_its_own_parameters_only_where_chosen() -> None:
+    import optuna
+
+    from kdig_study.config import load_study, relevant_space
+    from kdig_study.objectives import suggest
+
+    cfg = load_study("kd_ig", "smoke", [
+        'search.space.kd_method.choices=["hinton", "dkd", "dist"]',
+        "search.space.dkd_beta.low=1.0", "search.space.dkd_beta.high=10.0",
+        "search.space.dist_gamma.low=0.5", "search.space.dist_gamma.high=4.0"])
+    space = relevant_space(cfg)
+    assert next(iter(space)) == "kd_method" and {"dkd_beta", "dist_gamma"} <= set(space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {}
+    for _ in range(30):
+        trial = study.ask()
+        params = suggest(trial, space, cfg)
+        seen.setdefault(params["kd_method"], set()).update(params)
+        study.tell(trial, 0.5)
+    assert "dkd_beta" in seen["dkd"] and "dist_gamma" not in seen["dkd"]
+    assert "dist_gamma" in seen["dist"] and "dkd_beta" not in seen["dist"]
+    assert not {"dkd_beta", "dist_gamma"} & seen["hinton"]
+    # without KD, none of it is searched
+    off = load_study("kd_ig", "smoke", ["method.kd=false",
+                                        'search.space.kd_method.choices=["hinton", "dkd"]'])
+    assert "kd_method" not in relevant_space(off)
+
+
+def test_bad_kd_method_choices_and_a_fixed_trial_outside_the_space_are_one_line() -> None:
+    from kdig_study.config import fixed_trial, load_study
+    from kdig_study.errors import KdigError
+
+    with pytest.raises(KdigError, match="a list of KD methods; allowed: hinton, dkd"):
+        load_study("kd_ig", "smoke", ['search.space.kd_method.choices=["hinton", "crd"]'])
+    cfg = load_study("kd_ig", "smoke", ['search.space.kd_method.choices=["dkd", "dist"]'])
+    with pytest.raises(KdigError, match="kd_method = 'hinton' is outside"):
+        fixed_trial(cfg)
+    dkd = load_study("kd_ig", "smoke", ['search.space.kd_method.choices=["dkd", "dist"]',
+                                        "kd.method=dkd", "search.space.dkd_beta.low=1.0",
+                                        "search.space.dkd_beta.high=10.0"])
+    fixed = fixed_trial(dkd)
+    assert fixed["kd_method"] == "dkd" and fixed["dkd_beta"] == 8.0
+    assert "dist_gamma" not in fixed

@@ -438,3 +438,21 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(
     assert states[0] == TrialState.FAIL and TrialState.WAITING in states  # queued again
     retry = next(t for t in study.get_trials() if t.state == TrialState.WAITING)
     assert retry.system_attrs["fixed_params"] == {"x": 0.25}
+
+
+def test_enqueue_fixed_runs_the_study_files_settings_first_and_searches_the_kd_method(
+        env: dict, isolated_storage: Path) -> None:
+    from kdig_study.config import fixed_trial, load_study
+
+    sets = ["--set", 'search.space.kd_method.choices=["hinton", "dkd"]',
+            "--set", "search.space.dkd_beta.low=1.0", "--set", "search.space.dkd_beta.high=10.0"]
+    proc = _optimize("--n-trials", "3", "--enqueue-fixed", *ONE_EPOCH, *sets,
+                     "--study-name", "fixed", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "enqueued the study file's settings as a trial" in proc.stdout
+    trials = _trials(_url(isolated_storage), "fixed")
+    cfg = load_study("kd_ig", "smoke", ["student_train.epochs=1", *sets[1::2]])
+    assert trials[0].params == fixed_trial(cfg)
+    assert trials[0].params["kd_method"] == "hinton" and "dkd_beta" not in trials[0].params
+    for t in trials:  # DKD's parameter only in trials that chose it
+        assert ("dkd_beta" in t.params) == (t.params["kd_method"] == "dkd")
