@@ -42,7 +42,7 @@ from kdig_study.config import (
     FACTORS,
     MAP_SOURCES,
     SWEEP_KEYS,
-    SWEEPABLE,
+    SWEEP_NAMES,
     StudyConfig,
     apply_params,
     condition_name,
@@ -346,11 +346,12 @@ def render_families(split: dict[str, Any], group: str | None) -> str:
              + (f" ({group})" if group else ""),
              f"  {'comparison':<{w}}{'all':>10}{head}"]
     notes = []
+    def cell(row: dict[str, Any]) -> str:  # "+0.54?": the difference and its verdict's mark
+        return pts(row["mean"], sign=True) + mark[row["verdict"].split(" ")[0].rstrip(",")]
+
     for r in split["comparisons"]:
-        cells = "".join(
-            f"{pts(c['mean'], sign=True) + mark[c['verdict'].split(' ')[0].rstrip(',')]:>{cw}}"
-            for c in r["families"].values())
-        total = pts(r["mean"], sign=True) + mark[r["verdict"].split(" ")[0].rstrip(",")]
+        cells = "".join(f"{cell(c):>{cw}}" for c in r["families"].values())
+        total = cell(r)
         lines.append(f"  {r['name']:<{w}}{total:>10}{cells}")
         c = r["carried_by"]
         if c is not None:
@@ -554,23 +555,22 @@ def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
     return study
 
 
-def analysis_text(cfg: StudyConfig) -> str:
+def analysis_text(cfg: StudyConfig, has_primary: bool = True) -> str:
+    """The declared analysis in words (the banner's and --reanalyse's first line)."""
     a = cfg.analysis
-    return (f"analysis: primary {a.primary} on {dict(METRICS)[a.metric]}, family-wise alpha "
-            f"{a.alpha:g} (Holm), equivalence by TOST within +-{a.equivalence_margin:g} points")
+    primary = f"primary {a.primary} on {dict(METRICS)[a.metric]}" if has_primary else \
+        "no primary comparison (its conditions are not in this ablation)"
+    return (f"{primary}; every row judged at family-wise alpha {a.alpha:g} (Holm), "
+            f"equivalence by TOST within +-{a.equivalence_margin:g} points")
 
 
 def analysis_line(setup: _Setup) -> str:
     """The declared analysis, as the banner says it before any run."""
     from kdig_study.stats import primary_pair
 
-    a = setup.cfg.analysis
-    pair = primary_pair(a, setup.design, setup.controls)
-    primary = f"primary {a.primary} on {dict(METRICS)[a.metric]}" if pair is not None else \
-        "no primary comparison (its conditions are not in this ablation)"
-    return (f"analysis (declared in [analysis], recorded on the study): {primary}; every row "
-            f"judged at family-wise alpha {a.alpha:g} (Holm), equivalence by TOST within "
-            f"+-{a.equivalence_margin:g} points")
+    pair = primary_pair(setup.cfg.analysis, setup.design, setup.controls)
+    return "analysis (declared in [analysis], recorded on the study): " + \
+        analysis_text(setup.cfg, pair is not None)
 
 
 def _announce(setup: _Setup, name: str, url: str) -> None:
@@ -615,9 +615,8 @@ def analyse_group(table_of: Callable[[str], Table], design: dict[str, tuple[str 
     """Every metric's analysis of one group of runs (``table_of(metric)``: its table), the
     robust comparisons by corruption family, and the plain words made from the verdicts:
     printed, appended to ``blocks`` (the CSV's), returned (the JSON's)."""
-    from kdig_study.ablation import analyse_metric
-    from kdig_study.corruptions import robust_metric
-    from kdig_study.stats import by_family, plain_words
+    from kdig_study.ablation import analyse_metric, robust_by_family
+    from kdig_study.stats import plain_words
 
     res: dict[str, Any] = {}
     label = group or "all"
@@ -630,14 +629,10 @@ def analyse_group(table_of: Callable[[str], Table], design: dict[str, tuple[str 
         print(render(res[metric], f"{title}, % ({group})" if group else f"{title}, %"))
     split = None
     if "robust_test_acc" in res:
-        families = {}
-        for family in cfg.robustness.corruptions:
-            table = table_of(robust_metric(family))
-            if table:
-                families[family] = analyse_metric(table, design, controls,
-                                                  robust_metric(family), cfg.analysis)
-                blocks.append((label, robust_metric(family), families[family]))
-        split = by_family(res["robust_test_acc"], families) | {"families": families}
+        split = robust_by_family(table_of, cfg.robustness.corruptions, design, controls,
+                                 cfg.analysis, res["robust_test_acc"])
+    if split is not None:
+        blocks.extend((label, f"robust_test_{f}", a) for f, a in split["families"].items())
         res["robust_by_family"] = split
         print(render_families(split, group))
     declared = res.get(cfg.analysis.metric)
@@ -652,7 +647,7 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
     """The analysis of a results JSON that ``ablate`` wrote (its ``runs``, ``factors`` and
     ``controls``), under this command's declared [analysis]: e.g. a study run before
     equivalence tests and verdicts existed, judged now, its runs untouched."""
-    from kdig_study.stats import conditions
+    from kdig_study.stats import conditions, design_from_levels
 
     try:
         done = json.loads(path.read_text())
@@ -661,10 +656,9 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise KdigError(f"--reanalyse {path}: not a results JSON of ablate "
                         f"({type(e).__name__}: {e})") from None
-    swept = [*SWEEP_KEYS, *(f"{s}.{k}" for s, ks in SWEEPABLE.items() for k in ks)]
-    if any(k in r for r in runs for k in swept):
+    if any(k in r for r in runs for k in SWEEP_NAMES):
         raise KdigError(f"--reanalyse {path}: a sweep's results; re-run `ablate` on its store")
-    design = {f: tuple(None if lv == "none" else lv for lv in v) for f, v in levels.items()}
+    design = design_from_levels(levels)
     names = {condition_name(c): c for c in conditions(design, controls)}
 
     def table_of(metric: str) -> Table:
@@ -676,7 +670,8 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
         return table
 
     blocks: list[tuple[str, str, dict[str, Any]]] = []
-    print(f"{path}: {len(runs)} runs of {len(names)} conditions; " + analysis_text(cfg))
+    print(f"{path}: {len(runs)} runs of {len(names)} conditions; analysis: "
+          + analysis_text(cfg))
     results = {"all": analyse_group(table_of, design, controls, cfg, None, blocks)}
     target = out_dir / f"{safe_name(path.stem)}.verdicts.json"
     write_json(target, _finite({"source": str(path), "analysis":

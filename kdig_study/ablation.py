@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import statistics
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +32,13 @@ from optuna.trial import FrozenTrial, TrialState
 from kdig_study.config import (
     MAP_SOURCES,
     SWEEP_KEYS,
-    SWEEPABLE,
+    SWEEP_NAMES,
     AnalysisConfig,
     StudyConfig,
     apply_params,
     with_setting,
 )
-from kdig_study.corruptions import robust_key
+from kdig_study.corruptions import robust_key, robust_metric
 from kdig_study.data import stratified_order
 from kdig_study.experiment import Context, run_student
 from kdig_study.measure import latency_columns, profile
@@ -51,6 +52,7 @@ from kdig_study.stats import (
     Judgement,
     Table,
     analyse,
+    by_family,
     condition_name,
     conditions,
     overlay_sources,
@@ -70,9 +72,8 @@ class AblationName:
     sweep_key: str | None = None
 
 
-_SWEEP_NAMES = [*SWEEP_KEYS, *(f"{s}.{k}" for s, ks in SWEEPABLE.items() for k in ks)]
 _NAME = re.compile(r"(?P<search>.+)\.ablation(?:-mc(?P<fraction>[0-9.e+-]+?))?"
-                   rf"(?:-sweep-(?P<sweep_key>{'|'.join(map(re.escape, _SWEEP_NAMES))}))?")
+                   rf"(?:-sweep-(?P<sweep_key>{'|'.join(map(re.escape, SWEEP_NAMES))}))?")
 
 
 def ablation_study_name(search: str, fraction: float | None = None,
@@ -107,6 +108,22 @@ def analyse_metric(table: Table, design: Design, controls: tuple[str, ...],
             r["primary"] = False
         a["primary"] = None
     return a
+
+
+def robust_by_family(table_of: Callable[[str], Table], families: Iterable[str],
+                     design: Design, controls: tuple[str, ...], analysis: AnalysisConfig,
+                     robust: dict[str, Any]) -> dict[str, Any] | None:
+    """The robust comparisons under each corruption family (``table_of(metric)``: that
+    metric's table; ``robust``: the analysis over all families), as
+    :func:`kdig_study.stats.by_family` with each family's own analysis under "families";
+    None where no family has results."""
+    out = {}
+    for family in families:
+        table = table_of(robust_metric(family))
+        if table:
+            out[family] = analyse_metric(table, design, controls, robust_metric(family),
+                                         analysis)
+    return by_family(robust, out) | {"families": out} if out else None
 
 
 def pilot_sd(storage: Any, pair: tuple[Condition, Condition], metric: str

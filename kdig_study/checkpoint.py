@@ -13,10 +13,11 @@ with ``torch.load(weights_only=True)`` (no pickled code runs), removed when the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,17 @@ def run_resume(cfg: CheckpointConfig, parts: list[Any], log: Callable[..., Any] 
     key = hashlib.sha256(json.dumps([*parts, torch.__version__], sort_keys=True,
                                     default=str).encode()).hexdigest()
     return Resume(key, cfg.every_epochs, cfg.every_minutes * 60.0, log)
+
+
+@contextlib.contextmanager
+def until_ended(resume: Resume | None) -> Iterator[None]:
+    """Around a run: its checkpoint is removed when the run ends, finished, pruned or failed;
+    an interrupt (KeyboardInterrupt: Ctrl-C, SIGTERM, SIGHUP) keeps it for the next sitting."""
+    try:
+        yield
+    except Exception:
+        if resume is not None:
+            resume.remove()
+        raise
+    if resume is not None:
+        resume.remove()

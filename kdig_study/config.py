@@ -382,6 +382,11 @@ SWEEPABLE: dict[str, tuple[str, ...]] = {
 }
 
 
+# every name `--sweep` takes: the student's compression keys, then SECTION.KEY
+SWEEP_NAMES: tuple[str, ...] = (*SWEEP_KEYS,
+                                *(f"{s}.{k}" for s, ks in SWEEPABLE.items() for k in ks))
+
+
 def with_setting(cfg: StudyConfig, key: str, value: Any, src: str) -> StudyConfig:
     """``cfg`` with one SWEEPABLE key (``section.key``) set, checked like a study file's
     value (type, range, the checks across fields): one line naming ``src`` otherwise."""

@@ -290,6 +290,11 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
                        f"resumed {desc} after its last epoch ({cfg.epochs}, from its "
                        f"checkpoint): testing", flush=True)
     history, step = run.history, run.step
+
+    def teacher_read() -> int:  # steps served by the teacher-output cache, every sitting
+        return run.teacher_read + (distill.outputs.served
+                                   if distill is not None and distill.outputs else 0)
+
     best_acc, best_epoch, best_state = run.best_acc, run.best_epoch, run.best_state
     last_write = time.monotonic()
     start = time.perf_counter() - run.wall_s
@@ -348,11 +353,9 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
             if on_epoch is not None:
                 on_epoch(stats)
             if resume is not None and (epoch == cfg.epochs or resume.due(epoch, last_write)):
-                read = distill.outputs.served if distill is not None and distill.outputs \
-                    else 0
                 resume.save(_snapshot(
                     _RunState(epoch, step, best_acc, best_epoch, best_state, history,
-                              time.perf_counter() - start, run.teacher_read + read),
+                              time.perf_counter() - start, teacher_read()),
                     model, opt, sched, lookahead, loader))
                 last_write = time.monotonic()
     finally:
@@ -365,8 +368,7 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
     test_s = time.perf_counter() - t_test
     rates = sorted(h.images_per_s for h in history)
     teacher_steps = step if distill is not None else 0
-    read = run.teacher_read + \
-        (distill.outputs.served if distill is not None and distill.outputs else 0)
+    read = teacher_read()
     return TrainResult(val_acc=best_acc, test_acc=test_acc, best_epoch=best_epoch,
                        epochs_run=len(history), wall_s=wall, images_per_s=rates[len(rates) // 2],
                        precision=precision, test_s=test_s,

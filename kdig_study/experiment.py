@@ -25,7 +25,7 @@ from kdig_study.attribution.store import (
     index_hash,
     write_store,
 )
-from kdig_study.checkpoint import run_resume
+from kdig_study.checkpoint import run_resume, until_ended
 from kdig_study.config import StudyConfig
 from kdig_study.corruptions import RobustAccuracy, RobustSuite, robust_metric
 from kdig_study.data import DataBundle, load_bundle
@@ -208,7 +208,6 @@ class Context:
             save_preview(path, train_set.images[:n], maps, self.cfg.ig.overlay_strength)
         return path
 
-
     def _intact_png(self, path: Path) -> bool:
         """A cached figure that decodes; a damaged one is said, and made again."""
         if not path.is_file():
@@ -383,19 +382,13 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
         train_set = train_set.take(rows)
     suite = ctx.robust_suite()  # read (or rebuilt, if damaged) before training, not after
     resume = run_resume(cfg.checkpoint, identity, ctx.log)
-    try:
+    with until_ended(resume):
         result = train(model, train_set, data, cfg.student_train, device=ctx.device,
                        distill=distill, planes=planes, overlay=overlay, on_epoch=on_epoch,
                        progress=ctx.progress, desc=desc, resume=resume)
         cost = ctx.student_cost(cfg, model)
         robust = suite.evaluate(model, ctx.device, result.precision) \
             if suite is not None else None
-    except Exception:  # pruned or failed: the run has ended (an interrupt keeps its checkpoint)
-        if resume is not None:
-            resume.remove()
-        raise
-    if resume is not None:
-        resume.remove()
     metrics = RunMetrics(
         val_acc=result.val_acc, test_acc=result.test_acc, best_epoch=result.best_epoch,
         epochs_run=result.epochs_run, train_images=len(train_set),

@@ -19,11 +19,11 @@ from kdig_study.ablation import (
     analyse_metric,
     planned_trials,
     results_table,
+    robust_by_family,
 )
-from kdig_study.config import SWEEP_KEYS, SWEEPABLE, AnalysisConfig
-from kdig_study.corruptions import robust_metric
+from kdig_study.config import SWEEP_KEYS, SWEEP_NAMES, AnalysisConfig
 from kdig_study.objectives import choose_best
-from kdig_study.stats import by_family, condition_name
+from kdig_study.stats import Design, condition_name, design_from_levels
 
 # The reference paper's ablation (docs/design.md, section 6): CIFAR-10 test accuracy, 10 runs,
 # mean and sd.
@@ -208,6 +208,16 @@ class Ablation:
     by_family: dict[str, Any] | None = None  # kdig_study.stats.by_family of the robust rows
 
 
+def _recorded(study: optuna.Study) -> tuple[dict[str, Any], dict[str, list[str]], Design,
+                                            tuple[str, ...], AnalysisConfig]:
+    """What an ablation study recorded of itself: its record, factor levels, design,
+    controls and declared analysis (ablations made before it was recorded: the defaults)."""
+    info = study.user_attrs.get("ablation", {})
+    levels = info.get("levels") or {"kd": ["none", "kd"], "overlay": ["none", "ig"]}
+    return (info, levels, design_from_levels(levels), tuple(info.get("controls", ())),
+            AnalysisConfig(**info.get("analysis", {})))
+
+
 def ablation_data(storage: Any, search_name: str,
                   metrics: tuple[str, ...] = ("test_acc", "robust_test_acc", "val_acc")
                   ) -> Ablation | None:
@@ -217,30 +227,20 @@ def ablation_data(storage: Any, search_name: str,
     trials = planned_trials(study.get_trials(deepcopy=False), None)
     if not trials:
         return None
-    info = study.user_attrs.get("ablation", {})
-    levels = info.get("levels") or {"kd": ["none", "kd"], "overlay": ["none", "ig"]}
-    design = {f: tuple(None if lv == "none" else lv for lv in v) for f, v in levels.items()}
-    # as declared when the ablation was made (ablations made before it: the defaults)
-    declared = AnalysisConfig(**info.get("analysis", {}))
+    info, levels, design, controls, declared = _recorded(study)
     analysis, points = {}, {}
     for metric in metrics:
         table = results_table(trials, metric)
         if not table:
             continue
-        analysis[metric] = analyse_metric(table, design, tuple(info.get("controls", ())),
-                                          metric, declared)
+        analysis[metric] = analyse_metric(table, design, controls, metric, declared)
         points[metric] = {condition_name(c): v for c, v in table.items()}
     split = None
     if "robust_test_acc" in analysis:
-        families = {}
-        for key in sorted({k for t in trials for k in t.user_attrs.get("robust", {})
-                           if "-" not in k}):  # "jpeg", not the severity "jpeg-2"
-            table = results_table(trials, robust_metric(key))
-            if table:
-                families[key] = analyse_metric(table, design, tuple(info.get("controls", ())),
-                                               robust_metric(key), declared)
-        split = by_family(analysis["robust_test_acc"], families) | {"families": families} \
-            if families else None
+        families = sorted({k for t in trials for k in t.user_attrs.get("robust", {})
+                           if "-" not in k})  # "jpeg", not the severity "jpeg-2"
+        split = robust_by_family(lambda m: results_table(trials, m), families, design,
+                                 controls, declared, analysis["robust_test_acc"])
     return Ablation(study.study_name, levels, analysis, points, info.get("params", {}),
                     info.get("design", ""), info.get("design_text", ""), info.get("seeds", {}),
                     list(info.get("controls", [])), split)
@@ -277,18 +277,14 @@ def dose_response_data(storage: Any, search_name: str) -> list[dict[str, Any]]:
     per condition (plain and under corruptions), and the declared primary comparison's
     paired difference and verdict at that level."""
     out = []
-    for key in (f"{s}.{k}" for s, ks in SWEEPABLE.items() for k in ks):
+    for key in SWEEP_NAMES[len(SWEEP_KEYS):]:  # SECTION.KEY sweeps (the others: sweep_data)
         study = _load(storage, ablation_study_name(search_name, sweep_key=key))
         if study is None:
             continue
         trials = planned_trials(study.get_trials(deepcopy=False), None, key)
         if not trials:
             continue
-        info = study.user_attrs.get("ablation", {})
-        levels = info.get("levels") or {"kd": ["none", "kd"], "overlay": ["none", "ig"]}
-        design = {f: tuple(None if lv == "none" else lv for lv in v) for f, v in levels.items()}
-        controls = tuple(info.get("controls", ()))
-        declared = AnalysisConfig(**info.get("analysis", {}))
+        _, _, design, controls, declared = _recorded(study)
         rows, primary = [], []
         for value in sorted({t.params[key] for t in trials}):
             for metric in ("test_acc", "robust_test_acc"):

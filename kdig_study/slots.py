@@ -124,7 +124,7 @@ def claim_and_run(study: optuna.Study, lock: SlotLock, decide: Callable[[], Next
         current[:] = [trial.number]
         record_heartbeat(study, trial)
         value = objective(trial)
-        if _failed_by_another(study, trial.number):
+        if _failed(study, trial.number):
             raise FailedElsewhere  # Optuna would tell it, and fail on the finished trial
         return value
 
@@ -145,7 +145,7 @@ def claim_and_run(study: optuna.Study, lock: SlotLock, decide: Callable[[], Next
                 except (ValueError, FailedElsewhere,
                         optuna.exceptions.UpdateFinishedTrialError):
                     # "Cannot tell a FAIL trial": another process failed it meanwhile
-                    if not current or not _failed_by_another(study, current[0]):
+                    if not current or not _failed(study, current[0]):
                         raise
                     log(f"trial {current[0]} was failed by another worker while it ran (its "
                         f"heartbeat looked stale there); its result is not recorded and its "
@@ -159,9 +159,10 @@ def claim_and_run(study: optuna.Study, lock: SlotLock, decide: Callable[[], Next
     return False
 
 
-def _failed_by_another(study: optuna.Study, number: int) -> bool:
+def _failed(study: optuna.Study, number: int) -> FrozenTrial | None:
+    """Trial ``number`` where it is FAIL (failed by an interrupt, or by another process)."""
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-    return trial is not None and trial.state == TrialState.FAIL
+    return trial if trial is not None and trial.state == TrialState.FAIL else None
 
 
 def retry_interrupted(study: optuna.Study, number: int) -> None:
@@ -169,8 +170,8 @@ def retry_interrupted(study: optuna.Study, number: int) -> None:
     parameters (a search trial's; an ablation run's fixed ones, in its system attributes)
     and intermediate values, as Optuna's heartbeat retry does for a killed worker's trial, so
     that the next run of the command goes on from the trial's last checkpoint."""
-    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-    if trial is None or trial.state != TrialState.FAIL:
+    trial = _failed(study, number)
+    if trial is None:
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

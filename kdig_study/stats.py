@@ -123,6 +123,7 @@ class Paired:
     t_p: float  # one-sample t-test of the per-seed values against 0, two-sided
     wilcoxon_p: float  # Wilcoxon signed-rank, two-sided, exact; nan where n < 6 (see note)
     d_z: float  # Cohen's d_z: mean / sd of the per-seed values
+    sd: float  # sample sd of the per-seed values (nan for n < 2)
     mde: float  # smallest mean the t-test detects with 80% power at the row's Holm level
     tost_p: float = float("nan")  # two one-sided t-tests against -margin and +margin
     eq_ci_low: float = float("nan")  # (1 - 2 alpha) t-interval: TOST's interval
@@ -264,7 +265,7 @@ def contrast(name: str, kind: str, values: Sequence[float], judge: Judgement = J
     eq_lo, eq_hi = _ci(values, 1 - 2 * judge.alpha)
     w_p, note = _wilcoxon_p(values)
     d_z = mean / sd if n > 1 and sd > 0 else float("nan")
-    return Paired(name, kind, n, mean, lo, hi, _t_p(values), w_p, d_z,
+    return Paired(name, kind, n, mean, lo, hi, _t_p(values), w_p, d_z, sd,
                   minimum_detectable(n, sd, judge.alpha), tost_p=_tost_p(values, judge.margin),
                   eq_ci_low=eq_lo, eq_ci_high=eq_hi, wilcoxon_note=note, **extra)
 
@@ -371,6 +372,12 @@ def primary_pair(analysis: AnalysisConfig, design: Design, controls: tuple[str, 
                     f"among this ablation's conditions: {', '.join(names)}")
 
 
+def design_from_levels(levels: Mapping[str, Sequence[str]]) -> dict[str, tuple[str | None, ...]]:
+    """A design from the levels an ablation records ("none" first): {"kd": ["none", "kd"]}
+    -> {"kd": (None, "kd")}."""
+    return {f: tuple(None if lv == "none" else lv for lv in v) for f, v in levels.items()}
+
+
 def holm_levels(ps: list[float], alpha: float) -> list[float]:
     """The level each p-value is compared with in Holm's step-down procedure: alpha / m for
     the smallest of m finite p-values, alpha / (m - 1) for the next, ...; alpha / m where p
@@ -420,12 +427,11 @@ def analyse(table: Table, design: Design | Sequence[str], controls: Sequence[str
     levels = holm_levels([x.t_p for x in family], judge.alpha)
     rows = []
     for x, t, w, e, level in zip(family, t_holm, w_holm, e_holm, levels, strict=True):
-        sd = abs(x.mean / x.d_z) if math.isfinite(x.d_z) and x.d_z != 0 else float("nan")
         row = asdict(x) | {"t_p_holm": t, "wilcoxon_p_holm": w, "tost_p_holm": e,
-                           "level": level, "mde": minimum_detectable(x.n, sd, level),
-                           "n_equivalence": n_for_equivalence(sd, judge.margin, level)
+                           "level": level, "mde": minimum_detectable(x.n, x.sd, level),
+                           "n_equivalence": n_for_equivalence(x.sd, judge.margin, level)
                            if math.isfinite(judge.margin) else None,
-                           "n_detect": n_for_detection(x.mean, sd, level)}
+                           "n_detect": n_for_detection(x.mean, x.sd, level)}
         row["verdict"] = verdict(row, judge.alpha, judge.margin)
         rows.append(row)
     return {"summaries": [asdict(s) for s in summaries],
@@ -492,8 +498,7 @@ def plain_words(analysis: Mapping[str, Any], split: Mapping[str, Any] | None = N
                          f"[{pt(r['ci_low'])}, {pt(r['ci_high'])}]: {verdict_text(r)}.")
     for r in rows:
         names = (r.get("a", ""), r.get("b", ""))
-        if "KD+IG" in names and any(n.startswith("KD+") and n not in ("KD+IG",) and
-                                    n != "KD" for n in names):
+        if "KD+IG" in names and any(n.startswith("KD+") and n != "KD+IG" for n in names):
             lines.append(f"{r['name']}: {pt(r['mean'])} points, 90% CI [{pt(r['eq_ci_low'])}, "
                          f"{pt(r['eq_ci_high'])}] against +-{100 * analysis['equivalence_margin']:.2f}"
                          f" (TOST Holm p {r['tost_p_holm']:.3g}): {verdict_text(r)}.")

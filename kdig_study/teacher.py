@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from kdig_study.checkpoint import Resume, run_resume
+from kdig_study.checkpoint import Resume, run_resume, until_ended
 from kdig_study.config import StudyConfig
 from kdig_study.data import DataBundle
 from kdig_study.engine import (
@@ -106,28 +106,29 @@ def get_teacher(cfg: StudyConfig, data: DataBundle, device: torch.device,
             shutil.rmtree(path.parent, ignore_errors=True)
         resume = None if cfg.teacher.weights else run_resume(
             cfg.checkpoint, ["teacher", fp, device_kind(device)], log)
-        if resume is None:
-            model, meta = _load_given(cfg, data, device, model)
-        else:
-            try:
+        with until_ended(resume):  # until the trained teacher is cached
+            if cfg.teacher.weights:
+                model, meta = _load_given(cfg, data, device, model)
+            else:
                 model, meta = _train(cfg, data, device, progress, log, path, resume)
-            except Exception:  # failed: the run has ended (an interrupt keeps its checkpoint)
-                resume.remove()
-                raise
-        bad = non_finite(dict(model.state_dict()))
-        if bad:  # never cached: every later run would build maps and trials on it
-            raise KdigError(f"the teacher's training diverged: NaN or infinite weights in "
-                            f"{len(bad)} tensor(s) ({bad[0]}, ...); lower teacher_train.lr "
-                            f"or use teacher_train.precision = \"fp32\"")
-        meta |= {"fingerprint": fp, "model": dataclasses.asdict(cfg.teacher),
-                 "scale": cfg.scale, "params": count_params(model)}
-        save_checkpoint(path, {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        meta)
-        meta["sha256"] = file_sha256(path)
-        write_json(path.with_suffix(".json"), meta)
-        if resume is not None:
-            resume.remove()
-        return Teacher(model.to(device).eval(), fp, path, meta, trained_now=True)
+            return _cache(cfg, model, meta, fp, path, device)
+
+
+def _cache(cfg: StudyConfig, model: Net, meta: dict[str, Any], fp: str, path: Path,
+           device: torch.device) -> Teacher:
+    """Check a new teacher's weights and write it, with its checksummed record, to the cache."""
+    bad = non_finite(dict(model.state_dict()))
+    if bad:  # never cached: every later run would build maps and trials on it
+        raise KdigError(f"the teacher's training diverged: NaN or infinite weights in "
+                        f"{len(bad)} tensor(s) ({bad[0]}, ...); lower teacher_train.lr "
+                        f"or use teacher_train.precision = \"fp32\"")
+    meta |= {"fingerprint": fp, "model": dataclasses.asdict(cfg.teacher),
+             "scale": cfg.scale, "params": count_params(model)}
+    save_checkpoint(path, {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    meta)
+    meta["sha256"] = file_sha256(path)
+    write_json(path.with_suffix(".json"), meta)
+    return Teacher(model.to(device).eval(), fp, path, meta, trained_now=True)
 
 
 def _train(cfg: StudyConfig, data: DataBundle, device: torch.device, progress: bool,

@@ -200,3 +200,15 @@ def test_checkpoint_keys_are_validated_like_every_key() -> None:
     assert cfg.checkpoint.every_minutes == 5.0
     # not part of what a result depends on
     assert cfg.fingerprint() == load_study("kd_ig", "smoke").fingerprint()
+
+
+def test_a_teacher_trains_with_checkpoints_off(warm_cache: Path) -> None:
+    """With checkpoints off the teacher was taken for a given one (teacher.weights) and
+    refused: "teacher.weights = '': no such file"."""
+    cfg = load_study("kd_ig", "smoke", ["teacher_train.seed=12", "teacher_train.epochs=1",
+                                        "checkpoint.enabled=false"])
+    data = Context.create(cfg, progress=False).data
+    teacher = get_teacher(cfg, data, torch.device("cpu"), progress=False,
+                          log=lambda *a, **k: None)
+    assert teacher.trained_now and teacher.meta["best_epoch"] == 1
+    assert not _checkpoints(warm_cache)
