@@ -466,7 +466,11 @@ def seeds_plan(cfg: StudyConfig, options: _Options, url: str, pilot_sd: float | 
         from kdig_study.ablation import pilot_sd as measured_sd
         from kdig_study.store import open_storage
 
-        found = measured_sd(open_storage(url, existing=True), pair, a.metric)
+        try:
+            storage = open_storage(url, existing=True)
+        except KdigError:  # no store yet: nothing measured to plan from
+            storage = None
+        found = measured_sd(storage, pair, a.metric) if storage is not None else None
         if found is None:
             raise KdigError(f"--plan needs a pilot sd of {a.primary}: no ablation in {url} has "
                             f"2 or more replicates of both; give --pilot-sd POINTS, or run a "

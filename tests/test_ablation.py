@@ -475,6 +475,7 @@ def test_two_ablate_commands_on_one_study_never_add_an_unplanned_run(
 def test_the_analysis_is_declared_recorded_enforced_and_judges_every_row(
         tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
     args = ["--params", "fixed", "--seeds", "2", "--factors", "kd,ig", "--out", str(tmp_path)]
+    assert_one_line_error(_ablate(*args, "--plan"), "--plan needs a pilot sd", "--pilot-sd")
     bad = _ablate(*args, "--set", "analysis.primary=KD+AT - KD")
     assert_one_line_error(bad, "analysis.primary = 'KD+AT - KD'", "student, KD, IG, KD+IG")
     url = f"sqlite:///{isolated_storage}/kdig.db"
