@@ -120,8 +120,8 @@ def claim_and_run(study: optuna.Study, lock: SlotLock, decide: Callable[[], Next
     current: list[int] = []  # the number of the trial in flight
 
     def released_then_run(trial: optuna.Trial) -> float:
+        current[:] = [trial.number]  # before the release: see _claimed_by_us
         lock.release()  # the trial is RUNNING in the store: its slot is taken
-        current[:] = [trial.number]
         record_heartbeat(study, trial)
         value = objective(trial)
         if _failed(study, trial.number):
@@ -136,9 +136,19 @@ def claim_and_run(study: optuna.Study, lock: SlotLock, decide: Callable[[], Next
                 return True
             if step.action == "run":
                 current.clear()
+                running = _running(study)
                 try:
                     study.optimize(released_then_run, n_trials=1, callbacks=list(callbacks))
                 except KeyboardInterrupt:
+                    if not current and lock.held:
+                        # interrupted inside Optuna's ask, after it made (or took from the
+                        # queue) the trial RUNNING and before the objective began; only a
+                        # lock holder starts trials, so it is the new one
+                        current[:] = [n for n in _running(study) - running][:1]
+                    for number in set(current) & _running(study):
+                        # Optuna left it RUNNING (interrupted in ask or in its own tell), to
+                        # be failed only once its heartbeat went stale
+                        study.tell(number, state=TrialState.FAIL)
                     if current:
                         retry_interrupted(study, current[0])
                     raise
@@ -157,6 +167,10 @@ def claim_and_run(study: optuna.Study, lock: SlotLock, decide: Callable[[], Next
             said = line
         time.sleep(poll_s)
     return False
+
+
+def _running(study: optuna.Study) -> set[int]:
+    return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
 
 
 def _failed(study: optuna.Study, number: int) -> FrozenTrial | None:

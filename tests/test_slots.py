@@ -88,6 +88,35 @@ def test_an_interrupted_trial_fails_frees_the_lock_and_is_queued_again(store: An
     lock.release()
 
 
+class _InterruptedSampler(optuna.samplers.RandomSampler):
+    """Interrupts inside Optuna's ask, after the trial is RUNNING in the store and before
+    the objective begins (where a worker's parent-watch SIGTERM once landed in CI)."""
+
+    def before_trial(self, study: optuna.Study, trial: Any) -> None:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_an_interrupt_inside_ask_leaves_no_running_trial(store: Any, queued: bool) -> None:
+    """A trial interrupted between its creation (or its taking from the queue) and its
+    objective stayed RUNNING until its heartbeat went stale."""
+    study = optuna.create_study(study_name="a", storage=store, sampler=_InterruptedSampler())
+    if queued:
+        study.enqueue_trial({"x": 0.25})
+    lock = SlotLock(store, "a")
+
+    def objective(trial: optuna.Trial) -> float:
+        raise AssertionError("the interrupt comes first")
+
+    with pytest.raises(KeyboardInterrupt):
+        claim_and_run(study, lock, lambda: RUN, objective, poll_s=0.01)
+    assert not lock.held
+    failed, retry = study.get_trials()
+    assert (failed.state, retry.state) == (TrialState.FAIL, TrialState.WAITING)
+    assert retry.system_attrs["failed_trial"] == failed.number
+    assert retry.system_attrs.get("fixed_params") == failed.system_attrs.get("fixed_params")
+
+
 @pytest.mark.parametrize("where", ["report", "tell"])
 def test_a_trial_another_worker_failed_is_never_told_twice(store: Any, where: str) -> None:
     """Another process failed this worker's live trial (its heartbeat looked stale there):
