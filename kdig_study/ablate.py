@@ -16,7 +16,9 @@ Hyperparameters (--params), the design every table says it comes from:
   FILE.toml      every condition at a [params] table
 Replicate r trains at student_train.seed + 1000 + r: never a seed a search trial used.
 Runs live in the same store as the search, in the study `<search study>.ablation`; a
-re-run skips finished runs. Statistics (paired by replicate; primary comparison KD+IG - KD
+re-run skips finished runs. Each finished run is also written to the run ledger
+`<--out>/<study>.runs.json` (a few KB a run: commit it), and a store that lacks a ledger's
+runs (a fresh machine) takes them back, if the ablation and its teacher are the same. Statistics (paired by replicate; primary comparison KD+IG - KD
 on test accuracy; Holm-adjusted p-values; d_z; the minimum detectable difference) are
 printed and written as JSON and CSV.
 """
@@ -589,15 +591,38 @@ def _announce(setup: _Setup, name: str, url: str) -> None:
           f"{s.cfg.student_train.seed} + {ABLATION_SEED_OFFSET} + r)", flush=True)
 
 
+def _ledger(args: argparse.Namespace, setup: _Setup, study: optuna.Study,
+            ctx: Context) -> Callable[[], None]:
+    """Add back the runs the store lacks from the study's run ledger (first process only);
+    return what rewrites the ledger after each finished run."""
+    from kdig_study.ablation import planned_trials, run_of
+    from kdig_study.ledger import import_ledger, ledger_path, write_ledger
+
+    path = ledger_path(Path(args.out), study.study_name)
+    if args.worker_index is None:
+        added = import_ledger(path, study, lambda p: run_of(p, setup.sweep_key),
+                              lambda: ctx.teacher().meta.get("sha256"))
+        if added:
+            print(f"{added} finished run(s) taken from the run ledger {path} (this store "
+                  f"lacked them)", flush=True)
+
+    def write() -> None:
+        write_ledger(path, study, planned_trials(study.get_trials(deepcopy=False), setup.runs,
+                                                 setup.sweep_key))
+    return write
+
+
 def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: Any,
          ctx: Context) -> None:
-    """The planned runs: maps up front (first process), then here or in --workers processes."""
+    """The planned runs: maps up front (first process), then here or in --workers processes;
+    the run ledger is read first and rewritten after each finished run."""
     from kdig_study.ablation import AblationRunner
     from kdig_study.objectives import attach_gallery
     from kdig_study.stats import overlay_sources
     from kdig_study.store import artifact_store
 
     worker = args.worker_index
+    write_ledger = _ledger(args, setup, study, ctx)
     if worker is None:
         _maps_up_front(ctx, setup.params, setup.runs, setup.sweep_key)
         levels_on = overlay_sources(setup.design, setup.controls)
@@ -605,12 +630,15 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
             attach_gallery(study, artifact_store(), ctx.gallery(levels_on))
     if worker is None and args.workers > 1:
         spawn_workers("kdig_study.ablate", sys.argv[1:], args.workers)
-        return
-    prefix = f"[worker {worker}] " if worker is not None else ""
-    AblationRunner(ctx, study, setup.params, setup.design, setup.sweep_key, setup.fraction,
-                   poll_s=max(1.0, args.heartbeat / 2), storage=storage,
-                   controls=setup.controls).run(
-        setup.runs, log=lambda *a, **k: print(prefix + " ".join(map(str, a)), **k))
+    else:
+        prefix = f"[worker {worker}] " if worker is not None else ""
+        AblationRunner(ctx, study, setup.params, setup.design, setup.sweep_key,
+                       setup.fraction, poll_s=max(1.0, args.heartbeat / 2), storage=storage,
+                       controls=setup.controls).run(
+            setup.runs, log=lambda *a, **k: print(prefix + " ".join(map(str, a)), **k),
+            on_finished=write_ledger)
+    if worker is None:
+        write_ledger()  # also when every run was already finished, or taken from the ledger
 
 
 def analyse_group(table_of: Callable[[str], Table], design: dict[str, tuple[str | None, ...]],

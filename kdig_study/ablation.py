@@ -248,8 +248,10 @@ class AblationRunner:
             p[self.sweep_key] = trial.suggest_categorical(self.sweep_key, sweep_values)
         return p
 
-    def run(self, runs: list[Run], log: Any = print) -> None:
-        """Run whatever is not finished yet; return when every planned run is COMPLETE."""
+    def run(self, runs: list[Run], log: Any = print,
+            on_finished: Callable[[], None] | None = None) -> None:
+        """Run whatever is not finished yet; return when every planned run is COMPLETE.
+        ``on_finished``: called after each run this process finished."""
         sweep_values = sorted({r.sweep for r in runs if r.sweep is not None})
         planned = set(runs)
 
@@ -273,9 +275,13 @@ class AblationRunner:
             log(f"[{done + 1}/{len(runs)}] {r.label(self.sweep_key)}", flush=True)
             return RUN
 
+        def finished(study: optuna.Study, trial: FrozenTrial) -> None:
+            if trial.state == TrialState.COMPLETE and on_finished is not None:
+                on_finished()
+
         claim_and_run(self.study, self.lock, decide,
                       lambda trial: self._objective(trial, sweep_values, planned),
-                      self.poll_s, log=log)
+                      self.poll_s, log=log, callbacks=[finished])
 
     def _objective(self, trial: optuna.Trial, sweep_values: list[float],
                    planned: set[Run]) -> float:

@@ -111,9 +111,12 @@ def record_provenance(trial: optuna.Trial, ctx: Context, cfg: StudyConfig) -> No
     none (no KD, IG or AT); one that does loads it here, as its run would."""
     m = cfg.method
     uses_teacher = m.kd or m.ig or m.at
+    teacher = ctx.teacher() if uses_teacher else None
     trial.set_user_attr("provenance", {
         "data": ctx.data.fingerprint, "data_origin": ctx.data.origin,
-        "teacher": ctx.teacher().fingerprint if uses_teacher else None})
+        "teacher": teacher.fingerprint if teacher else None,
+        # its weights' checksum: a teacher trained again elsewhere must be the same file
+        "teacher_sha256": teacher.meta.get("sha256") if teacher else None})
 
 
 class Objective:

@@ -177,6 +177,31 @@ def test_smoke_ablation_end_to_end(tmp_path: Path, isolated_storage: Path, warm_
     assert_one_line_error(_ablate("--seeds", "3", "--params", "fixed", "--out", str(out),
                                   epochs=2),
                           "ran with another design", "--study-name")
+    _the_run_ledger_outlives_the_store(tmp_path, out, name, url, res)
+
+
+def _the_run_ledger_outlives_the_store(tmp_path: Path, out: Path, name: str, url: str,
+                                       res: dict) -> None:
+    """A study's runs, written to its ledger as they finish, come back into a fresh store
+    (another machine) without running again, and give the same results (refusals: in
+    test_ledger.py)."""
+    ledger_file = out / f"{name}.runs.json"
+    ledger = json.loads(ledger_file.read_text())
+    assert len(ledger["runs"]) == 8
+    shas = {r["user_attrs"]["provenance"]["teacher_sha256"] for r in ledger["runs"]
+            if r["params"]["kd"] or r["params"]["overlay"] != "none"}
+    assert len(shas) == 1 and len(shas.pop()) == 64
+    Path(url.removeprefix("sqlite:///")).unlink()  # the machine's store is gone
+    again = _ablate("--seeds", "2", "--params", _params_file(tmp_path), "--out", str(out),
+                    epochs=2)
+    assert again.returncode == 0, again.stderr
+    assert f"8 finished run(s) taken from the run ledger {ledger_file}" in again.stdout
+    assert not any(line.startswith("[") for line in again.stdout.splitlines())  # no run
+    res2 = json.loads((out / f"{name}.json").read_text())
+    assert res2["results"] == res["results"]
+    key = ("condition", "replicate", "test_acc", "robust_test_acc", "val_acc")
+    assert sorted(tuple(r[k] for k in key) for r in res2["runs"]) == \
+        sorted(tuple(r[k] for k in key) for r in res["runs"])
 
 
 @pytest.mark.slow  # a second end-to-end ablation, 8 conditions (about 8 s)

@@ -1,0 +1,116 @@
+"""An ablation's finished runs as a small JSON file beside its results (the run ledger), so
+that a study of many hours outlives the machine its store is on.
+
+``ablate`` rewrites ``<out>/<study>.runs.json`` after every finished run and, when it opens
+its study, adds back the ledger's runs the store lacks (a fresh machine, a deleted store) as
+COMPLETE trials with every attribute they had. The store stays the record; the ledger is its
+portable copy, small enough to commit (a few KB per run), unlike the database.
+
+A ledger is taken only by the same ablation: the same config, data, design, parameters,
+levels, sweep and declared analysis (its header), and runs whose teacher had the same
+weights, checked by their checksum (a teacher trained again on another machine must be the
+same file, or the runs learned from another teacher). Anything else is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+from filelock import FileLock
+from optuna.distributions import distribution_to_json, json_to_distribution
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from kdig_study.errors import KdigError
+from kdig_study.paths import safe_name, write_json
+
+VERSION = 1
+# What a ledger must share with the study it is added to (besides the ablation's identity).
+_IDENTITY = ("config_fingerprint", "data_fingerprint")
+
+
+def ledger_path(out_dir: Path, study_name: str) -> Path:
+    return out_dir / f"{safe_name(study_name)}.runs.json"
+
+
+def _header(study: optuna.Study) -> dict[str, Any]:
+    attrs = study.user_attrs
+    ablation = {k: v for k, v in attrs.get("ablation", {}).items()
+                if k not in ("seeds", "origin", "design_text", "search_study")}
+    return {k: attrs.get(k) for k in _IDENTITY} | {"ablation": ablation}
+
+
+def _run(t: FrozenTrial) -> dict[str, Any]:
+    return {"number": t.number, "params": t.params, "value": t.value,
+            "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
+            "user_attrs": {k: v for k, v in t.user_attrs.items() if k != "from_ledger"},
+            "fixed_params": t.system_attrs.get("fixed_params"),
+            "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
+            "start": t.datetime_start.isoformat() if t.datetime_start else None,
+            "complete": t.datetime_complete.isoformat() if t.datetime_complete else None}
+
+
+def write_ledger(path: Path, study: optuna.Study, complete: list[FrozenTrial]) -> None:
+    """The study's finished runs (``complete``: its planned COMPLETE trials), atomically,
+    under a lock so that workers never interleave."""
+    with FileLock(f"{path}.lock"):
+        write_json(path, {"version": VERSION, "study": study.study_name,
+                          "header": _header(study), "runs": [_run(t) for t in complete]})
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != VERSION or not isinstance(data.get("runs"), list):
+            raise ValueError(f"version {data.get('version')!r}")
+        return data
+    except (OSError, ValueError, AttributeError) as e:
+        raise KdigError(f"{path}: not a run ledger of ablate ({type(e).__name__}: {e}); move "
+                        f"it away to start without it") from None
+
+
+def _same_teacher(run: dict[str, Any], teacher_sha256: Any) -> bool:
+    recorded = run["user_attrs"].get("provenance", {})
+    if recorded.get("teacher") is None:  # a run without a teacher (the student alone)
+        return True
+    return recorded.get("teacher_sha256") == teacher_sha256()
+
+
+def import_ledger(path: Path, study: optuna.Study, run_key: Any, teacher_sha256: Any) -> int:
+    """Add the ledger's runs that ``study`` has no COMPLETE trial of; return how many.
+    ``run_key(params)``: a run's identity; ``teacher_sha256()``: the checksum of the teacher
+    this machine has (called only where a run used one)."""
+    if not path.is_file():
+        return 0
+    data = _read(path)
+    mine, theirs = _header(study), data.get("header", {})
+    if theirs != mine:
+        keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if "ablation" in keys:
+            a, b = mine.get("ablation", {}), theirs.get("ablation", {})
+            keys += sorted(f"ablation.{k}" for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise KdigError(f"{path}: its runs are of another ablation (differs in "
+                        f"{', '.join(keys)}); give this one its own --study-name or --out, or "
+                        f"run it as the ledger's was")
+    done = {run_key(t.params) for t in study.get_trials(deepcopy=False,
+                                                         states=(TrialState.COMPLETE,))}
+    missing = list({run_key(r["params"]): r for r in data["runs"]
+                    if run_key(r["params"]) not in done}.values())
+    for run in missing:  # every run checked before any is added
+        if not _same_teacher(run, teacher_sha256):
+            raise KdigError(f"{path}: run {run['params'].get('condition')} r"
+                            f"{run['params'].get('replicate')} learned from a teacher whose "
+                            f"weights differ from this machine's (checksum); its runs cannot "
+                            f"be pooled with runs made here: put the ledger's teacher in the "
+                            f"cache (KDIG_CACHE), or start with another --out")
+    for run in missing:
+        study.add_trial(create_trial(
+            state=TrialState.COMPLETE, value=run["value"], params=run["params"],
+            distributions={k: json_to_distribution(d)
+                           for k, d in run["distributions"].items()},
+            user_attrs=run["user_attrs"] | {"from_ledger": str(path)},
+            system_attrs={"fixed_params": run["fixed_params"]} if run["fixed_params"] else {},
+            intermediate_values={int(k): v for k, v in run["intermediate_values"].items()}))
+    return len(missing)

@@ -1,0 +1,141 @@
+"""The run ledger (kdig_study.ledger): an ablation's finished runs, written beside its
+results, taken back by a fresh store only where the ablation and its teacher are the same.
+End to end through `ablate`: tests/test_ablation.py::test_smoke_ablation_end_to_end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+
+from kdig_study.errors import KdigError
+from kdig_study.ledger import import_ledger, ledger_path, write_ledger
+
+SHA = "a" * 64
+ATTRS = {"config_fingerprint": "cfg1", "data_fingerprint": "data1",
+         "ablation": {"design": "fixed", "levels": {"kd": [None, "kd"]},
+                      "analysis": {"equivalence_margin": 0.4}, "seeds": {"0": 1000}}}
+
+
+def _study(tmp_path: Path, name: str, attrs: dict[str, Any] = ATTRS) -> optuna.Study:
+    study = optuna.create_study(study_name="s.ablation",
+                                storage=f"sqlite:///{tmp_path / name}.db")
+    for k, v in attrs.items():
+        study.set_user_attr(k, v)
+    return study
+
+
+def _add_run(study: optuna.Study, condition: str, replicate: int, value: float) -> None:
+    kd = int(condition != "student")
+    params = {"condition": condition, "replicate": replicate, "kd": kd}
+    study.add_trial(create_trial(
+        state=TrialState.COMPLETE, value=value, params=params,
+        distributions={"condition": CategoricalDistribution(["student", "KD"]),
+                       "replicate": IntDistribution(0, 1_000_000),
+                       "kd": CategoricalDistribution([0, 1])},
+        user_attrs={"test_acc": value - 0.01, "robust": {"jpeg": 0.4},
+                    "provenance": {"data": "data1", "teacher": "t1" if kd else None,
+                                   "teacher_sha256": SHA if kd else None}},
+        system_attrs={"fixed_params": params}, intermediate_values={1: value / 2, 2: value}))
+
+
+def _key(params: dict[str, Any]) -> tuple[str, int]:
+    return params["condition"], params["replicate"]
+
+
+def _written(tmp_path: Path) -> tuple[optuna.Study, Path]:
+    study = _study(tmp_path, "first")
+    for r in range(2):
+        _add_run(study, "student", r, 0.5 + r / 10)
+        _add_run(study, "KD", r, 0.6 + r / 10)
+    path = ledger_path(tmp_path / "out", study.study_name)
+    path.parent.mkdir()
+    write_ledger(path, study, study.get_trials())
+    return study, path
+
+
+def test_a_fresh_store_takes_back_every_run_once(tmp_path: Path) -> None:
+    first, path = _written(tmp_path)
+    assert path.name == "s.ablation.runs.json"
+    fresh = _study(tmp_path, "fresh")
+    _add_run(fresh, "KD", 1, 0.99)  # a run the fresh store already has stays its own
+    assert import_ledger(path, fresh, _key, lambda: SHA) == 3
+    assert import_ledger(path, fresh, _key, lambda: SHA) == 0
+    got = {_key(t.params): t for t in fresh.get_trials()}
+    assert got["KD", 1].value == 0.99 and len(got) == 4
+    for t in first.get_trials():
+        if _key(t.params) == ("KD", 1):
+            continue
+        back = got[_key(t.params)]
+        assert back.state == TrialState.COMPLETE and back.value == t.value
+        assert back.params == t.params and back.distributions == t.distributions
+        assert back.intermediate_values == t.intermediate_values
+        assert back.system_attrs["fixed_params"] == t.system_attrs["fixed_params"]
+        assert {k: v for k, v in back.user_attrs.items() if k != "from_ledger"} == t.user_attrs
+        assert back.user_attrs["from_ledger"] == str(path)
+    # a ledger written from the fresh store is the same runs, not marked as taken twice
+    write_ledger(path, fresh, fresh.get_trials())
+    assert all("from_ledger" not in r["user_attrs"]
+               for r in json.loads(path.read_text())["runs"])
+
+
+def test_a_missing_ledger_adds_nothing(tmp_path: Path) -> None:
+    assert import_ledger(tmp_path / "none.runs.json", _study(tmp_path, "x"), _key,
+                         lambda: SHA) == 0
+
+
+@pytest.mark.parametrize("attrs,fragment", [
+    (ATTRS | {"config_fingerprint": "cfg2"}, "config_fingerprint"),
+    (ATTRS | {"data_fingerprint": "data2"}, "data_fingerprint"),
+    (ATTRS | {"ablation": ATTRS["ablation"] | {"analysis": {"equivalence_margin": 0.3}}},
+     "ablation.analysis"),
+    (ATTRS | {"ablation": ATTRS["ablation"] | {"design": "best"}}, "ablation.design"),
+])
+def test_a_ledger_of_another_ablation_is_refused(tmp_path: Path, attrs: dict[str, Any],
+                                                 fragment: str) -> None:
+    _, path = _written(tmp_path)
+    other = _study(tmp_path, "other", attrs)
+    with pytest.raises(KdigError, match=f"{path}: its runs are of another ablation.*{fragment}"):
+        import_ledger(path, other, _key, lambda: SHA)
+    assert other.get_trials() == []
+
+
+def test_the_replicate_seeds_may_grow(tmp_path: Path) -> None:
+    """A study run again with more seeds records more of them: still the same ablation."""
+    _, path = _written(tmp_path)
+    more = ATTRS | {"ablation": ATTRS["ablation"] | {"seeds": {"0": 1000, "1": 1001}}}
+    assert import_ledger(path, _study(tmp_path, "more", more), _key, lambda: SHA) == 4
+
+
+def test_runs_of_other_teacher_weights_are_refused_before_any_is_added(tmp_path: Path) -> None:
+    _, path = _written(tmp_path)
+    fresh = _study(tmp_path, "fresh")
+    asked: list[int] = []
+
+    def other_teacher() -> str:
+        asked.append(1)
+        return "b" * 64
+
+    with pytest.raises(KdigError, match="learned from a teacher whose weights differ"):
+        import_ledger(path, fresh, _key, other_teacher)
+    assert fresh.get_trials() == []  # the student runs (no teacher) were not added either
+    # the student alone needs no teacher: a ledger of student runs never loads one
+    student = _study(tmp_path, "student")
+    only = tmp_path / "student.runs.json"
+    first = optuna.load_study(study_name="s.ablation", storage=f"sqlite:///{tmp_path}/first.db")
+    write_ledger(only, first, [t for t in first.get_trials() if t.params["kd"] == 0])
+    asked.clear()
+    assert import_ledger(only, student, _key, other_teacher) == 2 and asked == []
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"version": 99, "runs": []}', "[]"])
+def test_a_damaged_ledger_is_one_line(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "s.ablation.runs.json"
+    path.write_text(text)
+    with pytest.raises(KdigError, match="not a run ledger of ablate.*move it away"):
+        import_ledger(path, _study(tmp_path, "x"), _key, lambda: SHA)
