@@ -5,6 +5,7 @@
     python -m kdig_study.ablate --study kd_ig --factors kd,overlay=none|ig|shuffled|gradcam
     python -m kdig_study.ablate --study kd_ig --params fixed --controls shuffled,random,gradcam
     python -m kdig_study.ablate --study kd_ig --factors kd,ig,at --params best.toml
+    python -m kdig_study.ablate --study kd_ig --factors "kd=none|hinton|dkd|dist|lskd,ig"
     python -m kdig_study.ablate --study kd_ig --monte-carlo 5 --fraction 0.8
     python -m kdig_study.ablate --study kd_ig --sweep drop_blocks=3,5,7,9 --seeds 2
 
@@ -42,6 +43,7 @@ from kdig_study.cli import Parser, add_study_args, load_from_args, run, spawn_wo
 from kdig_study.config import (
     BINARY_FACTORS,
     FACTORS,
+    KD_METHODS,
     MAP_SOURCES,
     SWEEP_KEYS,
     SWEEP_NAMES,
@@ -82,8 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=10,
                    help="replicates per condition (default 10, the paper's count)")
     p.add_argument("--factors", default="kd,ig",
-                   help="comma list of kd, ig, at, and overlay=none|ig|SOURCE|... (map sources: "
-                        f"{', '.join(MAP_SOURCES)}); ig means overlay=none|ig")
+                   help="comma list of kd, ig, at, overlay=none|ig|SOURCE|... (map sources: "
+                        f"{', '.join(MAP_SOURCES)}) and kd=none|METHOD|... (KD methods: "
+                        f"{', '.join(KD_METHODS)}); ig means overlay=none|ig, kd the study "
+                        f"file's method")
     p.add_argument("--controls", default="",
                    help="comma list of map sources run with KD on only (KD+shuffled, ...), "
                         "beside the factorial design of --factors (which needs kd and ig), "
@@ -120,10 +124,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# The factors that take levels (--factors NAME=none|LEVEL|...): what a level is, and those allowed.
+_LEVELS = {"overlay": ("map source", MAP_SOURCES), "kd": ("KD method", KD_METHODS)}
+
+
 def parse_factors(text: str, cfg: StudyConfig) -> dict[str, tuple[str | None, ...]]:
-    """``kd,ig`` or ``kd,overlay=none|ig|shuffled`` -> the design (factor -> levels)."""
+    """``kd,ig``, ``kd,overlay=none|ig|shuffled`` or ``kd=none|hinton|dkd,ig`` -> the design
+    (factor -> levels)."""
     design: dict[str, tuple[str | None, ...]] = {}
-    allowed = f"allowed: {', '.join(FACTORS)}, overlay=none|ig|SOURCE|..."
+    allowed = f"allowed: {', '.join(FACTORS)}, overlay=none|ig|SOURCE|..., kd=none|METHOD|..."
     for item in (f.strip() for f in text.split(",")):
         if not item:
             continue
@@ -133,16 +142,16 @@ def parse_factors(text: str, cfg: StudyConfig) -> dict[str, tuple[str | None, ..
             raise KdigError(f"--factors {text}: {name!r} repeated (ig and overlay are one "
                             f"factor); {allowed}")
         if eq:
-            if name != "overlay":
-                raise KdigError(f"--factors {text}: only overlay takes levels; {allowed}")
+            if name not in _LEVELS:
+                raise KdigError(f"--factors {text}: only overlay and kd take levels; {allowed}")
+            what, choices = _LEVELS[name]
             lv = [x.strip() for x in levels.split("|")]
-            bad = [x for x in lv if x not in ("none", *MAP_SOURCES)]
+            bad = [x for x in lv if x not in ("none", *choices)]
             if bad or "none" not in lv or len(lv) < 2 or len(set(lv)) != len(lv):
-                raise KdigError(f"--factors {text}: overlay levels must be distinct, include "
-                                f"none and at least one map source "
-                                f"({', '.join(MAP_SOURCES)})"
+                raise KdigError(f"--factors {text}: {name} levels must be distinct, include "
+                                f"none and at least one {what} ({', '.join(choices)})"
                                 + (f"; unknown: {', '.join(repr(b) for b in bad)}" if bad else ""))
-            design["overlay"] = (None, *[x for x in lv if x != "none"])
+            design[key] = (None, *[x for x in lv if x != "none"])
         elif name in BINARY_FACTORS:
             design[key] = BINARY_FACTORS[name]
         else:

@@ -30,12 +30,14 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from kdig_study.config import (
+    KD_METHODS,
     MAP_SOURCES,
     SWEEP_KEYS,
     SWEEP_NAMES,
     AnalysisConfig,
     StudyConfig,
     apply_params,
+    kd_level,
     with_setting,
 )
 from kdig_study.corruptions import robust_key, robust_metric
@@ -161,8 +163,11 @@ class Run:
         return condition_name(self.condition)
 
     def params(self, sweep_key: str | None) -> dict[str, Any]:
+        kd = kd_level(self.condition)
         p: dict[str, Any] = {"condition": self.name, "replicate": self.replicate,
-                             "kd": int("kd" in self.condition), "at": int("at" in self.condition),
+                             # 0/1 for the plain kd factor; 0 or the method for kd=...
+                             "kd": kd if kd in KD_METHODS else int(kd is not None),
+                             "at": int("at" in self.condition),
                              "overlay": overlay_level(self.condition)}
         if sweep_key is not None:
             p[sweep_key] = self.sweep
@@ -175,7 +180,12 @@ class Run:
 
 def run_of(params: dict[str, Any], sweep_key: str | None) -> Run:
     """The planned run a trial's parameters describe."""
-    cond = {f for f in ("kd", "at") if params.get(f)}
+    kd = params.get("kd")
+    cond = {"at"} if params.get("at") else set()
+    if kd in KD_METHODS:
+        cond.add(str(kd))
+    elif kd:
+        cond.add("kd")
     if params.get("overlay", "none") != "none":
         cond.add(str(params["overlay"]))
     return Run(frozenset(cond), int(params["replicate"]),
@@ -194,8 +204,11 @@ def run_config(base: StudyConfig, params: Params, run: Run, sweep_key: str | Non
     """One run's config: the condition's parameters, its factors switched, its seed."""
     cfg = apply_params(base, params)
     level = overlay_level(run.condition)
-    method = dataclasses.replace(cfg.method, kd="kd" in run.condition, at="at" in run.condition,
+    kd = kd_level(run.condition)
+    method = dataclasses.replace(cfg.method, kd=kd is not None, at="at" in run.condition,
                                  ig=level != "none")
+    if kd in KD_METHODS:  # a level of kd=none|METHOD|...: that loss, its study-file settings
+        cfg = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, method=kd))
     ig = dataclasses.replace(cfg.ig, source=level if level != "none" else cfg.ig.source)
     train = dataclasses.replace(cfg.student_train,
                                 seed=ablation_seed(cfg.student_train.seed, run.replicate))
@@ -236,12 +249,14 @@ class AblationRunner:
         self._profiles: dict[str, dict[str, Any]] = {}
         self._names = [condition_name(c) for c in conditions(design, controls)]
         self._overlay = ["none", *overlay_sources(design, controls)]
+        methods = [str(k) for k in design.get("kd", (None, "kd"))[1:]]
+        self._kd: list[Any] = [0, 1] if methods == ["kd"] else [0, *methods]
 
     def _suggest(self, trial: optuna.Trial, sweep_values: list[float]) -> dict[str, Any]:
         """The trial's planned parameters (fixed by the queue), as trial parameters."""
         p = {"condition": trial.suggest_categorical("condition", self._names),
              "replicate": trial.suggest_int("replicate", 0, 1_000_000),
-             "kd": trial.suggest_categorical("kd", [0, 1]),
+             "kd": trial.suggest_categorical("kd", self._kd),
              "at": trial.suggest_categorical("at", [0, 1]),
              "overlay": trial.suggest_categorical("overlay", self._overlay)}
         if self.sweep_key is not None:

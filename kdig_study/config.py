@@ -123,15 +123,30 @@ class TrainConfig:
     ema: bool = False
     ema_start: float = _bounded(0.3, ge=0.0, le=1.0)
 
+KDMethod = Literal["hinton", "dkd", "dist", "lskd"]
+KD_METHODS: tuple[str, ...] = typing.get_args(KDMethod)
+# A KD method as a level of the ablation's kd factor (--factors kd=none|hinton|dkd), named
+# in conditions ("DKD+IG"); the plain kd level ("KD") is the study file's own method.
+KD_METHOD_NAMES: dict[str, str] = {"hinton": "Hinton", "dkd": "DKD", "dist": "DIST",
+                                   "lskd": "LSKD"}
+_NAMED = {"kd": "KD", "ig": "IG", "at": "AT"} | KD_METHOD_NAMES
+
+
+def kd_level(levels: Iterable[str]) -> str | None:
+    """A condition's level of the kd factor: "kd" (the study file's method), a KD method,
+    or None (no distillation)."""
+    return next((t for t in levels if t == "kd" or t in KD_METHODS), None)
+
 
 def condition_name(levels: Iterable[str]) -> str:
-    """The one name of a method condition, from its switched-on levels: KD, then the
-    overlay's map source(s), then AT, joined by '+'; kd, ig and at in capitals, other map
-    sources as named ("KD+shuffled"); "student" when none is on (the student alone)."""
+    """The one name of a method condition, from its switched-on levels: KD (or the KD
+    method), then the overlay's map source(s), then AT, joined by '+'; kd, ig and at in
+    capitals, KD methods by their names, other map sources as named ("KD+shuffled",
+    "DKD+IG"); "student" when none is on (the student alone)."""
     on = set(levels)
-    order = [t for t in ("kd",) if t in on] + sorted(on - {"kd", "at"}) + \
-        [t for t in ("at",) if t in on]
-    return "+".join(t.upper() if t in ("kd", "ig", "at") else t for t in order) or "student"
+    kd = kd_level(on)
+    order = ([kd] if kd else []) + sorted(on - {kd, "at"}) + [t for t in ("at",) if t in on]
+    return "+".join(_NAMED.get(t, t) for t in order) or "student"
 
 
 def method_name(method: MethodConfig | Mapping[str, Any]) -> str:
@@ -147,7 +162,6 @@ class MethodConfig:
     at: bool = False
 
 
-KDMethod = Literal["hinton", "dkd", "dist", "lskd"]
 
 
 @dataclass(frozen=True)
@@ -358,7 +372,7 @@ SEARCH_PARAMETERS: dict[str, SearchParam] = {
 }
 # search parameters whose choices are names, and the names allowed
 _NAMED_CHOICES = {"source": ("map sources", MAP_SOURCES),
-                  "kd_method": ("KD methods", typing.get_args(KDMethod))}
+                  "kd_method": ("KD methods", KD_METHODS)}
 SEARCH_PARAMS: tuple[str, ...] = tuple(SEARCH_PARAMETERS)
 
 # The ablation's factors (kdig_study.ablation, kdig_study.stats): the on/off ones --factors

@@ -80,7 +80,7 @@ def overlay_sources(design: Design, controls: Sequence[str] = ()) -> list[str]:
 def conditions(design: Design | Sequence[str], controls: Sequence[str] = ()) -> list[Condition]:
     """Every combination of levels, from none (the student) to all factors on, in a stable
     order: by how many factors are on, then by factor and level order; then each control
-    source with KD on."""
+    source with KD on (with each KD level, where the kd factor has several)."""
     d = design_of(design) if not isinstance(design, Mapping) else design
     factors = _factor_order(d)
     out = []
@@ -88,7 +88,9 @@ def conditions(design: Design | Sequence[str], controls: Sequence[str] = ()) -> 
         for subset in itertools.combinations(factors, r):
             for levels in itertools.product(*(d[f][1:] for f in subset)):
                 out.append(frozenset(str(x) for x in levels))
-    return out + [c for c in (frozenset({"kd", src}) for src in controls) if c not in out]
+    kd_levels = [str(k) for k in d.get("kd", (None, "kd"))[1:]]
+    return out + [c for c in (frozenset({k, src}) for k in kd_levels for src in controls)
+                  if c not in out]
 
 
 @dataclass(frozen=True)
@@ -317,8 +319,9 @@ def comparisons(table: Table, design: Design, controls: Sequence[str] = (),
                 judge: Judgement = Judgement(),
                 primary: tuple[Condition, Condition] | None = PRIMARY) -> list[Paired]:
     """Each condition against the student; the primary comparison (by default KD+IG - KD);
-    and for every other overlay level and control: against no overlay and against IG, at
-    each setting of the other factors."""
+    where the kd factor has several methods, each method against the first one and IG with
+    each method against that method alone; and for every other overlay level and control:
+    against no overlay and against IG, at each setting of the other factors."""
     conds = conditions(design, controls)
     student = frozenset()
     pairs: list[tuple[Condition, Condition]] = [(c, student) for c in conds if c != student]
@@ -326,6 +329,15 @@ def comparisons(table: Table, design: Design, controls: Sequence[str] = (),
         else None
     if primary_pair is not None and primary_pair not in pairs:
         pairs.append(primary_pair)
+    methods = [str(k) for k in design.get("kd", (None,))[1:]]
+    if len(methods) > 1:
+        first = methods[0]
+        for m in methods[1:]:  # which method distils best, with no overlay
+            pairs.append((frozenset({m}), frozenset({first})))
+        for m in methods:  # the overlay's effect with each method
+            pair = (frozenset({m, "ig"}), frozenset({m}))
+            if all(c in conds for c in pair) and pair not in pairs:
+                pairs.append(pair)
     for level in overlay_sources(design, controls):
         if level == "ig":
             continue

@@ -15,6 +15,7 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+from kdig_study.ablate import parse_factors
 from kdig_study.ablation import (
     Run,
     ablation_study_name,
@@ -226,6 +227,45 @@ def test_multi_level_overlay_ablation_through_the_cli(tmp_path: Path,
     assert sources["KD+IG"] == "ig" and sources["KD"] is None
 
 
+@pytest.mark.slow  # 8 conditions (about 10 s)
+def test_kd_methods_as_a_factor_through_the_cli(tmp_path: Path, isolated_storage: Path,
+                                                warm_cache: Path) -> None:
+    """--factors kd=none|hinton|dkd: each method crossed with the overlay and the controls,
+    each run training with its own loss, and the comparisons that ask which method is best
+    and what the overlay adds to each."""
+    proc = _ablate("--seeds", "1", "--factors", "kd=none|hinton|dkd,ig", "--controls",
+                   "shuffled", "--params", _params_file(tmp_path), "--out", str(tmp_path),
+                   "--set", "analysis.primary=DKD+IG - DKD", epochs=2)
+    assert proc.returncode == 0, proc.stderr
+    assert "8 runs (8 conditions x 1 replicates)" in proc.stdout
+    res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
+    assert res["factors"] == {"kd": ["none", "hinton", "dkd"], "overlay": ["none", "ig"]}
+    assert res["primary"] == "DKD+IG - DKD on test accuracy"
+    test = res["results"]["all"]["test_acc"]
+    assert [s["condition"] for s in test["summaries"]] == \
+        ["student", "Hinton", "DKD", "IG", "Hinton+IG", "DKD+IG", "Hinton+shuffled",
+         "DKD+shuffled"]
+    pairs = {c["name"]: c for c in test["comparisons"]}
+    assert {"DKD - Hinton", "Hinton+IG - Hinton", "DKD+IG - DKD", "DKD+shuffled - DKD+IG",
+            "Hinton+shuffled - Hinton"} <= set(pairs)
+    assert pairs["DKD+IG - DKD"]["primary"]
+    assert {e["name"] for e in test["effects"]} == \
+        {"Hinton", "DKD", "IG", "Hinton x IG", "DKD x IG"}
+    runs = {r["condition"]: r for r in res["runs"]}
+    assert {runs[c]["kd"] for c in runs} == {0, "hinton", "dkd"}
+    # the two methods are two losses: same seed, same data, same stream (bit-identical
+    # were the loss the same), other students
+    scores = [k for k in runs["DKD"] if k.endswith("_acc") or k.startswith("robust_test_")]
+    assert [runs["DKD"][k] for k in scores] != [runs["Hinton"][k] for k in scores]
+    # each run's config switches its method on (run_config; the runs above trained with it)
+    cfg = load_study("kd_ig", "smoke")
+    got = {r.name: (c.method.kd, c.kd.method) for r in plan(
+        parse_factors("kd=none|hinton|dkd,ig", cfg), [0], None, ("shuffled",))
+        for c in [run_config(cfg, {}, r, None)]}
+    assert got["student"][0] is False and got["IG"][0] is False
+    assert got["DKD+shuffled"] == got["DKD"] == (True, "dkd") and got["Hinton+IG"] == (True, "hinton")
+
+
 @pytest.mark.slow
 def test_controls_run_with_kd_only_through_the_cli(tmp_path: Path,
                                                    isolated_storage: Path, warm_cache: Path) -> None:
@@ -310,6 +350,11 @@ def test_any_study_key_sweeps_with_the_controls_at_every_level(
     ("factors", "ig,overlay=none|ig", ["repeated"]),
     ("factors", "kd,overlay=ig|shuffled", ["include none"]),
     ("factors", "kd,overlay=none|lime", ["unknown: 'lime'", "gradcam"]),
+    ("factors", "kd=none|hinton|fitnet,ig", ["kd levels", "unknown: 'fitnet'", "dkd, dist"]),
+    ("factors", "kd=hinton|dkd,ig", ["kd levels", "include none"]),
+    ("factors", "kd=none|dkd|dkd", ["kd levels must be distinct"]),
+    ("factors", "kd,kd=none|dkd", ["'kd' repeated"]),
+    ("factors", "at=none|at", ["only overlay and kd take levels"]),
     ("sweep", "depth=3", ["--sweep depth=3", "one of drop_blocks, width"]),
     ("sweep", "width=-0.5", ["--sweep width=-0.5", "> 0"]),
     ("sweep", "width=0", ["--sweep width=0", "> 0"]),
