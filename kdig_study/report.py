@@ -212,6 +212,36 @@ def _ablation(page: Page, ab: rd.Ablation | None) -> None:
         page.figure("ablation", f"ablation-diff-{metric}", rf.comparison_figure(a, label))
         if metric == "robust_test_acc" and ab.by_family is not None:
             _families(page, ab.by_family)
+    _kd_methods(page, ab)
+
+
+def _kd_methods(page: Page, ab: rd.Ablation) -> None:
+    """The KD methods compared (a kd factor of several levels), clean and robust, with the
+    overlay's effect with each."""
+    from kdig_study import report_data as rd
+    from kdig_study import report_figures as rf
+    from kdig_study.stats import verdict_text
+
+    rows = rd.kd_methods_data(ab)
+    if not rows:
+        return
+
+    def diff(r: dict[str, Any] | None) -> str:
+        return "n/a" if r is None else f"{_signed(r['mean'])} ({_e(verdict_text(r))})"
+
+    first = rows[0]["name"]
+    page.add("ablation", "<h3>KD methods</h3>")
+    page.add("ablation", _table(
+        ["method", "test acc.", f"vs {_e(first)}", "+ IG overlay: test acc.",
+         "IG's effect (paired)", "under corruptions", "+ IG", "IG's effect (paired)"],
+        [[_e(r["name"]), _pct(r["test_acc"]), diff(r["vs_first"]["test_acc"])
+          if r["name"] != first else "", _pct(r["test_acc_ig"]), diff(r["ig"]["test_acc"]),
+          _pct(r["robust_test_acc"]), _pct(r["robust_test_acc_ig"]),
+          diff(r["ig"]["robust_test_acc"])] for r in rows]))
+    page.add("ablation", "<p class='note'>Every method at the ablation's parameters (the "
+                         "design above); differences are paired by replicate, Holm-adjusted "
+                         "with the ablation's other rows, verdicts as in the tables above.</p>")
+    page.figure("ablation", "kd-methods", rf.kd_methods_figure(rows))
 
 
 def _families(page: Page, split: dict[str, Any]) -> None:
@@ -426,8 +456,9 @@ def render(page: Page) -> str:
             f"<h1>{_e(page.title)}</h1>{page.intro}<nav>{nav}</nav>{body}</body></html>")
 
 
-def build(storage: Any, url: str, name: str) -> Page:
-    """Everything in the report for the search study ``name``."""
+def build(storage: Any, url: str, name: str, ablations: tuple[str, ...] = ()) -> Page:
+    """Everything in the report for the search study ``name`` (and the further ablation
+    studies ``ablations``, by name)."""
     import optuna
 
     from kdig_study import report_data as rd
@@ -452,6 +483,12 @@ def build(storage: Any, url: str, name: str) -> Page:
     _search(page, study)
     ab = rd.ablation_data(storage, name)
     _ablation(page, ab)
+    for other in ablations:
+        more = rd.ablation_data(storage, name, study_name=other)
+        if more is None:
+            raise KdigError(f"--ablation {other}: no ablation study of that name with "
+                            f"finished runs in {url}")
+        _ablation(page, more)
     _dose_response(page, rd.dose_response_data(storage, name))
     _compression(page, rd.sweep_data(storage, name), s.teacher)
     _robustness(page, rd.robustness_data(storage, name, study), rd.pareto_data(study))
@@ -478,6 +515,9 @@ def main() -> int:
     p.add_argument("--study-name", default=None, help="default: <study>-<scale>")
     p.add_argument("--storage", default=None, help="default: sqlite:///storage/kdig.db")
     p.add_argument("--out", default="reports", help="output folder")
+    p.add_argument("--ablation", action="append", default=[], metavar="STUDY",
+                   help="a further ablation study to show (e.g. one run with --study-name); "
+                        "repeatable")
     p.add_argument("--no-dashboard", action="store_true",
                    help="do not push the figures to optuna-dashboard")
     args = p.parse_args()
@@ -494,7 +534,7 @@ def main() -> int:
     storage = open_storage(url, read_only=args.no_dashboard and url.startswith("sqlite"),
                            existing=True)
     name = args.study_name or f"{Path(args.study).stem}-{scale}"
-    page = build(storage, url, name)
+    page = build(storage, url, name, tuple(args.ablation))
     out = Path(args.out) / f"{safe_name(name)}.html"
     text = render(page)
     atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -219,9 +219,10 @@ def _recorded(study: optuna.Study) -> tuple[dict[str, Any], dict[str, list[str]]
 
 
 def ablation_data(storage: Any, search_name: str,
-                  metrics: tuple[str, ...] = ("test_acc", "robust_test_acc", "val_acc")
-                  ) -> Ablation | None:
-    study = _load(storage, ablation_study_name(search_name))
+                  metrics: tuple[str, ...] = ("test_acc", "robust_test_acc", "val_acc"),
+                  study_name: str | None = None) -> Ablation | None:
+    """The ablation of the search ``search_name`` (or the ablation study ``study_name``)."""
+    study = _load(storage, study_name or ablation_study_name(search_name))
     if study is None:
         return None
     trials = planned_trials(study.get_trials(deepcopy=False), None)
@@ -370,3 +371,36 @@ def pareto_data(study: optuna.Study) -> dict[str, list[Any]] | None:
     return {"number": [t.number for t in done], "val": [t.values[0] for t in done],
             "robust_val": [t.values[1] for t in done],
             "front": [t.number in front for t in done]}
+
+
+def kd_methods_data(ab: Ablation) -> list[dict[str, Any]]:
+    """Where the ablation's kd factor has several methods: per method, its mean clean and
+    robust accuracy, the overlay's paired effect with it (METHOD+IG - METHOD) and its
+    difference from the first method, each with its verdict, from the ablation's analysis."""
+    methods = [m for m in ab.factors.get("kd", []) if m != "none"]
+    if len(methods) < 2:
+        return []
+
+    def row(metric: str, name: str) -> dict[str, Any] | None:
+        a = ab.analysis.get(metric, {})
+        return next((r for r in a.get("comparisons", []) if r["name"] == name), None)
+
+    def mean(metric: str, cond: str) -> float | None:
+        a = ab.analysis.get(metric, {})
+        s = next((s for s in a.get("summaries", []) if s["condition"] == cond), None)
+        return s["mean"] if s and s["n"] else None
+
+    out = []
+    for m in methods:
+        name = condition_name([m])
+        with_ig = condition_name([m, "ig"])
+        out.append({"method": m, "name": name,
+                    **{f"{metric}": mean(metric, name) for metric in ("test_acc",
+                                                                     "robust_test_acc")},
+                    **{f"{metric}_ig": mean(metric, with_ig) for metric in ("test_acc",
+                                                                           "robust_test_acc")},
+                    "ig": {metric: row(metric, f"{with_ig} - {name}")
+                           for metric in ("test_acc", "robust_test_acc")},
+                    "vs_first": {metric: row(metric, f"{name} - {condition_name([methods[0]])}")
+                                 for metric in ("test_acc", "robust_test_acc")}})
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+from typing import Any
 
 import plotly.colors as pcolors
 import plotly.graph_objects as go
@@ -111,6 +112,19 @@ def ablation_figure(ab: Ablation, metric: str, label: str) -> go.Figure:
         fig.update_yaxes(range=[min(lows) - 3 * pad, max(highs) + pad])
     return fig.update_layout(title=f"Ablation: {label} (mean +- sd, points: seeds)",
                              yaxis_title=f"{label}, %", **_LAYOUT)
+
+
+def kd_methods_figure(rows: list[dict[str, Any]]) -> go.Figure:
+    """Each KD method's mean test accuracy alone and with the IG overlay, clean and under
+    corruptions (report_data.kd_methods_data)."""
+    names = [r["name"] for r in rows]
+    fig = go.Figure()
+    for key, label in (("test_acc", "clean"), ("test_acc_ig", "clean, + IG"),
+                       ("robust_test_acc", "corrupted"), ("robust_test_acc_ig", "corrupted, + IG")):
+        fig.add_trace(go.Bar(x=names, y=[None if r[key] is None else 100 * r[key] for r in rows],
+                             name=label))
+    return fig.update_layout(title="KD methods, alone and with the IG overlay (means)",
+                             barmode="group", yaxis_title="test accuracy, %", **_LAYOUT)
 
 
 def comparison_figure(analysis: dict, label: str) -> go.Figure:

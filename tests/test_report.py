@@ -380,3 +380,52 @@ def test_a_dose_response_sweep_gets_its_table_and_figure(url: str) -> None:
     html = render(build(storage_of(study), url, "kd_ig-cpu"))
     ablation = html.split("<section id='ablation'>")[1].split("</section>")[0]
     assert f"Dose-response: {key}" in ablation and "<td>0.75</td>" in ablation
+
+
+def test_a_kd_methods_ablation_gets_its_section_through_the_cli(url: str, tmp_path: Path
+                                                                ) -> None:
+    """An ablation of kd=none|hinton|dkd, ig under its own name (--study-name), shown with
+    --ablation: each method's accuracy, its difference from the first and IG's effect."""
+    study = _search_study(url)
+    name = "kd_ig-cpu.kd-methods"
+    ab = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    ab.set_user_attr("ablation", {"levels": {"kd": ["none", "hinton", "dkd"],
+                                             "overlay": ["none", "ig"]},
+                                  "analysis": {"equivalence_margin": 0.4}})
+    conds = {"student": (0, "none"), "Hinton": ("hinton", "none"), "DKD": ("dkd", "none"),
+             "IG": (0, "ig"), "Hinton+IG": ("hinton", "ig"), "DKD+IG": ("dkd", "ig")}
+    dists = {"condition": CategoricalDistribution(list(conds)),
+             "replicate": IntDistribution(0, 9),
+             "kd": CategoricalDistribution([0, "hinton", "dkd"]),
+             "at": CategoricalDistribution([0, 1]),
+             "overlay": CategoricalDistribution(["none", "ig"])}
+    # DKD 2 points above Hinton; the overlay costs Hinton 1 point and DKD nothing
+    base = {"student": 0.70, "Hinton": 0.72, "DKD": 0.74, "IG": 0.69, "Hinton+IG": 0.71,
+            "DKD+IG": 0.74}
+    for cond, (kd, overlay) in conds.items():
+        for seed in range(3):
+            acc = base[cond] + 0.01 * seed + (0.002 * seed if cond == "DKD" else 0)
+            ab.add_trial(create_trial(
+                params={"condition": cond, "replicate": seed, "kd": kd, "at": 0,
+                        "overlay": overlay}, distributions=dists, value=acc,
+                user_attrs={"test_acc": acc, "metrics": _metrics(acc),
+                            "robust": _robust(acc)}))
+    data = rd.ablation_data(storage_of(study), "kd_ig-cpu", study_name=name)
+    rows = {r["name"]: r for r in rd.kd_methods_data(data)}
+    assert list(rows) == ["Hinton", "DKD"]
+    assert rows["DKD"]["test_acc"] == pytest.approx(0.752)
+    assert rows["DKD"]["vs_first"]["test_acc"]["mean"] == pytest.approx(0.022)
+    assert rows["Hinton"]["ig"]["test_acc"]["mean"] == pytest.approx(-0.01)
+    assert rows["Hinton"]["vs_first"]["test_acc"] is None
+    _ablation_study(url)  # the plain kd factor: no section of its own
+    assert rd.kd_methods_data(rd.ablation_data(storage_of(study), "kd_ig-cpu")) == []
+    proc = run_cli("report", "--study", "kd_ig", "--scale", "cpu", "--storage", url,
+                   "--out", str(tmp_path), "--no-dashboard", "--ablation", name)
+    assert proc.returncode == 0, proc.stderr
+    html = (tmp_path / "kd_ig-cpu.html").read_text()
+    section = html.split("<section id='ablation'>")[1].split("</section>")[0]
+    assert "<h3>KD methods</h3>" in section and f"<code>{name}</code>" in section
+    assert "+2.20 pt" in section and "-1.00 pt" in section
+    bad = run_cli("report", "--study", "kd_ig", "--scale", "cpu", "--storage", url,
+                  "--out", str(tmp_path), "--no-dashboard", "--ablation", "nope")
+    assert_one_line_error(bad, "--ablation nope", "no ablation study")
