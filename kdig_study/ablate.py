@@ -11,8 +11,10 @@
 
 Hyperparameters (--params), the design every table says it comes from:
   best           every condition at the best trial of the KD+IG search (tuned for KD+IG only)
-  per-condition  each condition at the best trial of its own search (studies student, kd,
-                 ig, kd_ig at this scale, searched with the same budget)
+  per-condition  each condition at the best trial of its own search, same budget: the
+                 studies student, kd, ig, kd_ig at this scale, and for any other condition
+                 (a KD method, a control) the study file's search with that condition's
+                 settings, run here first (study `<search study>.tune-<condition>`)
   fixed          every condition at the study file's own settings (no condition tuned)
   FILE.toml      every condition at a [params] table
 Replicate r trains at student_train.seed + 1000 + r: never a seed a search trial used.
@@ -51,6 +53,7 @@ from kdig_study.config import (
     apply_params,
     condition_name,
     condition_study,
+    kd_level,
     load_params,
     param_values,
     with_setting,
@@ -238,8 +241,11 @@ def _best(storage: Any, name: str, url: str, cfg: StudyConfig, study_file: str
 
 
 def condition_params(args: argparse.Namespace, storage: Any, url: str, cfg: StudyConfig,
-                     names: list[str]) -> tuple[str, dict[str, Params], dict[str, Any]]:
-    """(design, parameters per condition, where each came from)."""
+                     conds: dict[str, frozenset[str]]
+                     ) -> tuple[str, dict[str, Params], dict[str, Any]]:
+    """(design, parameters per condition, where each came from); ``conds``: the
+    conditions by name."""
+    names = list(conds)
     search_name = args.from_study or f"{cfg.name}-{cfg.scale}"
     if args.params == "best":
         params, origin = _best(storage, search_name, url, cfg, cfg.name)
@@ -247,20 +253,81 @@ def condition_params(args: argparse.Namespace, storage: Any, url: str, cfg: Stud
     if args.params == "fixed":
         return "fixed", {n: {} for n in names}, {n: {"study file": cfg.source} for n in names}
     if args.params == "per-condition":
-        studies = {n: condition_study(n) for n in names}
-        missing = [n for n, s in studies.items() if s is None]
-        if missing:
-            raise KdigError(f"--params per-condition: no search study for condition(s) "
-                            f"{', '.join(missing)} (a study file named after the condition, e.g. "
-                            f"studies/kd_ig.toml for KD+IG) "
-                            f"(factors kd,ig); use --params best, fixed or FILE.toml")
         out, origin = {}, {}
         for n in names:
-            out[n], origin[n] = _best(storage, f"{studies[n]}-{cfg.scale}", url, cfg,
-                                      str(studies[n]))
+            study_file = condition_study(n)
+            if study_file is not None:  # its own study file (student, kd, ig, kd_ig)
+                out[n], origin[n] = _best(storage, f"{study_file}-{cfg.scale}", url, cfg,
+                                          study_file)
+            else:  # any other condition: the study file's search, run for it here
+                tuned = tune_study_name(search_name, n)
+                tune_condition(args, cfg, n, conds[n], tuned, storage, url)
+                out[n], origin[n] = _best(storage, tuned, url, cfg, cfg.name)
+                origin[n]["settings"] = condition_settings(cfg, conds[n])
         return "per-condition", out, origin
     params = load_params(args.params)
     return "file", {n: dict(params) for n in names}, {n: {"file": args.params} for n in names}
+
+
+def tune_study_name(search_name: str, condition: str) -> str:
+    """The search that tunes ``condition`` for --params per-condition, where no study file
+    is named after it: ``kd_ig-cpu.tune-DKD+shuffled``."""
+    return f"{search_name}.tune-{condition}"
+
+
+def condition_settings(cfg: StudyConfig, cond: frozenset[str]) -> list[str]:
+    """The --set items that make the study file's search one of ``cond``: its switches, its
+    KD method and map source, and those held out of the search (the condition fixes them)."""
+    from kdig_study.ablation import overlay_level
+
+    kd = kd_level(cond)
+    source = overlay_level(cond)
+    out = [f"method.kd={str(kd is not None).lower()}",
+           f"method.ig={str(source != 'none').lower()}",
+           f"method.at={str('at' in cond).lower()}"]
+    hold = list(cfg.search.hold)
+    if kd in KD_METHODS:
+        out.append(f"kd.method={json.dumps(kd)}")
+        hold.append("kd_method")
+    if source != "none":
+        out.append(f"ig.source={json.dumps(source)}")
+        hold.append("source")
+    return out + [f"search.hold={json.dumps(sorted(set(hold)))}"]
+
+
+def tune_condition(args: argparse.Namespace, cfg: StudyConfig, name: str,
+                   cond: frozenset[str], tuned: str, storage: Any, url: str) -> None:
+    """Run (or top up) the search that tunes condition ``name``: the study file's own search
+    (its trial budget, sampler and seed, like every condition's) with the condition's
+    settings, as `optimize` in a child process (its progress, resume and signals)."""
+    import subprocess
+
+    import optuna
+
+    from kdig_study.search import finished_trials
+
+    try:
+        if finished_trials(optuna.load_study(study_name=tuned, storage=storage)) >= \
+                cfg.search.n_trials:
+            return
+    except KeyError:  # not begun yet
+        pass
+    cmd = [sys.executable, "-m", "kdig_study.optimize", "--study", args.study, "--scale",
+           cfg.scale, "--study-name", tuned, "--storage", url, "--device", args.device]
+    for item in [*args.overrides, *condition_settings(cfg, cond)]:
+        cmd += ["--set", item]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    if args.no_progress:
+        cmd.append("--no-progress")
+    if getattr(args, "no_teacher_cache", False):
+        cmd.append("--no-teacher-cache")
+    print(f"tuning {name} ({cfg.search.n_trials} trials, the study file's search with "
+          f"{' '.join(condition_settings(cfg, cond))}): study '{tuned}'", flush=True)
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise KdigError(f"--params per-condition: the search tuning {name} (study '{tuned}') "
+                        f"stopped with exit status {code}; run the command again to resume it")
 
 
 def search_seeds(storage: Any, names: list[str]) -> dict[int, set[str]]:
@@ -513,12 +580,14 @@ def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, 
 
     design, controls, sweep_key, sweep_values = options
     search_name = args.from_study or f"{cfg.name}-{cfg.scale}"
-    names = [condition_name(c) for c in conditions(design, controls)]
-    mode, params, origin = condition_params(args, storage, url, cfg, names)
+    conds = {condition_name(c): c for c in conditions(design, controls)}
+    names = list(conds)
+    mode, params, origin = condition_params(args, storage, url, cfg, conds)
     replicates = args.monte_carlo or args.seeds
     seeds = {r: ablation_seed(cfg.student_train.seed, r) for r in range(replicates)}
-    searches = [search_name] + [f"{s}-{cfg.scale}" for s in map(condition_study, names)
-                                if s is not None]
+    searches = [search_name] + [f"{s}-{cfg.scale}" if s is not None
+                                else tune_study_name(search_name, n)
+                                for n, s in zip(names, map(condition_study, names), strict=True)]
     used = search_seeds(storage, sorted(set(searches)))
     clash = sorted(set(seeds.values()) & set(used))
     if clash:

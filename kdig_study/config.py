@@ -337,6 +337,10 @@ class SearchConfig:
     # ["val_acc"], or ["val_acc", "robust_val_acc"] for a multi-objective study
     objectives: tuple[str, ...] = ("val_acc",)
     space: dict[str, ParamSpec] = field(default_factory=dict)
+    # parameters of the space held at the study's own settings, not searched: what an
+    # ablation's per-condition tuning sets for the factors a condition fixes (its KD
+    # method, its map source)
+    hold: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -477,8 +481,13 @@ _NOT_IDENTITY = ("source", "description", "expected", "measure", "teacher_cache"
 _NOT_IDENTITY_KEYS = {"data": ("path",), "search": ("n_trials", "timeout")}
 
 
-_KD_DEFAULTS = {"method": "hinton", "ce_weight": -1.0, "kd_weight": -1.0, "dkd_alpha": 1.0,
-                "dkd_beta": 8.0, "dkd_warmup": 20, "dist_beta": 1.0, "dist_gamma": 1.0}
+# Keys added after studies were made, per section, with their defaults: at their defaults
+# they are what those studies ran, so they are left out of the identity and those studies
+# keep theirs.
+_LATER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "kd": {"method": "hinton", "ce_weight": -1.0, "kd_weight": -1.0, "dkd_alpha": 1.0,
+           "dkd_beta": 8.0, "dkd_warmup": 20, "dist_beta": 1.0, "dist_gamma": 1.0},
+    "search": {"hold": []}}
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -491,12 +500,11 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     for section, keys in _NOT_IDENTITY_KEYS.items():
         for k in keys:
             d.get(section, {}).pop(k, None)
-    # keys added after studies were made: at their defaults they are what those studies
-    # ran, so they are left out and those studies keep their identity
-    kd = d.get("kd", {})
-    for k, default in _KD_DEFAULTS.items():
-        if k in kd and kd[k] == default:
-            kd.pop(k)
+    for section, defaults in _LATER_DEFAULTS.items():
+        part = d.get(section, {})
+        for k, default in defaults.items():
+            if k in part and part[k] == default:
+                part.pop(k)
     return d
 
 
@@ -738,6 +746,10 @@ def _check_study(cfg: StudyConfig) -> None:
             len(set(objectives)) != len(objectives) or objectives[0] != "val_acc":
         raise KdigError(f"{src}: search.objectives = {list(objectives)}; allowed: "
                         f"[\"val_acc\"] or [\"val_acc\", \"robust_val_acc\"]")
+    bad_hold = [h for h in cfg.search.hold if h not in SEARCH_PARAMETERS]
+    if bad_hold:
+        raise KdigError(f"{src}: search.hold: unknown search parameter(s) "
+                        f"{', '.join(map(repr, bad_hold))}; allowed: {', '.join(SEARCH_PARAMS)}")
     if "robust_val_acc" in objectives and not r.enabled:
         raise KdigError(f"{src}: search.objectives has robust_val_acc but robustness.enabled "
                         f"= false; allowed: enable the corruption suite")
@@ -880,7 +892,7 @@ def relevant_space(cfg: StudyConfig) -> dict[str, ParamSpec]:
     """The search parameters that matter for the study's method switches, for any KD method
     the space may choose; ``kd_method`` first, as a trial suggests its conditional
     parameters after it (see :func:`used_by`)."""
-    space = cfg.search.space
+    space = {k: v for k, v in cfg.search.space.items() if k not in cfg.search.hold}
     variants = [cfg]
     if "kd_method" in space and SEARCH_PARAMETERS["kd_method"].used(cfg):
         variants = [apply_params(cfg, {"kd_method": m}) for m in space["kd_method"].choices]

@@ -235,7 +235,13 @@ def main() -> int:
     from kdig_study.experiment import Context
     from kdig_study.measure import default_threads
     from kdig_study.objectives import Objective
-    from kdig_study.search import describe_pruner, make_pruner, make_sampler, run_worker
+    from kdig_study.search import (
+        describe_pruner,
+        finished_trials,
+        make_pruner,
+        make_sampler,
+        run_worker,
+    )
     from kdig_study.slots import SlotLock
     from kdig_study.store import (
         artifact_store,
@@ -277,7 +283,7 @@ def main() -> int:
         print(f"enqueued the study file's settings as a trial: {formats.params(fixed)}",
               flush=True)
     if worker is None:
-        finished = _finished(study)
+        finished = finished_trials(study)
         print(banner(cfg, n_trials, max(0, n_trials - finished), cached_parts(ctx)), flush=True)
         if multi:
             print(f"multi-objective study ({', '.join(cfg.search.objectives)}): Optuna does not "
@@ -317,18 +323,13 @@ def main() -> int:
     return 0
 
 
-def _finished(study: optuna.Study) -> int:
-    from optuna.trial import TrialState
-
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-               for t in study.get_trials(deepcopy=False))
-
-
 def _after_search(study: optuna.Study, ctx: Context, n_trials: int, url: str,
                   finished_before: int) -> None:
     """Latency is measured again only when this command finished trials (or none is
     recorded): a resume with nothing left to run changes nothing and measures nothing."""
-    if _finished(study) > finished_before or "latency" not in study.user_attrs:
+    from kdig_study.search import finished_trials
+
+    if finished_trials(study) > finished_before or "latency" not in study.user_attrs:
         record_latency(study, ctx)
     _summary(study, n_trials, url)
 

@@ -60,8 +60,7 @@ def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
 
 def _trial_line(study: optuna.Study, n_trials: int, prefix: str) -> Any:
     def callback(_: optuna.Study, trial: FrozenTrial) -> None:
-        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                   for t in study.get_trials(deepcopy=False))
+        done = finished_trials(study)
         if trial.state == TrialState.COMPLETE:
             val = trial.values[0]
         else:
@@ -101,3 +100,9 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
     if not claim_and_run(study, lock, decide, objective, poll_s, timeout=timeout,
                          callbacks=[_trial_line(study, n_trials, prefix)]):
         print(f"{prefix}--timeout reached: no new trials started", flush=True)
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """COMPLETE and PRUNED trials: what counts towards a search's trial budget."""
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               for t in study.get_trials(deepcopy=False))

@@ -441,6 +441,50 @@ def test_per_condition_design_takes_each_conditions_own_search(tmp_path: Path,
     assert (p["IG"]["overlay_prob"], p["IG"]["temperature"]) == (0.25, cfg.kd.temperature)
 
 
+@pytest.mark.slow  # two searches of 2 trials and 4 runs (about 30 s)
+def test_per_condition_tunes_any_condition_with_the_same_search(
+        tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
+    """A condition with no study file of its own (a KD method, a control) is tuned by the
+    study file's search with that condition's settings, its fixed factors held out of the
+    space, the same budget and seed; a re-run takes the finished search."""
+    url = f"sqlite:///{isolated_storage}/kdig.db"
+    isolated_storage.mkdir(parents=True, exist_ok=True)
+    _search_study(url, "student-smoke", {"lr": 0.002}, 0.5)
+    _search_study(url, "ig-smoke", {"overlay_strength": 0.3, "overlay_prob": 0.25,
+                                    "ig_steps": 8}, 0.5)
+    # the space also holds the KD method and the map source: a condition fixes both
+    args = ("--seeds", "1", "--factors", "kd=none|dkd,ig", "--controls", "shuffled",
+            "--params", "per-condition", "--out", str(tmp_path), "--set", "search.n_trials=2",
+            "--set", 'search.space.source={choices = ["ig", "random"]}',
+            "--set", 'search.space.kd_method={choices = ["hinton", "dkd"]}')
+    proc = _ablate(*args)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
+    assert {n: o["study"] for n, o in res["origin"].items()} == {
+        "student": "student-smoke", "IG": "ig-smoke", "DKD": "kd_ig-smoke.tune-DKD",
+        "DKD+IG": "kd_ig-smoke.tune-DKD+IG", "DKD+shuffled": "kd_ig-smoke.tune-DKD+shuffled"}
+    for n in ("DKD", "DKD+IG", "DKD+shuffled"):
+        study = optuna.load_study(study_name=f"kd_ig-smoke.tune-{n}",
+                                  storage=f"sqlite:///{isolated_storage}/kdig.db")
+        trials = study.get_trials()
+        assert len(trials) == 2 and study.user_attrs["config"]["kd"]["method"] == "dkd"
+        space = {k for t in trials for k in t.params}
+        # the condition's own factors are held: never searched, never a trial's choice
+        assert "kd_method" not in space and "source" not in space, space
+        assert set(study.user_attrs["config"]["search"]["hold"]) == \
+            ({"kd_method"} if n == "DKD" else {"kd_method", "source"})
+        source = "shuffled" if n == "DKD+shuffled" else "ig"
+        assert study.user_attrs["config"]["ig"]["source"] == source
+        assert study.user_attrs["config"]["method"]["ig"] == (n != "DKD")
+        assert f"ig.source=\"{source}\"" in res["origin"][n]["settings"] or n == "DKD"
+        chosen = res["params"][n]
+        assert chosen["temperature"] in {t.params["temperature"] for t in trials}
+    assert proc.stdout.count("tuning ") == 3
+    again = _ablate(*args)
+    assert again.returncode == 0, again.stderr
+    assert "tuning " not in again.stdout  # the finished searches are taken as they are
+
+
 def test_a_replicate_seed_used_by_a_search_trial_is_refused(tmp_path: Path,
                                                             isolated_storage: Path) -> None:
     url = f"sqlite:///{isolated_storage}/kdig.db"
