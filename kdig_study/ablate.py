@@ -100,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="default: sqlite:///storage/kdig.db")
     p.add_argument("--from-study", default=None,
                    help="the search study for --params best (default: <study>-<scale>)")
+    p.add_argument("--teachers", type=int, default=1, metavar="K",
+                   help="K teachers (seeds teacher_train.seed + 0..K-1), each with its own maps "
+                        "and controls; every replicate runs under each; analysed per teacher "
+                        "and pooled with a random teacher effect")
     p.add_argument("--monte-carlo", type=int, default=0, metavar="R",
                    help="R replicates on stratified random subsets of the training set")
     p.add_argument("--fraction", type=float, default=0.8, help="subset size for --monte-carlo")
@@ -354,8 +358,9 @@ def effective(cfg: StudyConfig, params: Params) -> dict[str, Any]:
 
 def _maps_up_front(ctx: Context, params: dict[str, Params], runs: list[Run],
                    sweep_key: str | None) -> None:
-    """Every map store the plan's runs overlay, computed (or opened) before the first run."""
-    from kdig_study.ablation import run_config
+    """Every teacher and map store the plan's runs use, trained or computed (or opened)
+    before the first run."""
+    from kdig_study.ablation import run_config, teacher_context
     from kdig_study.experiment import store_counts
 
     needed = set()
@@ -363,9 +368,11 @@ def _maps_up_front(ctx: Context, params: dict[str, Params], runs: list[Run],
         c = run_config(ctx.cfg, params[r.name], r, sweep_key)
         if c.method.ig:
             steps = c.ig.steps
-            needed.add((store_counts(ctx.cfg, steps), c.ig.source))
-    for counts, source in sorted(needed):
-        ctx.maps(counts, source)
+            needed.add((r.teacher or 0, store_counts(ctx.cfg, steps), c.ig.source))
+    for teacher in sorted({r.teacher or 0 for r in runs}):
+        teacher_context(ctx, teacher).teacher()
+    for teacher, counts, source in sorted(needed):
+        teacher_context(ctx, teacher).maps(counts, source)
 
 
 def render(analysis: dict[str, Any], title: str) -> str:
@@ -486,6 +493,7 @@ class _Setup:
     replicates: int
     seeds: dict[int, int]  # replicate -> student seed
     runs: list[Run]
+    teachers: int = 1  # K of --teachers K
 
     @property
     def levels(self) -> dict[str, list[str]]:
@@ -508,18 +516,24 @@ def _options(args: argparse.Namespace, cfg: StudyConfig) -> _Options:
     controls = parse_controls(args.controls, design)
     sweep_key, sweep_values = parse_sweep(args.sweep, cfg)
     if args.seeds < 1 or args.monte_carlo < 0 or not 0 < args.fraction <= 1 or \
-            args.heartbeat < 1 or args.workers < 1:
-        raise KdigError("--seeds, --workers and --heartbeat must be >= 1, --monte-carlo >= 0, "
-                        "0 < --fraction <= 1")
+            args.heartbeat < 1 or args.workers < 1 or args.teachers < 1:
+        raise KdigError("--seeds, --teachers, --workers and --heartbeat must be >= 1, "
+                        "--monte-carlo >= 0, 0 < --fraction <= 1")
+    if args.teachers > 1 and cfg.teacher.weights:
+        raise KdigError(f"--teachers {args.teachers}: teacher.weights = "
+                        f"{cfg.teacher.weights!r} gives one teacher; teachers as replicates "
+                        f"are trained here at distinct seeds (leave teacher.weights empty)")
     from kdig_study.stats import conditions
 
     # bounded before anything is built: `--seeds 100000000` took 18.7 GB planning its runs
     n_conditions = len(conditions(design, controls))
-    runs = n_conditions * (args.monte_carlo or args.seeds) * max(1, len(sweep_values or []))
+    runs = n_conditions * (args.monte_carlo or args.seeds) * max(1, len(sweep_values or [])) \
+        * args.teachers
     if runs > MAX_RUNS:
         raise KdigError(f"--seeds {args.monte_carlo or args.seeds}: {runs:,} runs planned "
                         f"({n_conditions} conditions"
                         + (f" x {len(sweep_values)} sweep values" if sweep_values else "")
+                        + (f" x {args.teachers} teachers" if args.teachers > 1 else "")
                         + f"); allowed: at most {MAX_RUNS:,} runs per ablation")
     return design, controls, sweep_key, sweep_values
 
@@ -595,10 +609,10 @@ def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, 
                         f"{', '.join(sorted(set().union(*(used[s] for s in clash))))}: a "
                         f"replicate would be a run the search selected on its luck; change "
                         f"student_train.seed")
-    runs = plan(design, list(range(replicates)), sweep_values, controls)
+    runs = plan(design, list(range(replicates)), sweep_values, controls, args.teachers)
     return _Setup(cfg, design, controls, sweep_key, sweep_values,
                   args.fraction if args.monte_carlo else None, search_name, names, mode,
-                  params, origin, replicates, seeds, runs)
+                  params, origin, replicates, seeds, runs, args.teachers)
 
 
 def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
@@ -617,6 +631,8 @@ def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
              "sweep_values": setup.sweep_values}
     if setup.controls:  # only where given: ablations recorded before controls still match
         ident["controls"] = list(setup.controls)
+    if setup.teachers > 1:  # likewise
+        ident["teachers"] = setup.teachers
     old = study.user_attrs.get("ablation")
     declared = dataclasses.asdict(setup.cfg.analysis)
     if old is not None and old.get("analysis", declared) != declared:
@@ -626,8 +642,10 @@ def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
         raise KdigError(f"ablation study '{name}' in {url} declared another analysis before it "
                         f"ran ({diff}); an analysis is declared before the runs: restore "
                         f"[analysis], or give this one its own --study-name")
-    if old is not None and {k: old.get(k) for k in ident} != ident:
-        changed = [k for k in ident if old.get(k) != ident[k]]
+    # the keys recorded only where given (controls, teachers) count when either side has them
+    keys = [*ident, *(k for k in ("controls", "teachers") if k not in ident)]
+    if old is not None and any(old.get(k) != ident.get(k) for k in keys):
+        changed = [k for k in keys if old.get(k) != ident.get(k)]
         raise KdigError(f"ablation study '{name}' in {url} ran with another {', '.join(changed)}"
                         f" ({', '.join(f'{k}={old.get(k)}' for k in changed)}); give this one "
                         f"its own --study-name, or run it as it was")
@@ -661,6 +679,8 @@ def _announce(setup: _Setup, name: str, url: str) -> None:
     s = setup
     print(f"ablation '{name}': {len(s.runs)} runs ({len(s.names)} conditions x {s.replicates} "
           f"{'Monte-Carlo subsets' if s.fraction is not None else 'replicates'}"
+          + (f" x {s.teachers} teachers (teacher_train.seed {s.cfg.teacher_train.seed}.."
+             f"{s.cfg.teacher_train.seed + s.teachers - 1})" if s.teachers > 1 else "")
           + (f" x {len(s.sweep_values)} {s.sweep_key}" if s.sweep_values else "")
           + f"), store {url}", flush=True)
     print(analysis_line(s), flush=True)
@@ -673,13 +693,17 @@ def _ledger(args: argparse.Namespace, setup: _Setup, study: optuna.Study,
             ctx: Context) -> Callable[[], None]:
     """Add back the runs the store lacks from the study's run ledger (first process only);
     return what rewrites the ledger after each finished run."""
-    from kdig_study.ablation import planned_trials, run_of
+    from kdig_study.ablation import planned_trials, run_of, teacher_context
     from kdig_study.ledger import import_ledger, ledger_path, write_ledger
+
+    def teacher_sha256(params: dict[str, Any]) -> Any:
+        return teacher_context(ctx, run_of(params, setup.sweep_key).teacher).teacher() \
+            .meta.get("sha256")
 
     path = ledger_path(Path(args.out), study.study_name)
     if args.worker_index is None:
         added = import_ledger(path, study, lambda p: run_of(p, setup.sweep_key),
-                              lambda: ctx.teacher().meta.get("sha256"))
+                              teacher_sha256)
         if added:
             print(f"{added} finished run(s) taken from the run ledger {path} (this store "
                   f"lacked them)", flush=True)
@@ -712,7 +736,7 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
         prefix = f"[worker {worker}] " if worker is not None else ""
         AblationRunner(ctx, study, setup.params, setup.design, setup.sweep_key,
                        setup.fraction, poll_s=max(1.0, args.heartbeat / 2), storage=storage,
-                       controls=setup.controls).run(
+                       controls=setup.controls, teachers=setup.teachers).run(
             setup.runs, log=lambda *a, **k: print(prefix + " ".join(map(str, a)), **k),
             on_finished=write_ledger)
     if worker is None:
@@ -789,6 +813,36 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
     print(f"written: {target}")
 
 
+def teacher_effects(table_of: Callable[[int], Table], setup: _Setup,
+                    pooled: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every comparison of the declared metric pooled over the teachers with a random
+    teacher effect (stats.random_teacher), from each teacher's paired differences
+    (``table_of(k)``: teacher k's table); printed and returned."""
+    from kdig_study.stats import conditions, random_teacher
+
+    names = {condition_name(c): c for c in conditions(setup.design, setup.controls)}
+    tables = {k: table_of(k) for k in range(setup.teachers)}
+    out = []
+    print(f"random teacher effect on {dict(METRICS)[setup.cfg.analysis.metric]} (pooled over "
+          f"{setup.teachers} teachers; Wald interval, and the t interval on the teacher means):")
+    for row in pooled.get(setup.cfg.analysis.metric, {}).get("comparisons", []):
+        a, b = (names[x] for x in row["name"].split(" - "))
+        diffs = {k: [t[a][r] - t[b][r] for r in sorted(set(t.get(a, {})) & set(t.get(b, {})))]
+                 for k, t in tables.items()}
+        fit = random_teacher(diffs, setup.cfg.analysis.alpha)
+        out.append({"name": row["name"], "primary": row["primary"]} | fit)
+        def pts(x: float) -> str:
+            return formats.points(x, sign=True)
+
+        if math.isfinite(fit["mean"]):
+            print(f"  {('* ' if row['primary'] else '') + row['name']:<30} {pts(fit['mean']):>7}"
+                  f"  [{pts(fit['ci_low'])}, {pts(fit['ci_high'])}]  p {formats.p_value(fit['p'])}"
+                  f"  teacher sd {formats.points(fit['teacher_sd'])}  teacher means "
+                  + ", ".join(pts(v) for v in fit["teacher_means"].values())
+                  + f"  t on means [{pts(fit['means_t_ci'][0])}, {pts(fit['means_t_ci'][1])}]")
+    return out
+
+
 def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None:
     """Statistics of the planned runs per sweep group and metric: printed, and written as
     JSON and CSV."""
@@ -808,15 +862,30 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
         "params": {n: effective(s.cfg, p) | p for n, p in s.params.items()},
         "origin": s.origin, "factors": s.levels, "controls": list(s.controls),
         "replicates": s.replicates, "seeds": {str(r): v for r, v in s.seeds.items()},
+        "teachers": s.teachers,
         "scale": s.cfg.scale, "analysis": dataclasses.asdict(s.cfg.analysis),
         "primary": f"{s.cfg.analysis.primary} on {dict(METRICS)[s.cfg.analysis.metric]}"
         if primary_pair(s.cfg.analysis, s.design, s.controls) is not None else None,
         "results": {}}
     print(f"design: {_DESIGN_TEXT[s.mode]} (--params {s.mode})")
+    if s.teachers > 1:
+        print(f"{s.teachers} teachers: each table pools every (teacher, replicate) pair, then "
+              f"each teacher's own; the random teacher effect follows each group")
     for group, value in groups:
         out["results"][group] = analyse_group(
             lambda metric, value=value: results_table(trials, metric, s.sweep_key, value),
-            s.design, s.controls, s.cfg, group if s.sweep_values else None, blocks)
+            s.design, s.controls, s.cfg, group if s.sweep_values or s.teachers > 1 else None,
+            blocks)
+        for k in range(s.teachers if s.teachers > 1 else 0):
+            out["results"][f"{group}, teacher {k}"] = analyse_group(
+                lambda metric, value=value, k=k: results_table(trials, metric, s.sweep_key,
+                                                                value, teacher=k),
+                s.design, s.controls, s.cfg, f"{group}, teacher {k}", blocks)
+        if s.teachers > 1:
+            out["results"][group]["random_teacher"] = teacher_effects(
+                lambda k, value=value: results_table(trials, s.cfg.analysis.metric,
+                                                     s.sweep_key, value, teacher=k),
+                s, out["results"][group])
     out["runs"] = [{"number": t.number, **t.params, "val_acc": t.value,
                     **t.user_attrs.get("metrics", {}),
                     **{robust_metric(k): v for k, v in t.user_attrs.get("robust", {}).items()}}

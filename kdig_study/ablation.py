@@ -157,6 +157,7 @@ class Run:
     condition: Condition
     replicate: int  # r: the student trains at student_train.seed + 1000 + r
     sweep: float | None = None  # value of the swept student setting, if any
+    teacher: int | None = None  # k of --teachers K (K > 1): see teacher_config
 
     @property
     def name(self) -> str:
@@ -171,10 +172,13 @@ class Run:
                              "overlay": overlay_level(self.condition)}
         if sweep_key is not None:
             p[sweep_key] = self.sweep
+        if self.teacher is not None:
+            p["teacher"] = self.teacher
         return p
 
     def label(self, sweep_key: str | None) -> str:
         return f"{self.name}, replicate {self.replicate}" + \
+            (f", teacher {self.teacher}" if self.teacher is not None else "") + \
             (f", {sweep_key}={self.sweep:g}" if self.sweep is not None else "")
 
 
@@ -188,16 +192,29 @@ def run_of(params: dict[str, Any], sweep_key: str | None) -> Run:
         cond.add("kd")
     if params.get("overlay", "none") != "none":
         cond.add(str(params["overlay"]))
+    teacher = params.get("teacher")
     return Run(frozenset(cond), int(params["replicate"]),
-               params.get(sweep_key) if sweep_key is not None else None)
+               params.get(sweep_key) if sweep_key is not None else None,
+               None if teacher is None else int(teacher))
 
 
 def plan(design: Design, replicates: list[int], sweep: list[float] | None = None,
-         controls: tuple[str, ...] = ()) -> list[Run]:
-    """Replicates outermost, so an interrupted ablation has whole replicates to analyse."""
+         controls: tuple[str, ...] = (), teachers: int = 1) -> list[Run]:
+    """Replicates outermost (then teachers), so an interrupted ablation has whole
+    replicates to analyse. ``teachers`` > 1: every replicate under each teacher."""
     values: list[float | None] = list(sweep) if sweep else [None]
-    return [Run(c, r, v) for v in values for r in replicates
+    ks: list[int | None] = list(range(teachers)) if teachers > 1 else [None]
+    return [Run(c, r, v, k) for v in values for r in replicates for k in ks
             for c in conditions(design, controls)]
+
+
+def teacher_config(cfg: StudyConfig, teacher: int | None) -> StudyConfig:
+    """The config of teacher k of --teachers K: the study's teacher trained at
+    teacher_train.seed + k (k = 0, or None: the study's own teacher, the search's)."""
+    if not teacher:
+        return cfg
+    train = dataclasses.replace(cfg.teacher_train, seed=cfg.teacher_train.seed + teacher)
+    return dataclasses.replace(cfg, teacher_train=train)
 
 
 def run_config(base: StudyConfig, params: Params, run: Run, sweep_key: str | None) -> StudyConfig:
@@ -238,11 +255,14 @@ class AblationRunner:
     def __init__(self, ctx: Context, study: optuna.Study, params: dict[str, Params],
                  design: Design, sweep_key: str | None = None,
                  fraction: float | None = None, poll_s: float = 5.0,
-                 storage: RDBStorage | None = None, controls: tuple[str, ...] = ()) -> None:
+                 storage: RDBStorage | None = None, controls: tuple[str, ...] = (),
+                 teachers: int = 1) -> None:
         """``params``: each condition's method hyperparameters, by condition name;
         ``storage``: the study's RDB storage (for the lock that hands out runs);
-        ``controls``: map sources run with KD on only, beside the factorial design."""
+        ``controls``: map sources run with KD on only, beside the factorial design;
+        ``teachers``: K of --teachers K."""
         self.ctx, self.study, self.params = ctx, study, params
+        self.teachers = teachers
         self.design, self.sweep_key, self.fraction = design, sweep_key, fraction
         self.poll_s = poll_s
         self.lock = SlotLock(storage or rdb_storage_of(study), study.study_name)
@@ -261,6 +281,8 @@ class AblationRunner:
              "overlay": trial.suggest_categorical("overlay", self._overlay)}
         if self.sweep_key is not None:
             p[self.sweep_key] = trial.suggest_categorical(self.sweep_key, sweep_values)
+        if self.teachers > 1:
+            p["teacher"] = trial.suggest_int("teacher", 0, self.teachers - 1)
         return p
 
     def run(self, runs: list[Run], log: Any = print,
@@ -313,11 +335,13 @@ class AblationRunner:
             raise optuna.TrialPruned("outside the plan")
         p = self._suggest(trial, sweep_values)
         run = run_of(p, self.sweep_key)
-        cfg = run_config(self.ctx.cfg, self.params[run.name], run, self.sweep_key)
-        rows = monte_carlo_rows(self.ctx, run.replicate, self.fraction) if self.fraction \
+        ctx = teacher_context(self.ctx, run.teacher)
+        cfg = run_config(ctx.cfg, self.params[run.name], run, self.sweep_key)
+        rows = monte_carlo_rows(ctx, run.replicate, self.fraction) if self.fraction \
             else None
-        record_provenance(trial, self.ctx, cfg)
-        result = run_student(self.ctx, cfg, rows=rows, desc=f"{run.name} r{run.replicate}")
+        record_provenance(trial, ctx, cfg)
+        result = run_student(ctx, cfg, rows=rows, desc=f"{run.name} r{run.replicate}" + (
+            f" t{run.teacher}" if run.teacher is not None else ""))
         shape = repr(cfg.student)
         if shape not in self._profiles:
             self._profiles[shape] = latency_columns(
@@ -325,6 +349,20 @@ class AblationRunner:
                         how=cfg.measure))
         record_run(trial, result.metrics, self._profiles[shape])
         return float(result.metrics.val_acc)
+
+
+_CONTEXTS: dict[tuple[int, int], Context] = {}
+
+
+def teacher_context(ctx: Context, teacher: int | None) -> Context:
+    """The context of teacher k (:func:`teacher_config`): the same data, device and
+    corruption suite, its own teacher and maps; one per process and teacher."""
+    if not teacher:
+        return ctx
+    key = (id(ctx), teacher)
+    if key not in _CONTEXTS:
+        _CONTEXTS[key] = ctx.with_config(teacher_config(ctx.cfg, teacher))
+    return _CONTEXTS[key]
 
 
 def run_states(trials: list[FrozenTrial], sweep_key: str | None) -> dict[Run, set[TrialState]]:
@@ -352,17 +390,28 @@ def planned_trials(trials: list[FrozenTrial], runs: list[Run] | None,
     return list(seen.values())
 
 
+# The pairing unit of a --teachers ablation pooled over its teachers: replicate r under
+# teacher k is unit k * TEACHER_UNIT + r (replicates are fewer than this).
+TEACHER_UNIT = 1_000_000
+
+
 def results_table(trials: list[FrozenTrial], metric: str, sweep_key: str | None = None,
-                  sweep_value: float | None = None) -> Table:
-    """{condition: {replicate: metric}} from COMPLETE trials (one sweep value, if any);
-    pass :func:`planned_trials` to count only a plan's runs."""
+                  sweep_value: float | None = None, teacher: int | None = None) -> Table:
+    """{condition: {unit: metric}} from COMPLETE trials (one sweep value, if any); the unit
+    is the replicate, or with several teachers (k, replicate) as one number (TEACHER_UNIT),
+    pooled, unless ``teacher`` picks one teacher's runs. Pass :func:`planned_trials` to
+    count only a plan's runs."""
     table: Table = {}
     for t in trials:
         if t.state != TrialState.COMPLETE or "replicate" not in t.params:
             continue
         if sweep_key is not None and t.params.get(sweep_key) != sweep_value:
             continue
+        if teacher is not None and t.params.get("teacher") != teacher:
+            continue
         run = run_of(t.params, sweep_key)
+        unit = run.replicate if run.teacher is None or teacher is not None else \
+            run.teacher * TEACHER_UNIT + run.replicate
         key = robust_key(metric)
         if metric == "val_acc":
             value = t.value
@@ -371,5 +420,5 @@ def results_table(trials: list[FrozenTrial], metric: str, sweep_key: str | None 
         else:
             value = t.user_attrs["metrics"].get(metric)
         if value is not None:
-            table.setdefault(run.condition, {})[run.replicate] = float(value)
+            table.setdefault(run.condition, {})[unit] = float(value)
     return table

@@ -95,6 +95,12 @@ class Context:
         return cls(cfg, load_bundle(cfg.data, data_dir, progress), resolve_device(device),
                    progress)
 
+    def with_config(self, cfg: StudyConfig) -> Context:
+        """The same data, device and corruption suite for another config of the same data
+        (e.g. another teacher seed): its teacher and maps are its own."""
+        return Context(cfg, self.data, self.device, self.progress, self.log,
+                       _suite=self._suite)
+
     def teacher(self) -> Teacher:
         if self._teacher is None:
             self._teacher = get_teacher(self.cfg, self.data, self.device, self.progress,

@@ -75,13 +75,13 @@ def _same_teacher(run: dict[str, Any], teacher_sha256: Any) -> bool:
     recorded = run["user_attrs"].get("provenance", {})
     if recorded.get("teacher") is None:  # a run without a teacher (the student alone)
         return True
-    return recorded.get("teacher_sha256") == teacher_sha256()
+    return recorded.get("teacher_sha256") == teacher_sha256(run["params"])
 
 
 def import_ledger(path: Path, study: optuna.Study, run_key: Any, teacher_sha256: Any) -> int:
     """Add the ledger's runs that ``study`` has no COMPLETE trial of; return how many.
-    ``run_key(params)``: a run's identity; ``teacher_sha256()``: the checksum of the teacher
-    this machine has (called only where a run used one)."""
+    ``run_key(params)``: a run's identity; ``teacher_sha256(params)``: the checksum of the
+    teacher this machine has for that run (called only where a run used one)."""
     if not path.is_file():
         return 0
     data = _read(path)

@@ -266,6 +266,46 @@ def test_kd_methods_as_a_factor_through_the_cli(tmp_path: Path, isolated_storage
     assert got["DKD+shuffled"] == got["DKD"] == (True, "dkd") and got["Hinton+IG"] == (True, "hinton")
 
 
+@pytest.mark.slow  # a second teacher and 16 runs (about 40 s)
+def test_teachers_as_replicates_through_the_cli(tmp_path: Path, isolated_storage: Path,
+                                                warm_cache: Path) -> None:
+    """--teachers 2: a second teacher at the next seed with its own maps; every replicate
+    under each teacher; tables pooled and per teacher; a random teacher effect."""
+    proc = _ablate("--seeds", "2", "--teachers", "2", "--params", _params_file(tmp_path),
+                   "--out", str(tmp_path), epochs=2)
+    assert proc.returncode == 0, proc.stderr
+    assert "16 runs (4 conditions x 2 replicates x 2 teachers (teacher_train.seed 0..1))" \
+        in proc.stdout
+    res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
+    assert res["teachers"] == 2
+    assert set(res["results"]) == {"all", "all, teacher 0", "all, teacher 1"}
+    pooled = res["results"]["all"]["test_acc"]
+    assert {s["n"] for s in pooled["summaries"]} == {4}
+    per = [res["results"][f"all, teacher {k}"]["test_acc"] for k in (0, 1)]
+    assert all({s["n"] for s in p["summaries"]} == {2} for p in per)
+    # the pooled mean of a condition is the mean of the teachers' means (balanced)
+    for i, s in enumerate(pooled["summaries"]):
+        assert s["mean"] == pytest.approx((per[0]["summaries"][i]["mean"]
+                                           + per[1]["summaries"][i]["mean"]) / 2)
+    effect = {r["name"]: r for r in res["results"]["all"]["random_teacher"]}
+    primary = effect["KD+IG - KD"]
+    assert primary["primary"] and primary["teachers"] == 2 and primary["n"] == 4
+    means = [next(c for c in p["comparisons"] if c["name"] == "KD+IG - KD")["mean"]
+             for p in per]
+    assert primary["teacher_means"] == {"0": pytest.approx(means[0]),
+                                        "1": pytest.approx(means[1])}
+    assert primary["mean"] == pytest.approx(sum(means) / 2)
+    assert "random teacher effect" in proc.stdout
+    # two teachers, two sets of weights; each run learned from its own
+    runs = json.loads((tmp_path / "kd_ig-smoke.ablation.runs.json").read_text())["runs"]
+    shas = {(r["params"]["teacher"], r["user_attrs"]["provenance"]["teacher_sha256"])
+            for r in runs if r["user_attrs"]["provenance"]["teacher"] is not None}
+    assert len(shas) == 2 and {k for k, _ in shas} == {0, 1}
+    assert_one_line_error(_ablate("--seeds", "2", "--params", _params_file(tmp_path),
+                                  "--out", str(tmp_path), epochs=2),
+                          "ran with another", "teachers")
+
+
 @pytest.mark.slow
 def test_controls_run_with_kd_only_through_the_cli(tmp_path: Path,
                                                    isolated_storage: Path, warm_cache: Path) -> None:

@@ -64,8 +64,8 @@ def test_a_fresh_store_takes_back_every_run_once(tmp_path: Path) -> None:
     assert path.name == "s.ablation.runs.json"
     fresh = _study(tmp_path, "fresh")
     _add_run(fresh, "KD", 1, 0.99)  # a run the fresh store already has stays its own
-    assert import_ledger(path, fresh, _key, lambda: SHA) == 3
-    assert import_ledger(path, fresh, _key, lambda: SHA) == 0
+    assert import_ledger(path, fresh, _key, lambda p: SHA) == 3
+    assert import_ledger(path, fresh, _key, lambda p: SHA) == 0
     got = {_key(t.params): t for t in fresh.get_trials()}
     assert got["KD", 1].value == 0.99 and len(got) == 4
     for t in first.get_trials():
@@ -86,7 +86,7 @@ def test_a_fresh_store_takes_back_every_run_once(tmp_path: Path) -> None:
 
 def test_a_missing_ledger_adds_nothing(tmp_path: Path) -> None:
     assert import_ledger(tmp_path / "none.runs.json", _study(tmp_path, "x"), _key,
-                         lambda: SHA) == 0
+                         lambda p: SHA) == 0
 
 
 @pytest.mark.parametrize("attrs,fragment", [
@@ -101,7 +101,7 @@ def test_a_ledger_of_another_ablation_is_refused(tmp_path: Path, attrs: dict[str
     _, path = _written(tmp_path)
     other = _study(tmp_path, "other", attrs)
     with pytest.raises(KdigError, match=f"{path}: its runs are of another ablation.*{fragment}"):
-        import_ledger(path, other, _key, lambda: SHA)
+        import_ledger(path, other, _key, lambda p: SHA)
     assert other.get_trials() == []
 
 
@@ -109,7 +109,7 @@ def test_the_replicate_seeds_may_grow(tmp_path: Path) -> None:
     """A study run again with more seeds records more of them: still the same ablation."""
     _, path = _written(tmp_path)
     more = ATTRS | {"ablation": ATTRS["ablation"] | {"seeds": {"0": 1000, "1": 1001}}}
-    assert import_ledger(path, _study(tmp_path, "more", more), _key, lambda: SHA) == 4
+    assert import_ledger(path, _study(tmp_path, "more", more), _key, lambda p: SHA) == 4
 
 
 def test_runs_of_other_teacher_weights_are_refused_before_any_is_added(tmp_path: Path) -> None:
@@ -117,7 +117,7 @@ def test_runs_of_other_teacher_weights_are_refused_before_any_is_added(tmp_path:
     fresh = _study(tmp_path, "fresh")
     asked: list[int] = []
 
-    def other_teacher() -> str:
+    def other_teacher(params: dict) -> str:
         asked.append(1)
         return "b" * 64
 
@@ -138,4 +138,4 @@ def test_a_damaged_ledger_is_one_line(tmp_path: Path, text: str) -> None:
     path = tmp_path / "s.ablation.runs.json"
     path.write_text(text)
     with pytest.raises(KdigError, match="not a run ledger of ablate.*move it away"):
-        import_ledger(path, _study(tmp_path, "x"), _key, lambda: SHA)
+        import_ledger(path, _study(tmp_path, "x"), _key, lambda p: SHA)
