@@ -260,11 +260,11 @@ def condition_params(args: argparse.Namespace, storage: Any, url: str, cfg: Stud
         out, origin = {}, {}
         for n in names:
             study_file = condition_study(n)
+            searched = condition_search(search_name, cfg.scale, n)
             if study_file is not None:  # its own study file (student, kd, ig, kd_ig)
-                out[n], origin[n] = _best(storage, f"{study_file}-{cfg.scale}", url, cfg,
-                                          study_file)
+                out[n], origin[n] = _best(storage, searched, url, cfg, study_file)
             else:  # any other condition: the study file's search, run for it here
-                tuned = tune_study_name(search_name, n)
+                tuned = searched
                 tune_condition(args, cfg, n, conds[n], tuned, storage, url)
                 out[n], origin[n] = _best(storage, tuned, url, cfg, cfg.name)
                 origin[n]["settings"] = condition_settings(cfg, conds[n])
@@ -277,6 +277,14 @@ def tune_study_name(search_name: str, condition: str) -> str:
     """The search that tunes ``condition`` for --params per-condition, where no study file
     is named after it: ``kd_ig-cpu.tune-DKD+shuffled``."""
     return f"{search_name}.tune-{condition}"
+
+
+def condition_search(search_name: str, scale: str, condition: str) -> str:
+    """The search study --params per-condition takes ``condition``'s parameters from: its
+    own study file's at this scale, else the one run for it (:func:`tune_study_name`)."""
+    study_file = condition_study(condition)
+    return f"{study_file}-{scale}" if study_file is not None else \
+        tune_study_name(search_name, condition)
 
 
 def condition_settings(cfg: StudyConfig, cond: frozenset[str]) -> list[str]:
@@ -599,9 +607,7 @@ def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, 
     mode, params, origin = condition_params(args, storage, url, cfg, conds)
     replicates = args.monte_carlo or args.seeds
     seeds = {r: ablation_seed(cfg.student_train.seed, r) for r in range(replicates)}
-    searches = [search_name] + [f"{s}-{cfg.scale}" if s is not None
-                                else tune_study_name(search_name, n)
-                                for n, s in zip(names, map(condition_study, names), strict=True)]
+    searches = [search_name] + [condition_search(search_name, cfg.scale, n) for n in names]
     used = search_seeds(storage, sorted(set(searches)))
     clash = sorted(set(seeds.values()) & set(used))
     if clash:
