@@ -21,15 +21,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def add_study_args(p: argparse.ArgumentParser, trains_students: bool = False) -> None:
-    """The shared arguments; ``trains_students``: also --no-teacher-cache."""
+def add_study_args(p: argparse.ArgumentParser, trains_students: bool = False,
+                   device: bool = True) -> None:
+    """The shared arguments; ``trains_students``: also --no-teacher-cache; ``device=False``
+    for a command that always runs on the CPU (export: it measures the deployed models)."""
     p.add_argument("--study", required=True,
                    help="study name in studies/ (e.g. kd_ig) or a path to a .toml file")
     p.add_argument("--scale", default=None,
                    help=f"{' | '.join(SCALES)}; default: paper with a GPU, cpu without")
     p.add_argument("--data-dir", default=None,
                    help="CIFAR-10 folder or archive (default: $KDIG_DATA, ./data, ../shared/data)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
+    if device:
+        p.add_argument("--device", default="auto",
+                       help="auto (CUDA when present) | cpu | cuda[:N]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    dest="overrides",

@@ -29,7 +29,7 @@ from kdig_study.paths import safe_name, storage_dir, write_json
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m kdig_study.export", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_study_args(p)
+    add_study_args(p, device=False)  # measured where it deploys: on the CPU
     p.add_argument("--trial", default="best", help="best (the search's chosen trial) or N")
     p.add_argument("--int8", action="store_true", help="also quantise to int8 (static, QDQ)")
     p.add_argument("--int8-activations", choices=INT8_ACTIVATIONS, default=None,
