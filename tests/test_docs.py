@@ -12,10 +12,11 @@ from functools import cache
 
 import pytest
 
-from conftest import REPO
 from kdig_study.__main__ import COMMANDS, listing
 from kdig_study.__main__ import main as kdig_main
 from kdig_study.config import SEARCH_PARAMETERS, ParamSpec, StudyConfig
+
+from conftest import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
