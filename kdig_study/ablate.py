@@ -10,12 +10,13 @@
     python -m kdig_study.ablate --study kd_ig --sweep drop_blocks=3,5,7,9 --seeds 2
 
 Hyperparameters (--params), the design every table says it comes from:
-  best           every condition at the best trial of the KD+IG search (tuned for KD+IG only)
+  fixed          (the default) every condition at the study file's own settings (no
+                 condition tuned)
   per-condition  each condition at the best trial of its own search, same budget: the
                  studies student, kd, ig, kd_ig at this scale, and for any other condition
                  (a KD method, a control) the study file's search with that condition's
                  settings, run here first (study `<search study>.tune-<condition>`)
-  fixed          every condition at the study file's own settings (no condition tuned)
+  best           every condition at the best trial of the KD+IG search (tuned for KD+IG only)
   FILE.toml      every condition at a [params] table
 Replicate r trains at student_train.seed + 1000 + r: never a seed a search trial used.
 Runs live in the same store as the search, in the study `<search study>.ablation`; a
@@ -95,8 +96,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma list of map sources run with KD on only (KD+shuffled, ...), "
                         "beside the factorial design of --factors (which needs kd and ig), "
                         "each compared with KD and with KD+IG")
-    p.add_argument("--params", default="best",
-                   help="best | per-condition | fixed | FILE.toml with [params] (see above)")
+    p.add_argument("--params", default=None,
+                   help="fixed (default: the study file's settings for every condition) | "
+                        "per-condition | best | FILE.toml with [params] (see above)")
     p.add_argument("--storage", default=None, help="default: sqlite:///storage/kdig.db")
     p.add_argument("--from-study", default=None,
                    help="the search study for --params best (default: <study>-<scale>)")
@@ -681,7 +683,7 @@ def analysis_line(setup: _Setup) -> str:
         analysis_text(setup.cfg, pair is not None)
 
 
-def _announce(setup: _Setup, name: str, url: str) -> None:
+def _announce(setup: _Setup, name: str, url: str, default_design: bool) -> None:
     s = setup
     print(f"ablation '{name}': {len(s.runs)} runs ({len(s.names)} conditions x {s.replicates} "
           f"{'Monte-Carlo subsets' if s.fraction is not None else 'replicates'}"
@@ -690,7 +692,8 @@ def _announce(setup: _Setup, name: str, url: str) -> None:
           + (f" x {len(s.sweep_values)} {s.sweep_key}" if s.sweep_values else "")
           + f"), store {url}", flush=True)
     print(analysis_line(s), flush=True)
-    print(f"design: --params {s.mode}: {_DESIGN_TEXT[s.mode]}; replicate seeds "
+    print(f"design: --params {s.mode}{' (the default)' if default_design else ''}: "
+          f"{_DESIGN_TEXT[s.mode]}; replicate seeds "
           f"{s.seeds[0]}..{s.seeds[s.replicates - 1]} (student_train.seed "
           f"{s.cfg.student_train.seed} + {ABLATION_SEED_OFFSET} + r)", flush=True)
 
@@ -906,6 +909,9 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
 
 def main() -> int:
     args = _parser().parse_args()
+    # the symmetric design unless asked: `best` tunes KD+IG alone (ablations.md, Designs)
+    default_design = args.params is None
+    args.params = args.params or "fixed"
     cfg = load_from_args(args)
     options = _options(args, cfg)  # bad arguments fail before the store is opened
     if args.worker_index is None:  # where the results go, checked before any run
@@ -933,7 +939,7 @@ def main() -> int:
     # the data before the study: its fingerprint is part of the study's identity
     ctx = Context.create(setup.cfg, args.data_dir, args.device, progress=not args.no_progress)
     study = open_ablation_study(storage, url, name, setup, ctx)
-    _announce(setup, name, url)
+    _announce(setup, name, url, default_design)
     _run(args, setup, study, storage, ctx)
     if args.worker_index is None:
         analyse_and_write(setup, study, Path(args.out))

@@ -524,6 +524,17 @@ def test_per_condition_tunes_any_condition_with_the_same_search(
     assert "tuning " not in again.stdout  # the finished searches are taken as they are
 
 
+def test_the_default_design_is_fixed_and_the_banner_says_so(
+        tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
+    """Without --params no search is needed (the default used to be `best`, tuned for KD+IG
+    only, which also refused to start without a KD+IG search)."""
+    proc = _ablate("--seeds", "1", "--factors", "kd", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "design: --params fixed (the default): every condition at the study file's own " \
+           "settings" in proc.stdout
+    assert json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())["design"] == "fixed"
+
+
 def test_a_replicate_seed_used_by_a_search_trial_is_refused(tmp_path: Path,
                                                             isolated_storage: Path) -> None:
     url = f"sqlite:///{isolated_storage}/kdig.db"
