@@ -633,7 +633,7 @@ def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
 
     study = open_study(storage, name, setup.cfg, optuna.samplers.RandomSampler(),
                        optuna.pruners.NopPruner(), ["maximize"], url,
-                       data_fingerprint=ctx.data.fingerprint, data_origin=ctx.data.origin)
+                       **ctx.study_identity())
     ident = {"design": setup.mode, "params": setup.params, "levels": setup.levels,
              "fraction": setup.fraction, "sweep_key": setup.sweep_key,
              "sweep_values": setup.sweep_values}

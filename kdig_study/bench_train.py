@@ -159,7 +159,7 @@ def _study_run(cfg: StudyConfig, ctx: Context, url: str, name: str, n_trials: in
     storage = open_storage(url)
     pruner = make_pruner(cfg) if prune else optuna.pruners.NopPruner()
     study = open_study(storage, name, cfg, make_sampler(cfg, None), pruner, ["maximize"], url,
-                       data_fingerprint=ctx.data.fingerprint, data_origin=ctx.data.origin)
+                       **ctx.study_identity())
     t0 = time.perf_counter()
     artifacts = FileSystemArtifactStore(Path(url.removeprefix("sqlite:///")).parent)
     run_worker(study, Objective(ctx, prune=prune, artifacts=artifacts), n_trials, None,

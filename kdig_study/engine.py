@@ -201,13 +201,23 @@ def _cpu_has_fast_bf16() -> bool:
         return False
 
 
+def _cuda_has_native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: compute capability 8 (Ampere) or later. torch's plain
+    is_bf16_supported() also says True where bf16 is only emulated (e.g. a T4 or V100), which
+    runs slower than fp32; and it asks about the current device, not this one."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, _ = torch.cuda.get_device_capability(index)
+    return major >= 8 and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' where bfloat16 autocast is fast (CUDA with bf16; CPUs with AMX or
-    AVX512-BF16, where dense convolutions train 1.6-2.8x faster, measured), else 'fp32'."""
+    """'auto' -> 'bf16' where bfloat16 autocast is fast (CUDA GPUs with native bf16; CPUs
+    with AMX or AVX512-BF16, where dense convolutions train 1.6-2.8x faster, measured),
+    else 'fp32'."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if _cuda_has_native_bf16(device) else "fp32"
     return "bf16" if _cpu_has_fast_bf16() else "fp32"
 
 

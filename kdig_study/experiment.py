@@ -107,6 +107,20 @@ class Context:
                                         log=self.log)
         return self._teacher
 
+    def precisions(self) -> dict[str, str]:
+        """What each part of the study runs at here, "auto" resolved on this device: the
+        teacher's and the maps' fingerprints depend on it, so a study records it."""
+        cfg, dev = self.cfg, self.device
+        return {"teacher": resolve_precision(cfg.teacher_train.precision, dev),
+                "maps": resolve_precision(cfg.ig.precision, dev),
+                "students": resolve_precision(cfg.student_train.precision, dev)}
+
+    def study_identity(self) -> dict[str, Any]:
+        """What a study made here records and checks besides its config (store.open_study):
+        the data, and the precision on this device."""
+        return {"data_fingerprint": self.data.fingerprint, "data_origin": self.data.origin,
+                "precision": self.precisions(), "device": device_kind(self.device)}
+
     def map_spec(self, counts: tuple[int, ...] | None = None,
                  precision: str | None = None) -> MapSpec:
         """The spec of the IG store (the other sources derive their specs from it)."""

@@ -90,7 +90,7 @@ def main() -> int:
     from kdig_study.experiment import Context
     from kdig_study.measure import default_threads
     from kdig_study.store import default_url, open_storage, quiet_optuna_logs
-    from kdig_study.teacher import teacher_fingerprint, teacher_path
+    from kdig_study.teacher import cached_teacher
     from kdig_study.trials import pick_trial, student_weights
 
     require_deploy()
@@ -122,9 +122,12 @@ def main() -> int:
     staging.mkdir(parents=True)
     rows = measure_role("student", student, ctx, staging, args.int8, not args.no_compile,
                         threads, int8_activations=args.int8_activations)
-    teacher_cached = teacher_path(teacher_fingerprint(cfg, ctx.data, ctx.device)).is_file()
-    if not args.no_teacher and teacher_cached:
-        rows += measure_role("teacher", ctx.teacher().model, ctx, staging, args.int8,
+    # the teacher as the study trained it: at the precision the study recorded, which may
+    # not be what "auto" resolves to on this CPU (a study searched on a GPU)
+    made_at = study.user_attrs.get("precision", {}).get("teacher")
+    teacher = None if args.no_teacher else cached_teacher(cfg, ctx.data, ctx.device, made_at)
+    if teacher is not None:
+        rows += measure_role("teacher", teacher.model, ctx, staging, args.int8,
                              not args.no_compile, threads,
                              int8_activations=args.int8_activations)
     elif not args.no_teacher:

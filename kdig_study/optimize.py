@@ -271,7 +271,7 @@ def main() -> int:
     new = name not in optuna.get_all_study_names(storage)
     study = open_study(storage, name, cfg, make_sampler(cfg, args.seed), pruner,
                        ["maximize"] * len(cfg.search.objectives), url,
-                       data_fingerprint=ctx.data.fingerprint, data_origin=ctx.data.origin)
+                       **ctx.study_identity())
     study.sampler = make_sampler(cfg, args.seed, worker, len(study.get_trials(deepcopy=False)))
     if multi and worker is None:
         from optuna_dashboard import set_objective_names

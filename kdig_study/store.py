@@ -254,12 +254,39 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def check_precision(study: optuna.Study, name: str, url: str, precision: dict[str, str],
+                    device: str) -> None:
+    """Record the precision on a study made before it was recorded; refuse another one."""
+    recorded = study.user_attrs.get("precision")
+    if recorded is None:
+        study.set_user_attr("precision", precision | {"device": device})
+        return
+    differ = [k for k in precision if recorded.get(k) != precision[k]]
+    if differ:
+        raise KdigError(
+            f"study '{name}' in {url} was made with {_parts(recorded, differ)} on "
+            f"{recorded.get('device', '?')}; here ({device}) the config resolves "
+            f"{_parts(precision, differ)}, which would train another teacher and maps for "
+            f"one study: run it where the precision resolves the same, or as a study of "
+            f"its own (--study-name NEW)")
+
+
+def _parts(precision: dict[str, str], keys: list[str]) -> str:
+    return ", ".join(f"{k} at {precision.get(k, '?')}" for k in keys)
+
+
 def open_study(storage: RDBStorage, name: str, cfg: StudyConfig,
                sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner,
                directions: list[str], url: str, *, data_fingerprint: str,
-               data_origin: str, log: Any = print) -> optuna.Study:
+               data_origin: str, precision: dict[str, str], device: str,
+               log: Any = print) -> optuna.Study:
     """Create the study, or load it if its config and data are the same ones; refuse a
     changed config or other data (trials trained on two data sets are not one study).
+
+    ``precision`` is what the teacher, maps and students run at on this machine ("auto"
+    resolved on ``device``); the study records it, and a machine where it resolves
+    otherwise is refused: its workers would train a second teacher and second maps for the
+    same study (their fingerprints hold the precision) and mix fp32 and bf16 trials.
 
     The heartbeat interval is the study's, recorded when it is made: a process that asks
     for another one uses the study's (said in one line). Two intervals on one study made
@@ -272,9 +299,11 @@ def open_study(storage: RDBStorage, name: str, cfg: StudyConfig,
             study.set_user_attr(k, v)
         study.set_user_attr("data_fingerprint", data_fingerprint)
         study.set_user_attr("data_origin", data_origin)
+        study.set_user_attr("precision", precision | {"device": device})
         study.set_user_attr("heartbeat_interval", storage.heartbeat_interval)
         return study
     use_study_heartbeat(study, storage, log)
+    check_precision(study, name, url, precision, device)
     recorded = attrs.get("data_fingerprint")
     if recorded is None:  # a study made before data was part of its identity
         study.set_user_attr("data_fingerprint", data_fingerprint)

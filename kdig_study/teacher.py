@@ -49,7 +49,10 @@ class Teacher:
 
 
 
-def teacher_fingerprint(cfg: StudyConfig, data: DataBundle, device: torch.device) -> str:
+def teacher_fingerprint(cfg: StudyConfig, data: DataBundle, device: torch.device,
+                        precision: str | None = None) -> str:
+    """``precision``: the one it was trained at, where that is not what the config resolves
+    to on ``device`` (a study made on other hardware, read here)."""
     model = dataclasses.asdict(cfg.teacher)
     if cfg.teacher.weights:
         # a given teacher: its weights decide it, not how it would have been trained
@@ -57,7 +60,7 @@ def teacher_fingerprint(cfg: StudyConfig, data: DataBundle, device: torch.device
         key: list[Any] = [data.fingerprint, model]
     else:
         key = [data.fingerprint, model, dataclasses.asdict(cfg.teacher_train), cfg.scale,
-               resolve_precision(cfg.teacher_train.precision, device)]
+               precision or resolve_precision(cfg.teacher_train.precision, device)]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -88,17 +91,32 @@ def _intact(path: Path) -> tuple[dict[str, Any] | None, str]:
     return meta, ""
 
 
+def cached_teacher(cfg: StudyConfig, data: DataBundle, device: torch.device,
+                   precision: str | None = None) -> Teacher | None:
+    """The intact cached teacher, or None: for a command that only reads (export), e.g. a
+    teacher trained at the ``precision`` a study recorded on other hardware."""
+    fp = teacher_fingerprint(cfg, data, device, precision)
+    path = teacher_path(fp)
+    meta, _ = _intact(path)
+    return None if meta is None else _loaded(cfg, data, device, fp, path, meta)
+
+
+def _loaded(cfg: StudyConfig, data: DataBundle, device: torch.device, fp: str, path: Path,
+            meta: dict[str, Any]) -> Teacher:
+    model = build_model(cfg.teacher, len(data.classes))
+    load_checkpoint(path, model)
+    return Teacher(model.to(device).eval(), fp, path, meta, trained_now=False)
+
+
 def get_teacher(cfg: StudyConfig, data: DataBundle, device: torch.device,
                 progress: bool = True, log: Any = print) -> Teacher:
     """Load the cached teacher, or train it (under a lock, so one worker trains it)."""
     fp = teacher_fingerprint(cfg, data, device)
     path = teacher_path(fp)
-    model = build_model(cfg.teacher, len(data.classes))
     with locked(path):
         meta, why = _intact(path)
         if meta is not None:
-            load_checkpoint(path, model)
-            return Teacher(model.to(device).eval(), fp, path, meta, trained_now=False)
+            return _loaded(cfg, data, device, fp, path, meta)
         if why != "not cached":
             log(f"teacher checkpoint {path} is damaged ({why}); "
                 + ("evaluating the given weights again" if cfg.teacher.weights
@@ -108,7 +126,8 @@ def get_teacher(cfg: StudyConfig, data: DataBundle, device: torch.device,
             cfg.checkpoint, ["teacher", fp, device_kind(device)], log)
         with until_ended(resume):  # until the trained teacher is cached
             if cfg.teacher.weights:
-                model, meta = _load_given(cfg, data, device, model)
+                model, meta = _load_given(cfg, data, device,
+                                          build_model(cfg.teacher, len(data.classes)))
             else:
                 model, meta = _train(cfg, data, device, progress, log, path, resume)
             return _cache(cfg, model, meta, fp, path, device)

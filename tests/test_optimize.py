@@ -192,6 +192,20 @@ def test_resume_counts_the_total_and_refuses_a_changed_config(env: dict, isolate
                           "fingerprint 000000000000", "--study-name NEW")
     assert len(_trials(url)) == 2
     study.set_user_attr("data_fingerprint", data_fp)
+    # the study records what "auto" resolved to; a worker on hardware where it resolves
+    # otherwise (a GPU without native bf16 beside a bf16 one) would train a second teacher
+    # and maps for one study: refused in one line, before any work
+    precision = study.user_attrs["precision"]
+    assert set(precision) == {"teacher", "maps", "students", "device"}
+    other = "fp32" if precision["teacher"] == "bf16" else "bf16"
+    study.set_user_attr("precision", precision | {"teacher": other, "maps": other,
+                                                  "device": "cuda:Tesla T4:12.8"})
+    proc = _optimize("--n-trials", "3", *ONE_EPOCH, env=env)
+    assert_one_line_error(proc, f"was made with teacher at {other}, maps at {other} on cuda:"
+                          f"Tesla T4:12.8", f"resolves teacher at {precision['teacher']}",
+                          "--study-name NEW")
+    assert len(_trials(url)) == 2
+    study.set_user_attr("precision", precision)
     proc = _optimize("--n-trials", "3", *ONE_EPOCH, env=env)
     assert proc.returncode == 0, proc.stderr
     assert len(_trials(url)) == 3  # the total, not 3 more

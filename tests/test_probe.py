@@ -15,11 +15,14 @@ from kdig_study.store import open_storage, open_study
 
 from cli_helpers import assert_one_line_error, run_cli
 
+FP32 = {"teacher": "fp32", "maps": "fp32", "students": "fp32"}
+
 
 def _open(url: str, fingerprint: str, origin: str) -> optuna.Study:
     return open_study(open_storage(url), "s", load_study("kd_ig", "smoke"),
                       optuna.samplers.RandomSampler(), optuna.pruners.NopPruner(), ["maximize"],
-                      url, data_fingerprint=fingerprint, data_origin=origin)
+                      url, data_fingerprint=fingerprint, data_origin=origin,
+                      precision=FP32, device="cpu")
 
 
 def test_a_study_refuses_other_data_and_keeps_its_own(tmp_path: Path) -> None:
@@ -404,12 +407,12 @@ def test_a_changed_config_names_the_keys_that_changed_and_only_those(tmp_path: P
     base = load_study("kd_ig", "smoke")
     open_study(open_storage(url), "s", base, optuna.samplers.RandomSampler(),
                optuna.pruners.NopPruner(), ["maximize"], url, data_fingerprint="d",
-               data_origin="o")
+               data_origin="o", precision=FP32, device="cpu")
     changed = load_study("kd_ig", "smoke", ["kd.temperature=7", "measure.latency_runs=7"])
     with pytest.raises(KdigError) as e:
         open_study(open_storage(url), "s", changed, optuna.samplers.RandomSampler(),
                    optuna.pruners.NopPruner(), ["maximize"], url, data_fingerprint="d",
-                   data_origin="o")
+                   data_origin="o", precision=FP32, device="cpu")
     assert "(changed: kd.temperature)" in str(e.value)
 
 
@@ -450,3 +453,73 @@ def test_export_of_an_unfinished_trial_suggests_only_what_exists(tmp_path: Path)
     study.add_trial(create_trial(params={}, distributions={}, value=0.5))
     with pytest.raises(KdigError, match="try --trial best, or one of 1$"):
         pick_trial(study, "0")
+
+
+# --- precision on mixed hardware (issue 29) ---
+
+@pytest.mark.parametrize("capability,emulated,expected", [
+    ((7, 5), True, "fp32"),   # T4: bf16 only emulated, slower than fp32
+    ((7, 0), True, "fp32"),   # V100
+    ((8, 0), False, "bf16"),  # A100
+    ((9, 0), False, "bf16"),  # H100/H200
+])
+def test_auto_precision_takes_bf16_only_where_the_gpu_has_it_natively(
+        monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], emulated: bool,
+        expected: str) -> None:
+    from kdig_study.engine import resolve_precision
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return capability[0] >= 8 or (including_emulation and emulated)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == expected
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+    assert resolve_precision("fp32", torch.device("cuda", 0)) == "fp32"  # asked, not resolved
+
+
+def test_a_study_refuses_a_machine_where_auto_resolves_another_precision(
+        tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/p.db"
+    cfg = load_study("kd_ig", "smoke")
+
+    def opened(precision: dict[str, str], device: str) -> optuna.Study:
+        return open_study(open_storage(url), "s", cfg, optuna.samplers.RandomSampler(),
+                          optuna.pruners.NopPruner(), ["maximize"], url, data_fingerprint="d",
+                          data_origin="o", precision=precision, device=device)
+
+    bf16 = {"teacher": "bf16", "maps": "bf16", "students": "bf16"}
+    study = opened(bf16, "cuda:NVIDIA A100:12.8")
+    assert study.user_attrs["precision"] == bf16 | {"device": "cuda:NVIDIA A100:12.8"}
+    opened(bf16, "cpu:Xeon with AMX")  # the same precision elsewhere: one study
+    with pytest.raises(KdigError) as e:
+        opened(bf16 | {"students": "fp32"}, "cuda:Tesla T4:12.8")
+    assert str(e.value).count("\n") == 0
+    assert "made with students at bf16 on cuda:NVIDIA A100:12.8; here (cuda:Tesla T4:12.8) " \
+           "the config resolves students at fp32" in str(e.value)
+    # a study made before the precision was recorded takes this machine's
+    study.set_user_attr("precision", None)
+    assert opened(FP32, "cpu").user_attrs["precision"] == FP32 | {"device": "cpu"}
+
+
+def test_export_finds_the_teacher_at_the_precision_its_study_recorded(
+        monkeypatch: pytest.MonkeyPatch, warm_teacher: Path) -> None:
+    """A teacher trained where "auto" is bf16 is read on a CPU where it is fp32 (and the
+    other way round): its fingerprint holds the precision, so export looked for another
+    teacher and exported the student alone."""
+    from kdig_study import engine
+    from kdig_study.data import load_bundle
+    from kdig_study.teacher import cached_teacher
+
+    cfg = load_study("kd_ig", "smoke")
+    data = load_bundle(cfg.data)
+    cpu = torch.device("cpu")
+    made_at = engine.resolve_precision("auto", cpu)
+    here = cached_teacher(cfg, data, cpu)
+    assert here is not None
+    monkeypatch.setattr(engine, "_cpu_has_fast_bf16", lambda: made_at == "fp32")
+    assert engine.resolve_precision("auto", cpu) != made_at  # now "other hardware"
+    assert cached_teacher(cfg, data, cpu) is None
+    found = cached_teacher(cfg, data, cpu, made_at)
+    assert found is not None and found.fingerprint == here.fingerprint

@@ -154,7 +154,8 @@ def test_the_heartbeat_interval_is_the_studys(tmp_path: Path) -> None:
         storage = open_storage(url, heartbeat_interval=interval)
         open_study(storage, "hb", cfg, optuna.samplers.RandomSampler(),
                    optuna.pruners.NopPruner(), ["maximize"], url, data_fingerprint="d",
-                   data_origin="o", log=lambda line, **_: lines.append(line))
+                   data_origin="o", precision={"teacher": "fp32"}, device="cpu",
+                   log=lambda line, **_: lines.append(line))
         return storage
 
     first: list[str] = []
