@@ -37,6 +37,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("parallel", "Parallel coordinates"),
     ("pairs", "Temperature x alpha, overlay strength x probability"),
     ("intermediate", "Learning curves and pruning"),
+    ("timeline", "Timeline of the trials"),
     ("ablation", "Ablation"),
     ("compression", "Accuracy against compression and latency"),
     ("robustness", "Robustness under distribution shift"),
@@ -121,21 +122,18 @@ def _search(page: Page, study: optuna.Study) -> None:
         page.empty("history", "No completed trial yet." if trials else "No trials yet.")
     imp, why = rd.importance_data(study)
     if imp:
-        page.figure("importance", "importance", rf.importance_figure(imp))
+        page.figure("importance", "importance", rf.importance_figure(study))
     else:
         page.empty("importance", f"Parameter importances: {why}.")
-    par = rd.parallel_data(trials)
-    if par.get("value") and len(par) > 1:
-        page.figure("parallel", "parallel", rf.parallel_figure(par))
+    if any(t.params for t in rd.finished(trials)):
+        page.figure("parallel", "parallel", rf.parallel_figure(study))
     else:
         page.empty("parallel", "No completed trial with parameters yet.")
     any_pair = False
-    for x, y, lx, ly in (("temperature", "alpha", True, True),
-                         ("overlay_strength", "overlay_prob", False, False)):
-        data = rd.pair_data(trials, x, y)
-        if data:
+    for x, y in (("temperature", "alpha"), ("overlay_strength", "overlay_prob")):
+        if rd.pair_data(trials, x, y):
             any_pair = True
-            page.figure("pairs", f"pair-{x}-{y}", rf.pair_figure(data, x, y, lx, ly))
+            page.figure("pairs", f"pair-{x}-{y}", rf.pair_figure(study, x, y))
     if not any_pair:
         page.empty("pairs", "No completed trial searched these parameter pairs.")
     curves = rd.intermediate_data(trials)
@@ -143,6 +141,10 @@ def _search(page: Page, study: optuna.Study) -> None:
         page.figure("intermediate", "intermediate", rf.intermediate_figure(curves))
     else:
         page.empty("intermediate", "No trial has reported an epoch yet.")
+    if trials:
+        page.figure("timeline", "timeline", rf.timeline_figure(study))
+    else:
+        page.empty("timeline", "No trials yet.")
 
 
 def _ablation(page: Page, ab: rd.Ablation | None) -> None:

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable
 from typing import Any
 
+import optuna
+import optuna.visualization as vis
 import plotly.colors as pcolors
 import plotly.graph_objects as go
+from optuna.trial import FrozenTrial
 
-from kdig_study.report_data import Ablation, History, Robustness
+from kdig_study.report_data import (
+    Ablation,
+    History,
+    Robustness,
+    importance_evaluator,
+    importance_target,
+)
 
 _LAYOUT = dict(template="plotly_white", height=420, margin=dict(l=60, r=20, t=50, b=50))
 _COLORS = {"student": "#7f7f7f", "KD": "#1f77b4", "IG": "#2ca02c", "KD+IG": "#d62728",
@@ -40,38 +50,41 @@ def history_figure(h: History) -> go.Figure:
                              yaxis_title="validation accuracy", **_LAYOUT)
 
 
-def importance_figure(imp: dict[str, float]) -> go.Figure:
-    names = list(imp)[::-1]
-    fig = go.Figure(go.Bar(x=[imp[n] for n in names], y=[_e(n) for n in names],
-                           orientation="h"))
-    return fig.update_layout(title="Parameter importances (Optuna's default evaluator, PED-ANOVA)",
-                             xaxis_title="importance", **_LAYOUT)
+# The search figures Optuna draws itself (optuna.visualization) are taken from it: the same
+# figures as optuna-dashboard's. Validation accuracy, the first objective, is the target of
+# a multi-objective study's figures.
+_TARGET_NAME = "validation accuracy"
 
 
-def parallel_figure(data: dict[str, list[float]]) -> go.Figure:
-    dims = [dict(label=_e(k), values=v) for k, v in data.items() if k != "value"]
-    dims.append(dict(label="val acc", values=data["value"]))
-    fig = go.Figure(go.Parcoords(line=dict(color=data["value"], colorscale="Viridis",
-                                           showscale=True), dimensions=dims))
+def _first_objective(study: optuna.Study) -> Callable[[FrozenTrial], float] | None:
+    return None if len(study.directions) == 1 else lambda t: t.values[0]
+
+
+def importance_figure(study: optuna.Study) -> go.Figure:
+    fig = vis.plot_param_importances(study, evaluator=importance_evaluator(),
+                                     target=importance_target(study),
+                                     target_name=_TARGET_NAME)
+    return fig.update_layout(title="Parameter importances (PED-ANOVA)", **_LAYOUT)
+
+
+def parallel_figure(study: optuna.Study) -> go.Figure:
+    fig = vis.plot_parallel_coordinate(study, target=_first_objective(study),
+                                       target_name=_TARGET_NAME)
     return fig.update_layout(title="Parallel coordinates (completed trials)",
                              **(_LAYOUT | {"margin": dict(l=60, r=40, t=110, b=40)}))
 
 
-def pair_figure(data: dict[str, list[float]], x: str, y: str, log_x: bool = False,
-                log_y: bool = False) -> go.Figure:
-    fig = go.Figure(go.Scatter(
-        x=data["x"], y=data["y"], mode="markers",
-        marker=dict(size=11, color=data["value"], colorscale="Viridis", showscale=True,
-                    colorbar=dict(title="val acc")),
-        text=[f"trial {n}: {v:.2%}" for n, v in zip(data["number"], data["value"], strict=True)],
-        hoverinfo="text"))
-    fig.update_layout(title=f"{_e(x)} x {_e(y)}", xaxis_title=_e(x), yaxis_title=_e(y),
-                      **_LAYOUT)
-    if log_x:
-        fig.update_xaxes(type="log")
-    if log_y:
-        fig.update_yaxes(type="log")
-    return fig
+def pair_figure(study: optuna.Study, x: str, y: str) -> go.Figure:
+    """Optuna's contour of the completed trials over two parameters (log axes where the
+    search space is log-scaled)."""
+    fig = vis.plot_contour(study, params=[x, y], target=_first_objective(study),
+                           target_name=_TARGET_NAME)
+    return fig.update_layout(title=f"{_e(x)} x {_e(y)}", **_LAYOUT)
+
+
+def timeline_figure(study: optuna.Study) -> go.Figure:
+    """When each trial ran, in what state it ended (workers side by side)."""
+    return vis.plot_timeline(study).update_layout(title="Timeline of the trials", **_LAYOUT)
 
 
 def intermediate_figure(curves: list[dict]) -> go.Figure:
@@ -86,6 +99,9 @@ def intermediate_figure(curves: list[dict]) -> go.Figure:
                                  showlegend=c["state"] not in shown,
                                  hovertext=f"trial {c['number']} ({c['state']})"))
         shown.add(c["state"])
+    # epochs are integers: ticks on whole epochs only (a few epochs showed 1.5, 2.5)
+    last = max((max(c["epochs"]) for c in curves), default=1)
+    fig.update_xaxes(tick0=0, dtick=max(1, math.ceil(last / 12)), tickformat="d")
     return fig.update_layout(title="Validation accuracy per epoch (pruned trials in red)",
                              xaxis_title="epoch", yaxis_title="validation accuracy", **_LAYOUT)
 

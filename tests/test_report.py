@@ -154,6 +154,9 @@ def test_data_steps(url: str) -> None:
     assert curves[-1]["epochs"] == [1]
     imp, why = rd.importance_data(study)
     assert imp and set(imp) <= set(SPACE) and abs(sum(imp.values()) - 1) < 1e-6
+    from kdig_study.report_figures import intermediate_figure
+    axis = intermediate_figure(curves).layout.xaxis  # whole epochs only, never 1.5
+    assert axis.dtick == 1 and axis.tickformat == "d"
     ab = rd.ablation_data(storage_of(study), "kd_ig-cpu")
     summ = {s["condition"]: s for s in ab.analysis["test_acc"]["summaries"]}
     assert summ["KD"]["mean"] == pytest.approx(0.755) and summ["KD"]["n"] == 2
@@ -184,7 +187,7 @@ def test_every_section_present(url: str) -> None:
     for sid, _title in SECTIONS:
         assert f"<section id='{sid}'>" in html, sid
     assert "class=\"empty\"" not in html  # all data present: no "not yet" notes
-    assert len(page.figures) == 18  # history, importance, parallel, 2 pairs, curves,
+    assert len(page.figures) == 19  # history, importance, parallel, 2 pairs, curves, timeline
     # 3 ablation (clean, corrupted, validation) each with its paired differences, the
     # corrupted comparisons by family, 2 compression, 2 robustness, reference
     assert "92.02" in html and "KD+IG - KD" in html and "effect: KD x IG" in html
@@ -429,3 +432,35 @@ def test_a_kd_methods_ablation_gets_its_section_through_the_cli(url: str, tmp_pa
     bad = run_cli("report", "--study", "kd_ig", "--scale", "cpu", "--storage", url,
                   "--out", str(tmp_path), "--no-dashboard", "--ablation", "nope")
     assert_one_line_error(bad, "--ablation nope", "no ablation study")
+
+
+def test_search_figures_are_optunas_with_the_evaluator_named(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importances come from PED-ANOVA named explicitly: an Optuna whose default evaluator
+    changed (simulated: the default swapped for mean decrease in impurity) must not change
+    the report's figure."""
+    import optuna.importance
+
+    from kdig_study import report_figures as rf
+
+    study = _search_study(url)
+    explicit = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+    class Uniform(optuna.importance.BaseImportanceEvaluator):
+        def evaluate(self, study, params=None, *, target=None):  # type: ignore[no-untyped-def]
+            names = sorted({k for t in study.get_trials() for k in t.params})
+            return {k: 1 / len(names) for k in names}
+
+    monkeypatch.setattr(optuna.importance, "PedAnovaImportanceEvaluator", Uniform)
+    assert optuna.importance.get_param_importances(study) != explicit  # the default moved
+    imp, _ = rd.importance_data(study)
+    assert imp == explicit
+    bars = rf.importance_figure(study).data[0]
+    assert dict(zip(bars.y, bars.x, strict=True)) == pytest.approx(explicit)
+    # Optuna's own figures: contour on the search space's log axes, the timeline
+    contour = rf.pair_figure(study, "temperature", "alpha")
+    assert contour.layout.xaxis.type == "log" and contour.layout.yaxis.type == "log"
+    assert rf.timeline_figure(study).layout.title.text == "Timeline of the trials"
+    par = rf.parallel_figure(study)  # one line per completed trial, an axis per parameter
+    assert list(par.layout.xaxis.ticktext) == ["validation accuracy", *sorted(SPACE)]
+    assert sum(d.mode == "lines" for d in par.data) == 3
