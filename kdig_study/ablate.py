@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdig_study import formats
-from kdig_study.cli import Parser, add_study_args, load_from_args, run, spawn_workers
+from kdig_study.cli import (
+    Parser,
+    add_study_args,
+    add_track_arg,
+    load_from_args,
+    run,
+    spawn_workers,
+)
 from kdig_study.config import (
     BINARY_FACTORS,
     FACTORS,
@@ -69,6 +76,7 @@ if TYPE_CHECKING:
     from kdig_study.ablation import Params, Run
     from kdig_study.experiment import Context
     from kdig_study.stats import Table
+    from kdig_study.tracking import Tracker
 
 METRICS = (("test_acc", "test accuracy"), ("robust_test_acc", "test accuracy under corruptions"),
            ("val_acc", "validation accuracy"))
@@ -85,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m kdig_study.ablate", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_args(p, trains_students=True)
+    add_track_arg(p)
     p.add_argument("--seeds", type=int, default=10,
                    help="replicates per condition (default 10, the paper's count)")
     p.add_argument("--factors", default="kd,ig",
@@ -724,7 +733,7 @@ def _ledger(args: argparse.Namespace, setup: _Setup, study: optuna.Study,
 
 
 def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: Any,
-         ctx: Context) -> None:
+         ctx: Context, tracker: Tracker | None) -> None:
     """The planned runs: maps up front (first process), then here or in --workers processes;
     the run ledger is read first and rewritten after each finished run."""
     from kdig_study.ablation import AblationRunner
@@ -745,7 +754,8 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
         prefix = f"[worker {worker}] " if worker is not None else ""
         AblationRunner(ctx, study, setup.params, setup.design, setup.sweep_key,
                        setup.fraction, poll_s=max(1.0, args.heartbeat / 2), storage=storage,
-                       controls=setup.controls, teachers=setup.teachers).run(
+                       controls=setup.controls, teachers=setup.teachers,
+                       tracker=tracker).run(
             setup.runs, log=lambda *a, **k: print(prefix + " ".join(map(str, a)), **k),
             on_finished=write_ledger)
     if worker is None:
@@ -914,6 +924,9 @@ def main() -> int:
     args.params = args.params or "fixed"
     cfg = load_from_args(args)
     options = _options(args, cfg)  # bad arguments fail before the store is opened
+    from kdig_study.tracking import make_tracker, where
+
+    tracker = make_tracker(args.track)  # a missing package: one line, before any run
     if args.worker_index is None:  # where the results go, checked before any run
         writable_folder(Path(args.out), "--out")
     from kdig_study.ablation import ablation_study_name
@@ -940,7 +953,9 @@ def main() -> int:
     ctx = Context.create(setup.cfg, args.data_dir, args.device, progress=not args.no_progress)
     study = open_ablation_study(storage, url, name, setup, ctx)
     _announce(setup, name, url, default_design)
-    _run(args, setup, study, storage, ctx)
+    if tracker is not None and args.worker_index is None:
+        print(f"tracking every run to {where(tracker)}", flush=True)
+    _run(args, setup, study, storage, ctx, tracker)
     if args.worker_index is None:
         analyse_and_write(setup, study, Path(args.out))
     return 0

@@ -60,6 +60,7 @@ from kdig_study.stats import (
     overlay_sources,
     primary_pair,
 )
+from kdig_study.tracking import Tracker
 
 Params = dict[str, Any]
 
@@ -256,12 +257,13 @@ class AblationRunner:
                  design: Design, sweep_key: str | None = None,
                  fraction: float | None = None, poll_s: float = 5.0,
                  storage: RDBStorage | None = None, controls: tuple[str, ...] = (),
-                 teachers: int = 1) -> None:
+                 teachers: int = 1, tracker: Tracker | None = None) -> None:
         """``params``: each condition's method hyperparameters, by condition name;
         ``storage``: the study's RDB storage (for the lock that hands out runs);
         ``controls``: map sources run with KD on only, beside the factorial design;
-        ``teachers``: K of --teachers K."""
+        ``teachers``: K of --teachers K; ``tracker``: --track's, fed each run's epochs."""
         self.ctx, self.study, self.params = ctx, study, params
+        self.tracker = tracker
         self.teachers = teachers
         self.design, self.sweep_key, self.fraction = design, sweep_key, fraction
         self.poll_s = poll_s
@@ -318,7 +320,8 @@ class AblationRunner:
 
         claim_and_run(self.study, self.lock, decide,
                       lambda trial: self._objective(trial, sweep_values, planned),
-                      self.poll_s, log=log, callbacks=[finished])
+                      self.poll_s, log=log,
+                      callbacks=[finished, *([self.tracker.finished] if self.tracker else [])])
 
     def _objective(self, trial: optuna.Trial, sweep_values: list[float],
                    planned: set[Run]) -> float:
@@ -340,8 +343,11 @@ class AblationRunner:
         rows = monte_carlo_rows(ctx, run.replicate, self.fraction) if self.fraction \
             else None
         record_provenance(trial, ctx, cfg)
+        tracker = self.tracker
         result = run_student(ctx, cfg, rows=rows, desc=f"{run.name} r{run.replicate}" + (
-            f" t{run.teacher}" if run.teacher is not None else ""))
+            f" t{run.teacher}" if run.teacher is not None else ""),
+            on_epoch=None if tracker is None else
+            lambda stats: tracker.epoch(self.study.study_name, trial.number, stats))
         shape = repr(cfg.student)
         if shape not in self._profiles:
             self._profiles[shape] = latency_columns(

@@ -45,6 +45,14 @@ def add_study_args(p: argparse.ArgumentParser, trains_students: bool = False,
                             "outputs from the cache (teacher_cache.enabled = false)")
 
 
+def add_track_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--track", default=None, metavar="mlflow|tensorboard",
+                   help="also log every trial's per-epoch curves, parameters and metrics to "
+                        "MLflow ($MLFLOW_TRACKING_URI, else sqlite:///storage/mlflow.db) or "
+                        "TensorBoard (storage/tensorboard), or both (comma list); needs "
+                        "pip install -e \".[track]\"")
+
+
 def default_scale() -> str:
     import torch
 

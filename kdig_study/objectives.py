@@ -31,6 +31,7 @@ from kdig_study.experiment import Context, RunMetrics, run_student
 from kdig_study.measure import latency_columns, profile
 from kdig_study.optuna_adapter import stored_trial
 from kdig_study.paths import atomic_write, file_sha256, storage_dir
+from kdig_study.tracking import Tracker
 
 
 def suggest(trial: optuna.Trial, space: dict[str, ParamSpec],
@@ -123,8 +124,10 @@ class Objective:
     """One trial = one student run with suggested parameters. Reports validation accuracy
     every epoch; the pruner may stop it early."""
 
-    def __init__(self, ctx: Context, prune: bool = True, artifacts: Any = None) -> None:
+    def __init__(self, ctx: Context, prune: bool = True, artifacts: Any = None,
+                 tracker: Tracker | None = None) -> None:
         self.ctx = ctx
+        self.tracker = tracker
         self.space = relevant_space(ctx.cfg)
         self.objectives = ctx.cfg.search.objectives
         # Optuna cannot prune multi-objective trials (Trial.report/should_prune).
@@ -146,6 +149,8 @@ class Objective:
 
         def on_epoch(stats: Any) -> None:
             last_epoch[0] = stats.epoch
+            if self.tracker is not None:
+                self.tracker.epoch(trial.study.study_name, trial.number, stats)
             if len(self.objectives) > 1:
                 return
             if stats.epoch not in reported:

@@ -22,7 +22,14 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from kdig_study import formats
-from kdig_study.cli import Parser, add_study_args, load_from_args, run, spawn_workers
+from kdig_study.cli import (
+    Parser,
+    add_study_args,
+    add_track_arg,
+    load_from_args,
+    run,
+    spawn_workers,
+)
 from kdig_study.config import StudyConfig, fixed_trial, method_name, relevant_space
 from kdig_study.errors import KdigError
 
@@ -36,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m kdig_study.optimize", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_args(p, trains_students=True)
+    add_track_arg(p)
     p.add_argument("--n-trials", type=int, default=None,
                    help="finished trials wanted in the study, in total (default: the study's)")
     p.add_argument("--timeout", type=float, default=None,
@@ -250,8 +258,10 @@ def main() -> int:
         open_study,
         quiet_optuna_logs,
     )
+    from kdig_study.tracking import make_tracker, where
 
     worker = args.worker_index
+    tracker = make_tracker(args.track)  # a missing package: one line, before any training
     threads = os.environ.get("KDIG_THREADS")
     if threads:
         if not threads.isdigit() or int(threads) < 1:
@@ -311,13 +321,15 @@ def main() -> int:
     space = relevant_space(cfg)
     if worker is None:
         print(f"searching {', '.join(space) or 'nothing'} with {cfg.search.sampler.upper()}, "
-              f"pruner {describe_pruner(cfg)}; store {url}, study '{name}'", flush=True)
+              f"pruner {describe_pruner(cfg)}; store {url}, study '{name}'"
+              + (f"; tracking to {where(tracker)}" if tracker else ""), flush=True)
     objective = Objective(ctx, prune=cfg.search.pruner != "none",
-                          artifacts=artifact_store(check_writable=True))
+                          artifacts=artifact_store(check_writable=True), tracker=tracker)
     run_worker(study, objective, n_trials,
                None if deadline is None else max(0.0, deadline - time.time()),
                SlotLock(storage, name),
-               poll_s=max(1.0, args.heartbeat / 2), prefix=prefix)
+               poll_s=max(1.0, args.heartbeat / 2), prefix=prefix,
+               callbacks=[tracker.finished] if tracker else [])
     if worker is None:
         _after_search(study, ctx, n_trials, url, finished)
     return 0

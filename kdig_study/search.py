@@ -5,7 +5,7 @@ trials until the study holds the number of finished trials asked for (used by th
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
@@ -80,8 +80,11 @@ def _trial_line(study: optuna.Study, n_trials: int, prefix: str) -> Any:
 
 
 def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
-               timeout: float | None, lock: SlotLock, poll_s: float, prefix: str = "") -> None:
-    """Run trials until the study holds ``n_trials`` finished ones and none is running."""
+               timeout: float | None, lock: SlotLock, poll_s: float, prefix: str = "",
+               callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()
+               ) -> None:
+    """Run trials until the study holds ``n_trials`` finished ones and none is running;
+    ``callbacks`` (Optuna's) are called after each trial this worker ran."""
 
     def decide() -> Next:
         states = Counter(t.state for t in study.get_trials(deepcopy=False))
@@ -98,7 +101,7 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
             f"heartbeat is over {2 * (heartbeat_interval(study) or 0)} s old (--heartbeat S)"))
 
     if not claim_and_run(study, lock, decide, objective, poll_s, timeout=timeout,
-                         callbacks=[_trial_line(study, n_trials, prefix)]):
+                         callbacks=[_trial_line(study, n_trials, prefix), *callbacks]):
         print(f"{prefix}--timeout reached: no new trials started", flush=True)
 
 
