@@ -11,15 +11,23 @@ tests/test_optuna_adapter.py fails and this module is the one place to fix. What
   methods of the heartbeat mix-in, not part of the user-facing API).
 * ``RDBStorage._get_stale_trial_ids(self, study_id) -> list[int]``, which
   ``optuna.storages.fail_stale_trials`` calls: overridden by :class:`StaleAwareRDBStorage`.
+* ``optuna.storages._heartbeat.BaseHeartbeat``: the heartbeat protocol (record_heartbeat,
+  _get_stale_trial_ids, get_heartbeat_interval, get_heartbeat_stale_trial_callback) that
+  Optuna's heartbeat thread, ``fail_stale_trials`` and ``RetryHeartbeatStaleTrialCallback``
+  use; :class:`HeartbeatJournalStorage` implements it for a journal file.
 """
 
 from __future__ import annotations
 
 import datetime
+import time
+from collections.abc import Callable
 
 import optuna
 import sqlalchemy
-from optuna.storages import BaseStorage, RDBStorage
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 OPTUNA_MAJOR = 5  # the major version this module was written against
@@ -30,12 +38,13 @@ def storage_of(study: optuna.Study) -> BaseStorage:
     return study._storage
 
 
-def rdb_storage_of(study: optuna.Study) -> RDBStorage:
-    """The RDBStorage under the study (its database engine, heartbeat settings)."""
+def rdb_storage_of(study: optuna.Study) -> RDBStorage | HeartbeatJournalStorage:
+    """The storage under the study, RDB or journal (its lock, heartbeat settings)."""
     storage = storage_of(study)
-    storage = getattr(storage, "_backend", storage)  # _CachedStorage wraps the RDBStorage
-    if not isinstance(storage, RDBStorage):
-        raise TypeError(f"study '{study.study_name}' is not in an RDB store "
+    if not isinstance(storage, HeartbeatJournalStorage):  # (a journal's _backend: its file)
+        storage = getattr(storage, "_backend", storage)  # _CachedStorage wraps an RDBStorage
+    if not isinstance(storage, RDBStorage | HeartbeatJournalStorage):
+        raise TypeError(f"study '{study.study_name}' is not in an RDB or journal store "
                         f"({type(storage).__name__})")
     return storage
 
@@ -88,3 +97,53 @@ class StaleAwareRDBStorage(RDBStorage):
         with self.engine.connect() as con:
             beating = {row[0] for row in con.execute(query, {"ids": old})}
         return stale + [i for i in old if i not in beating]
+
+
+# the trial system attribute a journal heartbeat writes: seconds since the epoch
+JOURNAL_BEAT = "kdig:heartbeat"
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """Optuna's JournalStorage on one file (shared storage, no database server), with the
+    heartbeats Optuna 5's journal lacks: without them a worker killed by SIGKILL or a lost
+    machine left its trial RUNNING for ever, and a resumed search waited on it.
+
+    A beat is a trial system attribute, ``JOURNAL_BEAT`` (one journal line a heartbeat
+    interval); a RUNNING trial whose last beat (or, before its first, its start) is older
+    than the grace period is stale, as with RDBStorage. The clocks are the workers' own, so
+    machines sharing a journal need synchronised clocks (NTP); the grace period, twice the
+    interval, absorbs small skews."""
+
+    def __init__(self, path: str, heartbeat_interval: int, grace_period: int,
+                 heartbeat_stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None]
+                 | None = None) -> None:
+        # the open lock (O_EXCL files) works on NFS, where symlink locks may not
+        super().__init__(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+        self.path = path
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, JOURNAL_BEAT, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # it ended (or another process failed it) since the beat was due
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        stale = []
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            beat = t.system_attrs.get(JOURNAL_BEAT)
+            last = beat if beat is not None else (
+                t.datetime_start.timestamp() if t.datetime_start is not None else now)
+            if now - last > self.grace_period:
+                stale.append(trial_id(t))
+        return stale
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(
+            self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self.heartbeat_stale_trial_callback

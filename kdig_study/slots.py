@@ -24,23 +24,26 @@ from filelock import FileLock
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from kdig_study.optuna_adapter import record_heartbeat
+from kdig_study.optuna_adapter import HeartbeatJournalStorage, record_heartbeat
 from kdig_study.store import MAX_RETRY, FailedElsewhere, fail_stale
 
 
 class SlotLock:
     """Held from 'are trials still wanted?' until the new trial is RUNNING in the store, so
-    that N workers never start more trials than asked for. SQLite (one machine): a file lock
-    beside the database; PostgreSQL (many machines): a session-level advisory lock."""
+    that N workers never start more trials than asked for. SQLite (one machine) and a
+    journal file (shared storage): a file lock beside it (POSIX locks: on NFS, v4 or lockd);
+    PostgreSQL (many machines): a session-level advisory lock."""
 
-    def __init__(self, storage: RDBStorage, study_name: str) -> None:
-        self._engine = storage.engine
+    def __init__(self, storage: RDBStorage | HeartbeatJournalStorage, study_name: str) -> None:
         self._key = zlib.crc32(f"kdig-slots:{study_name}".encode()) & 0x7FFFFFFF
         self._file: FileLock | None = None
         self._conn: sqlalchemy.Connection | None = None
-        if self._engine.dialect.name == "sqlite":
-            db = self._engine.url.database
-            self._file = FileLock(f"{db}.{self._key}.slots.lock")
+        if isinstance(storage, HeartbeatJournalStorage):
+            self._file = FileLock(f"{storage.path}.{self._key}.slots.lock")
+        elif storage.engine.dialect.name == "sqlite":
+            self._file = FileLock(f"{storage.engine.url.database}.{self._key}.slots.lock")
+        else:
+            self._engine = storage.engine
         self.held = False
 
     def acquire(self) -> None:

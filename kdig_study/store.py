@@ -23,10 +23,16 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from kdig_study import __version__
 from kdig_study.config import StudyConfig, identity
 from kdig_study.errors import KdigError
-from kdig_study.optuna_adapter import StaleAwareRDBStorage
+from kdig_study.optuna_adapter import HeartbeatJournalStorage, StaleAwareRDBStorage
 from kdig_study.paths import storage_dir, writable_folder
 
-_HELP_URL = "e.g. sqlite:///storage/kdig.db or postgresql+psycopg://user@host:5432/db"
+_HELP_URL = ("e.g. sqlite:///storage/kdig.db, postgresql+psycopg://user@host:5432/db or "
+             "journal:///shared/kdig.journal")
+# a journal file (Optuna's JournalStorage): journal:///abs/path or journal:relative/path
+JOURNAL = "journal:"
+
+# what open_storage returns: a database, or a journal file on shared storage
+Storage = RDBStorage | HeartbeatJournalStorage
 
 
 class FailedElsewhere(Exception):
@@ -121,13 +127,50 @@ def _schema_lock(backend: str, url: str, db: Path | None, engine_kwargs: dict[st
         engine.dispose()
 
 
+def _stale_callback(max_retry: int) -> RetryHeartbeatStaleTrialCallback:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=max_retry,
+                                                inherit_intermediate_values=True)
+
+
+def journal_path(url: str) -> Path | None:
+    """The file of a journal:... store URL, else None."""
+    if not url.startswith(JOURNAL):
+        return None
+    rest = url[len(JOURNAL):]
+    return Path(rest[2:] if rest.startswith("//") else rest)
+
+
+def _open_journal(path: Path, url: str, heartbeat_interval: int, max_retry: int,
+                  existing: bool) -> HeartbeatJournalStorage:
+    if not path.name:
+        raise KdigError(f"--storage {url!r}: a journal store needs a file; {_HELP_URL}")
+    if existing and not path.is_file():  # never an empty store by a typo
+        raise KdigError(f"no journal store at {path}: check --storage; `optimize` and "
+                        f"`ablate` make one")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return HeartbeatJournalStorage(str(path), heartbeat_interval, 2 * heartbeat_interval,
+                                       _stale_callback(max_retry))
+    except OSError as e:
+        raise KdigError(f"cannot open journal store {path}: {e.strerror or e}; choose a "
+                        f"writable folder") from None
+
+
 def open_storage(url: str, heartbeat_interval: int = 60, max_retry: int = MAX_RETRY,
-                 read_only: bool = False, existing: bool = False) -> RDBStorage:
-    """An RDBStorage for SQLite or PostgreSQL, with heartbeats: a trial whose worker stops
-    beating for 2 x ``heartbeat_interval`` seconds becomes FAIL and is queued again (up to
-    ``max_retry`` times). ``read_only``: an SQLite file opened for reading only (e.g. a
-    store on a read-only disk, for a report); nothing is created or changed. ``existing``:
-    an SQLite file that must be there already (commands that read a store)."""
+                 read_only: bool = False, existing: bool = False) -> Storage:
+    """A store with heartbeats: a trial whose worker stops beating for 2 x
+    ``heartbeat_interval`` seconds becomes FAIL and is queued again (up to ``max_retry``
+    times). SQLite or PostgreSQL (RDBStorage), or a journal file (``journal:PATH``: Optuna's
+    JournalStorage, for clusters with shared storage and no database server). ``read_only``:
+    an SQLite file opened for reading only (e.g. a store on a read-only disk, for a report);
+    nothing is created or changed. ``existing``: a file that must be there already
+    (commands that read a store)."""
+    journal = journal_path(url)
+    if journal is not None:
+        return _open_journal(journal, url, heartbeat_interval, max_retry,
+                             existing or read_only)
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
@@ -160,15 +203,14 @@ def open_storage(url: str, heartbeat_interval: int = 60, max_retry: int = MAX_RE
         engine_kwargs["pool_pre_ping"] = True
     else:
         raise KdigError(f"--storage {url!r}: unsupported database '{backend}'; allowed: "
-                        f"sqlite, postgresql ({_HELP_URL})")
+                        f"sqlite, postgresql, journal ({_HELP_URL})")
     try:
         with warnings.catch_warnings(), _schema_lock(backend, url, db, engine_kwargs):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = StaleAwareRDBStorage(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                 grace_period=2 * heartbeat_interval,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                    max_retry=max_retry, inherit_intermediate_values=True))
+                heartbeat_stale_trial_callback=_stale_callback(max_retry))
     except ModuleNotFoundError as e:
         raise KdigError(f"--storage {url!r}: database driver missing ({e}); for PostgreSQL "
                         f"install it with: pip install -e \".[postgres]\"") from None
@@ -214,7 +256,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def use_study_heartbeat(study: optuna.Study, storage: RDBStorage, log: Any = print) -> None:
+def use_study_heartbeat(study: optuna.Study, storage: Storage, log: Any = print) -> None:
     """Beat at the interval the study was made with (a study made before it was recorded
     gets this process's)."""
     recorded = study.user_attrs.get("heartbeat_interval")
@@ -275,7 +317,7 @@ def _parts(precision: dict[str, str], keys: list[str]) -> str:
     return ", ".join(f"{k} at {precision.get(k, '?')}" for k in keys)
 
 
-def open_study(storage: RDBStorage, name: str, cfg: StudyConfig,
+def open_study(storage: Storage, name: str, cfg: StudyConfig,
                sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner,
                directions: list[str], url: str, *, data_fingerprint: str,
                data_origin: str, precision: dict[str, str], device: str,

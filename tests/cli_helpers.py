@@ -104,4 +104,5 @@ def trials_of(url: str, study_name: str) -> list[optuna.trial.FrozenTrial]:
         return optuna.load_study(study_name=study_name, storage=storage).get_trials(
             deepcopy=False)
     finally:
-        storage.engine.dispose()
+        if hasattr(storage, "engine"):  # a journal file has no connections to close
+            storage.engine.dispose()

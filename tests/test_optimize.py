@@ -17,6 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from kdig_study.optuna_adapter import storage_of, trial_id
+from kdig_study.store import open_storage
 
 from cli_helpers import assert_one_line_error, run_cli, run_process, trials_of
 from conftest import REPO
@@ -248,13 +249,21 @@ def _workers_finish_exactly(url: str, env: dict, name: str, n: int = 5) -> None:
     points = [tuple(sorted(t.params.items())) for t in _trials(url, name)]
     assert len(set(points)) == len(points), points
     # latency: teacher and student measured together after the search, in one process
-    lat = optuna.load_study(study_name=name, storage=url).user_attrs["latency"]
+    lat = optuna.load_study(study_name=name, storage=open_storage(url)).user_attrs["latency"]
     assert lat["teacher"]["latency_b1"]["threads"] == lat["student"]["latency_b1"]["threads"]
 
 
 @pytest.mark.slow
 def test_three_workers_on_sqlite(env: dict, isolated_storage: Path) -> None:
     _workers_finish_exactly(_url(isolated_storage), env, "kd_ig-smoke")
+
+
+@pytest.mark.slow
+def test_three_workers_on_a_journal_file(env: dict, isolated_storage: Path) -> None:
+    """Optuna's JournalStorage: one file on shared storage, no database server."""
+    journal = isolated_storage / "shared" / "kdig.journal"
+    _workers_finish_exactly(f"journal://{journal}", env, "kd_ig-smoke")
+    assert journal.is_file() and not list(journal.parent.glob("*.db"))
 
 
 def _postgres_reachable() -> str | None:

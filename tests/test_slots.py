@@ -165,3 +165,60 @@ def test_the_heartbeat_interval_is_the_studys(tmp_path: Path) -> None:
     assert (storage.heartbeat_interval, storage.grace_period) == (60, 120)
     assert later == ["--heartbeat 1: study 'hb' beats every 60 s (set when it was made; every "
                      "worker uses it): using 60 s"]
+
+
+# --- a journal file as the store (Optuna's JournalStorage, with our heartbeats) ---
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_journal_store_fails_and_retries_a_dead_workers_trial_only(tmp_path: Path) -> None:
+    """Optuna 5's journal has no heartbeats: a trial whose worker was SIGKILLed stayed
+    RUNNING for ever. Ours beats into the journal; a silent trial is failed and retried with
+    its parameters, a beating one is left alone."""
+    import time
+
+    from optuna.distributions import FloatDistribution
+
+    from kdig_study.optuna_adapter import JOURNAL_BEAT
+    from kdig_study.store import fail_stale, open_storage
+
+    storage = open_storage(f"journal://{tmp_path}/runs/kdig.journal", heartbeat_interval=1)
+    assert (tmp_path / "runs" / "kdig.journal").is_file()
+    study = optuna.create_study(storage=storage, study_name="j")
+    space = {"x": FloatDistribution(0, 1)}
+    dead, alive = study.ask(space), study.ask(space)
+    storage.record_heartbeat(trial_id(dead))  # it beat once, then its worker died
+    time.sleep(2.3)  # past the grace period (2 x 1 s)
+    storage.record_heartbeat(trial_id(alive))
+    fail_stale(study)
+    trials = study.get_trials()
+    assert trials[dead.number].state == TrialState.FAIL
+    assert trials[alive.number].state == TrialState.RUNNING
+    assert JOURNAL_BEAT in trials[alive.number].system_attrs
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    assert retry[0].params == trials[dead.number].params
+    study.tell(alive, 0.5)
+    storage.record_heartbeat(trial_id(alive))  # a late beat of a finished trial: ignored
+
+
+def test_a_journal_store_hands_out_slots_under_a_lock_beside_its_file(tmp_path: Path) -> None:
+    from kdig_study.store import open_storage
+
+    storage = open_storage(f"journal://{tmp_path}/kdig.journal")
+    lock = SlotLock(storage, "s")
+    with lock.held_until_released():
+        assert lock.held and list(tmp_path.glob("kdig.journal.*.slots.lock"))
+    assert not lock.held
+
+
+@pytest.mark.parametrize("url,existing,fragment", [
+    ("journal:", False, "a journal store needs a file"),
+    ("journal:///nowhere/kdig.journal", True, "no journal store at /nowhere/kdig.journal"),
+])
+def test_journal_urls_are_checked_in_one_line(url: str, existing: bool,
+                                              fragment: str) -> None:
+    from kdig_study.errors import KdigError
+    from kdig_study.store import open_storage
+
+    with pytest.raises(KdigError, match=fragment):
+        open_storage(url, existing=existing)
