@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import re
 import tomllib
 import types
 import typing
@@ -75,9 +76,48 @@ class DataConfig:
     synthetic_test: int = _bounded(500, ge=10)
 
 
+# The architectures: two families of this project's own, and the CIFAR residual networks of
+# the KD literature's tables (mdistiller, RepDistiller), named by depth:
+#   resnetD     D = 6n + 2 (8, 14, 20, 32, 44, 56, 110): 16-32-64 channels, n blocks a stage
+#   resnetDx4   (resnet8x4, resnet32x4): 64-128-256 channels after a 32-channel stem
+#   wrnD_K      D = 6n + 4 (16, 28, 40): pre-activation wide ResNet, widening factor K
+ARCH_FORMS = ("mobilenetv2, convnet, resnetD (D = 6n+2: resnet20, resnet56, resnet110), "
+              "resnetDx4 (resnet8x4, resnet32x4), wrnD_K (D = 6n+4: wrn16_2, wrn40_2)")
+_RESNET = re.compile(r"resnet(\d+)(x4)?")
+_WRN = re.compile(r"wrn(\d+)_(\d+)")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: Literal["mobilenetv2", "convnet", "resnet", "wrn"]
+    depth: int = 0
+    widen: int = 1  # 4 for resnetDx4; K for wrnD_K
+
+
+def parse_arch(name: str) -> ArchSpec | None:
+    """The architecture a name stands for, or None where it names none."""
+    if name in ("mobilenetv2", "convnet"):
+        return ArchSpec(name)  # type: ignore[arg-type]
+    m = _RESNET.fullmatch(name)
+    if m and int(m[1]) >= 8 and (int(m[1]) - 2) % 6 == 0:
+        return ArchSpec("resnet", int(m[1]), 4 if m[2] else 1)
+    m = _WRN.fullmatch(name)
+    if m and int(m[1]) >= 10 and (int(m[1]) - 4) % 6 == 0 and 1 <= int(m[2]) <= 16:
+        return ArchSpec("wrn", int(m[1]), int(m[2]))
+    return None
+
+
+def tap_family(arch: str) -> str:
+    """Architectures whose attention-transfer taps have one size: the CIFAR residual
+    networks share theirs (the end of the second stage, 16x16)."""
+    spec = parse_arch(arch)
+    family = spec.family if spec else arch
+    return "cifar-resnet" if family in ("resnet", "wrn") else family
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["mobilenetv2", "convnet"] = "mobilenetv2"
+    arch: str = "mobilenetv2"  # ARCH_FORMS
     width: float = _bounded(1.0, gt=0.0, le=4.0)
     # Trailing modules of `features` removed (the paper's student: 5, keeping 13 blocks).
     drop_blocks: int = _bounded(0, ge=0, le=17)
@@ -723,12 +763,16 @@ def _check_study(cfg: StudyConfig) -> None:
                         f"trained by the study; allowed: \"\" (teacher.weights takes a file)")
     for role in ("teacher", "student"):
         m: ModelConfig = getattr(cfg, role)
+        if parse_arch(m.arch) is None:
+            raise KdigError(f"{src}: {role}.arch = {m.arch!r}: no such architecture; allowed: "
+                            f"{ARCH_FORMS}")
         if m.arch != "convnet" and m.style != "default":
             raise KdigError(f"{src}: {role}.style = {m.style!r}: only the convnet family has "
                             f"the airbench style; allowed: \"default\"")
-        if m.arch == "convnet" and m.drop_blocks:
-            raise KdigError(f"{src}: {role}.drop_blocks = {m.drop_blocks}: the convnet family "
-                            f"is compressed by width, not depth; allowed: 0")
+        if m.arch != "mobilenetv2" and m.drop_blocks:
+            raise KdigError(f"{src}: {role}.drop_blocks = {m.drop_blocks}: only MobileNetV2 "
+                            f"is compressed by dropping blocks ({m.arch}: by width or "
+                            f"depth); allowed: 0")
     r = cfg.robustness
     for name in r.corruptions:
         if name not in CORRUPTIONS:
@@ -753,8 +797,8 @@ def _check_study(cfg: StudyConfig) -> None:
     if "robust_val_acc" in objectives and not r.enabled:
         raise KdigError(f"{src}: search.objectives has robust_val_acc but robustness.enabled "
                         f"= false; allowed: enable the corruption suite")
-    if cfg.method.at and (cfg.teacher.arch, cfg.teacher.style) != (cfg.student.arch,
-                                                                    cfg.student.style):
+    if cfg.method.at and (tap_family(cfg.teacher.arch), cfg.teacher.style) != \
+            (tap_family(cfg.student.arch), cfg.student.style):
         raise KdigError(f"{src}: method.at = true needs teacher and student of one family "
                         f"and style (the tapped maps must have one size); got "
                         f"{cfg.teacher.arch}/{cfg.teacher.style} and "

@@ -11,7 +11,16 @@ Two families:
     better than depthwise ones (docs/design.md, section 2), which makes the ``cpu`` scale
     informative.
 
-Both expose ``features`` (an nn.Sequential) so that attention transfer can tap a block.
+and the CIFAR residual networks of the KD literature's tables (the pairs mdistiller and
+RepDistiller report: ResNet-56 -> ResNet-20, ResNet-32x4 -> ResNet-8x4, WRN-40-2 -> WRN-16-2):
+  * ``resnetD``: He et al.'s CIFAR ResNet, 3x3 stem, three stages of (D - 2) / 6 basic
+    blocks at 16-32-64 channels (32x32, 16x16, 8x8), 1x1-conv + BN shortcuts where the shape
+    changes; ``resnetDx4`` at 64-128-256 channels after a 32-channel stem.
+  * ``wrnD_K``: Zagoruyko & Komodakis's pre-activation wide ResNet, (D - 4) / 6 blocks a
+    stage at 16K-32K-64K channels.
+
+All expose ``features`` (an nn.Sequential) so that attention transfer can tap a block and
+Grad-CAM can take the last one.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdig_study.config import ModelConfig
+from kdig_study.config import ModelConfig, parse_arch, tap_family
 from kdig_study.errors import KdigError
 
 
@@ -132,6 +141,76 @@ def _convnet(width: float, num_classes: int, style: str = "default") -> Net:
     return Net(nn.Sequential(*groups), nn.Linear(c3, num_classes))
 
 
+def _conv3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+
+
+class _BasicBlock(nn.Module):
+    """relu(branch(x) + shortcut(x)); branch conv-BN-ReLU-conv-BN. The layers sit in
+    nn.Sequential containers so that fold_batchnorm folds them as anywhere else."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(_conv3(c_in, c_out, stride), nn.BatchNorm2d(c_out),
+                                    nn.ReLU(), _conv3(c_out, c_out),
+                                    nn.BatchNorm2d(c_out))
+        self.shortcut: nn.Module = nn.Identity() if stride == 1 and c_in == c_out else \
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                          nn.BatchNorm2d(c_out))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.branch(x) + self.shortcut(x))
+
+
+def _cifar_resnet(depth: int, widen: int, width: float, num_classes: int) -> Net:
+    n = (depth - 2) // 6
+    stem_c, *stages = (32, 64, 128, 256) if widen == 4 else (16, 16, 32, 64)
+    stem_c, *stages = (max(4, round(c * width)) for c in (stem_c, *stages))
+    features: list[nn.Module] = [nn.Sequential(_conv3(3, stem_c), nn.BatchNorm2d(stem_c),
+                                               nn.ReLU())]
+    c_in = stem_c
+    for i, c in enumerate(stages):
+        blocks = [_BasicBlock(c_in if b == 0 else c, c, 2 if b == 0 and i > 0 else 1)
+                  for b in range(n)]
+        features.append(nn.Sequential(*blocks))
+        c_in = c
+    return Net(nn.Sequential(*features), nn.Linear(c_in, num_classes))
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation: BN-ReLU, then conv-BN-ReLU-conv; the shortcut is the identity, or a
+    1x1 conv of the pre-activated input where the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.pre = nn.Sequential(nn.BatchNorm2d(c_in), nn.ReLU())
+        self.branch = nn.Sequential(_conv3(c_in, c_out, stride), nn.BatchNorm2d(c_out),
+                                    nn.ReLU(), _conv3(c_out, c_out))
+        self.equal = stride == 1 and c_in == c_out
+        self.shortcut = None if self.equal else \
+            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.pre(x)
+        return (x if self.shortcut is None else self.shortcut(o)) + self.branch(o)
+
+
+def _wide_resnet(depth: int, k: int, width: float, num_classes: int) -> Net:
+    n = (depth - 4) // 6
+    stem_c, *stages = (max(4, round(c * width)) for c in (16, 16 * k, 32 * k, 64 * k))
+    features: list[nn.Module] = [_conv3(3, stem_c)]
+    c_in = stem_c
+    for i, c in enumerate(stages):
+        features.append(nn.Sequential(*[
+            _WideBlock(c_in if b == 0 else c, c, 2 if b == 0 and i > 0 else 1)
+            for b in range(n)]))
+        c_in = c
+    # the last stage's output, activated: what the head pools and Grad-CAM looks at
+    features[-1].append(nn.Sequential(nn.BatchNorm2d(c_in), nn.ReLU()))
+    return Net(nn.Sequential(*features), nn.Linear(c_in, num_classes))
+
+
 def whitening_conv(model: Net) -> nn.Conv2d | None:
     """The frozen whitening stem of an airbench-style convnet, else None."""
     first = model.features[0]
@@ -163,8 +242,15 @@ def init_whitening(model: Net, x: torch.Tensor, eps: float = 5e-4) -> None:
 
 def build_model(cfg: ModelConfig, num_classes: int = 10) -> Net:
     """A freshly initialised teacher or student (students: ``drop_blocks`` > 0 or width < 1)."""
-    if cfg.arch == "convnet":
+    spec = parse_arch(cfg.arch)
+    if spec is None:
+        raise KdigError(f"unknown architecture {cfg.arch!r}")
+    if spec.family == "convnet":
         return _convnet(cfg.width, num_classes, cfg.style)
+    if spec.family == "resnet":
+        return _cifar_resnet(spec.depth, spec.widen, cfg.width, num_classes)
+    if spec.family == "wrn":
+        return _wide_resnet(spec.depth, spec.widen, cfg.width, num_classes)
     base = _mobilenet_v2_cifar(cfg.width, num_classes)
     if cfg.drop_blocks == 0:
         return Net(base.features, base.classifier)
@@ -185,8 +271,9 @@ def tap_index(student: Net, arch: str) -> int:
     """Where attention transfer compares teacher and student, the same index in both: for
     MobileNetV2 the student's last feature module (k=5: the end of the 96-channel stage,
     8x8), which the teacher has at the same index and resolution; for the convnet family the
-    second conv group (8x8)."""
-    return 2 if arch == "convnet" else len(student.features) - 1
+    second conv group (8x8); for the CIFAR ResNets and WRNs the end of the second stage
+    (16x16, where their attention maps differ most in the literature's AT)."""
+    return len(student.features) - 1 if tap_family(arch) == "mobilenetv2" else 2
 
 
 def fold_batchnorm(model: Net) -> Net:

@@ -549,7 +549,8 @@ def test_best_params_need_a_completed_trial(isolated_storage: Path) -> None:
     isolated_storage.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name="kd_ig-smoke", storage=url)
     study.tell(study.ask(), state=TrialState.FAIL)
-    assert_one_line_error(_ablate(), "has no completed trials", "--params fixed or FILE.toml")
+    assert_one_line_error(_ablate("--params", "best"), "has no completed trials",
+                          "--params fixed or FILE.toml")
 
 
 def test_bad_params_file(tmp_path: Path) -> None:

@@ -74,7 +74,8 @@ def test_latency_is_warm_median_and_p90() -> None:
 
 
 @pytest.mark.parametrize("cfg", [ModelConfig("mobilenetv2", 1.0, 5),
-                                 ModelConfig("convnet", 0.5, 0)])
+                                 ModelConfig("convnet", 0.5, 0),
+                                 ModelConfig("resnet20", 1.0, 0)])
 def test_folded_batchnorm_is_the_same_function(cfg: ModelConfig) -> None:
     from torch import nn
 
@@ -100,3 +101,40 @@ def test_folded_batchnorm_is_the_same_function(cfg: ModelConfig) -> None:
         g = fold_batchnorm(m)
         assert any(isinstance(mod, nn.BatchNorm2d) for mod in g.modules())
         assert torch.allclose(g(x), m(x), atol=1e-4, rtol=1e-4)
+
+
+# The CIFAR residual networks: parameter counts as the KD literature's tables give them
+# (RepDistiller / CRD, CIFAR-100: 100 classes), in millions.
+@pytest.mark.parametrize("arch,millions", [
+    ("resnet20", 0.28), ("resnet32", 0.47), ("resnet56", 0.86), ("resnet110", 1.74),
+    ("resnet8x4", 1.23), ("resnet32x4", 7.43), ("wrn16_2", 0.70), ("wrn40_1", 0.57),
+    ("wrn40_2", 2.26),
+])
+def test_cifar_resnets_have_the_literatures_sizes(arch: str, millions: float) -> None:
+    m = build_model(ModelConfig(arch), num_classes=100)
+    assert round(count_params(m) / 1e6, 2) == millions
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_cifar_resnet_pairs_share_their_attention_tap_and_fold_where_they_can() -> None:
+    from torch import nn
+
+    from kdig_study.models import fold_batchnorm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    maps = {}
+    for arch in ("resnet56", "resnet20", "wrn40_2", "wrn16_2"):
+        m = build_model(ModelConfig(arch)).eval()
+        logits, fmap = m.forward_tap(x, tap_index(m, arch))
+        assert torch.allclose(logits, m(x))
+        maps[arch] = fmap.shape
+        folded = fold_batchnorm(m)
+        assert torch.allclose(folded(x), m(x), atol=1e-5)
+        left = sum(isinstance(mod, nn.BatchNorm2d) for mod in folded.modules())
+        # post-activation ResNets fold every BN; a WRN keeps its pre-activation ones
+        assert left == 0 if arch.startswith("resnet") else left > 0
+    assert maps["resnet56"] == maps["resnet20"] == (2, 32, 16, 16)
+    assert maps["wrn40_2"] == maps["wrn16_2"] == (2, 64, 16, 16)
+    # Grad-CAM's layer (the last feature module) is the last stage at 8x8
+    assert build_model(ModelConfig("resnet20")).features(x).shape == (2, 64, 8, 8)

@@ -152,6 +152,7 @@ def test_an_interrupted_ablation_run_is_retried_with_its_parameters_and_resumes(
     def interrupt_kd_ig(ctx: Context, cfg: Any = None, **kw: Any) -> StudentRun:
         if kw.get("desc", "").startswith("KD+IG") and not calls["n"]:
             calls["n"] += 1
+            assert kw.pop("on_epoch") is None  # (a --track tracker's, where one is given)
             return real_run(ctx, cfg, on_epoch=Interrupt(at=3), **kw)
         return real_run(ctx, cfg, **kw)
 

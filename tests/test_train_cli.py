@@ -48,3 +48,19 @@ def test_smoke_student_through_the_cli(tmp_path: Path, warm_cache: Path) -> None
 ])
 def test_bad_arguments_give_one_line(args: list[str], fragments: list[str]) -> None:
     assert_one_line_error(run_cli("train", *args), *fragments)
+
+
+@pytest.mark.slow
+def test_the_cifar_resnet_pair_trains_with_kd_ig_and_at(tmp_path: Path) -> None:
+    """The resnet_cifar study (ResNet-14 -> ResNet-8 at half width on the smoke data): the
+    teacher, its IG maps and a KD+IG+AT student through the CLI; AT taps both at 16x16."""
+    out = tmp_path / "out.json"
+    proc = run_cli("train", "--study", "resnet_cifar", "--role", "student", "--scale",
+                   "smoke", "--at", "--no-progress", "--json", str(out),
+                   "--set", "student_train.epochs=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "student (KD+IG+AT)" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["teacher"]["params"] == 44_370 and res["student"]["params"] == 19_954
+    assert res["teacher"]["test_acc"] > 0.5  # chance: 0.1 (77% when measured)
+    assert 0 < res["student"]["test_acc"] <= 1 and res["student"]["epochs_run"] == 2
