@@ -15,7 +15,13 @@ from kdig_study.errors import KdigError
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (no usage dump)."""
+    """argparse that reports a bad argument in one line (no usage dump); started as `kdig
+    COMMAND`, its usage and errors name that form."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        if sys.argv and sys.argv[0].startswith("kdig "):
+            kwargs["prog"] = sys.argv[0]
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -156,6 +156,9 @@ def test_kdig_runs_a_command_as_python_m_does() -> None:
     assert via_kdig.returncode == direct.returncode == 2
     assert via_kdig.stderr == direct.stderr == ("error: unknown scale 'nope'; allowed: "
                                                 "smoke, cpu, paper\n")
+    bad = subprocess.run([sys.executable, "-m", "kdig_study", "report", "--nope"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "(see kdig report --help)" in bad.stderr
 
 
 def test_the_kdig_script_is_declared() -> None:
