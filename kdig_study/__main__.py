@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The command's own module runs as if started with python -m, so its parser, its
     # one-line errors and its exit status are exactly those of that form.
-    sys.argv = [f"kdig {command}", *rest]
+    from kdig_study import cli
+
+    cli.invoked_as = f"kdig {command}"
+    sys.argv = [cli.invoked_as, *rest]
     runpy.run_module(f"kdig_study.{command}", run_name="__main__", alter_sys=True)
     return 0
 

@@ -13,14 +13,17 @@ from typing import NoReturn
 from kdig_study.config import SCALES, StudyConfig, load_study
 from kdig_study.errors import KdigError
 
+# "kdig COMMAND" when the command was started through kdig (kdig_study.__main__ sets it)
+invoked_as: str | None = None
+
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line (no usage dump); started as `kdig
     COMMAND`, its usage and errors name that form."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        if sys.argv and sys.argv[0].startswith("kdig "):
-            kwargs["prog"] = sys.argv[0]
+        if invoked_as:
+            kwargs["prog"] = invoked_as
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:
