@@ -59,6 +59,7 @@ from kdig_study.config import (
     SWEEP_NAMES,
     StudyConfig,
     apply_params,
+    at_pair_problem,
     condition_name,
     condition_study,
     kd_level,
@@ -176,8 +177,9 @@ def parse_factors(text: str, cfg: StudyConfig) -> dict[str, tuple[str | None, ..
             raise KdigError(f"--factors {text}: unknown factor {name!r}; {allowed}")
     if not design:
         raise KdigError(f"--factors {text!r}: no factor given; {allowed}")
-    if "at" in design and cfg.teacher.arch != cfg.student.arch:
-        raise KdigError("--factors with at needs teacher and student of one family")
+    problem = at_pair_problem(cfg.teacher, cfg.student) if "at" in design else None
+    if problem:
+        raise KdigError(f"--factors {text}: {problem}")
     return design
 
 
@@ -341,6 +343,8 @@ def tune_condition(args: argparse.Namespace, cfg: StudyConfig, name: str,
         cmd += ["--set", item]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
+    if args.track:
+        cmd += ["--track", args.track]
     if args.no_progress:
         cmd.append("--no-progress")
     if getattr(args, "no_teacher_cache", False):

@@ -115,6 +115,16 @@ def tap_family(arch: str) -> str:
     return "cifar-resnet" if family in ("resnet", "wrn") else family
 
 
+def at_pair_problem(teacher: ModelConfig, student: ModelConfig) -> str | None:
+    """Why attention transfer cannot pair these two (None: it can): the tapped maps must
+    have one size, so one tap family and one style."""
+    if (tap_family(teacher.arch), teacher.style) == (tap_family(student.arch), student.style):
+        return None
+    return (f"attention transfer needs teacher and student of one family and style (the "
+            f"tapped maps must have one size); got {teacher.arch}/{teacher.style} and "
+            f"{student.arch}/{student.style}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "mobilenetv2"  # ARCH_FORMS
@@ -797,12 +807,9 @@ def _check_study(cfg: StudyConfig) -> None:
     if "robust_val_acc" in objectives and not r.enabled:
         raise KdigError(f"{src}: search.objectives has robust_val_acc but robustness.enabled "
                         f"= false; allowed: enable the corruption suite")
-    if cfg.method.at and (tap_family(cfg.teacher.arch), cfg.teacher.style) != \
-            (tap_family(cfg.student.arch), cfg.student.style):
-        raise KdigError(f"{src}: method.at = true needs teacher and student of one family "
-                        f"and style (the tapped maps must have one size); got "
-                        f"{cfg.teacher.arch}/{cfg.teacher.style} and "
-                        f"{cfg.student.arch}/{cfg.student.style}")
+    problem = at_pair_problem(cfg.teacher, cfg.student) if cfg.method.at else None
+    if problem:
+        raise KdigError(f"{src}: method.at = true: {problem}")
 
 
 def _type_name(tp: Any) -> str:

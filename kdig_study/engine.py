@@ -202,12 +202,14 @@ def _cpu_has_fast_bf16() -> bool:
 
 
 def _cuda_has_native_bf16(device: torch.device) -> bool:
-    """bf16 in hardware: compute capability 8 (Ampere) or later. torch's plain
-    is_bf16_supported() also says True where bf16 is only emulated (e.g. a T4 or V100), which
-    runs slower than fp32; and it asks about the current device, not this one."""
+    """bf16 in hardware: compute capability 8 (Ampere) or later, asked of this device.
+    torch's is_bf16_supported() also says True where bf16 is only emulated (e.g. a T4 or
+    V100), which runs slower than fp32, and it asks about the current device, not this one.
+    ROCm GPUs that run torch have bf16."""
+    if torch.version.hip:
+        return True
     index = device.index if device.index is not None else torch.cuda.current_device()
-    major, _ = torch.cuda.get_device_capability(index)
-    return major >= 8 and torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability(index)[0] >= 8
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

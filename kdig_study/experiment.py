@@ -111,9 +111,12 @@ class Context:
         """What each part of the study runs at here, "auto" resolved on this device: the
         teacher's and the maps' fingerprints depend on it, so a study records it."""
         cfg, dev = self.cfg, self.device
-        return {"teacher": resolve_precision(cfg.teacher_train.precision, dev),
-                "maps": resolve_precision(cfg.ig.precision, dev),
-                "students": resolve_precision(cfg.student_train.precision, dev)}
+        out = {"teacher": resolve_precision(cfg.teacher_train.precision, dev),
+               "maps": resolve_precision(cfg.ig.precision, dev),
+               "students": resolve_precision(cfg.student_train.precision, dev)}
+        if cfg.teacher.weights:  # a given teacher's fingerprint is its file's alone
+            del out["teacher"]
+        return out
 
     def study_identity(self) -> dict[str, Any]:
         """What a study made here records and checks besides its config (store.open_study):

@@ -183,7 +183,7 @@ def main() -> int:
 
     quiet_optuna_logs()
     url = args.storage or default_url()
-    storage = open_storage(url, read_only=url.startswith("sqlite"))
+    storage = open_storage(url, read_only=url.startswith("sqlite"), existing=True)
     scale = args.scale or default_scale()
     names = {"unpruned": args.unpruned, "pruned": args.pruned or f"{args.study}-{scale}"}
     trials = {}

@@ -343,6 +343,9 @@ def open_study(storage: Storage, name: str, cfg: StudyConfig,
         study.set_user_attr("data_origin", data_origin)
         study.set_user_attr("precision", precision | {"device": device})
         study.set_user_attr("heartbeat_interval", storage.heartbeat_interval)
+        # two machines that made the study at once: the last record stands, and the other
+        # machine, reading it back, is refused like any later one
+        check_precision(study, name, url, precision, device)
         return study
     use_study_heartbeat(study, storage, log)
     check_precision(study, name, url, precision, device)

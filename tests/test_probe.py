@@ -471,12 +471,28 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_has_it_natively(
     def is_bf16_supported(including_emulation: bool = True) -> bool:
         return capability[0] >= 8 or (including_emulation and emulated)
 
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert resolve_precision("auto", torch.device("cuda", 0)) == expected
     assert resolve_precision("auto", torch.device("cuda")) == expected
     assert resolve_precision("fp32", torch.device("cuda", 0)) == "fp32"  # asked, not resolved
+
+
+def test_auto_precision_asks_the_gpu_the_run_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A V100 as device 0 beside an A100 as device 1: torch's is_bf16_supported() asks the
+    current device (0) whatever --device says."""
+    from kdig_study.engine import resolve_precision
+
+    capabilities = {0: (7, 0), 1: (8, 0)}
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capabilities[d])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: capabilities[0][0] >= 8)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_precision("auto", torch.device("cuda", 1)) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp32"
 
 
 def test_a_study_refuses_a_machine_where_auto_resolves_another_precision(
