@@ -756,12 +756,16 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
         spawn_workers("kdig_study.ablate", sys.argv[1:], args.workers)
     else:
         prefix = f"[worker {worker}] " if worker is not None else ""
-        AblationRunner(ctx, study, setup.params, setup.design, setup.sweep_key,
-                       setup.fraction, poll_s=max(1.0, args.heartbeat / 2), storage=storage,
-                       controls=setup.controls, teachers=setup.teachers,
-                       tracker=tracker).run(
-            setup.runs, log=lambda *a, **k: print(prefix + " ".join(map(str, a)), **k),
-            on_finished=write_ledger)
+        try:
+            AblationRunner(ctx, study, setup.params, setup.design, setup.sweep_key,
+                           setup.fraction, poll_s=max(1.0, args.heartbeat / 2),
+                           storage=storage, controls=setup.controls, teachers=setup.teachers,
+                           tracker=tracker).run(
+                setup.runs, log=lambda *a, **k: print(prefix + " ".join(map(str, a)), **k),
+                on_finished=write_ledger)
+        finally:
+            if tracker is not None:
+                tracker.close()
     if worker is None:
         write_ledger()  # also when every run was already finished, or taken from the ledger
 
@@ -928,7 +932,7 @@ def main() -> int:
     args.params = args.params or "fixed"
     cfg = load_from_args(args)
     options = _options(args, cfg)  # bad arguments fail before the store is opened
-    from kdig_study.tracking import make_tracker, where
+    from kdig_study.tracking import make_tracker
 
     tracker = make_tracker(args.track)  # a missing package: one line, before any run
     if args.worker_index is None:  # where the results go, checked before any run
@@ -958,7 +962,7 @@ def main() -> int:
     study = open_ablation_study(storage, url, name, setup, ctx)
     _announce(setup, name, url, default_design)
     if tracker is not None and args.worker_index is None:
-        print(f"tracking every run to {where(tracker)}", flush=True)
+        print(f"tracking every run to {tracker.where()}", flush=True)
     _run(args, setup, study, storage, ctx, tracker)
     if args.worker_index is None:
         analyse_and_write(setup, study, Path(args.out))

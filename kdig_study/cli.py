@@ -55,11 +55,13 @@ def add_study_args(p: argparse.ArgumentParser, trains_students: bool = False,
 
 
 def add_track_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--track", default=None, metavar="mlflow|tensorboard",
+    from kdig_study.tracking import TRACKERS
+
+    p.add_argument("--track", default=None, metavar="|".join(TRACKERS),
                    help="also log every trial's per-epoch curves, parameters and metrics to "
-                        "MLflow ($MLFLOW_TRACKING_URI, else sqlite:///storage/mlflow.db) or "
-                        "TensorBoard (storage/tensorboard), or both (comma list); needs "
-                        "pip install -e \".[track]\"")
+                        "these trackers (comma list; MLflow at $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///storage/mlflow.db; TensorBoard under storage/tensorboard); "
+                        "needs pip install -e \".[track]\"")
 
 
 def default_scale() -> str:

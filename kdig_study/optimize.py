@@ -258,7 +258,7 @@ def main() -> int:
         open_study,
         quiet_optuna_logs,
     )
-    from kdig_study.tracking import make_tracker, where
+    from kdig_study.tracking import make_tracker
 
     worker = args.worker_index
     tracker = make_tracker(args.track)  # a missing package: one line, before any training
@@ -322,14 +322,18 @@ def main() -> int:
     if worker is None:
         print(f"searching {', '.join(space) or 'nothing'} with {cfg.search.sampler.upper()}, "
               f"pruner {describe_pruner(cfg)}; store {url}, study '{name}'"
-              + (f"; tracking to {where(tracker)}" if tracker else ""), flush=True)
+              + (f"; tracking to {tracker.where()}" if tracker else ""), flush=True)
     objective = Objective(ctx, prune=cfg.search.pruner != "none",
                           artifacts=artifact_store(check_writable=True), tracker=tracker)
-    run_worker(study, objective, n_trials,
-               None if deadline is None else max(0.0, deadline - time.time()),
-               SlotLock(storage, name),
-               poll_s=max(1.0, args.heartbeat / 2), prefix=prefix,
-               callbacks=[tracker.finished] if tracker else [])
+    try:
+        run_worker(study, objective, n_trials,
+                   None if deadline is None else max(0.0, deadline - time.time()),
+                   SlotLock(storage, name),
+                   poll_s=max(1.0, args.heartbeat / 2), prefix=prefix,
+                   callbacks=[tracker.finished] if tracker else [])
+    finally:
+        if tracker is not None:
+            tracker.close()
     if worker is None:
         _after_search(study, ctx, n_trials, url, finished)
     return 0

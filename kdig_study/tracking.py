@@ -18,19 +18,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import optuna
-from optuna.trial import FrozenTrial
-
-from kdig_study.engine import EpochStats
 from kdig_study.errors import KdigError
 from kdig_study.paths import safe_name, storage_dir
 
-# --track's names, and the package each needs (the `track` extra)
-TRACKERS = {"mlflow": "mlflow", "tensorboard": "tensorboard"}
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from kdig_study.engine import EpochStats
+
 _EXTRA = 'pip install -e ".[track]"'
 
 
@@ -63,9 +64,25 @@ def run_name(trial: FrozenTrial) -> str:
     return f"trial {trial.number}"
 
 
+def _epoch_values(stats: EpochStats) -> dict[str, float]:
+    return {k: v for k, v in _numbers(dataclasses.asdict(stats)).items() if k != "epoch"}
+
+
 class Tracker:
     """One backend. ``epoch`` is called as each epoch ends (live curves), ``finished`` as an
-    Optuna callback once the trial has ended, whatever its state."""
+    Optuna callback once a trial has ended in a state, ``close`` when the command ends (it
+    closes the runs of trials that ended without a callback: interrupted, or failed by an
+    error)."""
+
+    name: ClassVar[str]
+    package: ClassVar[str]  # what the `track` extra installs for it
+
+    @classmethod
+    def default(cls) -> Tracker:
+        raise NotImplementedError
+
+    def where(self) -> str:
+        raise NotImplementedError
 
     def epoch(self, study: str, number: int, stats: EpochStats) -> None:
         raise NotImplementedError
@@ -73,17 +90,32 @@ class Tracker:
     def finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        raise NotImplementedError
+
 
 class MLflowTracker(Tracker):
+    name, package = "mlflow", "mlflow"
+
     def __init__(self, uri: str) -> None:
         from mlflow.tracking import MlflowClient
 
         # MLflow and its migrations announce each table they make, on stderr, at INFO
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        for logger in ("mlflow", "alembic"):
+            logging.getLogger(logger).setLevel(logging.WARNING)
         self.uri = uri
         self.client = MlflowClient(uri)
         self._runs: dict[tuple[str, int], str] = {}  # (study, trial number) -> run id
+
+    @classmethod
+    def default(cls) -> Tracker:
+        """$MLFLOW_TRACKING_URI, else an SQLite file in the storage folder (MLflow 3 refuses
+        its old folder store)."""
+        return cls(os.environ.get("MLFLOW_TRACKING_URI") or
+                   f"sqlite:///{(storage_dir() / 'mlflow.db').resolve()}")
+
+    def where(self) -> str:
+        return f"MLflow at {self.uri}"
 
     def _experiment(self, study: str) -> str:
         found = self.client.get_experiment_by_name(study)
@@ -107,31 +139,48 @@ class MLflowTracker(Tracker):
         return self._runs[key]
 
     def epoch(self, study: str, number: int, stats: EpochStats) -> None:
-        run = self._run(study, number)
-        for k, v in _numbers(dataclasses.asdict(stats)).items():
-            if k != "epoch":
-                self.client.log_metric(run, f"epoch/{k}", v, step=stats.epoch)
+        from mlflow.entities import Metric
+
+        stamp = int(1000 * time.time())
+        self.client.log_batch(self._run(study, number), metrics=[
+            Metric(f"epoch/{k}", v, stamp, stats.epoch) for k, v in _epoch_values(stats).items()])
 
     def finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
         run = self._run(study.study_name, trial.number)
-        for k, v in trial.params.items():
-            self.client.log_param(run, k, v)
-        for k, v in final_metrics(study, trial).items():
-            self.client.log_metric(run, k, v)
-        self.client.set_tag(run, "mlflow.runName", run_name(trial))
-        self.client.set_tag(run, "optuna.state", trial.state.name)
+        stamp = int(1000 * time.time())
+        self.client.log_batch(
+            run, metrics=[Metric(k, v, stamp, 0) for k, v in final_metrics(study, trial).items()],
+            params=[Param(k, str(v)) for k, v in trial.params.items()],
+            tags=[RunTag("mlflow.runName", run_name(trial)),
+                  RunTag("optuna.state", trial.state.name)])
         self.client.set_terminated(run, "FINISHED" if trial.state.name in
                                    ("COMPLETE", "PRUNED") else "FAILED")
-        self._runs.pop((study.study_name, trial.number), None)
+        del self._runs[(study.study_name, trial.number)]
+
+    def close(self) -> None:
+        for run in self._runs.values():
+            self.client.set_terminated(run, "KILLED")
+        self._runs.clear()
 
 
 class TensorBoardTracker(Tracker):
+    name, package = "tensorboard", "tensorboard"
+
     def __init__(self, root: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.root = root
         self._writer = SummaryWriter
         self._open: dict[tuple[str, int], Any] = {}
+
+    @classmethod
+    def default(cls) -> Tracker:
+        return cls(storage_dir() / "tensorboard")
+
+    def where(self) -> str:
+        return f"TensorBoard under {self.root}"
 
     def _writer_for(self, study: str, number: int) -> Any:
         key = (study, number)
@@ -142,48 +191,64 @@ class TensorBoardTracker(Tracker):
 
     def epoch(self, study: str, number: int, stats: EpochStats) -> None:
         w = self._writer_for(study, number)
-        for k, v in _numbers(dataclasses.asdict(stats)).items():
-            if k != "epoch":
-                w.add_scalar(f"epoch/{k}", v, stats.epoch)
+        for k, v in _epoch_values(stats).items():
+            w.add_scalar(f"epoch/{k}", v, stats.epoch)
         w.flush()
 
     def finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
         w = self._writer_for(study.study_name, trial.number)
         hparams = {k: v if isinstance(v, int | float | str | bool) else str(v)
                    for k, v in trial.params.items()}
-        metrics = final_metrics(study, trial)
         # run_name "." : the hyperparameters beside the curves, not in a sub-folder
-        w.add_hparams(hparams | {"state": trial.state.name}, metrics, run_name=".")
+        w.add_hparams(hparams | {"state": trial.state.name}, final_metrics(study, trial),
+                      run_name=".")
         w.add_text("run", f"{run_name(trial)}: {trial.state.name}")
         w.close()
-        self._open.pop((study.study_name, trial.number), None)
+        del self._open[(study.study_name, trial.number)]
+
+    def close(self) -> None:
+        for w in self._open.values():
+            w.close()
+        self._open.clear()
 
 
-class Trackers(Tracker):
-    """Several backends as one."""
+# --track's names: the one table (the CLI's help, the error messages and make_tracker)
+TRACKERS: dict[str, type[Tracker]] = {t.name: t for t in (MLflowTracker, TensorBoardTracker)}
+
+
+class Guarded(Tracker):
+    """The trackers of one command. A tracker is a view, never the record: one that fails
+    (a server down, a locked file, a full disk) says so once on stderr and is switched off
+    for the rest of the command; the trial and the study store go on unaffected."""
 
     def __init__(self, trackers: list[Tracker]) -> None:
         self.trackers = trackers
 
+    def where(self) -> str:
+        return "; ".join(t.where() for t in self.trackers)
+
+    def _each(self, call: str, *args: Any) -> None:
+        for t in list(self.trackers):
+            try:
+                getattr(t, call)(*args)
+            except Exception as e:  # noqa: BLE001 -- any failure of an optional view
+                self.trackers.remove(t)
+                print(f"tracking: {t.where()} failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); no more tracking to it "
+                      f"in this command (the study store is unaffected)", file=sys.stderr,
+                      flush=True)
+
     def epoch(self, study: str, number: int, stats: EpochStats) -> None:
-        for t in self.trackers:
-            t.epoch(study, number, stats)
+        self._each("epoch", study, number, stats)
 
     def finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        for t in self.trackers:
-            t.finished(study, trial)
+        self._each("finished", study, trial)
+
+    def close(self) -> None:
+        self._each("close")
 
 
-def mlflow_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or \
-        f"sqlite:///{(storage_dir() / 'mlflow.db').resolve()}"
-
-
-def tensorboard_dir() -> Path:
-    return storage_dir() / "tensorboard"
-
-
-def make_tracker(text: str | None) -> Tracker | None:
+def make_tracker(text: str | None) -> Guarded | None:
     """The trackers of ``--track mlflow,tensorboard`` (None for none); a name not known or a
     package not installed is one line, before anything is trained."""
     if not text:
@@ -193,26 +258,11 @@ def make_tracker(text: str | None) -> Tracker | None:
         if name not in TRACKERS:
             raise KdigError(f"--track {text}: unknown tracker '{name}'; allowed: "
                             f"{', '.join(TRACKERS)} (comma-separated)")
-    build: dict[str, Callable[[], Tracker]] = {
-        "mlflow": lambda: MLflowTracker(mlflow_uri()),
-        "tensorboard": lambda: TensorBoardTracker(tensorboard_dir())}
     made: list[Tracker] = []
     for name in names:
         try:
-            made.append(build[name]())
+            made.append(TRACKERS[name].default())
         except ModuleNotFoundError as e:
-            raise KdigError(f"--track {name} needs the package '{TRACKERS[name]}' ({e.name} "
-                            f"is missing): {_EXTRA}") from None
-    return made[0] if len(made) == 1 else Trackers(made)
-
-
-def where(tracker: Tracker | None) -> str:
-    """Where the tracker logs, for the command's banner."""
-    parts = tracker.trackers if isinstance(tracker, Trackers) else [tracker] if tracker else []
-    out = []
-    for t in parts:
-        if isinstance(t, MLflowTracker):
-            out.append(f"MLflow at {t.uri}")
-        elif isinstance(t, TensorBoardTracker):
-            out.append(f"TensorBoard under {t.root}")
-    return "; ".join(out)
+            raise KdigError(f"--track {name} needs the package '{TRACKERS[name].package}' "
+                            f"({e.name} is missing): {_EXTRA}") from None
+    return Guarded(made)

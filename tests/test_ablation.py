@@ -718,3 +718,16 @@ def test_reanalyse_judges_the_committed_cpu_study_from_its_json(tmp_path: Path) 
     bad.write_text("{}")
     assert_one_line_error(run_cli("ablate", "--study", "kd_ig", "--scale", "cpu",
                                   "--reanalyse", str(bad)), "not a results JSON of ablate")
+
+
+def test_attention_transfer_pairs_the_cifar_resnets_and_refuses_other_families() -> None:
+    """ablate checked AT with its own rule (one architecture), which refused ResNet-56 ->
+    ResNet-20; the study files' rule (one tap family) allowed it."""
+    base = ("ablate", "--study", "resnet_cifar", "--scale", "smoke", "--no-progress",
+            "--factors", "kd,ig,at", "--plan", "--pilot-sd", "0.5")
+    proc = run_cli(*base)
+    assert proc.returncode == 0, proc.stderr
+    assert "plan for KD+IG - KD" in proc.stdout
+    assert_one_line_error(run_cli(*base, "--set", "student.arch=convnet"),
+                          "--factors kd,ig,at: attention transfer needs teacher and student "
+                          "of one family", "resnet14/default and convnet/default")

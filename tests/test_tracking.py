@@ -3,6 +3,7 @@ from local file stores (MLflow's SQLite file, TensorBoard's event files)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -27,6 +28,44 @@ def test_unknown_tracker_and_missing_package_are_one_line(
     with pytest.raises(KdigError, match=r"--track mlflow needs the package 'mlflow'.*"
                                         r"pip install -e \"\.\[track\]\""):
         make_tracker("mlflow")
+
+
+def test_a_failing_tracker_says_so_once_and_is_switched_off(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A tracker is a view: a server down or a locked file must not fail the trial (its
+    calls ran inside the objective's epoch callback) nor the worker."""
+    from kdig_study.engine import EpochStats
+    from kdig_study.tracking import Guarded, Tracker
+
+    calls: list[str] = []
+
+    class Broken(Tracker):
+        def where(self) -> str:
+            return "Broken at nowhere"
+
+        def epoch(self, study: str, number: int, stats: EpochStats) -> None:
+            raise ConnectionError("server down\nmore lines")
+
+    class Fine(Tracker):
+        def where(self) -> str:
+            return "Fine"
+
+        def epoch(self, study: str, number: int, stats: EpochStats) -> None:
+            calls.append(f"{study} {number} {stats.epoch}")
+
+        def close(self) -> None:
+            calls.append("closed")
+
+    both = Guarded([Broken(), Fine()])
+    stats = EpochStats(epoch=1, loss=1.0, train_acc=0.5, val_acc=0.4, lr=0.1, seconds=1.0,
+                       images_per_s=10.0)
+    both.epoch("s", 0, stats)
+    both.epoch("s", 0, dataclasses.replace(stats, epoch=2))
+    both.close()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "tracking: Broken at nowhere failed (ConnectionError: server down); no more tracking")
+    assert calls == ["s 0 1", "s 0 2", "closed"] and both.where() == "Fine"
 
 
 def test_a_bad_tracker_fails_before_any_training(isolated_storage: Path) -> None:
