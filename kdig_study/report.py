@@ -131,11 +131,14 @@ def _search(page: Page, study: optuna.Study) -> None:
         page.empty("parallel", "No completed trial with parameters yet.")
     any_pair = False
     for x, y in (("temperature", "alpha"), ("overlay_strength", "overlay_prob")):
-        if rd.pair_data(trials, x, y):
+        data = rd.pair_data(trials, x, y)
+        # a contour needs two values on each axis (one trial drew an empty figure)
+        if data and len(set(data["x"])) > 1 and len(set(data["y"])) > 1:
             any_pair = True
             page.figure("pairs", f"pair-{x}-{y}", rf.pair_figure(study, x, y))
     if not any_pair:
-        page.empty("pairs", "No completed trial searched these parameter pairs.")
+        page.empty("pairs", "No two completed trials with different values of these "
+                            "parameter pairs yet.")
     curves = rd.intermediate_data(trials)
     if curves:
         page.figure("intermediate", "intermediate", rf.intermediate_figure(curves))

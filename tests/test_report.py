@@ -264,10 +264,16 @@ def test_pareto_front_of_a_two_objective_study(url: str) -> None:
     assert dict(zip(p["number"], p["front"], strict=True)) == {0: True, 1: True, 2: True, 3: False}
 
 
-@pytest.mark.parametrize("case", ["no trials", "all pruned", "no ablation"])
+@pytest.mark.parametrize("case", ["no trials", "all pruned", "no ablation", "one trial"])
 def test_empty_states_say_so(url: str, case: str) -> None:
     if case == "no trials":
         study = _search_study(url, values=(), pruned=0)
+    elif case == "one trial":  # a contour of one point was an empty figure
+        study = _search_study(url, values=(0.7,), pruned=0)
+        html = render(build(storage_of(study), url, "kd_ig-cpu"))
+        pairs = html.split("<section id='pairs'>")[1].split("</section>")[0]
+        assert "No two completed trials with different values" in pairs
+        return
     elif case == "all pruned":
         study = _search_study(url, values=(), pruned=3)
     else:
