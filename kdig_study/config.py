@@ -81,23 +81,40 @@ class DataConfig:
 #   resnetD     D = 6n + 2 (8, 14, 20, 32, 44, 56, 110): 16-32-64 channels, n blocks a stage
 #   resnetDx4   (resnet8x4, resnet32x4): 64-128-256 channels after a 32-channel stem
 #   wrnD_K      D = 6n + 4 (16, 28, 40): pre-activation wide ResNet, widening factor K
+# and from elsewhere:
+#   torchvision:NAME              a torchvision classifier, never with downloaded weights
+#   python:package.module:func    your own: func(num_classes=N) returns an nn.Module
 ARCH_FORMS = ("mobilenetv2, convnet, resnetD (D = 6n+2: resnet20, resnet56, resnet110), "
-              "resnetDx4 (resnet8x4, resnet32x4), wrnD_K (D = 6n+4: wrn16_2, wrn40_2)")
+              "resnetDx4 (resnet8x4, resnet32x4), wrnD_K (D = 6n+4: wrn16_2, wrn40_2), "
+              "torchvision:NAME (e.g. torchvision:resnet18), python:package.module:function")
 _RESNET = re.compile(r"resnet(\d+)(x4)?")
 _WRN = re.compile(r"wrn(\d+)_(\d+)")
+_TORCHVISION = re.compile(r"torchvision:(\w+)")
+_PYTHON = re.compile(r"python:([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    family: Literal["mobilenetv2", "convnet", "resnet", "wrn"]
+    family: Literal["mobilenetv2", "convnet", "resnet", "wrn", "torchvision", "python"]
     depth: int = 0
     widen: int = 1  # 4 for resnetDx4; K for wrnD_K
+    ref: str = ""  # torchvision's model name; "module:function" for python
+
+    @property
+    def external(self) -> bool:
+        return self.family in ("torchvision", "python")
 
 
 def parse_arch(name: str) -> ArchSpec | None:
     """The architecture a name stands for, or None where it names none."""
     if name in ("mobilenetv2", "convnet"):
         return ArchSpec(name)  # type: ignore[arg-type]
+    m = _TORCHVISION.fullmatch(name)
+    if m:
+        return ArchSpec("torchvision", ref=m[1])
+    m = _PYTHON.fullmatch(name)
+    if m:
+        return ArchSpec("python", ref=f"{m[1]}:{m[2]}")
     m = _RESNET.fullmatch(name)
     if m and int(m[1]) >= 8 and (int(m[1]) - 2) % 6 == 0:
         return ArchSpec("resnet", int(m[1]), 4 if m[2] else 1)
@@ -118,6 +135,10 @@ def tap_family(arch: str) -> str:
 def at_pair_problem(teacher: ModelConfig, student: ModelConfig) -> str | None:
     """Why attention transfer cannot pair these two (None: it can): the tapped maps must
     have one size, so one tap family and one style."""
+    if any(spec is not None and spec.external
+           for spec in (parse_arch(teacher.arch), parse_arch(student.arch))):
+        return (f"attention transfer taps built-in architectures only, not yet "
+                f"{teacher.arch if ':' in teacher.arch else student.arch}")
     if (tap_family(teacher.arch), teacher.style) == (tap_family(student.arch), student.style):
         return None
     return (f"attention transfer needs teacher and student of one family and style (the "
@@ -138,6 +159,12 @@ class ModelConfig:
     # patch-whitening stem, BatchNorm without scale, identity-initialised convolutions, a
     # max-pool head with a scaled bias-free classifier); kdig_study.models
     style: Literal["default", "airbench"] = "default"
+    # torchvision:NAME only: a 3x3 stride-1 first convolution and no max-pool, for 32 px
+    # images (ResNet-family models: conv1 and maxpool)
+    small_input: bool = False
+    # the layer Grad-CAM looks at, by module path (e.g. "layer4"); "" : the last block of
+    # the built-in families, the last top-level module with a feature map otherwise
+    cam_layer: str = ""
 
 
 @dataclass(frozen=True)
@@ -537,7 +564,19 @@ _NOT_IDENTITY_KEYS = {"data": ("path",), "search": ("n_trials", "timeout")}
 _LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "kd": {"method": "hinton", "ce_weight": -1.0, "kd_weight": -1.0, "dkd_alpha": 1.0,
            "dkd_beta": 8.0, "dkd_warmup": 20, "dist_beta": 1.0, "dist_gamma": 1.0},
-    "search": {"hold": []}}
+    "search": {"hold": []},
+    "teacher": {"small_input": False, "cam_layer": ""},
+    "student": {"small_input": False, "cam_layer": ""}}
+
+
+def model_identity(m: ModelConfig) -> dict[str, Any]:
+    """A model config as fingerprints hash it: keys added later left out at their
+    defaults (the teachers cached before them keep their fingerprints)."""
+    d = dataclasses.asdict(m)
+    for k, default in _LATER_DEFAULTS["teacher"].items():
+        if d.get(k) == default:
+            d.pop(k)
+    return d
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -776,6 +815,14 @@ def _check_study(cfg: StudyConfig) -> None:
         if parse_arch(m.arch) is None:
             raise KdigError(f"{src}: {role}.arch = {m.arch!r}: no such architecture; allowed: "
                             f"{ARCH_FORMS}")
+        spec = parse_arch(m.arch)
+        assert spec is not None
+        if m.small_input and spec.family != "torchvision":
+            raise KdigError(f"{src}: {role}.small_input = true: only torchvision:NAME models "
+                            f"are adapted (the built-in ones have CIFAR stems); allowed: false")
+        if spec.external and m.width != 1.0:
+            raise KdigError(f"{src}: {role}.width = {m.width}: {m.arch} is built as it is "
+                            f"defined (set its width there); allowed: 1.0")
         if m.arch != "convnet" and m.style != "default":
             raise KdigError(f"{src}: {role}.style = {m.style!r}: only the convnet family has "
                             f"the airbench style; allowed: \"default\"")

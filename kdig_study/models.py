@@ -26,6 +26,8 @@ Grad-CAM can take the last one.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -63,6 +65,10 @@ class Net(nn.Module):
                 return self.classifier(pooled.float())
         return self.classifier(pooled)
 
+    def cam_layer(self) -> nn.Module:
+        """The layer Grad-CAM looks at: the last feature block."""
+        return self.features[-1]
+
     def forward_tap(self, x: torch.Tensor, tap: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the output of ``features[tap]`` ([B, C, h, w]), for attention transfer."""
         fmap = None
@@ -72,6 +78,105 @@ class Net(nn.Module):
                 fmap = x
         assert fmap is not None, f"tap {tap} outside features[0:{len(self.features)}]"
         return self.head(x), fmap
+
+
+class Adapted(nn.Module):
+    """A classifier from torchvision or your own module behind the harness's interface. The
+    contract (docs/usage.md): ``forward(x)`` of [B, 3, H, W] normalised images returns
+    logits [B, classes]. Logits are cast to fp32 before any loss (under bf16 autocast they
+    would come out in bf16, and the KD gradient with them)."""
+
+    def __init__(self, model: nn.Module, cam_layer: str = "") -> None:
+        super().__init__()
+        self.model = model
+        self._cam = cam_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float()
+
+    def cam_layer(self) -> nn.Module:
+        """``cam_layer`` by module path, else the last top-level module whose output is a
+        feature map ([B, C, h, w], h and w > 1: not the global pool), found by one forward
+        pass."""
+        if self._cam:
+            try:
+                return self.model.get_submodule(self._cam)
+            except AttributeError:
+                names = [n for n, _ in self.model.named_children()]
+                raise KdigError(f"cam_layer = {self._cam!r}: no such module in the model; "
+                                f"its top-level modules: {', '.join(names)}") from None
+        maps: list[nn.Module] = []
+        hooks = [m.register_forward_hook(
+            lambda mod, _i, out: maps.append(mod) if torch.is_tensor(out) and out.dim() == 4
+            and min(out.shape[-2:]) > 1 else None) for m in self.model.children()]
+        try:
+            device = next(self.model.parameters()).device
+            with torch.no_grad():
+                was = self.model.training
+                self.model.eval()
+                self.model(torch.zeros(1, 3, 32, 32, device=device))
+                self.model.train(was)
+        finally:
+            for h in hooks:
+                h.remove()
+        if not maps:
+            raise KdigError("no top-level module of the model returns a feature map; set "
+                            "cam_layer to a module path (e.g. \"layer4\")")
+        return maps[-1]
+
+
+def _torchvision(name: str, num_classes: int, small_input: bool) -> nn.Module:
+    if name not in torchvision.models.list_models(torchvision.models):
+        raise KdigError(f"torchvision:{name}: no such torchvision classifier; e.g. "
+                        f"torchvision:resnet18, torchvision:mobilenet_v3_small")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if small_input:
+        conv1, pool = getattr(model, "conv1", None), getattr(model, "maxpool", None)
+        if not isinstance(conv1, nn.Conv2d) or pool is None:
+            raise KdigError(f"torchvision:{name}: small_input adapts ResNet-family stems "
+                            f"(conv1 and maxpool); this model has none: use small_input = "
+                            f"false")
+        # 32 px images: a 3x3 stride-1 stem and no max-pool keep the 32x32 resolution that
+        # a 7x7 stride-2 conv and a stride-2 pool would cut to 8x8 at once
+        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1,
+                                padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+def _python_module(ref: str) -> Any:
+    import importlib
+
+    module_name = ref.split(":")[0]
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        raise KdigError(f"python:{ref}: cannot import {module_name} ({e}); is it on "
+                        f"PYTHONPATH?") from None
+
+
+def python_arch_sha256(ref: str) -> str:
+    """The checksum of the file that defines a python: architecture (a cached teacher of
+    an edited architecture is another teacher)."""
+    import inspect
+
+    from kdig_study.paths import file_sha256
+
+    source = inspect.getsourcefile(_python_module(ref))
+    return file_sha256(Path(source)) if source else "unknown"
+
+
+def _python(ref: str, num_classes: int) -> nn.Module:
+    module_name, function = ref.split(":")
+    where = f"python:{ref}"
+    module = _python_module(ref)
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise KdigError(f"{where}: {module_name} has no function {function}")
+    model = fn(num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise KdigError(f"{where}: returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _mobilenet_v2_cifar(width: float, num_classes: int) -> nn.Module:
@@ -213,6 +318,8 @@ def _wide_resnet(depth: int, k: int, width: float, num_classes: int) -> Net:
 
 def whitening_conv(model: Net) -> nn.Conv2d | None:
     """The frozen whitening stem of an airbench-style convnet, else None."""
+    if not isinstance(model, Net):
+        return None
     first = model.features[0]
     conv = first[0] if isinstance(first, nn.Sequential) and len(first) else None
     if isinstance(conv, nn.Conv2d) and conv.kernel_size == (WHITEN_KERNEL, WHITEN_KERNEL) \
@@ -241,10 +348,17 @@ def init_whitening(model: Net, x: torch.Tensor, eps: float = 5e-4) -> None:
 
 
 def build_model(cfg: ModelConfig, num_classes: int = 10) -> Net:
-    """A freshly initialised teacher or student (students: ``drop_blocks`` > 0 or width < 1)."""
+    """A freshly initialised teacher or student (students: ``drop_blocks`` > 0 or width < 1);
+    a torchvision or python: architecture comes as :class:`Adapted`, which offers the same
+    interface as Net where the harness uses it (forward, cam_layer)."""
     spec = parse_arch(cfg.arch)
     if spec is None:
         raise KdigError(f"unknown architecture {cfg.arch!r}")
+    if spec.family == "torchvision":
+        return Adapted(_torchvision(spec.ref, num_classes, cfg.small_input),  # type: ignore
+                       cfg.cam_layer)
+    if spec.family == "python":
+        return Adapted(_python(spec.ref, num_classes), cfg.cam_layer)  # type: ignore
     if spec.family == "convnet":
         return _convnet(cfg.width, num_classes, cfg.style)
     if spec.family == "resnet":

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdig_study.checkpoint import Resume, run_resume, until_ended
-from kdig_study.config import StudyConfig
+from kdig_study.config import StudyConfig, model_identity, parse_arch
 from kdig_study.data import DataBundle
 from kdig_study.engine import (
     evaluate,
@@ -34,7 +34,7 @@ from kdig_study.engine import (
     train,
 )
 from kdig_study.errors import KdigError
-from kdig_study.models import Net, build_model, count_params
+from kdig_study.models import Net, build_model, count_params, python_arch_sha256
 from kdig_study.paths import cache_dir, file_sha256, locked, write_json
 from kdig_study.teacher_outputs import device_kind
 
@@ -53,7 +53,11 @@ def teacher_fingerprint(cfg: StudyConfig, data: DataBundle, device: torch.device
                         precision: str | None = None) -> str:
     """``precision``: the one it was trained at, where that is not what the config resolves
     to on ``device`` (a study made on other hardware, read here)."""
-    model = dataclasses.asdict(cfg.teacher)
+    model = model_identity(cfg.teacher)
+    spec = parse_arch(cfg.teacher.arch)
+    if spec is not None and spec.family == "python":
+        # your architecture's source decides the network as much as its name does
+        model["source_sha256"] = python_arch_sha256(spec.ref)
     if cfg.teacher.weights:
         # a given teacher: its weights decide it, not how it would have been trained
         model["weights"] = file_sha256(_given(cfg))

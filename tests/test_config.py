@@ -65,6 +65,12 @@ BAD = [
      "student.drop_blocks", "2", "only MobileNetV2"),
     ("[method]\nat = true\n[scales.cpu.teacher]\narch = \"resnet56\"\nstyle = \"default\"\n",
      "method.at", "resnet56/default", "one family"),
+    ("[scales.cpu.student]\nsmall_input = true\n", "student.small_input", "true",
+     "only torchvision:NAME"),
+    ("[scales.cpu.student]\narch = \"torchvision:resnet18\"\nwidth = 0.5\n", "student.width",
+     "0.5", "allowed: 1.0"),
+    ("[method]\nat = true\n[scales.cpu.teacher]\narch = \"torchvision:resnet18\"\n"
+     "style = \"default\"\n", "method.at", "torchvision:resnet18", "built-in architectures"),
     ("[kd]\nalpha = \"high\"\n", "kd.alpha", "high", "a number"),
     ("[method]\nkd = 1\n", "method.kd", "1", "true or false"),
     ("[kd]\nbeta = 2\n", "kd.beta", "", "temperature, alpha"),

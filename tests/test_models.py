@@ -138,3 +138,45 @@ def test_cifar_resnet_pairs_share_their_attention_tap_and_fold_where_they_can() 
     assert maps["wrn40_2"] == maps["wrn16_2"] == (2, 64, 16, 16)
     # Grad-CAM's layer (the last feature module) is the last stage at 8x8
     assert build_model(ModelConfig("resnet20")).features(x).shape == (2, 64, 8, 8)
+
+
+def test_a_torchvision_classifier_adapted_to_32_px() -> None:
+    from torch import nn
+
+    m = build_model(ModelConfig("torchvision:resnet18", small_input=True))
+    stem = m.model.conv1
+    assert stem.kernel_size == (3, 3) and stem.stride == (1, 1)
+    assert isinstance(m.model.maxpool, nn.Identity)
+    assert count_params(m) == 11_173_962  # the CIFAR ResNet-18 of the KD literature
+    x = torch.randn(2, 3, 32, 32)
+    assert m(x).shape == (2, 10) and m(x).dtype == torch.float32
+    assert m.cam_layer() is m.model.layer4  # the last module with a feature map
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x).dtype == torch.float32  # logits cast before any loss
+
+
+def test_your_own_architecture_by_module_path() -> None:
+    m = build_model(ModelConfig("python:arch_fixtures:tiny_student", cam_layer="4"),
+                    num_classes=7)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert m.cam_layer() is m.model[4]
+
+
+@pytest.mark.parametrize("arch,extra,fragment", [
+    ("torchvision:nonet", {}, "torchvision:nonet: no such torchvision classifier"),
+    ("torchvision:mobilenet_v3_small", {"small_input": True}, "adapts ResNet-family stems"),
+    ("python:no_such_module:f", {}, "cannot import no_such_module"),
+    ("python:arch_fixtures:nope", {}, "arch_fixtures has no function nope"),
+    ("python:arch_fixtures:not_a_module", {}, "returned str, not a torch.nn.Module"),
+])
+def test_bad_architectures_are_one_line(arch: str, extra: dict, fragment: str) -> None:
+    with pytest.raises(KdigError, match=fragment) as e:
+        build_model(ModelConfig(arch, **extra))
+    assert "\n" not in str(e.value)
+
+
+def test_a_cam_layer_that_is_not_there_names_the_modules() -> None:
+    m = build_model(ModelConfig("torchvision:resnet18", cam_layer="layer9"))
+    with pytest.raises(KdigError, match="no such module in the model; its top-level modules: "
+                                        "conv1, bn1, relu, maxpool, layer1"):
+        m.cam_layer()

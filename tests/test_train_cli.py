@@ -64,3 +64,22 @@ def test_the_cifar_resnet_pair_trains_with_kd_ig_and_at(tmp_path: Path) -> None:
     assert res["teacher"]["params"] == 44_370 and res["student"]["params"] == 19_954
     assert res["teacher"]["test_acc"] > 0.5  # chance: 0.1 (77% when measured)
     assert 0 < res["student"]["test_acc"] <= 1 and res["student"]["epochs_run"] == 2
+
+
+def test_your_own_architectures_train_with_kd_and_gradcam_maps(tmp_path: Path) -> None:
+    """python:module:function teacher and student (tests/arch_fixtures.py) through the CLI:
+    the teacher, its Grad-CAM maps (the layer found by itself) and a KD+overlay student."""
+    out = tmp_path / "out.json"
+    proc = run_cli("train", "--study", "kd_ig", "--role", "student", "--scale", "smoke",
+                   "--no-progress", "--json", str(out),
+                   "--set", "teacher.arch=python:arch_fixtures:tiny_teacher",
+                   "--set", "student.arch=python:arch_fixtures:tiny_student",
+                   "--set", "teacher.width=1.0", "--set", "student.width=1.0",
+                   "--set", "ig.source=gradcam", "--set", "teacher_train.epochs=3",
+                   "--set", "student_train.epochs=1")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    # 3x3 convs 3->24 and 24->48 with BN, a linear head: parameters of the fixture
+    assert res["teacher"]["params"] == 3 * 24 * 9 + 48 + 24 * 48 * 9 + 96 + 48 * 10 + 10
+    assert res["student"]["params"] == 3 * 8 * 9 + 16 + 8 * 16 * 9 + 32 + 16 * 10 + 10
+    assert "student (KD+IG)" in proc.stdout  # the overlay, from Grad-CAM maps
