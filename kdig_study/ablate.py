@@ -961,8 +961,10 @@ def main() -> int:
     ctx = Context.create(setup.cfg, args.data_dir, args.device, progress=not args.no_progress)
     study = open_ablation_study(storage, url, name, setup, ctx)
     _announce(setup, name, url, default_design)
-    if tracker is not None and args.worker_index is None:
-        print(f"tracking every run to {tracker.where()}", flush=True)
+    if args.worker_index is None:
+        print(f"data: {ctx.data.describe()}", flush=True)
+        if tracker is not None:
+            print(f"tracking every run to {tracker.where()}", flush=True)
     _run(args, setup, study, storage, ctx, tracker)
     if args.worker_index is None:
         analyse_and_write(setup, study, Path(args.out))

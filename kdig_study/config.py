@@ -60,9 +60,16 @@ def _bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
     return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
 
 
+DatasetName = Literal["cifar10", "cifar100", "folder", "synthetic"]
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["cifar10", "synthetic"] = "cifar10"
+    # cifar10 / cifar100: torchvision's format (cifar-10-batches-py, cifar-100-python) or an
+    # image-folder tree; folder: any tree train/<class>/*, test/<class>/* (classes from the
+    # folder names); synthetic: generated shapes, for tests
+    dataset: DatasetName = "cifar10"
+    cifar100_labels: Literal["fine", "coarse"] = "fine"  # CIFAR-100's 100 or 20 classes
     # Data folder or archive; "" means --data-dir, then $KDIG_DATA, then ./data, ../shared/data.
     path: str = ""
     val_size: int = _bounded(5000, ge=10)  # held out of the training set, stratified
@@ -565,6 +572,7 @@ _LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "kd": {"method": "hinton", "ce_weight": -1.0, "kd_weight": -1.0, "dkd_alpha": 1.0,
            "dkd_beta": 8.0, "dkd_warmup": 20, "dist_beta": 1.0, "dist_gamma": 1.0},
     "search": {"hold": []},
+    "data": {"cifar100_labels": "fine"},
     "teacher": {"small_input": False, "cam_layer": ""},
     "student": {"small_input": False, "cam_layer": ""}}
 

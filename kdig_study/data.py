@@ -1,9 +1,11 @@
-"""CIFAR-10 (or any 32x32 image-folder data set) into memory, split, and batched.
+"""CIFAR-10, CIFAR-100 or any image-folder data set of 32x32 images into memory, split, and
+batched.
 
-Sources, found from a data folder or archive:
-  * torchvision's own format: ``<dir>/cifar-10-batches-py`` (what ``download=True`` makes);
-  * an image-folder tree ``train/<class>/*``, ``test/<class>/*`` (JPEG or PNG), as a folder or
-    as a .tar / .tar.gz archive of one;
+Sources (``data.dataset``, the table DATASETS), found from a data folder or archive:
+  * torchvision's own format: ``<dir>/cifar-10-batches-py`` or ``<dir>/cifar-100-python``
+    (what ``download=True`` makes; CIFAR-100 with its 100 fine or 20 coarse labels);
+  * an image-folder tree ``train/<class>/*``, ``test/<class>/*`` (JPEG or PNG; classes from
+    the folder names, in sorted order), as a folder or as a .tar / .tar.gz archive of one;
   * synthetic shapes (``dataset = "synthetic"``), for tests.
 
 Decoding happens once; the uint8 arrays are cached under <cache>/data, keyed by the source's
@@ -21,7 +23,9 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import tarfile
+import typing
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from kdig_study import synthetic
-from kdig_study.config import DataConfig
+from kdig_study.config import DataConfig, DatasetName
 from kdig_study.errors import KdigError
 from kdig_study.paths import atomic_write, cache_dir, locked
 from kdig_study.seeds import derive_seed
@@ -44,12 +48,39 @@ _IMAGE_EXT = (".jpg", ".jpeg", ".png")
 _ARCHIVE_EXT = (".tar", ".tar.gz", ".tgz")
 DEFAULT_DATA_DIRS: tuple[str, ...] = ("data", "../shared/data")
 
-HOW_TO_GET = (
-    "get CIFAR-10 with `python -c \"import torchvision; torchvision.datasets.CIFAR10('data', "
-    "download=True)\"` on a machine with internet (or bring an image-folder tree "
-    "train/<class>/*.jpg, test/<class>/*.jpg, as a folder or .tar.gz), then point to it with "
-    "--data-dir DIR or KDIG_DATA=DIR"
-)
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """A data set kind: what it is called, how many classes it must have (None: any of two
+    or more), and its torchvision folder (None: image folders only)."""
+
+    title: str
+    classes: int | None
+    torchvision_dir: str | None = None
+    marker: str = ""  # a file inside the torchvision folder
+    torchvision_class: str = ""
+
+
+DATASETS: dict[str, DatasetKind] = {
+    "cifar10": DatasetKind("CIFAR-10", 10, "cifar-10-batches-py", "data_batch_1", "CIFAR10"),
+    "cifar100": DatasetKind("CIFAR-100", 100, "cifar-100-python", "train", "CIFAR100"),
+    "folder": DatasetKind("an image-folder data set", None),
+}
+assert set(DATASETS) | {"synthetic"} == set(typing.get_args(DatasetName))
+
+
+def how_to_get(dataset: str) -> str:
+    kind = DATASETS[dataset]
+    tree = ("bring an image-folder tree train/<class>/*.jpg, test/<class>/*.jpg (as a folder "
+            "or .tar.gz)")
+    if kind.torchvision_class:
+        tree = (f"get {kind.title} with `python -c \"import torchvision; torchvision.datasets."
+                f"{kind.torchvision_class}('data', download=True)\"` on a machine with "
+                f"internet (or {tree})")
+    return f"{tree}, then point to it with --data-dir DIR or KDIG_DATA=DIR"
+
+
 
 
 @dataclass(frozen=True)
@@ -92,6 +123,17 @@ class DataBundle:
     pad: int = 4  # training augmentation: random-crop padding
     flip: bool = True  # training augmentation: horizontal flip
 
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    def describe(self) -> str:
+        """E.g. "48,000 training images of 10 classes at 32 px (2,000 validation, 10,000
+        test) from archive:../shared/data/cifar10-jpg.tar.gz"."""
+        return (f"{len(self.train):,} training images of {len(self.classes)} classes at "
+                f"{self.image_size} px ({len(self.val):,} validation, {len(self.test):,} "
+                f"test) from {self.origin}")
+
     def train_subset(self, n: int) -> tuple[ImageSet, torch.Tensor]:
         """The first ``n`` training images (0: all) and their indices in the source pool."""
         if n == 0 or n >= len(self.train):
@@ -113,27 +155,31 @@ def resolve_data_path(cfg: DataConfig, flag: str | None) -> Path:
         if given:
             path = Path(given).expanduser()
             if not path.exists():
-                raise KdigError(f"data folder {path} (from {what}) does not exist; {HOW_TO_GET}")
+                raise KdigError(f"data folder {path} (from {what}) does not exist; "
+                                f"{how_to_get(cfg.dataset)}")
             return path
     for default in DEFAULT_DATA_DIRS:
         path = Path(default)
-        if path.exists() and _detect(path, strict=False) is not None:
+        if path.exists() and _detect(path, cfg.dataset, strict=False) is not None:
             return path
-    raise KdigError(f"no CIFAR-10 found (looked in {', '.join(DEFAULT_DATA_DIRS)}); {HOW_TO_GET}")
+    raise KdigError(f"no {DATASETS[cfg.dataset].title} found (looked in "
+                    f"{', '.join(DEFAULT_DATA_DIRS)}); {how_to_get(cfg.dataset)}")
 
 
 def _is_archive(path: Path) -> bool:
     return path.is_file() and path.name.endswith(_ARCHIVE_EXT)
 
 
-def _detect(path: Path, strict: bool = True) -> tuple[str, Path] | None:
+def _detect(path: Path, dataset: str, strict: bool = True) -> tuple[str, Path] | None:
     """('torchvision' | 'folder' | 'archive', the path to read) or None / an error."""
+    kind = DATASETS[dataset]
     if _is_archive(path):
         return "archive", path
     if path.is_dir():
-        if (path / "cifar-10-batches-py" / "data_batch_1").is_file():
+        tv, marker = kind.torchvision_dir, kind.marker
+        if tv and (path / tv / marker).is_file():
             return "torchvision", path
-        if path.name == "cifar-10-batches-py" and (path / "data_batch_1").is_file():
+        if tv and path.name == tv and (path / marker).is_file():
             return "torchvision", path.parent
         if (path / "train").is_dir() and (path / "test").is_dir():
             return "folder", path
@@ -145,16 +191,18 @@ def _detect(path: Path, strict: bool = True) -> tuple[str, Path] | None:
             raise KdigError(f"data folder {path} holds several archives ({names}); point "
                             f"--data-dir at one of them")
     if strict:
-        raise KdigError(f"{path} holds no CIFAR-10: expected cifar-10-batches-py/, train/ and "
-                        f"test/ folders, or a .tar/.tar.gz of them; {HOW_TO_GET}")
+        expected = f"{kind.torchvision_dir}/, " if kind.torchvision_dir else ""
+        raise KdigError(f"{path} holds no {kind.title}: expected {expected}train/ and test/ "
+                        f"folders, or a .tar/.tar.gz of them; {how_to_get(dataset)}")
     return None
 
 
-def _stat_signature(kind: str, path: Path) -> list[tuple[str, int, int]]:
+def _stat_signature(kind: str, path: Path, dataset: str) -> list[tuple[str, int, int]]:
     if kind == "archive":
         st = path.stat()
         return [(path.name, st.st_size, st.st_mtime_ns)]
-    root = path / "cifar-10-batches-py" if kind == "torchvision" else path
+    tv = DATASETS[dataset].torchvision_dir
+    root = path / tv if kind == "torchvision" and tv else path
     sig = []
     for dirpath, _, files in os.walk(root):
         for name in files:
@@ -164,15 +212,20 @@ def _stat_signature(kind: str, path: Path) -> list[tuple[str, int, int]]:
     return sorted(sig)
 
 
-def _decode_image(data: bytes | Path, where: str) -> np.ndarray:
+def _decode_image(data: bytes | Path, where: str, converted: list[str] | None = None
+                  ) -> np.ndarray:
+    """HWC uint8 RGB; ``converted`` collects the images that were not RGB (grayscale,
+    palette, RGBA), converted here and said once by the caller."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            if im.mode != "RGB" and converted is not None:
+                converted.append(f"{where} ({im.mode})")
             arr = np.asarray(im.convert("RGB"))
     except Exception as e:  # PIL raises several types for bad files
         raise KdigError(f"cannot decode image {where}: {e}") from None
     if arr.shape != (32, 32, 3):
         raise KdigError(f"image {where} is {arr.shape[1]}x{arr.shape[0]}; kdig_study expects "
-                        f"32x32 RGB images (CIFAR-10 format)")
+                        f"32x32 images so far")
     return arr
 
 
@@ -202,21 +255,35 @@ def _split_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
     return None
 
 
-def _read_folder(root: Path, progress: bool = True) -> tuple:
+def _image_file(name: str, where: str) -> bool:
+    """Whether a file in a class folder is an image to read; a hidden file (.DS_Store) is
+    skipped, any other file is refused in one line (it was skipped without a word)."""
+    base = name.rsplit("/", 1)[-1]
+    if base.startswith("."):
+        return False
+    if not base.lower().endswith(_IMAGE_EXT):
+        raise KdigError(f"{where}: not an image; a class folder holds images only (allowed: "
+                        f"{', '.join(_IMAGE_EXT)}); move the file out")
+    return True
+
+
+def _read_folder(root: Path, cfg: DataConfig, progress: bool, converted: list[str]) -> tuple:
     files = []
     for split in ("train", "test"):
         for p in sorted((root / split).rglob("*")):
-            if p.suffix.lower() in _IMAGE_EXT and _split_class(p.relative_to(root).parts):
+            if p.is_file() and _split_class(p.relative_to(root).parts) and \
+                    _image_file(p.name, str(p)):
                 files.append(p)
     items = []
     for p in tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1.0,
                   disable=not progress):
         split, cls = _split_class(p.relative_to(root).parts)  # type: ignore[misc]
-        items.append((split, cls, p.name, _decode_image(p, str(p))))
+        items.append((split, cls, p.name, _decode_image(p, str(p), converted)))
     return _assemble(items, root)
 
 
-def _read_archive(path: Path, progress: bool = True) -> tuple:
+def _read_archive(path: Path, cfg: DataConfig, progress: bool, converted: list[str]
+                  ) -> tuple:
     items = []
     try:
         with tarfile.open(path, "r:*") as tar, tqdm(desc=f"decoding {path.name}", unit="img",
@@ -224,12 +291,12 @@ def _read_archive(path: Path, progress: bool = True) -> tuple:
             for member in tar:
                 sc = _split_class(Path(member.name).parts)
                 if not member.isfile() or sc is None or \
-                        not member.name.lower().endswith(_IMAGE_EXT):
+                        not _image_file(member.name, f"{path}:{member.name}"):
                     continue
                 f = tar.extractfile(member)
                 assert f is not None  # a regular file always has contents
                 items.append((sc[0], sc[1], Path(member.name).name,
-                              _decode_image(f.read(), f"{path}:{member.name}")))
+                              _decode_image(f.read(), f"{path}:{member.name}", converted)))
                 bar.update()
     except (tarfile.TarError, EOFError, OSError) as e:
         detail = " ".join(str(e).split())  # tarfile's message spans several lines
@@ -237,19 +304,43 @@ def _read_archive(path: Path, progress: bool = True) -> tuple:
     return _assemble(items, path)
 
 
-def _read_torchvision(root: Path, progress: bool = True) -> tuple:
-    from torchvision.datasets import CIFAR10
+def _read_torchvision(root: Path, cfg: DataConfig, progress: bool, converted: list[str]
+                      ) -> tuple:
+    import torchvision.datasets
 
+    kind = DATASETS[cfg.dataset]
+    cls = getattr(torchvision.datasets, kind.torchvision_class)
     try:
-        sets = [CIFAR10(str(root), train=t, download=False) for t in (True, False)]
+        sets = [cls(str(root), train=t, download=False) for t in (True, False)]
     except RuntimeError as e:
-        raise KdigError(f"{root}/cifar-10-batches-py is incomplete or corrupt ({e}); "
-                        f"{HOW_TO_GET}") from None
+        raise KdigError(f"{root}/{kind.torchvision_dir} is incomplete or corrupt ({e}); "
+                        f"{how_to_get(cfg.dataset)}") from None
     arrays = []
     for ds in sets:
-        arrays += [np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)),
-                   np.asarray(ds.targets, dtype=np.int64)]
-    return arrays[0], arrays[1], arrays[2], arrays[3], tuple(sets[0].classes)
+        arrays.append(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+        arrays.append(np.asarray(ds.targets, dtype=np.int64))
+    classes = tuple(sets[0].classes)
+    if cfg.dataset == "cifar100" and cfg.cifar100_labels == "coarse":
+        arrays[1], arrays[3], classes = *_cifar100_coarse(root / kind.torchvision_dir), \
+            _cifar100_coarse_names(root / kind.torchvision_dir)
+    return arrays[0], arrays[1], arrays[2], arrays[3], classes
+
+
+def _unpickle(path: Path) -> dict[str, typing.Any]:
+    # torchvision reads these files the same way (the format is Python pickles)
+    with path.open("rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def _cifar100_coarse(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-100's 20 superclass labels of the training and test files (torchvision's
+    reader keeps the fine ones only), in the files' order, as torchvision reads them."""
+    return tuple(np.asarray(_unpickle(folder / name)["coarse_labels"], dtype=np.int64)
+                 for name in ("train", "test"))  # type: ignore[return-value]
+
+
+def _cifar100_coarse_names(folder: Path) -> tuple[str, ...]:
+    return tuple(_unpickle(folder / "meta")["coarse_label_names"])
 
 
 def _content_hash(arrays: list[np.ndarray], classes: tuple[str, ...]) -> str:
@@ -270,21 +361,27 @@ def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = T
         return DecodedDataset(ImageSet(tx, ty), ImageSet(sx, sy), synthetic.CLASSES, fp,
                               "synthetic")
     path = resolve_data_path(cfg, data_dir)
-    kind, target = _detect(path)  # type: ignore[misc]
+    kind, target = _detect(path, cfg.dataset)  # type: ignore[misc]
+    labels = [cfg.cifar100_labels] if cfg.dataset == "cifar100" else []
+    # (the CIFAR-10 caches made before other data sets keep their key)
     key = hashlib.sha256(json.dumps(
-        [_CACHE_VERSION, kind, str(target.resolve()), _stat_signature(kind, target)]).encode()
-    ).hexdigest()[:20]
-    cache = cache_dir() / "data" / f"cifar10-{key}.npz"
+        [_CACHE_VERSION, kind, str(target.resolve()),
+         _stat_signature(kind, target, cfg.dataset), *labels]).encode()).hexdigest()[:20]
+    cache = cache_dir() / "data" / f"{cfg.dataset}-{key}.npz"
     with locked(cache):
         arrays = _read_decoded(cache)
         if arrays is None and cache.is_file():
             print(f"data cache {cache} is unreadable; decoding the data again", flush=True)
             cache.unlink()
         if arrays is None:
-            reader: Callable[[Path, bool], tuple] = {
+            reader: Callable[[Path, DataConfig, bool, list[str]], tuple] = {
                 "archive": _read_archive, "folder": _read_folder,
                 "torchvision": _read_torchvision}[kind]
-            tx, ty, sx, sy, classes = reader(target, progress)
+            converted: list[str] = []
+            tx, ty, sx, sy, classes = reader(target, cfg, progress, converted)
+            if converted:
+                print(f"converted {len(converted)} image(s) that were not RGB to RGB (e.g. "
+                      f"{converted[0]})", flush=True)
             fp = _content_hash([tx, ty, sx, sy], classes)
 
             def write(tmp: Path) -> None:
@@ -296,8 +393,15 @@ def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = T
             arrays = _read_decoded(cache)
             if arrays is None:  # pragma: no cover - the disk failed under us
                 raise KdigError(f"data cache {cache}: unreadable right after writing it")
-    if len(arrays["classes"]) != 10:
-        raise KdigError(f"{target}: found {len(arrays['classes'])} classes; CIFAR-10 has 10")
+    expected = DATASETS[cfg.dataset].classes
+    if cfg.dataset == "cifar100" and cfg.cifar100_labels == "coarse":
+        expected = 20
+    found = len(arrays["classes"])
+    if (expected is not None and found != expected) or found < 2:
+        raise KdigError(f"{target}: found {found} classes; "
+                        + (f"{DATASETS[cfg.dataset].title} has {expected} (or set "
+                           f"data.dataset = \"folder\" for a data set of its own)"
+                           if expected else "a data set needs at least 2"))
     return DecodedDataset(
         train=ImageSet(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"])),
         test=ImageSet(torch.from_numpy(arrays["test_x"]), torch.from_numpy(arrays["test_y"])),

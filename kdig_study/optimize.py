@@ -199,7 +199,9 @@ def _record_teacher(study: optuna.Study, ctx: Context) -> None:
         "val_acc": t.meta["val_acc"], "test_acc": t.meta["test_acc"], "path": str(t.path),
         "fingerprint": t.fingerprint, "wall_s": t.meta["wall_s"], **prof})
     study.set_user_attr("data", {"origin": ctx.data.origin, "train": len(ctx.data.train),
-                                 "val": len(ctx.data.val), "test": len(ctx.data.test)})
+                                 "val": len(ctx.data.val), "test": len(ctx.data.test),
+                                 "classes": len(ctx.data.classes),
+                                 "image_size": ctx.data.image_size})
 
 
 def record_latency(study: optuna.Study, ctx: Context) -> dict[str, Any]:
@@ -295,6 +297,7 @@ def main() -> int:
     if worker is None:
         finished = finished_trials(study)
         print(banner(cfg, n_trials, max(0, n_trials - finished), cached_parts(ctx)), flush=True)
+        print(f"data: {ctx.data.describe()}", flush=True)
         if multi:
             print(f"multi-objective study ({', '.join(cfg.search.objectives)}): Optuna does not "
                   f"prune multi-objective trials, so every trial runs all its epochs",

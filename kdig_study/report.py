@@ -481,7 +481,9 @@ def build(storage: Any, url: str, name: str, ablations: tuple[str, ...] = ()) ->
     page = Page(title=f"kdig_study report: {name}", intro=(
         f"<p>Study <code>{_e(name)}</code> ({_e(mode)}), scale <b>{_e(s.scale)}</b>, data "
         f"<code>{_e(s.data.get('origin', '?'))}</code> ({_e(s.data.get('train', '?'))} train /"
-        f" {_e(s.data.get('val', '?'))} val / {_e(s.data.get('test', '?'))} test); store "
+        f" {_e(s.data.get('val', '?'))} val / {_e(s.data.get('test', '?'))} test"
+        + (f", {_e(s.data['classes'])} classes at {_e(s.data.get('image_size', '?'))} px"
+           if "classes" in s.data else "") + "); store "
         f"<code>{_e(url)}</code>; git {_e(study.user_attrs.get('git_commit', '?'))}; "
         f"generated {datetime.datetime.now():%Y-%m-%d %H:%M}.</p>"))
     _summary(page, s)

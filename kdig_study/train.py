@@ -69,9 +69,8 @@ def main() -> int:
     from kdig_study.measure import profile
 
     ctx = Context.create(cfg, args.data_dir, args.device, progress=not args.no_progress)
-    print(f"study {cfg.name} at scale {cfg.scale}: data {ctx.data.origin} "
-          f"({len(ctx.data.train):,} train / {len(ctx.data.val):,} val / "
-          f"{len(ctx.data.test):,} test), device {ctx.device}")
+    print(f"study {cfg.name} at scale {cfg.scale}: {ctx.data.describe()}; device "
+          f"{ctx.device}")
     teacher = ctx.teacher() if (args.role == "teacher" or cfg.method.kd or cfg.method.at) \
         else None
     out: dict = {"study": cfg.name, "scale": cfg.scale, "role": args.role}

@@ -244,7 +244,7 @@ def test_missing_and_malformed_data_say_how_to_get_cifar(tmp_path: Path,
     (big / "train" / "a").mkdir(parents=True)
     (big / "test" / "a").mkdir(parents=True)
     Image.new("RGB", (64, 64)).save(big / "train" / "a" / "x.png")
-    with pytest.raises(KdigError, match=r"is 64x64; kdig_study expects 32x32"):
+    with pytest.raises(KdigError, match=r"is 64x64; kdig_study expects 32x32 images"):
         load_source(DataConfig(path=str(big)))
 
 
@@ -257,3 +257,96 @@ def test_real_cifar10_tree(shared_cifar: Path) -> None:
     b = make_bundle(src, DataConfig(val_size=5000))
     assert len(b.train) == 45_000 and torch.bincount(b.val.labels).tolist() == [500] * 10
     assert 0.45 < b.mean[0] < 0.52 and 0.2 < b.std[2] < 0.3  # CIFAR-10 channel statistics
+
+
+# --- data sets of their own: any class count, CIFAR-100, hostile folders (issue 28) ---
+
+def _tree(root: Path, classes: list[str], train: int, test: int) -> None:
+    for split, n in (("train", train), ("test", test)):
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = np.full((32, 32, 3), (c * 7) % 256, dtype=np.uint8)
+                arr[0, 0] = (i, c, 9)
+                Image.fromarray(arr).save(d / f"{i:03d}.png")
+
+
+def test_a_folder_data_set_takes_its_classes_from_the_folder_names(tmp_path: Path) -> None:
+    names = ["beetle", "ant", "moth"]
+    _tree(tmp_path / "bugs", names, train=5, test=2)
+    src = load_source(DataConfig(dataset="folder", path=str(tmp_path / "bugs"), val_size=3))
+    assert src.classes == ("ant", "beetle", "moth") and len(src.train) == 15
+    assert src.origin.startswith("folder:")
+    for img, lab in zip(src.train.images, src.train.labels, strict=True):
+        # the pixel holds the folder it was written to; the label is that folder's rank
+        assert src.classes[lab.item()] == names[img[1, 0, 0].item()]
+    # as CIFAR-10 it is refused, saying what to set
+    with pytest.raises(KdigError, match=r"found 3 classes; CIFAR-10 has 10 \(or set "
+                                        r"data.dataset = \"folder\""):
+        load_source(DataConfig(path=str(tmp_path / "bugs"), val_size=3))
+
+
+def test_hostile_folders_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "d"
+    _tree(root, ["a", "b"], train=3, test=1)
+    cfg = DataConfig(dataset="folder", path=str(root), val_size=2)
+    (root / "train" / "a" / ".DS_Store").write_bytes(b"\0\1")  # hidden: skipped
+    (root / "train" / "a" / "notes.txt").write_text("labels by hand")
+    with pytest.raises(KdigError, match=r"train/a/notes.txt: not an image; a class folder "
+                                        r"holds images only") as e:
+        load_source(cfg)
+    assert "\n" not in str(e.value)
+    (root / "train" / "a" / "notes.txt").unlink()
+    (root / "train" / "b" / "001.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(KdigError, match=r"cannot decode image .*train/b/001.png"):
+        load_source(cfg)
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8), mode="L").save(
+        root / "train" / "b" / "001.png")  # grayscale: converted, said once
+    for f in (root / "test" / "b").iterdir():  # a class with no test images
+        f.unlink()
+    with pytest.raises(KdigError, match=r"different class folders: \['a', 'b'\] vs \['a'\]"):
+        load_source(cfg)
+    _tree(tmp_path / "ok", ["a", "b"], train=3, test=1)
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8), mode="L").save(
+        tmp_path / "ok" / "train" / "b" / "001.png")
+    capsys.readouterr()
+    src = load_source(DataConfig(dataset="folder", path=str(tmp_path / "ok"), val_size=2))
+    assert "converted 1 image(s) that were not RGB to RGB (e.g. " in capsys.readouterr().out
+    assert src.train.images[src.train.labels == 1].shape[0] == 3
+
+
+def _cifar100(root: Path) -> None:
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, per in (("train", 2), ("test", 1)):
+        fine = [c for c in range(100) for _ in range(per)]
+        batch = {"data": rng.integers(0, 255, (len(fine), 3072), dtype=np.uint8),
+                 "fine_labels": fine, "coarse_labels": [c // 5 for c in fine]}
+        with open(d / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(d / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"fine{i:02d}" for i in range(100)],
+                     "coarse_label_names": [f"coarse{i:02d}" for i in range(20)]}, f)
+
+
+def test_cifar100_in_torchvisions_format_with_fine_or_coarse_labels(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)  # made here
+    _cifar100(tmp_path)
+    fine = load_source(DataConfig(dataset="cifar100", path=str(tmp_path), val_size=100))
+    assert len(fine.classes) == 100 and fine.classes[7] == "fine07"
+    assert len(fine.train) == 200 and len(fine.test) == 100
+    coarse = load_source(DataConfig(dataset="cifar100", cifar100_labels="coarse",
+                                    path=str(tmp_path), val_size=100))
+    assert len(coarse.classes) == 20 and coarse.classes[3] == "coarse03"
+    assert torch.equal(coarse.train.labels, fine.train.labels // 5)
+    assert torch.equal(coarse.train.images, fine.train.images)
+    assert coarse.fingerprint != fine.fingerprint
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KdigError, match=r"holds no CIFAR-100: expected cifar-100-python/.*"
+                                        r"torchvision.datasets.CIFAR100"):
+        load_source(DataConfig(dataset="cifar100", path=str(tmp_path / "empty")))
