@@ -142,10 +142,13 @@ def tap_family(arch: str) -> str:
 def at_pair_problem(teacher: ModelConfig, student: ModelConfig) -> str | None:
     """Why attention transfer cannot pair these two (None: it can): the tapped maps must
     have one size, so one tap family and one style."""
-    if any(spec is not None and spec.external
-           for spec in (parse_arch(teacher.arch), parse_arch(student.arch))):
-        return (f"attention transfer taps built-in architectures only, not yet "
-                f"{teacher.arch if ':' in teacher.arch else student.arch}")
+    external = [(role, m) for role, m in (("teacher", teacher), ("student", student))
+                if (spec := parse_arch(m.arch)) is not None and spec.external]
+    if external:
+        missing = [f"{role}.at_layer" for role, m in external if not m.at_layer]
+        return None if not missing else (
+            f"attention transfer with {external[0][1].arch} taps the layer you name: set "
+            f"{' and '.join(missing)} (a module path, e.g. \"layer2\")")
     if (tap_family(teacher.arch), teacher.style) == (tap_family(student.arch), student.style):
         return None
     return (f"attention transfer needs teacher and student of one family and style (the "
@@ -172,6 +175,9 @@ class ModelConfig:
     # the layer Grad-CAM looks at, by module path (e.g. "layer4"); "" : the last block of
     # the built-in families, the last top-level module with a feature map otherwise
     cam_layer: str = ""
+    # torchvision: and python: architectures: the layer attention transfer taps, by module
+    # path (e.g. "layer2"); the teacher's and the student's maps there must have one size
+    at_layer: str = ""
 
 
 @dataclass(frozen=True)
@@ -573,8 +579,8 @@ _LATER_DEFAULTS: dict[str, dict[str, Any]] = {
            "dkd_beta": 8.0, "dkd_warmup": 20, "dist_beta": 1.0, "dist_gamma": 1.0},
     "search": {"hold": []},
     "data": {"cifar100_labels": "fine"},
-    "teacher": {"small_input": False, "cam_layer": ""},
-    "student": {"small_input": False, "cam_layer": ""}}
+    "teacher": {"small_input": False, "cam_layer": "", "at_layer": ""},
+    "student": {"small_input": False, "cam_layer": "", "at_layer": ""}}
 
 
 def model_identity(m: ModelConfig) -> dict[str, Any]:
@@ -825,6 +831,10 @@ def _check_study(cfg: StudyConfig) -> None:
                             f"{ARCH_FORMS}")
         spec = parse_arch(m.arch)
         assert spec is not None
+        if m.at_layer and not spec.external:
+            raise KdigError(f"{src}: {role}.at_layer = {m.at_layer!r}: {m.arch} has its own "
+                            f"tap; allowed: \"\" (at_layer names the layer of a torchvision: "
+                            f"or python: architecture)")
         if m.small_input and spec.family != "torchvision":
             raise KdigError(f"{src}: {role}.small_input = true: only torchvision:NAME models "
                             f"are adapted (the built-in ones have CIFAR stems); allowed: false")

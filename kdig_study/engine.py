@@ -56,12 +56,17 @@ class Distillation:
     teacher: Net
     kd: KDConfig | None = None  # None: no KD term
     at_weight: float = 0.0  # 0: no attention-transfer term
-    tap: int = -1  # features index compared by attention transfer
+    tap: int | str = -1  # the student's tap: a features index, or a module path (at_layer)
+    teacher_tap: int | str | None = None  # the teacher's, where it differs (None: ``tap``)
     outputs: TeacherStream | None = None  # the teacher-output cache of this run's stream
 
     @property
     def use_at(self) -> bool:
         return self.at_weight > 0
+
+    @property
+    def tap_of_teacher(self) -> int | str:
+        return self.tap if self.teacher_tap is None else self.teacher_tap
 
 
 @dataclass
@@ -454,7 +459,7 @@ def teacher_forward(teacher: Net, x_clean: torch.Tensor, distill: Distillation,
     of inference mode (autograd may save them for the student's backward pass)."""
     with torch.inference_mode(), autocast(precision, device):
         if distill.use_at:
-            logits, fmap = teacher.forward_tap(x_clean, distill.tap)
+            logits, fmap = teacher.forward_tap(x_clean, distill.tap_of_teacher)
             att: torch.Tensor | None = attention_map(fmap.float())
         else:
             logits, att = teacher(x_clean), None
@@ -486,6 +491,11 @@ def _step_loss(model: Net, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
     else:
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
     if distill is not None and t_att is not None and s_map is not None:
+        if s_map.shape[-2] * s_map.shape[-1] != t_att.shape[-1]:
+            raise KdigError(f"attention transfer: the student's map at {distill.tap!r} is "
+                            f"{s_map.shape[-2]}x{s_map.shape[-1]}, the teacher's at "
+                            f"{distill.tap_of_teacher!r} has {t_att.shape[-1]} positions; "
+                            f"choose at_layer values whose maps have one size")
         loss = loss + distill.at_weight * at_loss_to(s_map.float(), t_att)
     return loss, logits
 

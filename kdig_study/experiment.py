@@ -40,7 +40,7 @@ from kdig_study.engine import (
 )
 from kdig_study.errors import KdigError
 from kdig_study.measure import model_cost
-from kdig_study.models import Net, build_model, count_params, tap_index
+from kdig_study.models import Net, build_model, count_params, taps
 from kdig_study.overlay import IGOverlay, save_preview, source_gallery
 from kdig_study.paths import atomic_write, cache_dir
 from kdig_study.teacher import Teacher, get_teacher
@@ -333,7 +333,7 @@ def teacher_params(cfg: StudyConfig, num_classes: int = 10) -> int:
 
 
 def teacher_stream(ctx: Context, cfg: StudyConfig, teacher_fingerprint: str,
-                   pool_rows: torch.Tensor, tap: int | None) -> TeacherStream:
+                   pool_rows: torch.Tensor, tap: int | str | None) -> TeacherStream:
     """The teacher-output cache of this run's data stream: keyed by everything the stream's
     images and the teacher's outputs on them depend on (``pool_rows``: the source-pool rows
     trained on, in order; ``tap``: the AT tap, None without AT)."""
@@ -376,13 +376,14 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
     distill = None
     if cfg.method.kd or cfg.method.at:
         teacher = ctx.teacher()
+        s_tap, t_tap = taps(model, cfg.student, cfg.teacher)
         distill = Distillation(teacher=teacher.model, kd=cfg.kd if cfg.method.kd else None,
                                at_weight=cfg.at.weight if cfg.method.at else 0.0,
-                               tap=tap_index(model, cfg.student.arch))
+                               tap=s_tap, teacher_tap=t_tap)
         if cfg.teacher_cache.enabled:
             distill = dataclasses.replace(distill, outputs=teacher_stream(
                 ctx, cfg, teacher.fingerprint, index if rows is None else index[rows],
-                distill.tap if distill.use_at else None))
+                t_tap if distill.use_at else None))
     planes, overlay, ig_info = None, None, {}
     if cfg.method.ig:
         source = cfg.ig.source

@@ -94,17 +94,35 @@ class Adapted(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).float()
 
+    def forward_tap(self, x: torch.Tensor, tap: int | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the output of the module at path ``tap`` ([B, C, h, w]), for attention
+        transfer (a forward hook: the model's own forward runs unchanged)."""
+        out: list[torch.Tensor] = []
+        hook = self._module(str(tap), "at_layer").register_forward_hook(
+            lambda _m, _i, o: out.append(o))
+        try:
+            logits = self(x)
+        finally:
+            hook.remove()
+        if not out or not torch.is_tensor(out[0]) or out[0].dim() != 4:
+            raise KdigError(f"at_layer = {tap!r}: its output is not a feature map "
+                            f"[B, C, h, w]; name a convolutional block")
+        return logits, out[0]
+
+    def _module(self, path: str, key: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            names = [n for n, _ in self.model.named_children()]
+            raise KdigError(f"{key} = {path!r}: no such module in the model; its top-level "
+                            f"modules: {', '.join(names)}") from None
+
     def cam_layer(self) -> nn.Module:
         """``cam_layer`` by module path, else the last top-level module whose output is a
         feature map ([B, C, h, w], h and w > 1: not the global pool), found by one forward
         pass."""
         if self._cam:
-            try:
-                return self.model.get_submodule(self._cam)
-            except AttributeError:
-                names = [n for n, _ in self.model.named_children()]
-                raise KdigError(f"cam_layer = {self._cam!r}: no such module in the model; "
-                                f"its top-level modules: {', '.join(names)}") from None
+            return self._module(self._cam, "cam_layer")
         maps: list[nn.Module] = []
         hooks = [m.register_forward_hook(
             lambda mod, _i, out: maps.append(mod) if torch.is_tensor(out) and out.dim() == 4
@@ -379,6 +397,15 @@ def build_model(cfg: ModelConfig, num_classes: int = 10) -> Net:
 def _out_channels(features: nn.Sequential) -> int:
     convs = [m for m in features.modules() if isinstance(m, nn.Conv2d)]
     return convs[-1].out_channels
+
+
+def taps(student: Net, student_cfg: ModelConfig, teacher_cfg: ModelConfig
+         ) -> tuple[int | str, int | str]:
+    """(student's tap, teacher's tap) for attention transfer: a torchvision: or python:
+    architecture's ``at_layer``; the built-in families' own index, which a built-in teacher
+    of the student's family has too (:func:`tap_index`)."""
+    own = tap_index(student, student_cfg.arch) if isinstance(student, Net) else -1
+    return (student_cfg.at_layer or own, teacher_cfg.at_layer or own)
 
 
 def tap_index(student: Net, arch: str) -> int:

@@ -95,11 +95,11 @@ def cached_parts(ctx: Context) -> dict[str, bool]:
     outputs = False
     if teacher and (cfg.method.kd or cfg.method.at) and cfg.teacher_cache.enabled:
         from kdig_study.experiment import teacher_stream
-        from kdig_study.models import build_model, tap_index
+        from kdig_study.models import build_model, taps
 
         _, index = ctx.data.train_subset(cfg.student_train.train_size)
-        tap = tap_index(build_model(cfg.student, len(ctx.data.classes)), cfg.student.arch) \
-            if cfg.method.at else None
+        tap = taps(build_model(cfg.student, len(ctx.data.classes)), cfg.student,
+                   cfg.teacher)[1] if cfg.method.at else None
         stream = teacher_stream(ctx, cfg, fp, index, tap)
         outputs = stream.cached_epochs() >= cfg.student_train.epochs
     return {"teacher": teacher, "maps": maps, "teacher_outputs": outputs}

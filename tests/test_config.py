@@ -70,7 +70,9 @@ BAD = [
     ("[scales.cpu.student]\narch = \"torchvision:resnet18\"\nwidth = 0.5\n", "student.width",
      "0.5", "allowed: 1.0"),
     ("[method]\nat = true\n[scales.cpu.teacher]\narch = \"torchvision:resnet18\"\n"
-     "style = \"default\"\n", "method.at", "torchvision:resnet18", "built-in architectures"),
+     "style = \"default\"\n", "method.at", "torchvision:resnet18", "set teacher.at_layer"),
+    ("[scales.cpu.student]\nat_layer = \"layer2\"\n", "student.at_layer", "layer2",
+     "has its own tap"),
     ("[kd]\nalpha = \"high\"\n", "kd.alpha", "high", "a number"),
     ("[method]\nkd = 1\n", "method.kd", "1", "true or false"),
     ("[kd]\nbeta = 2\n", "kd.beta", "", "temperature, alpha"),

@@ -180,3 +180,14 @@ def test_a_cam_layer_that_is_not_there_names_the_modules() -> None:
     with pytest.raises(KdigError, match="no such module in the model; its top-level modules: "
                                         "conv1, bn1, relu, maxpool, layer1"):
         m.cam_layer()
+
+
+def test_attention_transfer_taps_a_named_layer_of_your_architecture() -> None:
+    m = build_model(ModelConfig("torchvision:resnet18", small_input=True))
+    x = torch.randn(2, 3, 32, 32)
+    logits, fmap = m.forward_tap(x, "layer2")
+    assert torch.allclose(logits, m(x)) and fmap.shape == (2, 128, 16, 16)
+    with pytest.raises(KdigError, match="at_layer = 'layer9': no such module"):
+        m.forward_tap(x, "layer9")
+    with pytest.raises(KdigError, match="at_layer = 'fc': its output is not a feature map"):
+        m.forward_tap(x, "fc")

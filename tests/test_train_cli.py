@@ -110,3 +110,23 @@ def test_a_data_set_of_its_own_trains_through_the_cli(tmp_path: Path) -> None:
            "folder:" in proc.stdout
     res = json.loads(out.read_text())
     assert res["teacher"]["test_acc"] > 1 / 12  # above chance for 12 classes
+
+
+@pytest.mark.parametrize("teacher_layer,ok", [("6", True), ("2", False)])
+def test_attention_transfer_between_your_architectures(teacher_layer: str, ok: bool) -> None:
+    """AT taps the layers named by at_layer (16x16 in both at "6"); maps of two sizes are one
+    line, not a shape error from deep inside the loss."""
+    proc = run_cli("train", "--study", "kd_ig", "--role", "student", "--scale", "smoke",
+                   "--no-progress", "--at", "--no-ig",
+                   "--set", "teacher.arch=python:arch_fixtures:tiny_teacher",
+                   "--set", "student.arch=python:arch_fixtures:tiny_student",
+                   "--set", "teacher.width=1.0", "--set", "student.width=1.0",
+                   "--set", f"teacher.at_layer=\"{teacher_layer}\"",
+                   "--set", "student.at_layer=\"6\"",
+                   "--set", "teacher_train.epochs=2", "--set", "student_train.epochs=1")
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+        assert "student (KD+AT)" in proc.stdout
+    else:
+        assert_one_line_error(proc, "attention transfer: the student's map at '6' is 16x16, "
+                                    "the teacher's at '2' has 1024 positions")
