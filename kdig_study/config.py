@@ -90,26 +90,29 @@ class DataConfig:
 #   wrnD_K      D = 6n + 4 (16, 28, 40): pre-activation wide ResNet, widening factor K
 # and from elsewhere:
 #   torchvision:NAME              a torchvision classifier, never with downloaded weights
+#   timm:NAME                     a timm classifier (the `timm` extra), likewise
 #   python:package.module:func    your own: func(num_classes=N) returns an nn.Module
 ARCH_FORMS = ("mobilenetv2, convnet, resnetD (D = 6n+2: resnet20, resnet56, resnet110), "
               "resnetDx4 (resnet8x4, resnet32x4), wrnD_K (D = 6n+4: wrn16_2, wrn40_2), "
-              "torchvision:NAME (e.g. torchvision:resnet18), python:package.module:function")
+              "torchvision:NAME (e.g. torchvision:resnet18), timm:NAME (e.g. timm:resnet18), "
+              "python:package.module:function")
 _RESNET = re.compile(r"resnet(\d+)(x4)?")
 _WRN = re.compile(r"wrn(\d+)_(\d+)")
 _TORCHVISION = re.compile(r"torchvision:(\w+)")
+_TIMM = re.compile(r"timm:([\w.\-]+)")
 _PYTHON = re.compile(r"python:([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    family: Literal["mobilenetv2", "convnet", "resnet", "wrn", "torchvision", "python"]
+    family: Literal["mobilenetv2", "convnet", "resnet", "wrn", "torchvision", "timm", "python"]
     depth: int = 0
     widen: int = 1  # 4 for resnetDx4; K for wrnD_K
     ref: str = ""  # torchvision's model name; "module:function" for python
 
     @property
     def external(self) -> bool:
-        return self.family in ("torchvision", "python")
+        return self.family in ("torchvision", "timm", "python")
 
 
 def parse_arch(name: str) -> ArchSpec | None:
@@ -119,6 +122,9 @@ def parse_arch(name: str) -> ArchSpec | None:
     m = _TORCHVISION.fullmatch(name)
     if m:
         return ArchSpec("torchvision", ref=m[1])
+    m = _TIMM.fullmatch(name)
+    if m:
+        return ArchSpec("timm", ref=m[1])
     m = _PYTHON.fullmatch(name)
     if m:
         return ArchSpec("python", ref=f"{m[1]}:{m[2]}")

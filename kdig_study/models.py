@@ -162,6 +162,19 @@ def _torchvision(name: str, num_classes: int, small_input: bool) -> nn.Module:
     return model
 
 
+def _timm(name: str, num_classes: int) -> nn.Module:
+    try:
+        import timm
+    except ModuleNotFoundError:
+        raise KdigError(f"timm:{name} needs the timm package: pip install -e \".[timm]\""
+                        ) from None
+    if name not in timm.list_models():
+        raise KdigError(f"timm:{name}: no such timm model; e.g. timm:resnet18, "
+                        f"timm:efficientnet_b0 (timm.list_models() lists them)")
+    # pretrained=False: nothing is downloaded (a teacher of your own comes as `weights`)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
 def _python_module(ref: str) -> Any:
     import importlib
 
@@ -375,6 +388,8 @@ def build_model(cfg: ModelConfig, num_classes: int = 10) -> Net:
     if spec.family == "torchvision":
         return Adapted(_torchvision(spec.ref, num_classes, cfg.small_input),  # type: ignore
                        cfg.cam_layer)
+    if spec.family == "timm":
+        return Adapted(_timm(spec.ref, num_classes), cfg.cam_layer)  # type: ignore
     if spec.family == "python":
         return Adapted(_python(spec.ref, num_classes), cfg.cam_layer)  # type: ignore
     if spec.family == "convnet":

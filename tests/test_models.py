@@ -191,3 +191,14 @@ def test_attention_transfer_taps_a_named_layer_of_your_architecture() -> None:
         m.forward_tap(x, "layer9")
     with pytest.raises(KdigError, match="at_layer = 'fc': its output is not a feature map"):
         m.forward_tap(x, "fc")
+
+
+def test_a_timm_classifier_by_name() -> None:
+    timm = pytest.importorskip("timm", reason="the timm extra: pip install -e \".[timm]\"")
+    m = build_model(ModelConfig("timm:resnet10t"), num_classes=12)
+    x = torch.randn(2, 3, 32, 32)
+    assert m(x).shape == (2, 12) and m(x).dtype == torch.float32
+    assert count_params(m) == count_params(timm.create_model("resnet10t", num_classes=12))
+    assert m.model.fc.out_features == 12
+    with pytest.raises(KdigError, match="timm:nonet: no such timm model"):
+        build_model(ModelConfig("timm:nonet"))
