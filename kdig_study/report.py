@@ -416,10 +416,17 @@ def _gallery(page: Page, study: optuna.Study, storage: Any) -> None:
                               "or no completed trial yet), and no map-source gallery.")
 
 
-def _reference(page: Page, ab: rd.Ablation | None, s: rd.StudySummary) -> None:
+def _reference(page: Page, ab: rd.Ablation | None, s: rd.StudySummary, dataset: str) -> None:
     from kdig_study import report_data as rd
     from kdig_study import report_figures as rf
 
+    if dataset not in ("cifar10", "synthetic"):
+        # the paper's numbers are CIFAR-10 test accuracies: beside another data set they
+        # would invite a comparison that means nothing
+        page.empty("reference", f"The reference paper's numbers are CIFAR-10's; this "
+                                f"study's data set is {dataset} ({s.data.get('classes', '?')} "
+                                f"classes): nothing to compare.")
+        return
     rows = rd.reference_rows(ab)
     page.add("reference", f"<p>Paper: {_e(rd.PAPER_SETUP)}. This study: scale "
                           f"<b>{_e(s.scale)}</b>, data <code>{_e(s.data.get('origin', '?'))}"
@@ -501,7 +508,7 @@ def build(storage: Any, url: str, name: str, ablations: tuple[str, ...] = ()) ->
     _robustness(page, rd.robustness_data(storage, name, study), rd.pareto_data(study))
     _deployment(page, study.user_attrs.get("deployment"))
     _gallery(page, study, storage)
-    _reference(page, ab, s)
+    _reference(page, ab, s, cfg.get("data", {}).get("dataset", "cifar10"))
     return page
 
 

@@ -62,6 +62,9 @@ def test_your_data_and_architectures_through_every_command(tmp_path: Path,
     assert proc.returncode == 0, proc.stderr
     html = (tmp_path / "report" / "kd_ig-smoke.html").read_text()
     assert "15 classes at 32 px" in html
+    # the paper's CIFAR-10 numbers are not set beside another data set
+    reference = html.split("<section id='reference'>")[1].split("</section>")[0]
+    assert "data set is folder (15 classes): nothing to compare" in reference
 
     proc = run_cli("export", *common, "--no-compile")
     assert proc.returncode == 0, proc.stderr
