@@ -42,14 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdig_study import formats
-from kdig_study.cli import (
-    Parser,
-    add_study_args,
-    add_track_arg,
-    load_from_args,
-    run,
-    spawn_workers,
-)
+from kdig_study.cli import Parser, add_study_args, load_from_args, run, spawn_workers
 from kdig_study.config import (
     BINARY_FACTORS,
     FACTORS,
@@ -93,8 +86,7 @@ _DESIGN_TEXT = {
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m kdig_study.ablate", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_study_args(p, trains_students=True)
-    add_track_arg(p)
+    add_study_args(p, trains_students=True, tracks=True)
     p.add_argument("--seeds", type=int, default=10,
                    help="replicates per condition (default 10, the paper's count)")
     p.add_argument("--factors", default="kd,ig",
@@ -737,7 +729,7 @@ def _ledger(args: argparse.Namespace, setup: _Setup, study: optuna.Study,
 
 
 def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: Any,
-         ctx: Context, tracker: Tracker | None) -> None:
+         ctx: Context, tracker: Tracker) -> None:
     """The planned runs: maps up front (first process), then here or in --workers processes;
     the run ledger is read first and rewritten after each finished run."""
     from kdig_study.ablation import AblationRunner
@@ -764,8 +756,7 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
                 setup.runs, log=lambda *a, **k: print(prefix + " ".join(map(str, a)), **k),
                 on_finished=write_ledger)
         finally:
-            if tracker is not None:
-                tracker.close()
+            tracker.close()
     if worker is None:
         write_ledger()  # also when every run was already finished, or taken from the ledger
 
@@ -963,7 +954,7 @@ def main() -> int:
     _announce(setup, name, url, default_design)
     if args.worker_index is None:
         print(f"data: {ctx.data.describe()}", flush=True)
-        if tracker is not None:
+        if tracker:
             print(f"tracking every run to {tracker.where()}", flush=True)
     _run(args, setup, study, storage, ctx, tracker)
     if args.worker_index is None:

@@ -60,7 +60,7 @@ from kdig_study.stats import (
     overlay_sources,
     primary_pair,
 )
-from kdig_study.tracking import Tracker
+from kdig_study.tracking import Guarded, Tracker
 
 Params = dict[str, Any]
 
@@ -263,7 +263,7 @@ class AblationRunner:
         ``controls``: map sources run with KD on only, beside the factorial design;
         ``teachers``: K of --teachers K; ``tracker``: --track's, fed each run's epochs."""
         self.ctx, self.study, self.params = ctx, study, params
-        self.tracker = tracker
+        self.tracker = tracker or Guarded([])
         self.teachers = teachers
         self.design, self.sweep_key, self.fraction = design, sweep_key, fraction
         self.poll_s = poll_s
@@ -321,7 +321,7 @@ class AblationRunner:
         claim_and_run(self.study, self.lock, decide,
                       lambda trial: self._objective(trial, sweep_values, planned),
                       self.poll_s, log=log,
-                      callbacks=[finished, *([self.tracker.finished] if self.tracker else [])])
+                      callbacks=[finished, self.tracker.finished])
 
     def _objective(self, trial: optuna.Trial, sweep_values: list[float],
                    planned: set[Run]) -> float:
@@ -346,8 +346,8 @@ class AblationRunner:
         tracker = self.tracker
         result = run_student(ctx, cfg, rows=rows, desc=f"{run.name} r{run.replicate}" + (
             f" t{run.teacher}" if run.teacher is not None else ""),
-            on_epoch=None if tracker is None else
-            lambda stats: tracker.epoch(self.study.study_name, trial.number, stats))
+            on_epoch=(lambda stats: tracker.epoch(self.study.study_name, trial.number, stats))
+            if tracker else None)
         shape = repr(cfg.student)
         if shape not in self._profiles:
             self._profiles[shape] = latency_columns(

@@ -31,9 +31,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_study_args(p: argparse.ArgumentParser, trains_students: bool = False,
-                   device: bool = True) -> None:
+                   device: bool = True, tracks: bool = False) -> None:
     """The shared arguments; ``trains_students``: also --no-teacher-cache; ``device=False``
-    for a command that always runs on the CPU (export: it measures the deployed models)."""
+    for a command that always runs on the CPU (export: it measures the deployed models);
+    ``tracks``: also --track (the searches and ablations)."""
     p.add_argument("--study", required=True,
                    help="study name in studies/ (e.g. kd_ig) or a path to a .toml file")
     p.add_argument("--scale", default=None,
@@ -52,16 +53,14 @@ def add_study_args(p: argparse.ArgumentParser, trains_students: bool = False,
         p.add_argument("--no-teacher-cache", action="store_true",
                        help="run the teacher on every KD/AT step instead of reading its "
                             "outputs from the cache (teacher_cache.enabled = false)")
+    if tracks:
+        from kdig_study.tracking import TRACKERS
 
-
-def add_track_arg(p: argparse.ArgumentParser) -> None:
-    from kdig_study.tracking import TRACKERS
-
-    p.add_argument("--track", default=None, metavar="|".join(TRACKERS),
-                   help="also log every trial's per-epoch curves, parameters and metrics to "
-                        "these trackers (comma list; MLflow at $MLFLOW_TRACKING_URI, else "
-                        "sqlite:///storage/mlflow.db; TensorBoard under storage/tensorboard); "
-                        "needs pip install -e \".[track]\"")
+        p.add_argument("--track", default=None, metavar="|".join(TRACKERS),
+                       help="also log every trial's per-epoch curves, parameters and metrics "
+                            "to these trackers (comma list; MLflow at $MLFLOW_TRACKING_URI, "
+                            "else sqlite:///storage/mlflow.db; TensorBoard under "
+                            "storage/tensorboard); needs pip install -e \".[track]\"")
 
 
 def default_scale() -> str:

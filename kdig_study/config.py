@@ -589,14 +589,18 @@ _LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "student": {"small_input": False, "cam_layer": "", "at_layer": ""}}
 
 
+def _drop_later_defaults(section: str, part: dict[str, Any]) -> dict[str, Any]:
+    """``part`` (a section's dict) without the keys added later that are at their default."""
+    for k, default in _LATER_DEFAULTS.get(section, {}).items():
+        if k in part and part[k] == default:
+            part.pop(k)
+    return part
+
+
 def model_identity(m: ModelConfig) -> dict[str, Any]:
     """A model config as fingerprints hash it: keys added later left out at their
     defaults (the teachers cached before them keep their fingerprints)."""
-    d = dataclasses.asdict(m)
-    for k, default in _LATER_DEFAULTS["teacher"].items():
-        if d.get(k) == default:
-            d.pop(k)
-    return d
+    return _drop_later_defaults("teacher", dataclasses.asdict(m))
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -609,11 +613,8 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     for section, keys in _NOT_IDENTITY_KEYS.items():
         for k in keys:
             d.get(section, {}).pop(k, None)
-    for section, defaults in _LATER_DEFAULTS.items():
-        part = d.get(section, {})
-        for k, default in defaults.items():
-            if k in part and part[k] == default:
-                part.pop(k)
+    for section in _LATER_DEFAULTS:
+        _drop_later_defaults(section, d.get(section, {}))
     return d
 
 
@@ -832,11 +833,10 @@ def _check_study(cfg: StudyConfig) -> None:
                         f"trained by the study; allowed: \"\" (teacher.weights takes a file)")
     for role in ("teacher", "student"):
         m: ModelConfig = getattr(cfg, role)
-        if parse_arch(m.arch) is None:
+        spec = parse_arch(m.arch)
+        if spec is None:
             raise KdigError(f"{src}: {role}.arch = {m.arch!r}: no such architecture; allowed: "
                             f"{ARCH_FORMS}")
-        spec = parse_arch(m.arch)
-        assert spec is not None
         if m.at_layer and not spec.external:
             raise KdigError(f"{src}: {role}.at_layer = {m.at_layer!r}: {m.arch} has its own "
                             f"tap; allowed: \"\" (at_layer names the layer of a torchvision: "

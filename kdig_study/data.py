@@ -60,14 +60,20 @@ class DatasetKind:
     torchvision_dir: str | None = None
     marker: str = ""  # a file inside the torchvision folder
     torchvision_class: str = ""
+    coarse_classes: int | None = None  # the superclass labels' count, where there are some
 
 
 DATASETS: dict[str, DatasetKind] = {
     "cifar10": DatasetKind("CIFAR-10", 10, "cifar-10-batches-py", "data_batch_1", "CIFAR10"),
-    "cifar100": DatasetKind("CIFAR-100", 100, "cifar-100-python", "train", "CIFAR100"),
+    "cifar100": DatasetKind("CIFAR-100", 100, "cifar-100-python", "train", "CIFAR100", 20),
     "folder": DatasetKind("an image-folder data set", None),
 }
 assert set(DATASETS) | {"synthetic"} == set(typing.get_args(DatasetName))
+
+
+def _coarse(cfg: DataConfig) -> bool:
+    """The superclass labels asked for (CIFAR-100's 20)."""
+    return DATASETS[cfg.dataset].coarse_classes is not None and cfg.cifar100_labels == "coarse"
 
 
 def how_to_get(dataset: str) -> str:
@@ -320,9 +326,8 @@ def _read_torchvision(root: Path, cfg: DataConfig, progress: bool, converted: li
         arrays.append(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
         arrays.append(np.asarray(ds.targets, dtype=np.int64))
     classes = tuple(sets[0].classes)
-    if cfg.dataset == "cifar100" and cfg.cifar100_labels == "coarse":
-        arrays[1], arrays[3], classes = *_cifar100_coarse(root / kind.torchvision_dir), \
-            _cifar100_coarse_names(root / kind.torchvision_dir)
+    if _coarse(cfg):
+        arrays[1], arrays[3], classes = _cifar100_coarse(root / kind.torchvision_dir)
     return arrays[0], arrays[1], arrays[2], arrays[3], classes
 
 
@@ -332,15 +337,13 @@ def _unpickle(path: Path) -> dict[str, typing.Any]:
         return pickle.load(f, encoding="latin1")
 
 
-def _cifar100_coarse(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+def _cifar100_coarse(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """CIFAR-100's 20 superclass labels of the training and test files (torchvision's
-    reader keeps the fine ones only), in the files' order, as torchvision reads them."""
-    return tuple(np.asarray(_unpickle(folder / name)["coarse_labels"], dtype=np.int64)
-                 for name in ("train", "test"))  # type: ignore[return-value]
-
-
-def _cifar100_coarse_names(folder: Path) -> tuple[str, ...]:
-    return tuple(_unpickle(folder / "meta")["coarse_label_names"])
+    reader keeps the fine ones only), in the files' order as torchvision reads them, and
+    their names."""
+    train, test = (np.asarray(_unpickle(folder / name)["coarse_labels"], dtype=np.int64)
+                   for name in ("train", "test"))
+    return train, test, tuple(_unpickle(folder / "meta")["coarse_label_names"])
 
 
 def _content_hash(arrays: list[np.ndarray], classes: tuple[str, ...]) -> str:
@@ -362,7 +365,7 @@ def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = T
                               "synthetic")
     path = resolve_data_path(cfg, data_dir)
     kind, target = _detect(path, cfg.dataset)  # type: ignore[misc]
-    labels = [cfg.cifar100_labels] if cfg.dataset == "cifar100" else []
+    labels = [cfg.cifar100_labels] if DATASETS[cfg.dataset].coarse_classes else []
     # (the CIFAR-10 caches made before other data sets keep their key)
     key = hashlib.sha256(json.dumps(
         [_CACHE_VERSION, kind, str(target.resolve()),
@@ -393,13 +396,12 @@ def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = T
             arrays = _read_decoded(cache)
             if arrays is None:  # pragma: no cover - the disk failed under us
                 raise KdigError(f"data cache {cache}: unreadable right after writing it")
-    expected = DATASETS[cfg.dataset].classes
-    if cfg.dataset == "cifar100" and cfg.cifar100_labels == "coarse":
-        expected = 20
+    about = DATASETS[cfg.dataset]
+    expected = about.coarse_classes if _coarse(cfg) else about.classes
     found = len(arrays["classes"])
     if (expected is not None and found != expected) or found < 2:
         raise KdigError(f"{target}: found {found} classes; "
-                        + (f"{DATASETS[cfg.dataset].title} has {expected} (or set "
+                        + (f"{about.title} has {expected} (or set "
                            f"data.dataset = \"folder\" for a data set of its own)"
                            if expected else "a data set needs at least 2"))
     return DecodedDataset(

@@ -120,13 +120,18 @@ class Adapted(nn.Module):
     def cam_layer(self) -> nn.Module:
         """``cam_layer`` by module path, else the last top-level module whose output is a
         feature map ([B, C, h, w], h and w > 1: not the global pool), found by one forward
-        pass."""
-        if self._cam:
-            return self._module(self._cam, "cam_layer")
-        maps: list[nn.Module] = []
+        pass the first time (Grad-CAM asks once per chunk of images); kept as a name, so a
+        copy of the model (BatchNorm folding) finds its own module."""
+        if not self._cam:
+            self._cam = self._last_feature_map()
+        return self._module(self._cam, "cam_layer")
+
+    def _last_feature_map(self) -> str:
+        maps: list[str] = []
         hooks = [m.register_forward_hook(
-            lambda mod, _i, out: maps.append(mod) if torch.is_tensor(out) and out.dim() == 4
-            and min(out.shape[-2:]) > 1 else None) for m in self.model.children()]
+            lambda _m, _i, out, name=name: maps.append(name)
+            if torch.is_tensor(out) and out.dim() == 4 and min(out.shape[-2:]) > 1 else None)
+            for name, m in self.model.named_children()]
         try:
             device = next(self.model.parameters()).device
             with torch.no_grad():

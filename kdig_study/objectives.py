@@ -31,7 +31,7 @@ from kdig_study.experiment import Context, RunMetrics, run_student
 from kdig_study.measure import latency_columns, profile
 from kdig_study.optuna_adapter import stored_trial
 from kdig_study.paths import atomic_write, file_sha256, storage_dir
-from kdig_study.tracking import Tracker
+from kdig_study.tracking import Guarded, Tracker
 
 
 def suggest(trial: optuna.Trial, space: dict[str, ParamSpec],
@@ -127,7 +127,7 @@ class Objective:
     def __init__(self, ctx: Context, prune: bool = True, artifacts: Any = None,
                  tracker: Tracker | None = None) -> None:
         self.ctx = ctx
-        self.tracker = tracker
+        self.tracker = tracker or Guarded([])
         self.space = relevant_space(ctx.cfg)
         self.objectives = ctx.cfg.search.objectives
         # Optuna cannot prune multi-objective trials (Trial.report/should_prune).
@@ -149,8 +149,7 @@ class Objective:
 
         def on_epoch(stats: Any) -> None:
             last_epoch[0] = stats.epoch
-            if self.tracker is not None:
-                self.tracker.epoch(trial.study.study_name, trial.number, stats)
+            self.tracker.epoch(trial.study.study_name, trial.number, stats)
             if len(self.objectives) > 1:
                 return
             if stats.epoch not in reported:

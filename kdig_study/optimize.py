@@ -22,14 +22,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from kdig_study import formats
-from kdig_study.cli import (
-    Parser,
-    add_study_args,
-    add_track_arg,
-    load_from_args,
-    run,
-    spawn_workers,
-)
+from kdig_study.cli import Parser, add_study_args, load_from_args, run, spawn_workers
 from kdig_study.config import StudyConfig, fixed_trial, method_name, relevant_space
 from kdig_study.errors import KdigError
 
@@ -42,8 +35,7 @@ if TYPE_CHECKING:
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m kdig_study.optimize", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_study_args(p, trains_students=True)
-    add_track_arg(p)
+    add_study_args(p, trains_students=True, tracks=True)
     p.add_argument("--n-trials", type=int, default=None,
                    help="finished trials wanted in the study, in total (default: the study's)")
     p.add_argument("--timeout", type=float, default=None,
@@ -333,10 +325,9 @@ def main() -> int:
                    None if deadline is None else max(0.0, deadline - time.time()),
                    SlotLock(storage, name),
                    poll_s=max(1.0, args.heartbeat / 2), prefix=prefix,
-                   callbacks=[tracker.finished] if tracker else [])
+                   callbacks=[tracker.finished])
     finally:
-        if tracker is not None:
-            tracker.close()
+        tracker.close()
     if worker is None:
         _after_search(study, ctx, n_trials, url, finished)
     return 0

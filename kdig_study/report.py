@@ -120,8 +120,8 @@ def _search(page: Page, study: optuna.Study) -> None:
         page.figure("history", "history", rf.history_figure(h))
     else:
         page.empty("history", "No completed trial yet." if trials else "No trials yet.")
-    imp, why = rd.importance_data(study)
-    if imp:
+    why = rd.importance_unavailable(study)  # (the figure computes the importances)
+    if why is None:
         page.figure("importance", "importance", rf.importance_figure(study))
     else:
         page.empty("importance", f"Parameter importances: {why}.")

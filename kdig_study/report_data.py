@@ -155,14 +155,20 @@ def importance_target(study: optuna.Study) -> Callable[[FrozenTrial], float] | N
     return None if len(study.directions) == 1 else lambda t: -t.values[0]
 
 
-def importance_data(study: optuna.Study) -> tuple[dict[str, float] | None, str]:
-    """(parameter importances, "") or (None, why not)."""
+def importance_unavailable(study: optuna.Study) -> str | None:
+    """Why the study has no parameter importances yet, or None where it has."""
     done = finished(study.get_trials(deepcopy=False))
     if len(done) < 2:
-        return None, f"needs at least 2 completed trials ({len(done)} so far)"
+        return f"needs at least 2 completed trials ({len(done)} so far)"
     varied = {k for t in done for k in t.params if len({str(u.params.get(k)) for u in done}) > 1}
-    if not varied:
-        return None, "no parameter varied across the completed trials"
+    return None if varied else "no parameter varied across the completed trials"
+
+
+def importance_data(study: optuna.Study) -> tuple[dict[str, float] | None, str]:
+    """(parameter importances, "") or (None, why not)."""
+    why = importance_unavailable(study)
+    if why:
+        return None, why
     return optuna.importance.get_param_importances(
         study, evaluator=importance_evaluator(), target=importance_target(study)), ""
 

@@ -224,6 +224,9 @@ class Guarded(Tracker):
     def __init__(self, trackers: list[Tracker]) -> None:
         self.trackers = trackers
 
+    def __bool__(self) -> bool:  # any tracker left to log to
+        return bool(self.trackers)
+
     def where(self) -> str:
         return "; ".join(t.where() for t in self.trackers)
 
@@ -248,12 +251,11 @@ class Guarded(Tracker):
         self._each("close")
 
 
-def make_tracker(text: str | None) -> Guarded | None:
-    """The trackers of ``--track mlflow,tensorboard`` (None for none); a name not known or a
-    package not installed is one line, before anything is trained."""
-    if not text:
-        return None
-    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+def make_tracker(text: str | None) -> Guarded:
+    """The trackers of ``--track mlflow,tensorboard`` (none: an empty, falsy Guarded that
+    logs nothing); a name not known or a package not installed is one line, before anything
+    is trained."""
+    names = list(dict.fromkeys(n.strip() for n in (text or "").split(",") if n.strip()))
     for name in names:
         if name not in TRACKERS:
             raise KdigError(f"--track {text}: unknown tracker '{name}'; allowed: "
