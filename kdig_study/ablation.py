@@ -352,7 +352,7 @@ class AblationRunner:
         if shape not in self._profiles:
             self._profiles[shape] = latency_columns(
                 profile(result.model, self.ctx.device, batch=cfg.student_train.batch_size,
-                        how=cfg.measure))
+                        how=cfg.measure, image_size=self.ctx.data.image_size))
         record_run(trial, result.metrics, self._profiles[shape])
         return float(result.metrics.val_acc)
 

@@ -60,6 +60,7 @@ def _bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
     return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
 
 
+MIN_IMAGE_SIZE = 16  # px; the smallest side the networks' strides and the crops allow
 DatasetName = Literal["cifar10", "cifar100", "folder", "synthetic"]
 
 
@@ -76,7 +77,14 @@ class DataConfig:
     test_size: int = _bounded(0, ge=0)  # 0: the whole test split
     split_seed: int = 0
     normalize: bool = True  # mean/std of the training split, applied after any overlay
-    pad: int = _bounded(4, ge=0, le=16)  # random-crop padding
+    # The square size every image is used at, in px: 0 takes the images' own size (they must
+    # all be one square size), else 16 and up. Synthetic data is drawn at it (0: 32).
+    image_size: int = _bounded(0, ge=0, le=1024)
+    # An image of another size: refuse (one line naming it), stretch (resized to image_size
+    # x image_size, the aspect ratio not kept) or center_crop (the shorter side resized to
+    # image_size, then the centre cut out); either way the count is said once.
+    resize: Literal["refuse", "stretch", "center_crop"] = "refuse"
+    pad: int = _bounded(4, ge=0, le=64)  # random-crop padding (4 at 32 px; scale it with size)
     flip: bool = True
     # Synthetic data only: how many images to generate for the training pool and the test set.
     synthetic_train: int = _bounded(2000, ge=20)
@@ -584,7 +592,7 @@ _LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "kd": {"method": "hinton", "ce_weight": -1.0, "kd_weight": -1.0, "dkd_alpha": 1.0,
            "dkd_beta": 8.0, "dkd_warmup": 20, "dist_beta": 1.0, "dist_gamma": 1.0},
     "search": {"hold": []},
-    "data": {"cifar100_labels": "fine"},
+    "data": {"cifar100_labels": "fine", "image_size": 0, "resize": "refuse"},
     "teacher": {"small_input": False, "cam_layer": "", "at_layer": ""},
     "student": {"small_input": False, "cam_layer": "", "at_layer": ""}}
 
@@ -822,6 +830,13 @@ def _check_study(cfg: StudyConfig) -> None:
                         f"weights, but kd.ce_weight and kd.kd_weight are given: use a study "
                         f"file without [search.space.alpha] for explicit weights, or kd.alpha")
     src = cfg.source
+    d = cfg.data
+    if 0 < d.image_size < MIN_IMAGE_SIZE:
+        raise KdigError(f"{src}: data.image_size = {d.image_size}: allowed 0 (the images' own "
+                        f"size) or {MIN_IMAGE_SIZE} and up")
+    if d.resize != "refuse" and not d.image_size:
+        raise KdigError(f"{src}: data.resize = {d.resize!r} needs data.image_size (the size "
+                        f"to resize to), e.g. data.image_size = 64")
     if cfg.ig.target_gap and cfg.ig.adaptive_cap < cfg.ig.adaptive_start:
         raise KdigError(f"{src}: ig.adaptive_cap = {cfg.ig.adaptive_cap} is below "
                         f"ig.adaptive_start = {cfg.ig.adaptive_start}; allowed: cap >= start")

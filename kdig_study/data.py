@@ -1,5 +1,5 @@
-"""CIFAR-10, CIFAR-100 or any image-folder data set of 32x32 images into memory, split, and
-batched.
+"""CIFAR-10, CIFAR-100 or any image-folder data set of square RGB images into memory, split,
+and batched.
 
 Sources (``data.dataset``, the table DATASETS), found from a data folder or archive:
   * torchvision's own format: ``<dir>/cifar-10-batches-py`` or ``<dir>/cifar-100-python``
@@ -9,7 +9,10 @@ Sources (``data.dataset``, the table DATASETS), found from a data folder or arch
   * synthetic shapes (``dataset = "synthetic"``), for tests.
 
 Decoding happens once; the uint8 arrays are cached under <cache>/data, keyed by the source's
-path, sizes and modification times, so a changed source is decoded again.
+path, sizes and modification times (and the size policy), so a changed source is decoded
+again. Every image is brought to one square size by the declared policy (``data.image_size``,
+``data.resize``: refuse, stretch or center_crop, with PIL's bilinear filter) and converted to
+RGB; what was resized or converted is said once, never done silently.
 
 The loader keeps the whole split as a uint8 tensor on the device and augments whole batches
 with tensor ops (random crop from a zero-padded copy, horizontal flip), the way airbench does,
@@ -28,17 +31,17 @@ import tarfile
 import typing
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from kdig_study import synthetic
-from kdig_study.config import DataConfig, DatasetName
+from kdig_study.config import MIN_IMAGE_SIZE, DataConfig, DatasetName
 from kdig_study.errors import KdigError
 from kdig_study.paths import atomic_write, cache_dir, locked
 from kdig_study.seeds import derive_seed
@@ -91,7 +94,7 @@ def how_to_get(dataset: str) -> str:
 
 @dataclass(frozen=True)
 class ImageSet:
-    images: torch.Tensor  # [N, 3, 32, 32] uint8
+    images: torch.Tensor  # [N, 3, S, S] uint8, S the data set's image size
     labels: torch.Tensor  # [N] int64
 
     def __len__(self) -> int:
@@ -218,21 +221,75 @@ def _stat_signature(kind: str, path: Path, dataset: str) -> list[tuple[str, int,
     return sorted(sig)
 
 
-def _decode_image(data: bytes | Path, where: str, converted: list[str] | None = None
-                  ) -> np.ndarray:
-    """HWC uint8 RGB; ``converted`` collects the images that were not RGB (grayscale,
-    palette, RGBA), converted here and said once by the caller."""
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            if im.mode != "RGB" and converted is not None:
-                converted.append(f"{where} ({im.mode})")
-            arr = np.asarray(im.convert("RGB"))
-    except Exception as e:  # PIL raises several types for bad files
-        raise KdigError(f"cannot decode image {where}: {e}") from None
-    if arr.shape != (32, 32, 3):
-        raise KdigError(f"image {where} is {arr.shape[1]}x{arr.shape[0]}; kdig_study expects "
-                        f"32x32 images so far")
-    return arr
+@dataclass
+class _Decoder:
+    """Decodes images to HWC uint8 RGB at one square size, by the declared policy
+    (``data.image_size``, ``data.resize``), and remembers what it converted and resized, for
+    the caller to say once."""
+
+    size: int  # 0 until the first image sets it (data.image_size = 0: the images' own size)
+    policy: str  # refuse | stretch | center_crop
+    converted: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    first: str = ""  # the image that set the size, for the refusal
+
+    def decode(self, data: bytes | Path, where: str) -> np.ndarray:
+        try:
+            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+                if im.mode != "RGB":
+                    self.converted.append(f"{where} ({im.mode})")
+                return self.fit(im.convert("RGB"), where)
+        except KdigError:
+            raise
+        except Exception as e:  # PIL raises several types for bad files
+            raise KdigError(f"cannot decode image {where}: {e}") from None
+
+    def fit(self, im: Image.Image, where: str) -> np.ndarray:
+        """``im`` (RGB) at the data set's size: as it is, resized, or refused in one line."""
+        w, h = im.size
+        if not self.size and w == h:
+            self._adopt(w, where)
+        if (w, h) == (self.size, self.size):
+            return np.asarray(im)
+        if self.policy == "refuse":
+            have = "images must be square"
+            if self.first:
+                have = f"the first image, {self.first}, is {self.size}x{self.size}"
+            elif self.size:
+                have = f"data.image_size = {self.size}"
+            raise KdigError(f"image {where} is {w}x{h}, but {have}; set data.resize = "
+                            f"\"stretch\" or \"center_crop\" with data.image_size = N to bring "
+                            f"every image to N x N px (or resize the files)")
+        self.resized.append(f"{where} ({w}x{h})")
+        size = (self.size, self.size)
+        out = im.resize(size, Image.Resampling.BILINEAR) if self.policy == "stretch" else \
+            ImageOps.fit(im, size, Image.Resampling.BILINEAR)
+        return np.asarray(out)
+
+    def _adopt(self, size: int, where: str) -> None:
+        """The images' own size becomes the data set's (data.image_size = 0)."""
+        if size < MIN_IMAGE_SIZE:
+            raise KdigError(f"image {where} is {size}x{size}; allowed: {MIN_IMAGE_SIZE} px and "
+                            f"up: set data.image_size = {MIN_IMAGE_SIZE} (or more) with "
+                            f"data.resize = \"stretch\"")
+        self.size, self.first = size, self.first or where
+
+    def fit_array(self, images: np.ndarray, where: str) -> np.ndarray:
+        """NHWC uint8 images decoded by another reader (torchvision's), fitted alike."""
+        h, w = images.shape[1:3]
+        if h == w and self.size in (0, h):
+            self._adopt(h, where)
+            return images
+        return np.stack([self.fit(Image.fromarray(a), f"{where}[{i}]")
+                         for i, a in enumerate(images)])
+
+    def say(self) -> None:
+        if self.converted:
+            print(f"converted {len(self.converted)} image(s) that were not RGB to RGB (e.g. "
+                  f"{self.converted[0]})", flush=True)
+        if self.resized:
+            print(f"resized {len(self.resized)} image(s) to {self.size}x{self.size} px by "
+                  f"data.resize = {self.policy!r} (e.g. {self.resized[0]})", flush=True)
 
 
 def _assemble(items: list[tuple[str, str, str, np.ndarray]], where: Path
@@ -273,7 +330,7 @@ def _image_file(name: str, where: str) -> bool:
     return True
 
 
-def _read_folder(root: Path, cfg: DataConfig, progress: bool, converted: list[str]) -> tuple:
+def _read_folder(root: Path, cfg: DataConfig, progress: bool, decoder: _Decoder) -> tuple:
     files = []
     for split in ("train", "test"):
         for p in sorted((root / split).rglob("*")):
@@ -284,12 +341,11 @@ def _read_folder(root: Path, cfg: DataConfig, progress: bool, converted: list[st
     for p in tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1.0,
                   disable=not progress):
         split, cls = _split_class(p.relative_to(root).parts)  # type: ignore[misc]
-        items.append((split, cls, p.name, _decode_image(p, str(p), converted)))
+        items.append((split, cls, p.name, decoder.decode(p, str(p))))
     return _assemble(items, root)
 
 
-def _read_archive(path: Path, cfg: DataConfig, progress: bool, converted: list[str]
-                  ) -> tuple:
+def _read_archive(path: Path, cfg: DataConfig, progress: bool, decoder: _Decoder) -> tuple:
     items = []
     try:
         with tarfile.open(path, "r:*") as tar, tqdm(desc=f"decoding {path.name}", unit="img",
@@ -302,7 +358,7 @@ def _read_archive(path: Path, cfg: DataConfig, progress: bool, converted: list[s
                 f = tar.extractfile(member)
                 assert f is not None  # a regular file always has contents
                 items.append((sc[0], sc[1], Path(member.name).name,
-                              _decode_image(f.read(), f"{path}:{member.name}", converted)))
+                              decoder.decode(f.read(), f"{path}:{member.name}")))
                 bar.update()
     except (tarfile.TarError, EOFError, OSError) as e:
         detail = " ".join(str(e).split())  # tarfile's message spans several lines
@@ -310,7 +366,7 @@ def _read_archive(path: Path, cfg: DataConfig, progress: bool, converted: list[s
     return _assemble(items, path)
 
 
-def _read_torchvision(root: Path, cfg: DataConfig, progress: bool, converted: list[str]
+def _read_torchvision(root: Path, cfg: DataConfig, progress: bool, decoder: _Decoder
                       ) -> tuple:
     import torchvision.datasets
 
@@ -322,8 +378,9 @@ def _read_torchvision(root: Path, cfg: DataConfig, progress: bool, converted: li
         raise KdigError(f"{root}/{kind.torchvision_dir} is incomplete or corrupt ({e}); "
                         f"{how_to_get(cfg.dataset)}") from None
     arrays = []
-    for ds in sets:
-        arrays.append(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+    for ds, split in zip(sets, ("train", "test"), strict=True):
+        fitted = decoder.fit_array(ds.data, f"{root / kind.torchvision_dir} {split}")
+        arrays.append(np.ascontiguousarray(fitted.transpose(0, 3, 1, 2)))
         arrays.append(np.asarray(ds.targets, dtype=np.int64))
     classes = tuple(sets[0].classes)
     if _coarse(cfg):
@@ -358,18 +415,22 @@ def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = T
                 ) -> DecodedDataset:
     """Decode the data set once (cached as uint8 arrays) and return it."""
     if cfg.dataset == "synthetic":
-        tx, ty = synthetic.generate(cfg.synthetic_train, seed=1)
-        sx, sy = synthetic.generate(cfg.synthetic_test, seed=2)
+        size = cfg.image_size or 32
+        tx, ty = synthetic.generate(cfg.synthetic_train, seed=1, size=size)
+        sx, sy = synthetic.generate(cfg.synthetic_test, seed=2, size=size)
         fp = _content_hash([tx.numpy(), ty.numpy(), sx.numpy(), sy.numpy()], synthetic.CLASSES)
         return DecodedDataset(ImageSet(tx, ty), ImageSet(sx, sy), synthetic.CLASSES, fp,
                               "synthetic")
     path = resolve_data_path(cfg, data_dir)
     kind, target = _detect(path, cfg.dataset)  # type: ignore[misc]
     labels = [cfg.cifar100_labels] if DATASETS[cfg.dataset].coarse_classes else []
-    # (the CIFAR-10 caches made before other data sets keep their key)
+    # (the caches made before other data sets and sizes keep their key)
+    sizing = [cfg.image_size, cfg.resize] if (cfg.image_size, cfg.resize) != (0, "refuse") \
+        else []
     key = hashlib.sha256(json.dumps(
         [_CACHE_VERSION, kind, str(target.resolve()),
-         _stat_signature(kind, target, cfg.dataset), *labels]).encode()).hexdigest()[:20]
+         _stat_signature(kind, target, cfg.dataset), *labels, *sizing]).encode()
+    ).hexdigest()[:20]
     cache = cache_dir() / "data" / f"{cfg.dataset}-{key}.npz"
     with locked(cache):
         arrays = _read_decoded(cache)
@@ -377,14 +438,12 @@ def load_source(cfg: DataConfig, data_dir: str | None = None, progress: bool = T
             print(f"data cache {cache} is unreadable; decoding the data again", flush=True)
             cache.unlink()
         if arrays is None:
-            reader: Callable[[Path, DataConfig, bool, list[str]], tuple] = {
+            reader: Callable[[Path, DataConfig, bool, _Decoder], tuple] = {
                 "archive": _read_archive, "folder": _read_folder,
                 "torchvision": _read_torchvision}[kind]
-            converted: list[str] = []
-            tx, ty, sx, sy, classes = reader(target, cfg, progress, converted)
-            if converted:
-                print(f"converted {len(converted)} image(s) that were not RGB to RGB (e.g. "
-                      f"{converted[0]})", flush=True)
+            decoder = _Decoder(cfg.image_size, cfg.resize)
+            tx, ty, sx, sy, classes = reader(target, cfg, progress, decoder)
+            decoder.say()
             fp = _content_hash([tx, ty, sx, sy], classes)
 
             def write(tmp: Path) -> None:

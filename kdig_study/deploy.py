@@ -51,14 +51,14 @@ class Deployable(nn.Module):
         return self.model((x01 - self.mean) * self.inv_std)
 
 
-def export_onnx(model: nn.Module, path: Path, check: Callable[[Path], None] | None = None
-                ) -> None:
+def export_onnx(model: nn.Module, path: Path, check: Callable[[Path], None] | None = None,
+                *, image_size: int) -> None:
     """``model`` (eval, fp32, CPU) to ONNX at ``path``, batch size dynamic, written
     atomically: checked by onnx.checker (or ``check``) on the temporary file before it is
     renamed into place, so a file that fails the check never appears."""
     require_deploy()
     model = model.float().cpu().eval()
-    x = torch.rand(2, 3, 32, 32)
+    x = torch.rand(2, 3, image_size, image_size)  # the graph's H and W are fixed to these
     batch = torch.export.Dim("batch", min=1, max=4096)
 
     def write(tmp: Path) -> None:

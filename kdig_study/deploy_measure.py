@@ -61,7 +61,8 @@ def measure_role(role: str, model: Net, ctx: Context, out_dir: Path, int8: bool,
     data = ctx.data
     wrapped = Deployable(model.float().cpu().eval(), data.mean, data.std).eval()
     fp32_path = out_dir / f"{role}.onnx"
-    export_onnx(wrapped, fp32_path)
+    size = data.image_size
+    export_onnx(wrapped, fp32_path, image_size=size)
     sess = session(fp32_path, threads)
     with torch_threads(threads):
         ref = torch_logits(wrapped, data.test.images)
@@ -75,7 +76,7 @@ def measure_role(role: str, model: Net, ctx: Context, out_dir: Path, int8: bool,
                         f"{par.agreement:.2%} of the test images (needed: "
                         f"{MIN_AGREEMENT:.1%}); max |logit difference| "
                         f"{par.max_abs_logit_diff:.3g}; the export was removed")
-    x = {b: torch.rand(b, 3, 32, 32) for b in DEPLOY_BATCHES}
+    x = {b: torch.rand(b, 3, size, size) for b in DEPLOY_BATCHES}
     clean = _accuracy(got, data.test.labels)
     robust = _robust(sess, ctx, ort=True)
     rows = []

@@ -217,7 +217,7 @@ class Context:
         """Parameters, FLOPs, bytes of the student (same for every run of one shape)."""
         key = repr(cfg.student)
         if key not in self._costs:
-            self._costs[key] = model_cost(model) | {
+            self._costs[key] = model_cost(model, self.data.image_size) | {
                 "teacher_params": teacher_params(cfg, len(self.data.classes))}
         return self._costs[key]
 

@@ -74,7 +74,8 @@ def torch_threads(n: int) -> Iterator[None]:
 
 @torch.inference_mode()
 def measure_latency(model: Net, batch_size: int = 1, device: torch.device | str = "cpu",
-                    threads: int | None = None, warmup: int = 10, runs: int = 50) -> Latency:
+                    threads: int | None = None, warmup: int = 10, runs: int = 50, *,
+                    image_size: int) -> Latency:
     """Warm forward-pass latency: ``warmup`` untimed passes, then ``runs`` timed ones.
 
     A single cold pass (how the paper got 140 ms vs 13 ms) mostly times allocation and
@@ -84,7 +85,7 @@ def measure_latency(model: Net, batch_size: int = 1, device: torch.device | str 
     threads = threads or default_threads()
     was_training = model.training
     model = model.to(device).eval()
-    x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(
         memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -99,24 +100,26 @@ def measure_latency(model: Net, batch_size: int = 1, device: torch.device | str 
                    runs=runs, median_ms=t.median_ms, p90_ms=t.p90_ms)
 
 
-def model_cost(model: Net) -> dict[str, int]:
-    """Parameters, forward FLOPs per image, and safetensors size in bytes."""
-    return {"params": count_params(model), "flops": count_flops(model),
+def model_cost(model: Net, image_size: int) -> dict[str, int]:
+    """Parameters, forward FLOPs per image of ``image_size`` px, and safetensors size in
+    bytes."""
+    return {"params": count_params(model), "flops": count_flops(model, image_size),
             "bytes": serialized_bytes(model)}
 
 
 def profile(model: Net, device: torch.device | str = "cpu", batch: int = 64,
-            how: MeasureConfig | None = None) -> dict[str, Any]:
-    """Cost plus latency at batch 1 and batch ``batch`` (on the CPU, and on CUDA if used),
-    with the study's warm-up and timed pass counts (``[measure]``; default 10 and 50)."""
+            how: MeasureConfig | None = None, *, image_size: int) -> dict[str, Any]:
+    """Cost plus latency at batch 1 and batch ``batch`` of ``image_size`` px images (on the
+    CPU, and on CUDA if used), with the study's warm-up and timed pass counts (``[measure]``;
+    default 10 and 50)."""
     how = how or MeasureConfig()
-    out: dict[str, Any] = model_cost(model)
+    out: dict[str, Any] = model_cost(model, image_size)
     devices = ["cpu"] + ([str(device)] if torch.device(device).type == "cuda" else [])
     for dev in devices:
         tag = "" if dev == "cpu" else "_cuda"
         for b in (1, batch):
             lat = measure_latency(model, b, dev, warmup=how.latency_warmup,
-                                  runs=how.latency_runs)
+                                  runs=how.latency_runs, image_size=image_size)
             out[f"latency{tag}_b{b}"] = lat.to_dict()
     model.to(device)
     return out

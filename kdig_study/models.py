@@ -469,7 +469,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: nn.Module, image_size: int = 32) -> int:
+def count_flops(model: nn.Module, image_size: int) -> int:
     """Forward FLOPs for one image (torch.utils.flop_counter: a multiply-add counts 2)."""
     device = next(model.parameters()).device
     was_training = model.training

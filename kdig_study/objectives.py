@@ -169,7 +169,7 @@ class Objective:
         m = run.metrics
         if self._latency is None:
             prof = profile(run.model, self.ctx.device, batch=cfg.student_train.batch_size,
-                           how=cfg.measure)
+                           how=cfg.measure, image_size=self.ctx.data.image_size)
             self._latency = latency_columns(prof)
         # m.wall_s, recorded as train_eval_s: training and evaluation with their setup
         # (model, data, maps); the rest of the trial is sampling, store writes,

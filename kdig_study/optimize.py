@@ -186,7 +186,7 @@ def _record_teacher(study: optuna.Study, ctx: Context) -> None:
         return
     t = ctx.teacher()
     prof = profile(t.model, ctx.device, batch=ctx.cfg.student_train.batch_size,
-                   how=ctx.cfg.measure)
+                   how=ctx.cfg.measure, image_size=ctx.data.image_size)
     study.set_user_attr("teacher", {
         "val_acc": t.meta["val_acc"], "test_acc": t.meta["test_acc"], "path": str(t.path),
         "fingerprint": t.fingerprint, "wall_s": t.meta["wall_s"], **prof})
@@ -207,8 +207,11 @@ def record_latency(study: optuna.Study, ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     student = build_model(cfg.student, len(ctx.data.classes))
     batch = cfg.student_train.batch_size
-    out = {"teacher": profile(ctx.teacher().model, ctx.device, batch=batch, how=cfg.measure),
-           "student": profile(student, ctx.device, batch=batch, how=cfg.measure),
+    size = ctx.data.image_size
+    out = {"teacher": profile(ctx.teacher().model, ctx.device, batch=batch, how=cfg.measure,
+                              image_size=size),
+           "student": profile(student, ctx.device, batch=batch, how=cfg.measure,
+                              image_size=size),
            "threads": default_threads(), "when": "after the search, one process"}
     study.set_user_attr("latency", out)
     return out

@@ -76,7 +76,7 @@ def main() -> int:
     out: dict = {"study": cfg.name, "scale": cfg.scale, "role": args.role}
     if teacher is not None:
         t_prof = profile(teacher.model, ctx.device, batch=cfg.student_train.batch_size,
-                         how=cfg.measure)
+                         how=cfg.measure, image_size=ctx.data.image_size)
         state = "trained now" if teacher.trained_now else "loaded from cache"
         print(f"teacher {state}: {teacher.path} "
               f"({teacher.meta['wall_s'] / 60:.1f} min to train)")
@@ -87,7 +87,7 @@ def main() -> int:
         m = run_.metrics
         t_params = m.params * m.compression
         s_prof = profile(run_.model, ctx.device, batch=cfg.student_train.batch_size,
-                         how=cfg.measure)
+                         how=cfg.measure, image_size=ctx.data.image_size)
         mode = method_name(cfg.method)
         _print_model(f"student ({mode})", m.stored(), s_prof, round(t_params))
         print(f"  {m.epochs_run} epochs in {run_.result.wall_s / 60:.1f} min "

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from kdig_study import data as data_mod
-from kdig_study.config import DataConfig
+from kdig_study.config import DataConfig, load_study
 from kdig_study.data import (
     BatchLoader,
     ImageSet,
@@ -240,12 +240,15 @@ def test_missing_and_malformed_data_say_how_to_get_cifar(tmp_path: Path,
     with pytest.raises(KdigError, match=r"cannot read archive") as e:
         load_source(DataConfig(path=str(bad)))
     assert "\n" not in str(e.value)
-    big = tmp_path / "big"
-    (big / "train" / "a").mkdir(parents=True)
-    (big / "test" / "a").mkdir(parents=True)
-    Image.new("RGB", (64, 64)).save(big / "train" / "a" / "x.png")
-    with pytest.raises(KdigError, match=r"is 64x64; kdig_study expects 32x32 images"):
-        load_source(DataConfig(path=str(big)))
+    mixed = tmp_path / "mixed"
+    (mixed / "train" / "a").mkdir(parents=True)
+    (mixed / "test" / "a").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(mixed / "train" / "a" / "x.png")
+    Image.new("RGB", (32, 32)).save(mixed / "train" / "a" / "y.png")
+    with pytest.raises(KdigError, match=r"y.png is 32x32, but the first image, .*x.png, is "
+                                        r"64x64; set data.resize = \"stretch\" or "
+                                        r"\"center_crop\" with data.image_size = N"):
+        load_source(DataConfig(path=str(mixed)))
 
 
 @pytest.mark.slow  # decodes the whole 60,000-image archive (about 20 s)
@@ -270,6 +273,77 @@ def _tree(root: Path, classes: list[str], train: int, test: int) -> None:
                 arr = np.full((32, 32, 3), (c * 7) % 256, dtype=np.uint8)
                 arr[0, 0] = (i, c, 9)
                 Image.fromarray(arr).save(d / f"{i:03d}.png")
+
+
+def _sized(root: Path, sizes: dict[str, tuple[int, int]]) -> None:
+    """One image per name ("split/class/file": (width, height)): blue in its centre square,
+    red beside it, so a centre crop and a stretch differ."""
+    for name, (w, h) in sizes.items():
+        arr = np.zeros((h, w, 3), dtype=np.uint8)
+        arr[..., 0] = 255
+        s = min(w, h)
+        top, left = (h - s) // 2, (w - s) // 2
+        arr[top:top + s, left:left + s] = (0, 0, 255)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(root / name)
+
+
+def test_any_square_size_and_the_declared_resize_policy(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "d"
+    _sized(root, {"train/a/0.png": (64, 64), "train/b/0.png": (64, 64),
+                  "test/a/0.png": (64, 64), "test/b/0.png": (64, 64)})
+    src = load_source(DataConfig(dataset="folder", path=str(root), val_size=10))
+    assert src.train.images.shape == (2, 3, 64, 64)  # the images' own size
+    assert "resized" not in capsys.readouterr().out
+    _sized(root, {"train/b/1.png": (120, 40)})  # a wide image among square ones
+    with pytest.raises(KdigError, match=r"b/1.png is 120x40, but the first image, .* is "
+                                        r"64x64; set data.resize"):
+        load_source(DataConfig(dataset="folder", path=str(root), val_size=10))
+    with pytest.raises(KdigError, match=r"1.png is 120x40, but data.image_size = 64"):
+        load_source(DataConfig(dataset="folder", path=str(root), val_size=10, image_size=64))
+    # center_crop keeps the blue centre square; stretch keeps the red sides too
+    crop = load_source(DataConfig(dataset="folder", path=str(root), val_size=10,
+                                  image_size=64, resize="center_crop"))
+    said = capsys.readouterr().out
+    assert "resized 1 image(s) to 64x64 px by data.resize = 'center_crop' (e.g. " in said
+    assert "1.png (120x40))" in said
+    wide = crop.train.images[-1]  # class b, file 1: sorted last
+    assert wide.shape == (3, 64, 64)
+    assert wide[2].float().mean() > 250 and wide[0].float().mean() < 5
+    stretch = load_source(DataConfig(dataset="folder", path=str(root), val_size=10,
+                                     image_size=64, resize="stretch"))
+    red = stretch.train.images[-1][0].float()
+    assert red[:, :8].mean() > 250 and red[:, 28:36].mean() < 5
+    assert stretch.fingerprint != crop.fingerprint
+    # the square 64 px images are kept as they are under either policy
+    assert torch.equal(stretch.train.images[:2], crop.train.images[:2])
+    # downsizing: every image to 32 px
+    small = load_source(DataConfig(dataset="folder", path=str(root), val_size=10,
+                                   image_size=32, resize="stretch"))
+    assert small.train.images.shape == (3, 3, 32, 32)
+    assert "resized 5 image(s) to 32x32 px" in capsys.readouterr().out
+
+
+def test_images_below_16_px_and_a_bare_resize_are_refused(tmp_path: Path) -> None:
+    _sized(tmp_path / "d", {"train/a/0.png": (8, 8), "test/a/0.png": (8, 8)})
+    with pytest.raises(KdigError, match=r"0.png is 8x8; allowed: 16 px and up: set "
+                                        r"data.image_size = 16 \(or more\) with data.resize"):
+        load_source(DataConfig(dataset="folder", path=str(tmp_path / "d"), val_size=10))
+    with pytest.raises(KdigError, match=r"data.image_size = 8: allowed 0 \(the images' own "
+                                        r"size\) or 16 and up"):
+        load_study("kd_ig", "smoke", overrides=["data.image_size=8"])
+    with pytest.raises(KdigError, match=r"data.resize = 'stretch' needs data.image_size"):
+        load_study("kd_ig", "smoke", overrides=["data.resize=stretch"])
+
+
+def test_synthetic_data_at_any_size() -> None:
+    src = load_source(DataConfig(dataset="synthetic", image_size=48, synthetic_train=40,
+                                 synthetic_test=20))
+    assert src.train.images.shape == (40, 3, 48, 48)
+    bundle = make_bundle(src, DataConfig(dataset="synthetic", val_size=10))
+    assert bundle.image_size == 48
+    assert "30 training images of 10 classes at 48 px" in bundle.describe()
 
 
 def test_a_folder_data_set_takes_its_classes_from_the_folder_names(tmp_path: Path) -> None:
@@ -345,6 +419,14 @@ def test_cifar100_in_torchvisions_format_with_fine_or_coarse_labels(
     assert len(coarse.classes) == 20 and coarse.classes[3] == "coarse03"
     assert torch.equal(coarse.train.labels, fine.train.labels // 5)
     assert torch.equal(coarse.train.images, fine.train.images)
+    # CIFAR's 32 px arrays at another size: refused unless a policy is declared
+    with pytest.raises(KdigError, match=r"train\[0\] is 32x32, but data.image_size = 64"):
+        load_source(DataConfig(dataset="cifar100", path=str(tmp_path), val_size=100,
+                               image_size=64))
+    big = load_source(DataConfig(dataset="cifar100", path=str(tmp_path), val_size=100,
+                                 image_size=64, resize="stretch"))
+    assert big.train.images.shape == (200, 3, 64, 64)
+    assert torch.equal(big.train.labels, fine.train.labels)
     assert coarse.fingerprint != fine.fingerprint
     (tmp_path / "empty").mkdir()
     with pytest.raises(KdigError, match=r"holds no CIFAR-100: expected cifar-100-python/.*"

@@ -139,7 +139,7 @@ def test_onnx_matches_pytorch_and_a_failed_check_writes_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _tiny_deployable()
     path = tmp_path / "m.onnx"
-    export_onnx(model, path)
+    export_onnx(model, path, image_size=32)
     images = torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8)
     p = parity(torch_logits(model, images), ort_logits(session(path, 1), images, batch=10))
     assert p.agreement == 1.0 and p.max_abs_logit_diff < 1e-4 and p.n == 37
@@ -155,7 +155,7 @@ def test_onnx_matches_pytorch_and_a_failed_check_writes_nothing(
     monkeypatch.setattr(onnx.checker, "check_model", reject)
     bad = tmp_path / "bad.onnx"
     with pytest.raises(KdigError, match="failed onnx.checker.*planted failure"):
-        export_onnx(model, bad)
+        export_onnx(model, bad, image_size=32)
     assert not bad.exists() and not list(tmp_path.glob(".bad.onnx*"))
 
 
@@ -183,7 +183,7 @@ def test_int8_activations_default_to_the_machines_fast_kind(
     the other stays a choice."""
     model = _tiny_deployable()
     fp32 = tmp_path / "m.onnx"
-    export_onnx(model, fp32)
+    export_onnx(model, fp32, image_size=32)
     calib = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     expected = {"uint8": "UINT8", "int8": "INT8"}
     used = quantize_int8(fp32, tmp_path / "auto.onnx", calib)

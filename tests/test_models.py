@@ -51,12 +51,21 @@ def test_convnet_family_is_about_4x() -> None:
 def test_flops_and_size() -> None:
     t = build_model(TEACHER)
     s = build_model(ModelConfig("mobilenetv2", 1.0, 5))
-    ft, fs = count_flops(t), count_flops(s)
+    ft, fs = count_flops(t, 32), count_flops(s, 32)
     # MobileNetV2-CIFAR is about 0.1 GMACs per 32x32 image; most sit in the kept blocks
     assert 150e6 < ft < 250e6 and fs < ft and fs > 0.5 * ft
     assert serialized_bytes(s) == pytest.approx(4 * count_params(s) + 4 * 10_000, rel=0.05)
-    cost = model_cost(s)
+    cost = model_cost(s, 32)
     assert cost["params"] == 543_498 and cost["flops"] == fs
+
+
+def test_flops_follow_the_image_size() -> None:
+    """Convolutions scale with the pixels; the global pool keeps the head's cost fixed."""
+    m = build_model(ModelConfig("resnet8", 1.0, 0))
+    f32, f64 = count_flops(m, 32), count_flops(m, 64)
+    head = 2 * 64 * 10
+    assert f64 - head == pytest.approx(4 * (f32 - head), rel=1e-6)
+    assert model_cost(m, 64)["flops"] == f64
 
 
 def test_drop_too_many_blocks() -> None:
@@ -66,7 +75,7 @@ def test_drop_too_many_blocks() -> None:
 
 def test_latency_is_warm_median_and_p90() -> None:
     m = build_model(ModelConfig("convnet", 0.25, 0))
-    lat = measure_latency(m, batch_size=4, threads=1, warmup=3, runs=20)
+    lat = measure_latency(m, batch_size=4, threads=1, warmup=3, runs=20, image_size=32)
     assert lat.runs == 20 and lat.threads == 1 and lat.batch_size == 4
     assert 0 < lat.median_ms <= lat.p90_ms
     assert "median and p90 of 20 timed" in lat.method
