@@ -8,6 +8,8 @@
     python -m kdig_study.ablate --study kd_ig --factors "kd=none|hinton|dkd|dist|lskd,ig"
     python -m kdig_study.ablate --study kd_ig --monte-carlo 5 --fraction 0.8
     python -m kdig_study.ablate --study kd_ig --sweep drop_blocks=3,5,7,9 --seeds 2
+    python -m kdig_study.ablate --study kd_ig --sweep ig.overlay_strength=0.25,0.5 \
+        --sweep student_train.epochs=8,16      (two sweeps crossed: 4 levels)
 
 Hyperparameters (--params), the design every table says it comes from:
   fixed          (the default) every condition at the study file's own settings (no
@@ -58,11 +60,11 @@ from kdig_study.config import (
     kd_level,
     load_params,
     param_values,
-    with_setting,
 )
 from kdig_study.errors import KdigError
 from kdig_study.paths import atomic_write, safe_name, writable_folder, write_json
 from kdig_study.seeds import ABLATION_SEED_OFFSET, ablation_seed
+from kdig_study.sweep import Sweep, parse_sweeps
 
 if TYPE_CHECKING:
     import optuna
@@ -111,9 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--monte-carlo", type=int, default=0, metavar="R",
                    help="R replicates on stratified random subsets of the training set")
     p.add_argument("--fraction", type=float, default=0.8, help="subset size for --monte-carlo")
-    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+    p.add_argument("--sweep", action="append", default=None, metavar="KEY=V1,V2,...",
                    help=f"also vary the student: {' or '.join(SWEEP_KEYS)} (compression sweep),"
-                        f" or any of SECTION.KEY (dose-response), e.g. ig.overlay_strength")
+                        f" or any of SECTION.KEY (dose-response), e.g. ig.overlay_strength; "
+                        f"given twice, the two are crossed")
     p.add_argument("--study-name", default=None,
                    help="name of the ablation study (default: <search study>.ablation[...]); "
                         "e.g. a second ablation with other --params")
@@ -194,35 +197,6 @@ def parse_controls(text: str, design: dict[str, tuple[str | None, ...]]) -> tupl
                         f"unknown, repeated or already an overlay level; allowed: "
                         f"{', '.join(allowed)}")
     return items
-
-
-def parse_sweep(text: str | None, cfg: StudyConfig) -> tuple[str | None, list[float] | None]:
-    if text is None:
-        return None, None
-    key, _, values = text.partition("=")
-    try:
-        nums = [float(v) for v in values.split(",") if v.strip()]
-    except ValueError:
-        nums = []
-    if not nums or not all(math.isfinite(v) for v in nums) or \
-            (key not in SWEEP_KEYS and "." not in key):
-        raise KdigError(f"--sweep {text}: expected KEY=V1,V2,... (finite numbers) with KEY one "
-                        f"of {', '.join(SWEEP_KEYS)} (the student: a compression sweep) or "
-                        f"SECTION.KEY (e.g. ig.overlay_strength: a dose-response sweep)")
-    if key not in SWEEP_KEYS:
-        for v in nums:  # each value checked like a study file's, before anything runs
-            with_setting(cfg, key, v, f"--sweep {text}")
-        if len(set(nums)) != len(nums):
-            raise KdigError(f"--sweep {text}: a value is given twice")
-        return key, nums
-    arch = cfg.student.arch
-    if key == "drop_blocks" and (arch != "mobilenetv2" or
-                                 any(v != int(v) or not 0 <= v <= 17 for v in nums)):
-        raise KdigError(f"--sweep {text}: drop_blocks compresses a mobilenetv2 student "
-                        f"(integers 0..17); this student is {arch}: sweep width instead")
-    if key == "width" and any(not 0 < v <= 4 for v in nums):
-        raise KdigError(f"--sweep {text}: width values must be > 0 and <= 4")
-    return key, nums
 
 
 def _best(storage: Any, name: str, url: str, cfg: StudyConfig, study_file: str
@@ -372,7 +346,7 @@ def effective(cfg: StudyConfig, params: Params) -> dict[str, Any]:
 
 
 def _maps_up_front(ctx: Context, params: dict[str, Params], runs: list[Run],
-                   sweep_key: str | None) -> None:
+                   sweep: Sweep) -> None:
     """Every teacher and map store the plan's runs use, trained or computed (or opened)
     before the first run."""
     from kdig_study.ablation import run_config, teacher_context
@@ -380,7 +354,7 @@ def _maps_up_front(ctx: Context, params: dict[str, Params], runs: list[Run],
 
     needed = set()
     for r in runs:
-        c = run_config(ctx.cfg, params[r.name], r, sweep_key)
+        c = run_config(ctx.cfg, params[r.name], r, sweep)
         if c.method.ig:
             steps = c.ig.steps
             needed.add((r.teacher or 0, store_counts(ctx.cfg, steps), c.ig.source))
@@ -497,8 +471,7 @@ class _Setup:
     cfg: StudyConfig
     design: dict[str, tuple[str | None, ...]]
     controls: tuple[str, ...]
-    sweep_key: str | None
-    sweep_values: list[float] | None
+    sweep: Sweep
     fraction: float | None  # the subsets' fraction of a Monte-Carlo ablation, else None
     search_name: str
     names: list[str]  # the conditions
@@ -515,9 +488,8 @@ class _Setup:
         return {f: [lv or "none" for lv in v] for f, v in self.design.items()}
 
 
-# (design, controls, sweep key, sweep values)
-_Options = tuple[dict[str, tuple[str | None, ...]], tuple[str, ...], str | None,
-                 list[float] | None]
+# (design, controls, sweep)
+_Options = tuple[dict[str, tuple[str | None, ...]], tuple[str, ...], Sweep]
 
 
 # An ablation's plan is built, stored and analysed whole: 10,000 runs is 100 seeds of a
@@ -529,7 +501,7 @@ def _options(args: argparse.Namespace, cfg: StudyConfig) -> _Options:
     """The design, controls and sweep the arguments ask for, checked before any store opens."""
     design = parse_factors(args.factors, cfg)
     controls = parse_controls(args.controls, design)
-    sweep_key, sweep_values = parse_sweep(args.sweep, cfg)
+    sweep = parse_sweeps(args.sweep, cfg)
     if args.seeds < 1 or args.monte_carlo < 0 or not 0 < args.fraction <= 1 or \
             args.heartbeat < 1 or args.workers < 1 or args.teachers < 1:
         raise KdigError("--seeds, --teachers, --workers and --heartbeat must be >= 1, "
@@ -542,15 +514,15 @@ def _options(args: argparse.Namespace, cfg: StudyConfig) -> _Options:
 
     # bounded before anything is built: `--seeds 100000000` took 18.7 GB planning its runs
     n_conditions = len(conditions(design, controls))
-    runs = n_conditions * (args.monte_carlo or args.seeds) * max(1, len(sweep_values or [])) \
-        * args.teachers
+    levels = len(sweep.levels())
+    runs = n_conditions * (args.monte_carlo or args.seeds) * levels * args.teachers
     if runs > MAX_RUNS:
         raise KdigError(f"--seeds {args.monte_carlo or args.seeds}: {runs:,} runs planned "
                         f"({n_conditions} conditions"
-                        + (f" x {len(sweep_values)} sweep values" if sweep_values else "")
+                        + (f" x {levels} sweep levels" if sweep else "")
                         + (f" x {args.teachers} teachers" if args.teachers > 1 else "")
                         + f"); allowed: at most {MAX_RUNS:,} runs per ablation")
-    return design, controls, sweep_key, sweep_values
+    return design, controls, sweep
 
 
 def seeds_plan(cfg: StudyConfig, options: _Options, url: str, pilot_sd: float | None) -> str:
@@ -607,7 +579,7 @@ def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, 
     from kdig_study.ablation import plan
     from kdig_study.stats import conditions
 
-    design, controls, sweep_key, sweep_values = options
+    design, controls, sweep = options
     search_name = args.from_study or f"{cfg.name}-{cfg.scale}"
     conds = {condition_name(c): c for c in conditions(design, controls)}
     names = list(conds)
@@ -622,8 +594,8 @@ def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, 
                         f"{', '.join(sorted(set().union(*(used[s] for s in clash))))}: a "
                         f"replicate would be a run the search selected on its luck; change "
                         f"student_train.seed")
-    runs = plan(design, list(range(replicates)), sweep_values, controls, args.teachers)
-    return _Setup(cfg, design, controls, sweep_key, sweep_values,
+    runs = plan(design, list(range(replicates)), sweep, controls, args.teachers)
+    return _Setup(cfg, design, controls, sweep,
                   args.fraction if args.monte_carlo else None, search_name, names, mode,
                   params, origin, replicates, seeds, runs, args.teachers)
 
@@ -640,8 +612,7 @@ def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
                        optuna.pruners.NopPruner(), ["maximize"], url,
                        **ctx.study_identity())
     ident = {"design": setup.mode, "params": setup.params, "levels": setup.levels,
-             "fraction": setup.fraction, "sweep_key": setup.sweep_key,
-             "sweep_values": setup.sweep_values}
+             "fraction": setup.fraction, **setup.sweep.identity()}
     if setup.controls:  # only where given: ablations recorded before controls still match
         ident["controls"] = list(setup.controls)
     if setup.teachers > 1:  # likewise
@@ -694,7 +665,8 @@ def _announce(setup: _Setup, name: str, url: str, default_design: bool) -> None:
           f"{'Monte-Carlo subsets' if s.fraction is not None else 'replicates'}"
           + (f" x {s.teachers} teachers (teacher_train.seed {s.cfg.teacher_train.seed}.."
              f"{s.cfg.teacher_train.seed + s.teachers - 1})" if s.teachers > 1 else "")
-          + (f" x {len(s.sweep_values)} {s.sweep_key}" if s.sweep_values else "")
+          + (f" x {len(s.sweep.levels())} levels of {' x '.join(s.sweep.keys)}" if s.sweep
+             else "")
           + f"), store {url}", flush=True)
     print(analysis_line(s), flush=True)
     print(f"design: --params {s.mode}{' (the default)' if default_design else ''}: "
@@ -711,12 +683,12 @@ def _ledger(args: argparse.Namespace, setup: _Setup, study: optuna.Study,
     from kdig_study.ledger import import_ledger, ledger_path, write_ledger
 
     def teacher_sha256(params: dict[str, Any]) -> Any:
-        return teacher_context(ctx, run_of(params, setup.sweep_key).teacher).teacher() \
+        return teacher_context(ctx, run_of(params, setup.sweep).teacher).teacher() \
             .meta.get("sha256")
 
     path = ledger_path(Path(args.out), study.study_name)
     if args.worker_index is None:
-        added = import_ledger(path, study, lambda p: run_of(p, setup.sweep_key),
+        added = import_ledger(path, study, lambda p: run_of(p, setup.sweep),
                               teacher_sha256)
         if added:
             print(f"{added} finished run(s) taken from the run ledger {path} (this store "
@@ -724,7 +696,7 @@ def _ledger(args: argparse.Namespace, setup: _Setup, study: optuna.Study,
 
     def write() -> None:
         write_ledger(path, study, planned_trials(study.get_trials(deepcopy=False), setup.runs,
-                                                 setup.sweep_key))
+                                                 setup.sweep))
     return write
 
 
@@ -740,7 +712,7 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
     worker = args.worker_index
     write_ledger = _ledger(args, setup, study, ctx)
     if worker is None:
-        _maps_up_front(ctx, setup.params, setup.runs, setup.sweep_key)
+        _maps_up_front(ctx, setup.params, setup.runs, setup.sweep)
         levels_on = overlay_sources(setup.design, setup.controls)
         if levels_on:
             attach_gallery(study, artifact_store(), ctx.gallery(levels_on))
@@ -749,7 +721,7 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
     else:
         prefix = f"[worker {worker}] " if worker is not None else ""
         try:
-            AblationRunner(ctx, study, setup.params, setup.design, setup.sweep_key,
+            AblationRunner(ctx, study, setup.params, setup.design, setup.sweep,
                            setup.fraction, poll_s=max(1.0, args.heartbeat / 2),
                            storage=storage, controls=setup.controls, teachers=setup.teachers,
                            tracker=tracker).run(
@@ -871,10 +843,9 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
 
     s = setup
     name = study.study_name
-    trials = planned_trials(study.get_trials(deepcopy=False), s.runs, s.sweep_key)
+    trials = planned_trials(study.get_trials(deepcopy=False), s.runs, s.sweep)
     blocks: list[tuple[str, str, dict[str, Any]]] = []
-    groups = [(f"{s.sweep_key}={v:g}", v) for v in s.sweep_values] if s.sweep_values \
-        else [("all", None)]
+    groups = [(s.sweep.text(v), v) for v in s.sweep.levels()] if s.sweep else [("all", ())]
     out: dict[str, Any] = {
         "study": name, "design": s.mode, "design_text": _DESIGN_TEXT[s.mode],
         "params": {n: effective(s.cfg, p) | p for n, p in s.params.items()},
@@ -891,18 +862,18 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
               f"each teacher's own; the random teacher effect follows each group")
     for group, value in groups:
         out["results"][group] = analyse_group(
-            lambda metric, value=value: results_table(trials, metric, s.sweep_key, value),
-            s.design, s.controls, s.cfg, group if s.sweep_values or s.teachers > 1 else None,
+            lambda metric, value=value: results_table(trials, metric, s.sweep, value),
+            s.design, s.controls, s.cfg, group if s.sweep or s.teachers > 1 else None,
             blocks)
         for k in range(s.teachers if s.teachers > 1 else 0):
             out["results"][f"{group}, teacher {k}"] = analyse_group(
-                lambda metric, value=value, k=k: results_table(trials, metric, s.sweep_key,
+                lambda metric, value=value, k=k: results_table(trials, metric, s.sweep,
                                                                 value, teacher=k),
                 s.design, s.controls, s.cfg, f"{group}, teacher {k}", blocks)
         if s.teachers > 1:
             out["results"][group]["random_teacher"] = teacher_effects(
                 lambda k, value=value: results_table(trials, s.cfg.analysis.metric,
-                                                     s.sweep_key, value, teacher=k),
+                                                     s.sweep, value, teacher=k),
                 s, out["results"][group])
     out["runs"] = [{"number": t.number, **t.params, "val_acc": t.value,
                     **t.user_attrs.get("metrics", {}),
@@ -945,7 +916,7 @@ def main() -> int:
 
     primary_pair(setup.cfg.analysis, setup.design, setup.controls)  # before the study exists
     name = args.study_name or ablation_study_name(setup.search_name, setup.fraction,
-                                                  setup.sweep_key)
+                                                  setup.sweep.name or None)
     from kdig_study.experiment import Context
 
     # the data before the study: its fingerprint is part of the study's identity

@@ -32,13 +32,11 @@ from optuna.trial import FrozenTrial, TrialState
 from kdig_study.config import (
     KD_METHODS,
     MAP_SOURCES,
-    SWEEP_KEYS,
     SWEEP_NAMES,
     AnalysisConfig,
     StudyConfig,
     apply_params,
     kd_level,
-    with_setting,
 )
 from kdig_study.corruptions import robust_key, robust_metric
 from kdig_study.data import stratified_order
@@ -60,6 +58,7 @@ from kdig_study.stats import (
     overlay_sources,
     primary_pair,
 )
+from kdig_study.sweep import JOIN, NO_SWEEP, Level, Sweep
 from kdig_study.tracking import Guarded, Tracker
 
 Params = dict[str, Any]
@@ -68,21 +67,24 @@ Params = dict[str, Any]
 @dataclass(frozen=True)
 class AblationName:
     """What an ablation study's name says: its search study, the subset fraction of a
-    Monte-Carlo ablation, the swept student setting of a compression sweep."""
+    Monte-Carlo ablation, the swept keys of a sweep (``Sweep.name``: ``k``, or ``k1-x-k2``
+    crossed)."""
 
     search: str
     fraction: float | None = None
     sweep_key: str | None = None
 
 
+_KEY = '|'.join(map(re.escape, SWEEP_NAMES))
 _NAME = re.compile(r"(?P<search>.+)\.ablation(?:-mc(?P<fraction>[0-9.e+-]+?))?"
-                   rf"(?:-sweep-(?P<sweep_key>{'|'.join(map(re.escape, SWEEP_NAMES))}))?")
+                   rf"(?:-sweep-(?P<sweep_key>(?:{_KEY})(?:{JOIN}(?:{_KEY}))?))?")
 
 
 def ablation_study_name(search: str, fraction: float | None = None,
                         sweep_key: str | None = None) -> str:
     """The ablation study beside search study ``search``: ``<search>.ablation``, then
-    ``-mc<fraction>`` for Monte-Carlo subsets, ``-sweep-<key>`` for a sweep."""
+    ``-mc<fraction>`` for Monte-Carlo subsets, ``-sweep-<key>`` for a sweep (``Sweep.name``:
+    ``<key1>-x-<key2>`` crossed)."""
     return (f"{search}.ablation" + (f"-mc{fraction:g}" if fraction is not None else "")
             + (f"-sweep-{sweep_key}" if sweep_key else ""))
 
@@ -157,33 +159,32 @@ def overlay_level(cond: Condition) -> str:
 class Run:
     condition: Condition
     replicate: int  # r: the student trains at student_train.seed + 1000 + r
-    sweep: float | None = None  # value of the swept student setting, if any
+    sweep: Level = ()  # the level of the ablation's Sweep, if any: one value per key
     teacher: int | None = None  # k of --teachers K (K > 1): see teacher_config
 
     @property
     def name(self) -> str:
         return condition_name(self.condition)
 
-    def params(self, sweep_key: str | None) -> dict[str, Any]:
+    def params(self, sweep: Sweep) -> dict[str, Any]:
         kd = kd_level(self.condition)
         p: dict[str, Any] = {"condition": self.name, "replicate": self.replicate,
                              # 0/1 for the plain kd factor; 0 or the method for kd=...
                              "kd": kd if kd in KD_METHODS else int(kd is not None),
                              "at": int("at" in self.condition),
                              "overlay": overlay_level(self.condition)}
-        if sweep_key is not None:
-            p[sweep_key] = self.sweep
+        p.update(sweep.params(self.sweep))
         if self.teacher is not None:
             p["teacher"] = self.teacher
         return p
 
-    def label(self, sweep_key: str | None) -> str:
+    def label(self, sweep: Sweep) -> str:
         return f"{self.name}, replicate {self.replicate}" + \
             (f", teacher {self.teacher}" if self.teacher is not None else "") + \
-            (f", {sweep_key}={self.sweep:g}" if self.sweep is not None else "")
+            (f", {sweep.text(self.sweep)}" if sweep else "")
 
 
-def run_of(params: dict[str, Any], sweep_key: str | None) -> Run:
+def run_of(params: dict[str, Any], sweep: Sweep) -> Run:
     """The planned run a trial's parameters describe."""
     kd = params.get("kd")
     cond = {"at"} if params.get("at") else set()
@@ -194,18 +195,17 @@ def run_of(params: dict[str, Any], sweep_key: str | None) -> Run:
     if params.get("overlay", "none") != "none":
         cond.add(str(params["overlay"]))
     teacher = params.get("teacher")
-    return Run(frozenset(cond), int(params["replicate"]),
-               params.get(sweep_key) if sweep_key is not None else None,
+    return Run(frozenset(cond), int(params["replicate"]), sweep.level_of(params),
                None if teacher is None else int(teacher))
 
 
-def plan(design: Design, replicates: list[int], sweep: list[float] | None = None,
+def plan(design: Design, replicates: list[int], sweep: Sweep = NO_SWEEP,
          controls: tuple[str, ...] = (), teachers: int = 1) -> list[Run]:
-    """Replicates outermost (then teachers), so an interrupted ablation has whole
-    replicates to analyse. ``teachers`` > 1: every replicate under each teacher."""
-    values: list[float | None] = list(sweep) if sweep else [None]
+    """Replicates outermost (then teachers) within each sweep level, so an interrupted
+    ablation has whole replicates to analyse. ``teachers`` > 1: every replicate under each
+    teacher."""
     ks: list[int | None] = list(range(teachers)) if teachers > 1 else [None]
-    return [Run(c, r, v, k) for v in values for r in replicates for k in ks
+    return [Run(c, r, v, k) for v in sweep.levels() for r in replicates for k in ks
             for c in conditions(design, controls)]
 
 
@@ -218,7 +218,7 @@ def teacher_config(cfg: StudyConfig, teacher: int | None) -> StudyConfig:
     return dataclasses.replace(cfg, teacher_train=train)
 
 
-def run_config(base: StudyConfig, params: Params, run: Run, sweep_key: str | None) -> StudyConfig:
+def run_config(base: StudyConfig, params: Params, run: Run, sweep: Sweep) -> StudyConfig:
     """One run's config: the condition's parameters, its factors switched, its seed."""
     cfg = apply_params(base, params)
     level = overlay_level(run.condition)
@@ -230,15 +230,8 @@ def run_config(base: StudyConfig, params: Params, run: Run, sweep_key: str | Non
     ig = dataclasses.replace(cfg.ig, source=level if level != "none" else cfg.ig.source)
     train = dataclasses.replace(cfg.student_train,
                                 seed=ablation_seed(cfg.student_train.seed, run.replicate))
-    student = cfg.student
-    if sweep_key == "drop_blocks":
-        student = dataclasses.replace(student, drop_blocks=int(run.sweep))  # type: ignore[arg-type]
-    elif sweep_key == "width":
-        student = dataclasses.replace(student, width=float(run.sweep))  # type: ignore[arg-type]
-    out = dataclasses.replace(cfg, method=method, ig=ig, student_train=train, student=student)
-    if sweep_key is not None and sweep_key not in SWEEP_KEYS:  # SECTION.KEY: any setting
-        out = with_setting(out, sweep_key, run.sweep, "--sweep")
-    return out
+    return sweep.apply(dataclasses.replace(cfg, method=method, ig=ig, student_train=train),
+                       run.sweep)
 
 
 def monte_carlo_rows(ctx: Context, replicate: int, fraction: float) -> torch.Tensor:
@@ -254,7 +247,7 @@ class AblationRunner:
     workers (see the module's docstring)."""
 
     def __init__(self, ctx: Context, study: optuna.Study, params: dict[str, Params],
-                 design: Design, sweep_key: str | None = None,
+                 design: Design, sweep: Sweep = NO_SWEEP,
                  fraction: float | None = None, poll_s: float = 5.0,
                  storage: RDBStorage | None = None, controls: tuple[str, ...] = (),
                  teachers: int = 1, tracker: Tracker | None = None) -> None:
@@ -265,7 +258,7 @@ class AblationRunner:
         self.ctx, self.study, self.params = ctx, study, params
         self.tracker = tracker or Guarded([])
         self.teachers = teachers
-        self.design, self.sweep_key, self.fraction = design, sweep_key, fraction
+        self.design, self.sweep, self.fraction = design, sweep, fraction
         self.poll_s = poll_s
         self.lock = SlotLock(storage or rdb_storage_of(study), study.study_name)
         self._profiles: dict[str, dict[str, Any]] = {}
@@ -274,15 +267,16 @@ class AblationRunner:
         methods = [str(k) for k in design.get("kd", (None, "kd"))[1:]]
         self._kd: list[Any] = [0, 1] if methods == ["kd"] else [0, *methods]
 
-    def _suggest(self, trial: optuna.Trial, sweep_values: list[float]) -> dict[str, Any]:
+    def _suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """The trial's planned parameters (fixed by the queue), as trial parameters."""
         p = {"condition": trial.suggest_categorical("condition", self._names),
              "replicate": trial.suggest_int("replicate", 0, 1_000_000),
              "kd": trial.suggest_categorical("kd", self._kd),
              "at": trial.suggest_categorical("at", [0, 1]),
              "overlay": trial.suggest_categorical("overlay", self._overlay)}
-        if self.sweep_key is not None:
-            p[self.sweep_key] = trial.suggest_categorical(self.sweep_key, sweep_values)
+        for key, values in zip(self.sweep.keys, self.sweep.values, strict=True):
+            # sorted: the one value space every trial of the study declares, as given or not
+            p[key] = trial.suggest_categorical(key, sorted(values))
         if self.teachers > 1:
             p["teacher"] = trial.suggest_int("teacher", 0, self.teachers - 1)
         return p
@@ -291,11 +285,10 @@ class AblationRunner:
             on_finished: Callable[[], None] | None = None) -> None:
         """Run whatever is not finished yet; return when every planned run is COMPLETE.
         ``on_finished``: called after each run this process finished."""
-        sweep_values = sorted({r.sweep for r in runs if r.sweep is not None})
         planned = set(runs)
 
         def decide() -> Next:
-            state = run_states(self.study.get_trials(deepcopy=False), self.sweep_key)
+            state = run_states(self.study.get_trials(deepcopy=False), self.sweep)
             todo = [r for r in runs if TrialState.COMPLETE not in state.get(r, set())
                     and TrialState.RUNNING not in state.get(r, set())]
             busy = [r for r in runs if TrialState.COMPLETE not in state.get(r, set())
@@ -305,13 +298,13 @@ class AblationRunner:
             if not todo:
                 return Next("wait", lambda: (
                     f"waiting for {len(busy)} planned run(s) held by other workers "
-                    f"({held_runs(self.study, [r.params(self.sweep_key) for r in busy])}); "
+                    f"({held_runs(self.study, [r.params(self.sweep) for r in busy])}); "
                     f"a run whose worker died is taken over once its heartbeat is stale"))
             r = todo[0]
             if TrialState.WAITING not in state.get(r, set()):
-                self.study.enqueue_trial(r.params(self.sweep_key))
+                self.study.enqueue_trial(r.params(self.sweep))
             done = len(runs) - len(todo) - len(busy)
-            log(f"[{done + 1}/{len(runs)}] {r.label(self.sweep_key)}", flush=True)
+            log(f"[{done + 1}/{len(runs)}] {r.label(self.sweep)}", flush=True)
             return RUN
 
         def finished(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -319,27 +312,24 @@ class AblationRunner:
                 on_finished()
 
         claim_and_run(self.study, self.lock, decide,
-                      lambda trial: self._objective(trial, sweep_values, planned),
+                      lambda trial: self._objective(trial, planned),
                       self.poll_s, log=log,
                       callbacks=[finished, self.tracker.finished])
 
-    def _objective(self, trial: optuna.Trial, sweep_values: list[float],
-                   planned: set[Run]) -> float:
+    def _objective(self, trial: optuna.Trial, planned: set[Run]) -> float:
         fixed = stored_trial(self.study, trial).system_attrs.get("fixed_params")
-        if not fixed or run_of(fixed, self.sweep_key) not in planned or \
-                TrialState.COMPLETE in run_states(self.study.get_trials(deepcopy=False),
-                                                  self.sweep_key).get(run_of(fixed,
-                                                                             self.sweep_key),
-                                                                      set()):
+        states = run_states(self.study.get_trials(deepcopy=False), self.sweep)
+        if not fixed or run_of(fixed, self.sweep) not in planned or \
+                TrialState.COMPLETE in states.get(run_of(fixed, self.sweep), set()):
             # A queued trial this invocation did not plan (e.g. the retry of a run of a
             # larger plan, or of a run finished meanwhile): never invent, repeat or count a
             # run outside the plan.
             trial.set_user_attr("skipped", "outside this invocation's plan, or already done")
             raise optuna.TrialPruned("outside the plan")
-        p = self._suggest(trial, sweep_values)
-        run = run_of(p, self.sweep_key)
+        p = self._suggest(trial)
+        run = run_of(p, self.sweep)
         ctx = teacher_context(self.ctx, run.teacher)
-        cfg = run_config(ctx.cfg, self.params[run.name], run, self.sweep_key)
+        cfg = run_config(ctx.cfg, self.params[run.name], run, self.sweep)
         rows = monte_carlo_rows(ctx, run.replicate, self.fraction) if self.fraction \
             else None
         record_provenance(trial, ctx, cfg)
@@ -371,18 +361,18 @@ def teacher_context(ctx: Context, teacher: int | None) -> Context:
     return _CONTEXTS[key]
 
 
-def run_states(trials: list[FrozenTrial], sweep_key: str | None) -> dict[Run, set[TrialState]]:
+def run_states(trials: list[FrozenTrial], sweep: Sweep) -> dict[Run, set[TrialState]]:
     out: dict[Run, set[TrialState]] = {}
     for t in trials:
         params = dict(t.params) or dict(t.system_attrs.get("fixed_params", {}))
         if "replicate" not in params:
             continue
-        out.setdefault(run_of(params, sweep_key), set()).add(t.state)
+        out.setdefault(run_of(params, sweep), set()).add(t.state)
     return out
 
 
 def planned_trials(trials: list[FrozenTrial], runs: list[Run] | None,
-                   sweep_key: str | None = None) -> list[FrozenTrial]:
+                   sweep: Sweep = NO_SWEEP) -> list[FrozenTrial]:
     """The first COMPLETE trial of every planned run (``runs``; None: every run the trials
     describe): what the statistics count, never a run outside the plan or a run twice."""
     wanted = set(runs) if runs is not None else None
@@ -390,7 +380,7 @@ def planned_trials(trials: list[FrozenTrial], runs: list[Run] | None,
     for t in sorted(trials, key=lambda t: t.number):
         if t.state != TrialState.COMPLETE or "replicate" not in t.params:
             continue
-        r = run_of(t.params, sweep_key)
+        r = run_of(t.params, sweep)
         if (wanted is None or r in wanted) and r not in seen:
             seen[r] = t
     return list(seen.values())
@@ -401,9 +391,9 @@ def planned_trials(trials: list[FrozenTrial], runs: list[Run] | None,
 TEACHER_UNIT = 1_000_000
 
 
-def results_table(trials: list[FrozenTrial], metric: str, sweep_key: str | None = None,
-                  sweep_value: float | None = None, teacher: int | None = None) -> Table:
-    """{condition: {unit: metric}} from COMPLETE trials (one sweep value, if any); the unit
+def results_table(trials: list[FrozenTrial], metric: str, sweep: Sweep = NO_SWEEP,
+                  level: Level = (), teacher: int | None = None) -> Table:
+    """{condition: {unit: metric}} from COMPLETE trials (one sweep level, if any); the unit
     is the replicate, or with several teachers (k, replicate) as one number (TEACHER_UNIT),
     pooled, unless ``teacher`` picks one teacher's runs. Pass :func:`planned_trials` to
     count only a plan's runs."""
@@ -411,11 +401,11 @@ def results_table(trials: list[FrozenTrial], metric: str, sweep_key: str | None 
     for t in trials:
         if t.state != TrialState.COMPLETE or "replicate" not in t.params:
             continue
-        if sweep_key is not None and t.params.get(sweep_key) != sweep_value:
+        if sweep and sweep.level_of(t.params) != level:
             continue
         if teacher is not None and t.params.get("teacher") != teacher:
             continue
-        run = run_of(t.params, sweep_key)
+        run = run_of(t.params, sweep)
         unit = run.replicate if run.teacher is None or teacher is not None else \
             run.teacher * TEACHER_UNIT + run.replicate
         key = robust_key(metric)

@@ -277,16 +277,18 @@ def _dose_response(page: Page, sweeps: list[dict[str, Any]]) -> None:
     from kdig_study import report_figures as rf
 
     for d in sweeps:
-        key = d["key"]
-        page.add("ablation", f"<h3>Dose-response: {_e(key)} "
+        keys = d["keys"]
+        page.add("ablation", f"<h3>Dose-response: {_e(' x '.join(keys))} "
                              f"(<code>{_e(d['study'])}</code>)</h3>")
         if d["primary"]:
             page.add("ablation", _table(
-                [key, "primary comparison", "n", "mean", "95% CI", "verdict"],
-                [[f"{r['value']:g}", _e(r["name"]), str(r["n"]), _signed(r["mean"]),
-                  f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]", _e(r["verdict"])]
-                 for r in d["primary"]]))
-        page.figure("ablation", f"dose-{key}", rf.dose_figure(d))
+                [*map(_e, keys), "primary comparison", "n", "mean", "95% CI", "verdict"],
+                [[*(f"{v:g}" for v in r["level"]), _e(r["name"]), str(r["n"]),
+                  _signed(r["mean"]), f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]",
+                  _e(r["verdict"])] for r in d["primary"]]))
+        # crossed: one figure per level of the second key, the first on the x axis
+        for i, facet in enumerate(sorted({r["facet"] for r in d["rows"]})):
+            page.figure("ablation", f"dose-{'+'.join(keys)}-{i}", rf.dose_figure(d, facet))
 
 
 def _signed(x: float | None) -> str:

@@ -19,13 +19,15 @@ from optuna.trial import FrozenTrial, TrialState
 from kdig_study.ablation import (
     ablation_study_name,
     analyse_metric,
+    parse_ablation_study_name,
     planned_trials,
     results_table,
     robust_by_family,
 )
-from kdig_study.config import SWEEP_KEYS, SWEEP_NAMES, AnalysisConfig
+from kdig_study.config import SWEEP_KEYS, AnalysisConfig
 from kdig_study.objectives import choose_best
 from kdig_study.stats import Design, condition_name, design_from_levels
+from kdig_study.sweep import Sweep
 
 # The reference paper's ablation (docs/design.md, section 6): CIFAR-10 test accuracy, 10 runs,
 # mean and sd.
@@ -281,38 +283,46 @@ def sweep_data(storage: Any, search_name: str) -> dict[str, Any] | None:
 
 
 def dose_response_data(storage: Any, search_name: str) -> list[dict[str, Any]]:
-    """Per swept study key (``--sweep SECTION.KEY=...``): each level's mean test accuracy
-    per condition (plain and under corruptions), and the declared primary comparison's
-    paired difference and verdict at that level."""
+    """Per sweep of study keys (``--sweep SECTION.KEY=...``, or two crossed): each level's
+    mean test accuracy per condition (plain and under corruptions), and the declared
+    primary comparison's paired difference and verdict at that level. A row's ``value`` is
+    its first key's value (the figure's x), ``facet`` the other key's ("" for one key)."""
     out = []
-    for key in SWEEP_NAMES[len(SWEEP_KEYS):]:  # SECTION.KEY sweeps (the others: sweep_data)
-        study = _load(storage, ablation_study_name(search_name, sweep_key=key))
-        if study is None:
+    for name in sorted(optuna.get_all_study_names(storage)):
+        parsed = parse_ablation_study_name(name)
+        if parsed is None or parsed.search != search_name or parsed.sweep_key is None or \
+                parsed.sweep_key in SWEEP_KEYS:  # a compression sweep alone: sweep_data
             continue
-        trials = planned_trials(study.get_trials(deepcopy=False), None, key)
-        if not trials:
+        study = _load(storage, name)
+        sweep = Sweep.named(parsed.sweep_key)
+        trials = planned_trials(study.get_trials(deepcopy=False), None, sweep) \
+            if study is not None else []
+        if study is None or not trials:
             continue
         _, _, design, controls, declared = _recorded(study)
         rows, primary = [], []
-        for value in sorted({t.params[key] for t in trials}):
+        for level in sorted({sweep.level_of(t.params) for t in trials}):
+            where = {"level": list(level), "value": level[0],
+                     "facet": Sweep(sweep.keys[1:]).text(level[1:])}
             for metric in ("test_acc", "robust_test_acc"):
-                table = results_table(trials, metric, key, value)
-                for cond, vals in table.items():
+                for cond, vals in results_table(trials, metric, sweep, level).items():
                     if metric == "test_acc":
-                        rows.append({"value": value, "condition": condition_name(cond),
-                                     "n": len(vals), "test_acc": statistics.fmean(vals.values())})
+                        rows.append(where | {"condition": condition_name(cond),
+                                             "n": len(vals),
+                                             "test_acc": statistics.fmean(vals.values())})
                     else:
-                        row = next(r for r in rows if r["value"] == value and
+                        row = next(r for r in rows if r["level"] == list(level) and
                                    r["condition"] == condition_name(cond))
                         row["robust_test_acc"] = statistics.fmean(vals.values())
-            a = analyse_metric(results_table(trials, declared.metric, key, value), design,
+            a = analyse_metric(results_table(trials, declared.metric, sweep, level), design,
                                controls, declared.metric, declared)
             p = next((r for r in a["comparisons"] if r["primary"]), None)
             if p is not None:
-                primary.append({"value": value, "name": p["name"], "mean": p["mean"],
-                                "ci_low": p["ci_low"], "ci_high": p["ci_high"], "n": p["n"],
-                                "verdict": p["verdict"]})
-        out.append({"key": key, "study": study.study_name, "rows": rows, "primary": primary})
+                primary.append(where | {"name": p["name"], "mean": p["mean"],
+                                        "ci_low": p["ci_low"], "ci_high": p["ci_high"],
+                                        "n": p["n"], "verdict": p["verdict"]})
+        out.append({"key": sweep.keys[0], "keys": list(sweep.keys), "study": name,
+                    "rows": rows, "primary": primary})
     return out
 
 

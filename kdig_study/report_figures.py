@@ -187,13 +187,15 @@ def family_figure(split: dict) -> go.Figure:
                                           "margin": dict(l=220, r=20, t=50, b=50)}))
 
 
-def dose_figure(d: dict) -> go.Figure:
+def dose_figure(d: dict, facet: str = "") -> go.Figure:
     """Mean test accuracy (solid) and under corruptions (dotted) of each condition against
-    the swept key's level."""
+    the first swept key's level, at one level of the other key of a crossed sweep
+    (``facet``, e.g. "student_train.epochs=16")."""
     fig = go.Figure()
-    conds = sorted({r["condition"] for r in d["rows"]})
+    mine = [r for r in d["rows"] if r.get("facet", "") == facet]
+    conds = sorted({r["condition"] for r in mine})
     for i, cond in enumerate(conds):
-        rows = sorted((r for r in d["rows"] if r["condition"] == cond), key=lambda r: r["value"])
+        rows = sorted((r for r in mine if r["condition"] == cond), key=lambda r: r["value"])
         color = _COLORS.get(cond, pcolors.qualitative.Plotly[i % 10])
         fig.add_trace(go.Scatter(x=[r["value"] for r in rows],
                                  y=[100 * r["test_acc"] for r in rows], mode="lines+markers",
@@ -204,7 +206,8 @@ def dose_figure(d: dict) -> go.Figure:
                 y=[100 * r["robust_test_acc"] if "robust_test_acc" in r else None
                    for r in rows], mode="lines+markers", name=f"{_e(cond)}, corrupted",
                 line=dict(color=color, dash="dot"), showlegend=True))
-    return fig.update_layout(title=f"Dose-response: test accuracy against {_e(d['key'])}",
+    return fig.update_layout(title=f"Dose-response: test accuracy against {_e(d['key'])}"
+                             + (f" at {_e(facet)}" if facet else ""),
                              xaxis_title=_e(d["key"]), yaxis_title="test accuracy, %",
                              **_LAYOUT)
 

@@ -29,6 +29,7 @@ from kdig_study.config import AnalysisConfig, load_study
 from kdig_study.data import load_bundle
 from kdig_study.experiment import Context
 from kdig_study.stats import design_of
+from kdig_study.sweep import NO_SWEEP, Sweep, parse_sweeps
 
 from cli_helpers import assert_one_line_error, run_cli, trials_of
 from conftest import REPO
@@ -37,14 +38,22 @@ from conftest import REPO
 def test_plan_enumerates_every_combination_for_every_replicate() -> None:
     runs = plan(design_of(["kd", "ig"]), [0, 1, 2])
     assert len(runs) == 12
-    names = {(r.params(None)["condition"], r.params(None)["replicate"]) for r in runs}
+    names = {(r.params(NO_SWEEP)["condition"], r.params(NO_SWEEP)["replicate"]) for r in runs}
     assert names == {(c, s) for c in ("student", "KD", "IG", "KD+IG") for s in range(3)}
     assert len(plan(design_of(["kd", "ig", "at"]), [0])) == 8
-    sweep = plan(design_of(["kd"]), [0, 1], [3.0, 5.0])
-    assert len(sweep) == 8 and {r.sweep for r in sweep} == {3.0, 5.0}
+    sweep = plan(design_of(["kd"]), [0, 1], Sweep(("width",), ((3.0, 5.0),)))
+    assert len(sweep) == 8 and {r.sweep for r in sweep} == {(3.0,), (5.0,)}
+    crossed = plan(design_of(["kd"]), [0, 1], Sweep(("width", "kd.temperature"),
+                                                    ((0.5, 1.0), (2.0, 4.0, 8.0))))
+    assert len(crossed) == 2 * 2 * 2 * 3
+    assert {r.sweep for r in crossed} == {(w, t) for w in (0.5, 1.0) for t in (2.0, 4.0, 8.0)}
+    # every level holds whole replicates of every condition (paired within a level)
+    for level in {r.sweep for r in crossed}:
+        assert sorted((r.name, r.replicate) for r in crossed if r.sweep == level) == \
+            sorted((c, s) for c in ("student", "KD") for s in (0, 1))
     levels = plan({"kd": (None, "kd"), "overlay": (None, "ig", "shuffled", "gradcam")}, [0])
     assert len(levels) == 8
-    assert {r.params(None)["overlay"] for r in levels} == {"none", "ig", "shuffled", "gradcam"}
+    assert {r.params(NO_SWEEP)["overlay"] for r in levels} == {"none", "ig", "shuffled", "gradcam"}
 
 
 def test_ablation_study_names_are_built_and_parsed_by_one_pair_of_functions() -> None:
@@ -53,10 +62,12 @@ def test_ablation_study_names_are_built_and_parsed_by_one_pair_of_functions() ->
     assert ablation_study_name("kd_ig-cpu", sweep_key="width") == \
         "kd_ig-cpu.ablation-sweep-width"
     for args in [("kd_ig-cpu", None, None), ("a.ablation-b", 1e-05, "drop_blocks"),
-                 ("s", 0.5, "width")]:
+                 ("s", 0.5, "width"), ("s", None, "ig.overlay_strength-x-student_train.epochs"),
+                 ("s", None, "width-x-kd.temperature")]:
         parsed = parse_ablation_study_name(ablation_study_name(*args))
         assert parsed is not None and (parsed.search, parsed.fraction, parsed.sweep_key) == args
-    for other in ("kd_ig-cpu", "x.ablation-mcabc", "x.ablation-sweep-depth", ".ablation"):
+    for other in ("kd_ig-cpu", "x.ablation-mcabc", "x.ablation-sweep-depth", ".ablation",
+                  "x.ablation-sweep-width-x-depth", "x.ablation-sweep-width+kd.alpha"):
         assert parse_ablation_study_name(other) is None, other
 
 
@@ -75,16 +86,19 @@ def test_the_primary_comparison_counts_on_test_accuracy_only() -> None:
 def test_conditions_of_a_replicate_share_everything_but_the_factors() -> None:
     cfg = load_study("kd_ig", "smoke")
     params = {"temperature": 3.0, "alpha": 0.4, "ig_steps": 4}
-    cfgs = [run_config(cfg, params, r, None) for r in plan(design_of(["kd", "ig"]), [1])]
+    cfgs = [run_config(cfg, params, r, NO_SWEEP) for r in plan(design_of(["kd", "ig"]), [1])]
     assert {c.student_train.seed for c in cfgs} == {cfg.student_train.seed + 1001}
     assert [(c.method.kd, c.method.ig) for c in cfgs] == \
         [(False, False), (True, False), (False, True), (True, True)]
     assert {(c.kd.temperature, c.kd.alpha, c.ig.steps) for c in cfgs} == {(3.0, 0.4, 4)}
-    other = run_config(cfg, params, Run(frozenset(), 2), None)
+    other = run_config(cfg, params, Run(frozenset(), 2), NO_SWEEP)
     assert other.student_train.seed != cfgs[0].student_train.seed
-    swept = run_config(cfg, params, Run(frozenset(), 0, 0.5), "width")
+    swept = run_config(cfg, params, Run(frozenset(), 0, (0.5,)), Sweep(("width",)))
     assert swept.student.width == 0.5
-    shuffled = run_config(cfg, params, Run(frozenset({"kd", "shuffled"}), 0), None)
+    both = run_config(cfg, params, Run(frozenset({"kd"}), 0, (0.5, 6.0)),
+                      Sweep(("width", "kd.temperature")))
+    assert (both.student.width, both.kd.temperature, both.kd.alpha) == (0.5, 6.0, 0.4)
+    shuffled = run_config(cfg, params, Run(frozenset({"kd", "shuffled"}), 0), NO_SWEEP)
     assert shuffled.method.ig and shuffled.ig.source == "shuffled" and shuffled.method.kd
 
 
@@ -92,7 +106,7 @@ def test_replicate_seeds_never_coincide_with_the_search_seed() -> None:
     """Search trials train at student_train.seed; replicate 0 used to train there too, so the
     KD+IG search's winner was replicate 0 of KD+IG (selected on its own luck)."""
     cfg = load_study("kd_ig", "smoke")
-    seeds = {run_config(cfg, {}, r, None).student_train.seed
+    seeds = {run_config(cfg, {}, r, NO_SWEEP).student_train.seed
              for r in plan(design_of(["kd", "ig"]), list(range(10)))}
     assert cfg.student_train.seed not in seeds
     assert seeds == {cfg.student_train.seed + 1000 + r for r in range(10)}
@@ -260,8 +274,8 @@ def test_kd_methods_as_a_factor_through_the_cli(tmp_path: Path, isolated_storage
     # each run's config switches its method on (run_config; the runs above trained with it)
     cfg = load_study("kd_ig", "smoke")
     got = {r.name: (c.method.kd, c.kd.method) for r in plan(
-        parse_factors("kd=none|hinton|dkd,ig", cfg), [0], None, ("shuffled",))
-        for c in [run_config(cfg, {}, r, None)]}
+        parse_factors("kd=none|hinton|dkd,ig", cfg), [0], NO_SWEEP, ("shuffled",))
+        for c in [run_config(cfg, {}, r, NO_SWEEP)]}
     assert got["student"][0] is False and got["IG"][0] is False
     assert got["DKD+shuffled"] == got["DKD"] == (True, "dkd") and got["Hinton+IG"] == (True, "hinton")
 
@@ -378,10 +392,43 @@ def test_any_study_key_sweeps_with_the_controls_at_every_level(
     assert parse_ablation_study_name(study.study_name).sweep_key == "ig.overlay_strength"
     # the level is what the run trains with, on top of the condition's parameters
     cfg = load_study("kd_ig", "smoke")
-    run = Run(frozenset({"kd", "ig"}), 0, 0.75)
-    assert run_config(cfg, {}, run, "ig.overlay_strength").ig.overlay_strength == 0.75
-    epochs = run_config(cfg, {}, Run(frozenset(), 0, 5.0), "student_train.epochs")
+    run = Run(frozenset({"kd", "ig"}), 0, (0.75,))
+    assert run_config(cfg, {}, run, Sweep(("ig.overlay_strength",))).ig.overlay_strength == 0.75
+    epochs = run_config(cfg, {}, Run(frozenset(), 0, (5.0,)), Sweep(("student_train.epochs",)))
     assert epochs.student_train.epochs == 5 and isinstance(epochs.student_train.epochs, int)
+
+
+@pytest.mark.slow  # 16 runs
+def test_two_sweeps_crossed_through_the_cli(tmp_path: Path, isolated_storage: Path,
+                                            warm_cache: Path) -> None:
+    """--sweep twice: every condition at every pair of values, paired within each pair."""
+    proc = _ablate("--seeds", "1", "--factors", "kd,ig", "--params", "fixed",
+                   "--sweep", "ig.overlay_strength=0.75,0.25", "--sweep", "kd.temperature=2,4",
+                   "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    name = "kd_ig-smoke.ablation-sweep-ig.overlay_strength-x-kd.temperature"
+    assert f"ablation '{name}': 16 runs (4 conditions x 1 replicates x 4 levels of " \
+        "ig.overlay_strength x kd.temperature)" in proc.stdout
+    res = json.loads((tmp_path / f"{name}.json").read_text())
+    assert set(res["results"]) == {f"ig.overlay_strength={s}, kd.temperature={t}"
+                                   for s in ("0.25", "0.75") for t in ("2", "4")}
+    for group in res["results"].values():
+        assert group["test_acc"]["primary"] == "KD+IG - KD"
+    cells = {(r["condition"], r["ig.overlay_strength"], r["kd.temperature"]) for r in res["runs"]}
+    assert len(cells) == len(res["runs"]) == 16
+    # each run trained at its own pair: the runs of one condition differ across pairs
+    kdig = {(r["ig.overlay_strength"], r["kd.temperature"]): r["test_acc"]
+            for r in res["runs"] if r["condition"] == "KD+IG"}
+    assert len(kdig) == 4
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{isolated_storage}/kdig.db")
+    assert study.user_attrs["ablation"]["sweep_key"] == ["ig.overlay_strength", "kd.temperature"]
+    assert study.user_attrs["ablation"]["sweep_values"] == [[0.75, 0.25], [2.0, 4.0]]
+    # run again: every run is there, none is repeated
+    again = _ablate("--seeds", "1", "--factors", "kd,ig", "--params", "fixed",
+                    "--sweep", "ig.overlay_strength=0.75,0.25", "--sweep", "kd.temperature=2,4",
+                    "--out", str(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) == 16
 
 
 @pytest.mark.parametrize("kind,text,fragments", [
@@ -404,6 +451,10 @@ def test_any_study_key_sweeps_with_the_controls_at_every_level(
     ("sweep", "ig.overlay_strength=0.2,1.5", ["ig.overlay_strength = 1.5: out of range"]),
     ("sweep", "student_train.epochs=2,2.5", ["student_train.epochs = 2.5: wrong type"]),
     ("sweep", "kd.alpha=0.1,0.1", ["given twice"]),
+    ("sweep", "width=0.5|width=1", ["--sweep width is given twice", "all its values"]),
+    ("sweep", "width=0.5|drop_blocks=3", ["one compression key at a time"]),
+    ("sweep", "kd.alpha=0.1|kd.temperature=2|ig.steps=8", ["given 3 times", "at most 2"]),
+    ("sweep", "kd.alpha=0.1|kd.temperature=-2", ["kd.temperature = -2"]),
     ("controls", "shuffled with kd", ["--controls shuffled", "kd and ig"]),
     ("controls", "ig", ["--controls ig", "'ig'", "allowed: shuffled"]),
     ("controls", "shuffled,shuffled", ["'shuffled'", "repeated"]),
@@ -413,7 +464,7 @@ def test_bad_factors_sweeps_and_controls_are_one_line(kind: str, text: str,
                                                       fragments: list[str]) -> None:
     """The argument checks themselves; test_bad_input_is_one_line sends a few through the
     command line."""
-    from kdig_study.ablate import parse_controls, parse_factors, parse_sweep
+    from kdig_study.ablate import parse_controls, parse_factors
     from kdig_study.errors import KdigError
 
     cfg = load_study("kd_ig", "smoke")
@@ -421,7 +472,7 @@ def test_bad_factors_sweeps_and_controls_are_one_line(kind: str, text: str,
         if kind == "factors":
             parse_factors(text, cfg)
         elif kind == "sweep":
-            parse_sweep(text, cfg)
+            parse_sweeps(text.split("|"), cfg)
         else:
             controls, _, factors = text.partition(" with ")
             parse_controls(controls, parse_factors(factors or "kd,ig", cfg))

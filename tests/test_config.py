@@ -182,14 +182,15 @@ def test_every_search_parameter_round_trips_into_the_runs_config(name: str) -> N
 def test_the_table_covers_every_parameter_the_search_and_the_ablation_use() -> None:
     from kdig_study.ablation import Run, run_config
     from kdig_study.config import SEARCH_PARAMS, apply_params, relevant_space
+    from kdig_study.sweep import NO_SWEEP
 
     assert len(SEARCH_PARAMS) == 13  # a new entry needs a case in the test above
     cfg = load_study("kd_ig", "smoke")
     with pytest.raises(KdigError, match="unknown search parameter 'temprature'"):
         apply_params(cfg, {"temprature": 3.0})
     # the ablation's run config applies them too: KD on, IG off still carries the KD values
-    run = run_config(cfg, {"temperature": 7.0, "alpha": 0.3}, Run(frozenset({"kd"}), 0, None),
-                     None)
+    run = run_config(cfg, {"temperature": 7.0, "alpha": 0.3}, Run(frozenset({"kd"}), 0),
+                     NO_SWEEP)
     assert (run.kd.temperature, run.kd.alpha, run.method.ig) == (7.0, 0.3, False)
     # what a study searches follows its method switches
     space = relevant_space(load_study("student", "smoke"))

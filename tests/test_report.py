@@ -391,6 +391,50 @@ def test_a_dose_response_sweep_gets_its_table_and_figure(url: str) -> None:
     assert f"Dose-response: {key}" in ablation and "<td>0.75</td>" in ablation
 
 
+def test_two_crossed_sweeps_get_a_table_by_pair_and_a_figure_per_level(url: str) -> None:
+    """ig.overlay_strength x student_train.epochs: the primary comparison at each pair, and
+    a figure of accuracy against the strength at each epoch count."""
+    study = _search_study(url)
+    keys = ("ig.overlay_strength", "student_train.epochs")
+    dose = optuna.create_study(study_name="kd_ig-cpu.ablation-sweep-ig.overlay_strength-x-"
+                                          "student_train.epochs", storage=url,
+                               direction="maximize")
+    dose.set_user_attr("ablation", {"levels": {"kd": ["none", "kd"], "overlay": ["none", "ig"]},
+                                    "analysis": {"equivalence_margin": 0.4}})
+    dists = {"condition": CategoricalDistribution(list(FLAGS)),
+             "replicate": IntDistribution(0, 9), "kd": CategoricalDistribution([0, 1]),
+             "at": CategoricalDistribution([0, 1]),
+             "overlay": CategoricalDistribution(["none", "ig"]),
+             keys[0]: CategoricalDistribution([0.25, 0.75]),
+             keys[1]: CategoricalDistribution([8, 32])}
+    for strength in (0.25, 0.75):
+        for epochs in (8, 32):
+            for (cond, seed), acc in ACC.items():
+                kd, ig = FLAGS[cond]
+                # the overlay costs more when strong, and less when trained longer
+                acc = acc - ig * (0.04 if strength == 0.75 else 0) * (0.5 if epochs == 32 else 1)
+                dose.add_trial(create_trial(
+                    params={"condition": cond, "replicate": seed, "kd": kd, "at": 0,
+                            "overlay": "ig" if ig else "none", keys[0]: strength,
+                            keys[1]: epochs},
+                    distributions=dists, value=acc, user_attrs={
+                        "test_acc": acc, "metrics": _metrics(acc), "robust": _robust(acc)}))
+    [d] = rd.dose_response_data(storage_of(study), "kd_ig-cpu")
+    assert d["keys"] == list(keys)
+    primary = {tuple(r["level"]): r for r in d["primary"]}
+    assert set(primary) == {(s, e) for s in (0.25, 0.75) for e in (8, 32)}
+    assert primary[(0.25, 8)]["mean"] == pytest.approx(0.015)
+    assert primary[(0.75, 8)]["mean"] == pytest.approx(-0.025)
+    assert primary[(0.75, 32)]["mean"] == pytest.approx(-0.005)
+    row = next(r for r in d["rows"] if r["level"] == [0.75, 32] and r["condition"] == "KD+IG")
+    assert row["facet"] == "student_train.epochs=32" and row["test_acc"] == pytest.approx(0.75)
+    html = render(build(storage_of(study), url, "kd_ig-cpu"))
+    ablation = html.split("<section id='ablation'>")[1].split("</section>")[0]
+    assert "Dose-response: ig.overlay_strength x student_train.epochs" in ablation
+    assert "<th>ig.overlay_strength</th><th>student_train.epochs</th>" in ablation
+    assert "at student_train.epochs=8" in ablation and "at student_train.epochs=32" in ablation
+
+
 def test_a_kd_methods_ablation_gets_its_section_through_the_cli(url: str, tmp_path: Path
                                                                 ) -> None:
     """An ablation of kd=none|hinton|dkd, ig under its own name (--study-name), shown with
