@@ -871,9 +871,17 @@ def _check_study(cfg: StudyConfig) -> None:
                             f"depth); allowed: 0")
     r = cfg.robustness
     for name in r.corruptions:
-        if name not in CORRUPTIONS:
+        if name.startswith("ic_"):  # ImageNet-C's, from an optional package
+            from kdig_study import corruptions_ic
+
+            try:
+                corruptions_ic.check(name)
+            except KdigError as e:
+                raise KdigError(f"{src}: {e}") from None
+        elif name not in CORRUPTIONS:
             raise KdigError(f"{src}: robustness.corruptions: unknown corruption {name!r}; "
-                            f"allowed: {', '.join(CORRUPTIONS)}")
+                            f"allowed: {', '.join(CORRUPTIONS)}, or ic_NAME (ImageNet-C's, "
+                            f"the corruptions extra)")
     for sev in r.severities:
         if sev not in (0, 1, 2, 3):
             raise KdigError(f"{src}: robustness.severities: {sev!r} is not a severity; "

@@ -1,6 +1,7 @@
 """Distribution shift on the evaluation splits: JPEG, Gaussian noise, Gaussian blur, contrast
 and brightness, each at three severities, as batched tensor operations (JPEG through Pillow,
-one image at a time).
+one image at a time); and, with the `corruptions` extra, ImageNet-C's (``ic_<name>``,
+kdig_study.corruptions_ic).
 
 Every corrupted image is quantised back to uint8, as a camera would deliver it. The
 corrupted sets are deterministic under a seed and cached once per data set. To keep their
@@ -28,6 +29,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from kdig_study import corruptions_ic
 from kdig_study.config import RobustnessConfig
 from kdig_study.data import DataBundle, ImageSet, stratified_order
 from kdig_study.errors import KdigError
@@ -85,6 +87,8 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
     """uint8 [N, 3, H, W] -> uint8 [N, 3, H, W] under one corruption at one severity."""
     if severity == 0:
         return images.clone()
+    if corruptions_ic.is_ic(name):
+        return corruptions_ic.corrupt(images, name, severity, seed)
     level = SEVERITY[name][severity - 1]
     if name == "jpeg":
         return _jpeg(images, level)
@@ -142,8 +146,11 @@ def build_split(data: ImageSet, cfg: RobustnessConfig, per_setting: int, fingerp
                 split: str) -> CorruptedSplit:
     """The corrupted split, from the cache when it is there (built once, atomically)."""
     sets = settings(cfg)
+    # the package's version where its corruptions are in (the suite's own keep their keys)
+    ic = [corruptions_ic.version()] if any(map(corruptions_ic.is_ic, cfg.corruptions)) else []
     key = hashlib.sha256(json.dumps([_CACHE_VERSION, fingerprint, split, per_setting,
-                                     asdict(cfg)], sort_keys=True).encode()).hexdigest()[:20]
+                                     asdict(cfg), *ic], sort_keys=True).encode()
+                         ).hexdigest()[:20]
     path = cache_dir() / "corrupted" / f"{split}-{key}.npz"
     with locked(path):
         done = _read_split(path, sets)
