@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kdig_study import corruptions_ic
 from kdig_study.errors import KdigError
 
 SCALES: tuple[str, ...] = ("smoke", "cpu", "paper")
@@ -61,6 +62,7 @@ def _bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
 
 
 MIN_IMAGE_SIZE = 16  # px; the smallest side the networks' strides and the crops allow
+MAX_IMAGE_SIZE = 1024  # px; a whole split is held in memory as uint8
 DatasetName = Literal["cifar10", "cifar100", "folder", "synthetic"]
 
 
@@ -79,7 +81,7 @@ class DataConfig:
     normalize: bool = True  # mean/std of the training split, applied after any overlay
     # The square size every image is used at, in px: 0 takes the images' own size (they must
     # all be one square size), else 16 and up. Synthetic data is drawn at it (0: 32).
-    image_size: int = _bounded(0, ge=0, le=1024)
+    image_size: int = _bounded(0, ge=0, le=MAX_IMAGE_SIZE)
     # An image of another size: refuse (one line naming it), stretch (resized to image_size
     # x image_size, the aspect ratio not kept) or center_crop (the shorter side resized to
     # image_size, then the centre cut out); either way the count is said once.
@@ -213,7 +215,7 @@ class TrainConfig:
     train_size: int = _bounded(0, ge=0)
     # random-crop padding of this role's training (-1: data.pad); e.g. a short teacher
     # schedule learns more from translations of 2 px than of 4
-    pad: int = _bounded(-1, ge=-1, le=16)
+    pad: int = _bounded(-1, ge=-1, le=64)
     seed: int = 0
     # auto: bfloat16 autocast where the hardware runs it fast (CUDA; CPUs with AMX or
     # AVX512-BF16), else fp32
@@ -871,9 +873,11 @@ def _check_study(cfg: StudyConfig) -> None:
                             f"depth); allowed: 0")
     r = cfg.robustness
     for name in r.corruptions:
-        if name.startswith("ic_"):  # ImageNet-C's, from an optional package
-            from kdig_study import corruptions_ic
-
+        if corruptions_ic.is_ic(name):  # ImageNet-C's, from an optional package
+            if 0 < cfg.data.image_size < corruptions_ic.MIN_SIZE:
+                raise KdigError(f"{src}: robustness.corruptions: {name} needs images of "
+                                f"{corruptions_ic.MIN_SIZE} px or more; data.image_size = "
+                                f"{cfg.data.image_size}: leave the ic_ corruptions out")
             try:
                 corruptions_ic.check(name)
             except KdigError as e:

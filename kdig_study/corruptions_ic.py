@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from kdig_study.errors import KdigError
 
+if TYPE_CHECKING:  # (torch stays out of the config's imports)
+    import torch
+
 PREFIX = "ic_"
 SEVERITY = (1, 3, 5)  # the package's severity for ours 1, 2, 3
+MIN_SIZE = 32  # px: the package refuses smaller images
 _INSTALL = "pip install -e '.[corruptions]'"
 
 
@@ -73,20 +77,27 @@ def check(name: str) -> None:
         with _numpy_random_kept():
             ic.corrupt(np.full((32, 32, 3), 128, np.uint8), corruption_name=base, severity=1)
     except Exception as e:  # the package fails with several types on today's libraries
+        why = " ".join(str(e).split())  # one line, whatever the package's message
         raise KdigError(f"robustness.corruptions: {name} fails in imagecorruptions "
-                        f"{version()} here ({type(e).__name__}: {e}); leave it out") from None
+                        f"{version()} here ({type(e).__name__}: {why}); leave it out") from None
 
 
 def corrupt(images: torch.Tensor, name: str, severity: int, seed: int) -> torch.Tensor:
     """uint8 [N, 3, H, W] -> uint8 [N, 3, H, W] under ``ic_<name>`` at our severity 1..3,
     deterministic under ``seed``: the package draws from NumPy's global generator, seeded
-    here per image and restored after."""
+    here per image and corruption (two noises never share their draws) and restored after."""
+    import torch
+
     check(name)
+    if min(images.shape[-2:]) < MIN_SIZE:
+        raise KdigError(f"robustness.corruptions: {name} needs images of {MIN_SIZE} px or more "
+                        f"(these are {images.shape[-1]} px); leave the ic_ corruptions out")
     ic, base = _package(), name.removeprefix(PREFIX)
+    stream = zlib.crc32(base.encode())
     out = []
     with _numpy_random_kept():
         for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):  # [H, W, 3] uint8
-            np.random.seed((seed * 1_000_003 + severity * 10_007 + i) % 2 ** 32)
+            np.random.seed((stream + seed * 1_000_003 + severity * 10_007 + i) % 2 ** 32)
             x = ic.corrupt(img, corruption_name=base, severity=SEVERITY[severity - 1])
             out.append(np.clip(np.rint(np.asarray(x, dtype=np.float64)), 0, 255)
                        .astype(np.uint8).reshape(img.shape))

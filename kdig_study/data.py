@@ -41,7 +41,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from kdig_study import synthetic
-from kdig_study.config import MIN_IMAGE_SIZE, DataConfig, DatasetName
+from kdig_study.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, DataConfig, DatasetName
 from kdig_study.errors import KdigError
 from kdig_study.paths import atomic_write, cache_dir, locked
 from kdig_study.seeds import derive_seed
@@ -268,10 +268,10 @@ class _Decoder:
 
     def _adopt(self, size: int, where: str) -> None:
         """The images' own size becomes the data set's (data.image_size = 0)."""
-        if size < MIN_IMAGE_SIZE:
-            raise KdigError(f"image {where} is {size}x{size}; allowed: {MIN_IMAGE_SIZE} px and "
-                            f"up: set data.image_size = {MIN_IMAGE_SIZE} (or more) with "
-                            f"data.resize = \"stretch\"")
+        if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+            raise KdigError(f"image {where} is {size}x{size}; allowed: {MIN_IMAGE_SIZE} to "
+                            f"{MAX_IMAGE_SIZE} px: set data.image_size = N in that range "
+                            f"with data.resize = \"stretch\"")
         self.size, self.first = size, self.first or where
 
     def fit_array(self, images: np.ndarray, where: str) -> np.ndarray:

@@ -65,8 +65,8 @@ class Net(nn.Module):
                 return self.classifier(pooled.float())
         return self.classifier(pooled)
 
-    def cam_layer(self) -> nn.Module:
-        """The layer Grad-CAM looks at: the last feature block."""
+    def cam_layer(self, image_size: int) -> nn.Module:
+        """The layer Grad-CAM looks at: the last feature block (at any image size)."""
         return self.features[-1]
 
     def forward_tap(self, x: torch.Tensor, tap: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +90,7 @@ class Adapted(nn.Module):
         super().__init__()
         self.model = model
         self._cam = cam_layer
+        self._found: dict[int, str] = {}  # image size -> the layer found at it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).float()
@@ -117,16 +118,20 @@ class Adapted(nn.Module):
             raise KdigError(f"{key} = {path!r}: no such module in the model; its top-level "
                             f"modules: {', '.join(names)}") from None
 
-    def cam_layer(self) -> nn.Module:
+    def cam_layer(self, image_size: int) -> nn.Module:
         """``cam_layer`` by module path, else the last top-level module whose output is a
-        feature map ([B, C, h, w], h and w > 1: not the global pool), found by one forward
-        pass the first time (Grad-CAM asks once per chunk of images); kept as a name, so a
-        copy of the model (BatchNorm folding) finds its own module."""
-        if not self._cam:
-            self._cam = self._last_feature_map()
-        return self._module(self._cam, "cam_layer")
+        feature map ([B, C, h, w], h and w > 1: not the global pool) on ``image_size`` px
+        images (an ImageNet-stem network's last map is 1x1 at 32 px and 7x7 at 224), found
+        by one forward pass the first time at each size (Grad-CAM asks once per chunk of
+        images); kept as a name, so a copy of the model (BatchNorm folding) finds its own
+        module."""
+        if self._cam:
+            return self._module(self._cam, "cam_layer")
+        if image_size not in self._found:
+            self._found[image_size] = self._last_feature_map(image_size)
+        return self._module(self._found[image_size], "cam_layer")
 
-    def _last_feature_map(self) -> str:
+    def _last_feature_map(self, image_size: int) -> str:
         maps: list[str] = []
         hooks = [m.register_forward_hook(
             lambda _m, _i, out, name=name: maps.append(name)
@@ -137,14 +142,15 @@ class Adapted(nn.Module):
             with torch.no_grad():
                 was = self.model.training
                 self.model.eval()
-                self.model(torch.zeros(1, 3, 32, 32, device=device))
+                self.model(torch.zeros(1, 3, image_size, image_size, device=device))
                 self.model.train(was)
         finally:
             for h in hooks:
                 h.remove()
         if not maps:
-            raise KdigError("no top-level module of the model returns a feature map; set "
-                            "cam_layer to a module path (e.g. \"layer4\")")
+            raise KdigError(f"no top-level module of the model returns a feature map larger "
+                            f"than 1x1 at {image_size} px; set cam_layer to a module path "
+                            f"(e.g. \"layer3\")")
         return maps[-1]
 
 

@@ -286,9 +286,12 @@ def _dose_response(page: Page, sweeps: list[dict[str, Any]]) -> None:
                 [[*(f"{v:g}" for v in r["level"]), _e(r["name"]), str(r["n"]),
                   _signed(r["mean"]), f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]",
                   _e(r["verdict"])] for r in d["primary"]]))
-        # crossed: one figure per level of the second key, the first on the x axis
-        for i, facet in enumerate(sorted({r["facet"] for r in d["rows"]})):
-            page.figure("ablation", f"dose-{'+'.join(keys)}-{i}", rf.dose_figure(d, facet))
+        # crossed: one figure per level of the second key (in its numeric order), the
+        # first on the x axis
+        facets = dict(sorted({tuple(r["level"][1:]): r["facet"] for r in d["rows"]}.items()))
+        for i, facet in enumerate(facets.values()):
+            name = f"dose-{keys[0]}" if len(keys) == 1 else f"dose-{'-x-'.join(keys)}-{i}"
+            page.figure("ablation", name, rf.dose_figure(d, facet))
 
 
 def _signed(x: float | None) -> str:

@@ -291,6 +291,7 @@ def dose_response_data(storage: Any, search_name: str) -> list[dict[str, Any]]:
     for name in sorted(optuna.get_all_study_names(storage)):
         parsed = parse_ablation_study_name(name)
         if parsed is None or parsed.search != search_name or parsed.sweep_key is None or \
+                parsed.fraction is not None or \
                 parsed.sweep_key in SWEEP_KEYS:  # a compression sweep alone: sweep_data
             continue
         study = _load(storage, name)

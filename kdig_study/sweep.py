@@ -3,7 +3,9 @@
 ``--sweep KEY=V1,V2,...`` varies one setting: the student's ``drop_blocks`` or ``width`` (a
 compression sweep) or any SWEEPABLE study key (``ig.overlay_strength``: a dose-response
 sweep). Given twice, the two are crossed: every condition runs at every pair of values (a
-level), with the same replicates, so each level is a paired ablation of its own.
+level), with the same replicates, so each level is a paired ablation of its own. The keys
+keep the order given: it names the study (another order is another study) and puts the
+first key on the report's x axis.
 """
 
 from __future__ import annotations
@@ -90,12 +92,14 @@ def parse_sweeps(texts: list[str] | None, cfg: StudyConfig) -> Sweep:
         raise KdigError(f"--sweep is given {len(texts)} times; allowed: at most {MAX_KEYS} "
                         f"(two sweeps are crossed)")
     keys = tuple(t.partition("=")[0] for t in texts)
-    if len(set(keys)) != len(keys):
-        raise KdigError(f"--sweep {keys[0]} is given twice; give each key once, with all "
-                        f"its values")
-    if sum(k in SWEEP_KEYS for k in keys) > 1:
+    # width and drop_blocks are student.width and student.drop_blocks by their short names
+    settings = [f"student.{k}" if k in SWEEP_KEYS else k for k in keys]
+    if len(set(settings)) != len(settings):
+        raise KdigError(f"--sweep {' and '.join(keys)}: one setting given twice; give each "
+                        f"key once, with all its values")
+    if sum(s.startswith("student.") for s in settings) > 1:
         raise KdigError(f"--sweep {' and '.join(keys)}: one compression key at a time "
-                        f"({' or '.join(SWEEP_KEYS)}); cross it with a SECTION.KEY instead")
+                        f"({' or '.join(SWEEP_KEYS)}); cross it with another SECTION.KEY")
     sweep = Sweep(keys, tuple(_parse_one(t, cfg) for t in texts))
     for level in sweep.levels():  # a pair may break a check across fields
         sweep.apply(cfg, level)

@@ -56,6 +56,16 @@ def test_plan_enumerates_every_combination_for_every_replicate() -> None:
     assert {r.params(NO_SWEEP)["overlay"] for r in levels} == {"none", "ig", "shuffled", "gradcam"}
 
 
+def test_a_one_key_sweep_records_itself_as_before_crossed_sweeps() -> None:
+    """Stores made before crossed sweeps recorded sweep_key as a string and its values as
+    given; resuming one compares these."""
+    one = Sweep(("width",), ((0.5, 0.25),))
+    assert one.identity() == {"sweep_key": "width", "sweep_values": [0.5, 0.25]}
+    assert NO_SWEEP.identity() == {"sweep_key": None, "sweep_values": None}
+    assert one.name == "width" and one.levels() == [(0.5,), (0.25,)]
+    assert Sweep.named("ig.steps-x-kd.alpha").keys == ("ig.steps", "kd.alpha")
+
+
 def test_ablation_study_names_are_built_and_parsed_by_one_pair_of_functions() -> None:
     assert ablation_study_name("kd_ig-cpu") == "kd_ig-cpu.ablation"
     assert ablation_study_name("kd_ig-cpu", 0.8) == "kd_ig-cpu.ablation-mc0.8"
@@ -398,13 +408,13 @@ def test_any_study_key_sweeps_with_the_controls_at_every_level(
     assert epochs.student_train.epochs == 5 and isinstance(epochs.student_train.epochs, int)
 
 
-@pytest.mark.slow  # 16 runs
+@pytest.mark.slow  # 16 runs of 3 epochs
 def test_two_sweeps_crossed_through_the_cli(tmp_path: Path, isolated_storage: Path,
                                             warm_cache: Path) -> None:
     """--sweep twice: every condition at every pair of values, paired within each pair."""
     proc = _ablate("--seeds", "1", "--factors", "kd,ig", "--params", "fixed",
                    "--sweep", "ig.overlay_strength=0.75,0.25", "--sweep", "kd.temperature=2,4",
-                   "--out", str(tmp_path))
+                   "--out", str(tmp_path), epochs=3)
     assert proc.returncode == 0, proc.stderr
     name = "kd_ig-smoke.ablation-sweep-ig.overlay_strength-x-kd.temperature"
     assert f"ablation '{name}': 16 runs (4 conditions x 1 replicates x 4 levels of " \
@@ -416,17 +426,24 @@ def test_two_sweeps_crossed_through_the_cli(tmp_path: Path, isolated_storage: Pa
         assert group["test_acc"]["primary"] == "KD+IG - KD"
     cells = {(r["condition"], r["ig.overlay_strength"], r["kd.temperature"]) for r in res["runs"]}
     assert len(cells) == len(res["runs"]) == 16
-    # each run trained at its own pair: the runs of one condition differ across pairs
-    kdig = {(r["ig.overlay_strength"], r["kd.temperature"]): r["test_acc"]
-            for r in res["runs"] if r["condition"] == "KD+IG"}
-    assert len(kdig) == 4
+    # each run trained at its own pair: a setting changes exactly the runs it applies to
+    # (same seed and stream: a run the setting does not touch is bit-identical)
+    acc = {(r["condition"], r["ig.overlay_strength"], r["kd.temperature"]):
+           (r["val_acc"], r["test_acc"], r["robust_test_acc"]) for r in res["runs"]}
+    assert len({acc[("student", s, t)] for s in (0.25, 0.75) for t in (2, 4)}) == 1
+    for t in (2, 4):  # KD does not see the overlay's strength
+        assert acc[("KD", 0.25, t)] == acc[("KD", 0.75, t)]
+    assert acc[("KD", 0.25, 2)] != acc[("KD", 0.25, 4)]
+    for s in (0.25, 0.75):  # IG alone does not see KD's temperature
+        assert acc[("IG", s, 2)] == acc[("IG", s, 4)]
+    assert acc[("IG", 0.25, 2)] != acc[("IG", 0.75, 2)]
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{isolated_storage}/kdig.db")
     assert study.user_attrs["ablation"]["sweep_key"] == ["ig.overlay_strength", "kd.temperature"]
     assert study.user_attrs["ablation"]["sweep_values"] == [[0.75, 0.25], [2.0, 4.0]]
     # run again: every run is there, none is repeated
     again = _ablate("--seeds", "1", "--factors", "kd,ig", "--params", "fixed",
                     "--sweep", "ig.overlay_strength=0.75,0.25", "--sweep", "kd.temperature=2,4",
-                    "--out", str(tmp_path))
+                    "--out", str(tmp_path), epochs=3)
     assert again.returncode == 0, again.stderr
     assert len([t for t in study.get_trials() if t.state == TrialState.COMPLETE]) == 16
 
@@ -451,7 +468,8 @@ def test_two_sweeps_crossed_through_the_cli(tmp_path: Path, isolated_storage: Pa
     ("sweep", "ig.overlay_strength=0.2,1.5", ["ig.overlay_strength = 1.5: out of range"]),
     ("sweep", "student_train.epochs=2,2.5", ["student_train.epochs = 2.5: wrong type"]),
     ("sweep", "kd.alpha=0.1,0.1", ["given twice"]),
-    ("sweep", "width=0.5|width=1", ["--sweep width is given twice", "all its values"]),
+    ("sweep", "width=0.5|width=1", ["--sweep width and width: one setting given twice"]),
+    ("sweep", "width=0.5|student.width=1", ["width and student.width: one setting given"]),
     ("sweep", "width=0.5|drop_blocks=3", ["one compression key at a time"]),
     ("sweep", "kd.alpha=0.1|kd.temperature=2|ig.steps=8", ["given 3 times", "at most 2"]),
     ("sweep", "kd.alpha=0.1|kd.temperature=-2", ["kd.temperature = -2"]),

@@ -173,20 +173,39 @@ def test_imagenet_c_names_are_checked_before_anything_runs(tmp_path: Path,
     _ic()
     (tmp_path / "kd_ig.toml").write_text((REPO / "studies" / "kd_ig.toml").read_text())
     bad = tmp_path / "bad.toml"
+    import imagecorruptions
+
+    real = imagecorruptions.corrupt
+
+    def broken_spatter(image, corruption_name, severity):  # as fog is under NumPy 2
+        if corruption_name == "spatter":
+            raise AttributeError("`np.float_` was removed\nin the NumPy 2.0 release.")
+        return real(image, corruption_name=corruption_name, severity=severity)
+
+    monkeypatch.setattr(imagecorruptions, "corrupt", broken_spatter)
+    corruptions_ic.check.cache_clear()
     for names, fragments in (
             ('["jpeg", "ic_smog"]', ["bad.toml: robustness.corruptions: unknown corruption "
                                      "'ic_smog'", "ic_shot_noise, "]),
-            # broken in imagecorruptions 1.1.2 under NumPy 2: refused, not run
-            ('["ic_fog"]', ["ic_fog fails in imagecorruptions 1.1.2 here (AttributeError",
-                            "leave it out"])):
+            ('["ic_spatter"]', ["ic_spatter fails in imagecorruptions ",
+                                "(AttributeError: `np.float_` was removed in the NumPy 2.0 "
+                                "release.); leave it out"]),
+            ('["ic_snow"]\n[data]\nimage_size = 16',
+             ["ic_snow needs images of 32 px or more; data.image_size = 16"])):
         bad.write_text(f'inherit = "kd_ig"\n[robustness]\ncorruptions = {names}\n')
         with pytest.raises(KdigError) as e:
             load_study(str(bad), "smoke")
         assert "\n" not in str(e.value)
         for f in fragments:
             assert f in str(e.value), (f, str(e.value))
+    monkeypatch.setattr(imagecorruptions, "corrupt", real)
+    corruptions_ic.check.cache_clear()
     bad.write_text('inherit = "kd_ig"\n[robustness]\ncorruptions = ["ic_spatter"]\n')
     assert load_study(str(bad), "smoke").robustness.corruptions == ("ic_spatter",)
+    # images below the package's 32 px (data.image_size = 0: known only once decoded)
+    with pytest.raises(KdigError, match=r"ic_spatter needs images of 32 px or more \(these "
+                                        r"are 16 px\)"):
+        corrupt(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "ic_spatter", 1, seed=0)
     # without the package: one line saying which extra to install
     monkeypatch.setitem(sys.modules, "imagecorruptions", None)
     corruptions_ic.check.cache_clear()

@@ -327,8 +327,8 @@ def test_any_square_size_and_the_declared_resize_policy(tmp_path: Path,
 
 def test_images_below_16_px_and_a_bare_resize_are_refused(tmp_path: Path) -> None:
     _sized(tmp_path / "d", {"train/a/0.png": (8, 8), "test/a/0.png": (8, 8)})
-    with pytest.raises(KdigError, match=r"0.png is 8x8; allowed: 16 px and up: set "
-                                        r"data.image_size = 16 \(or more\) with data.resize"):
+    with pytest.raises(KdigError, match=r"0.png is 8x8; allowed: 16 to 1024 px: set "
+                                        r"data.image_size = N in that range with data.resize"):
         load_source(DataConfig(dataset="folder", path=str(tmp_path / "d"), val_size=10))
     with pytest.raises(KdigError, match=r"data.image_size = 8: allowed 0 \(the images' own "
                                         r"size\) or 16 and up"):

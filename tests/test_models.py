@@ -159,16 +159,26 @@ def test_a_torchvision_classifier_adapted_to_32_px() -> None:
     assert count_params(m) == 11_173_962  # the CIFAR ResNet-18 of the KD literature
     x = torch.randn(2, 3, 32, 32)
     assert m(x).shape == (2, 10) and m(x).dtype == torch.float32
-    assert m.cam_layer() is m.model.layer4  # the last module with a feature map
+    assert m.cam_layer(32) is m.model.layer4  # the last module with a feature map
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert m(x).dtype == torch.float32  # logits cast before any loss
+
+
+def test_grad_cams_layer_is_found_at_the_data_sets_size() -> None:
+    """An ImageNet-stem ResNet's layer4 is 1x1 at 32 px (layer3 is the last map there) and
+    7x7 at 224 px: the layer follows the images' size."""
+    m = build_model(ModelConfig("torchvision:resnet18"))
+    assert m.cam_layer(32) is m.model.layer3
+    assert m.cam_layer(224) is m.model.layer4
+    with pytest.raises(KdigError, match="larger than 1x1 at 2 px; set cam_layer"):
+        m.cam_layer(2)
 
 
 def test_your_own_architecture_by_module_path() -> None:
     m = build_model(ModelConfig("python:arch_fixtures:tiny_student", cam_layer="4"),
                     num_classes=7)
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 7)
-    assert m.cam_layer() is m.model[4]
+    assert m.cam_layer(32) is m.model[4]
 
 
 @pytest.mark.parametrize("arch,extra,fragment", [
@@ -188,7 +198,7 @@ def test_a_cam_layer_that_is_not_there_names_the_modules() -> None:
     m = build_model(ModelConfig("torchvision:resnet18", cam_layer="layer9"))
     with pytest.raises(KdigError, match="no such module in the model; its top-level modules: "
                                         "conv1, bn1, relu, maxpool, layer1"):
-        m.cam_layer()
+        m.cam_layer(32)
 
 
 def test_attention_transfer_taps_a_named_layer_of_your_architecture() -> None:

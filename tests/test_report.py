@@ -433,6 +433,9 @@ def test_two_crossed_sweeps_get_a_table_by_pair_and_a_figure_per_level(url: str)
     assert "Dose-response: ig.overlay_strength x student_train.epochs" in ablation
     assert "<th>ig.overlay_strength</th><th>student_train.epochs</th>" in ablation
     assert "at student_train.epochs=8" in ablation and "at student_train.epochs=32" in ablation
+    # the second key's levels in numeric order (8 before 32), not as strings
+    assert ablation.index("at student_train.epochs=8") < \
+        ablation.index("at student_train.epochs=32")
 
 
 def test_a_kd_methods_ablation_gets_its_section_through_the_cli(url: str, tmp_path: Path

@@ -230,7 +230,7 @@ def captum_attribute(source: str, model: Net, x: torch.Tensor, target: torch.Ten
         return GradientShap(model).attribute(x, baselines=baseline, n_samples=cfg.shap_samples,
                                              stdevs=0.0, target=target)
     if source == "gradcam":
-        cam = LayerGradCam(model, model.cam_layer()).attribute(x, target=target,
+        cam = LayerGradCam(model, model.cam_layer(x.shape[-1])).attribute(x, target=target,
                                                                 relu_attributions=True)
         return LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
     raise ValueError(f"not a Captum source: {source!r}")
