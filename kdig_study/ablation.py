@@ -135,11 +135,18 @@ def pilot_sd(storage: Any, pair: tuple[Condition, Condition], metric: str
              ) -> tuple[float, str, int] | None:
     """(sd of the per-replicate differences A - B on ``metric``, study name, replicates) of
     the plain ablation in the store with the most replicates of both conditions (not a
-    Monte-Carlo one nor a sweep: their replicates differ in kind); None where none has 2."""
+    Monte-Carlo one nor a sweep: their replicates differ in kind); None where none has 2.
+    An ablation is known by what it recorded of itself, whatever its name (--study-name),
+    or, where it recorded nothing (made before that was recorded), by its name."""
     best: tuple[float, str, int] | None = None
-    for name in optuna.get_all_study_names(storage):
-        parsed = parse_ablation_study_name(name)
-        if parsed is None or parsed.fraction is not None or parsed.sweep_key is not None:
+    for frozen in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        name, info = frozen.study_name, frozen.user_attrs.get("ablation")
+        if info is not None:
+            plain = info.get("fraction") is None and info.get("sweep_key") is None
+        else:
+            parsed = parse_ablation_study_name(name)
+            plain = parsed is not None and parsed.fraction is None and parsed.sweep_key is None
+        if not plain:
             continue
         study = optuna.load_study(study_name=name, storage=storage)
         table = results_table(planned_trials(study.get_trials(deepcopy=False), None), metric)

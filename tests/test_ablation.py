@@ -764,6 +764,43 @@ def test_the_analysis_is_declared_recorded_enforced_and_judges_every_row(
     assert "[1/" not in plan.stdout + given.stdout  # nothing ran
 
 
+def test_the_pilot_sd_comes_from_an_ablation_of_any_name() -> None:
+    """An ablation run under its own --study-name (e.g. the controls study) is a pilot too;
+    a sweep or Monte-Carlo ablation is not, nor is a search study."""
+    from kdig_study.ablation import pilot_sd
+
+    storage = optuna.storages.InMemoryStorage()
+    dists = {"condition": CategoricalDistribution(["KD", "KD+IG"]),
+             "replicate": CategoricalDistribution([0, 1, 2, 3]),
+             "kd": CategoricalDistribution([1]), "at": CategoricalDistribution([0]),
+             "overlay": CategoricalDistribution(["none", "ig"])}
+
+    def ablation(name: str, info: dict | None, replicates: int, gap: float) -> None:
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+        if info is not None:
+            study.set_user_attr("ablation", info)
+        for r in range(replicates):
+            for cond, overlay, acc in (("KD", "none", 0.80), ("KD+IG", "ig", 0.80 + gap * r)):
+                study.add_trial(create_trial(
+                    params={"condition": cond, "replicate": r, "kd": 1, "at": 0,
+                            "overlay": overlay},
+                    distributions=dists, value=acc,
+                    user_attrs={"metrics": {"test_acc": acc}}))
+
+    plain = {"fraction": None, "sweep_key": None, "sweep_values": None}
+    ablation("kd_ig-cpu.controls", plain, 3, 0.01)
+    ablation("kd_ig-cpu.ablation-sweep-width", plain | {"sweep_key": "width"}, 4, 0.02)
+    ablation("kd_ig-cpu.mine", plain | {"fraction": 0.8}, 4, 0.02)
+    ablation("kd_ig-cpu", None, 4, 0.02)  # a search study's name: not an ablation
+    sd, name, n = pilot_sd(storage, (frozenset({"kd", "ig"}), frozenset({"kd"})), "test_acc")
+    assert (name, n) == ("kd_ig-cpu.controls", 3)
+    assert sd == pytest.approx(0.01)
+    # an ablation made before it recorded itself still counts by its name
+    ablation("kd_ig-old.ablation", None, 4, 0.03)
+    assert pilot_sd(storage, (frozenset({"kd", "ig"}), frozenset({"kd"})), "test_acc")[1:] \
+        == ("kd_ig-old.ablation", 4)
+
+
 def test_reanalyse_judges_the_committed_cpu_study_from_its_json(tmp_path: Path) -> None:
     """The cpu-scale study's runs (committed JSON), judged under the declared analysis: the
     numbers the independent review recomputed, now as verdicts and plain words."""
