@@ -357,18 +357,25 @@ def test_page_renders_in_headless_chromium(url: str, tmp_path: Path) -> None:
     assert (pixels < 128).mean() > 0.005  # some ink: text and plot marks
 
 
-def test_a_dose_response_sweep_gets_its_table_and_figure(url: str) -> None:
-    study = _search_study(url)
-    key = "ig.overlay_strength"
-    dose = optuna.create_study(study_name=f"kd_ig-cpu.ablation-sweep-{key}", storage=url,
-                               direction="maximize")
+def _sweep_study(url: str, name: str, levels: dict[str, list[float]]
+                 ) -> tuple[optuna.Study, dict]:
+    """An empty KD x IG sweep ablation ``name`` and its trials' distributions, with
+    ``levels`` the swept keys' values."""
+    dose = optuna.create_study(study_name=name, storage=url, direction="maximize")
     dose.set_user_attr("ablation", {"levels": {"kd": ["none", "kd"], "overlay": ["none", "ig"]},
                                     "analysis": {"equivalence_margin": 0.4}})
     dists = {"condition": CategoricalDistribution(list(FLAGS)),
              "replicate": IntDistribution(0, 9), "kd": CategoricalDistribution([0, 1]),
              "at": CategoricalDistribution([0, 1]),
              "overlay": CategoricalDistribution(["none", "ig"]),
-             key: CategoricalDistribution([0.25, 0.75])}
+             **{k: CategoricalDistribution(v) for k, v in levels.items()}}
+    return dose, dists
+
+
+def test_a_dose_response_sweep_gets_its_table_and_figure(url: str) -> None:
+    study = _search_study(url)
+    key = "ig.overlay_strength"
+    dose, dists = _sweep_study(url, f"kd_ig-cpu.ablation-sweep-{key}", {key: [0.25, 0.75]})
     for level in (0.25, 0.75):
         for (cond, seed), acc in ACC.items():
             kd, ig = FLAGS[cond]
@@ -396,17 +403,9 @@ def test_two_crossed_sweeps_get_a_table_by_pair_and_a_figure_per_level(url: str)
     a figure of accuracy against the strength at each epoch count."""
     study = _search_study(url)
     keys = ("ig.overlay_strength", "student_train.epochs")
-    dose = optuna.create_study(study_name="kd_ig-cpu.ablation-sweep-ig.overlay_strength-x-"
-                                          "student_train.epochs", storage=url,
-                               direction="maximize")
-    dose.set_user_attr("ablation", {"levels": {"kd": ["none", "kd"], "overlay": ["none", "ig"]},
-                                    "analysis": {"equivalence_margin": 0.4}})
-    dists = {"condition": CategoricalDistribution(list(FLAGS)),
-             "replicate": IntDistribution(0, 9), "kd": CategoricalDistribution([0, 1]),
-             "at": CategoricalDistribution([0, 1]),
-             "overlay": CategoricalDistribution(["none", "ig"]),
-             keys[0]: CategoricalDistribution([0.25, 0.75]),
-             keys[1]: CategoricalDistribution([8, 32])}
+    dose, dists = _sweep_study(url, "kd_ig-cpu.ablation-sweep-ig.overlay_strength-x-"
+                                    "student_train.epochs",
+                               {keys[0]: [0.25, 0.75], keys[1]: [8, 32]})
     for strength in (0.25, 0.75):
         for epochs in (8, 32):
             for (cond, seed), acc in ACC.items():
