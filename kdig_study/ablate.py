@@ -38,7 +38,7 @@ import io
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,9 +131,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="for --plan: the sd of the primary comparison's per-seed differences "
                         "(default: from the ablation in the store with the most pairs)")
     p.add_argument("--reanalyse", default=None, metavar="FILE.json",
-                   help="judge a finished ablation's results JSON (its runs) under the "
-                        "declared [analysis]: tables, verdicts, plain words; nothing runs; "
-                        "writes <name>.verdicts.json to --out")
+                   help="judge a finished ablation's results JSON, or a stopped one's run "
+                        "ledger (its complete replicates), under the declared [analysis]: "
+                        "tables, verdicts, plain words; nothing runs; writes "
+                        "<name>.verdicts.json to --out")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -680,6 +681,7 @@ def _ledger(args: argparse.Namespace, setup: _Setup, study: optuna.Study,
     """Add back the runs the store lacks from the study's run ledger (first process only);
     return what rewrites the ledger after each finished run."""
     from kdig_study.ablation import planned_trials, run_of, teacher_context
+    from kdig_study.engine import resolve_precision
     from kdig_study.ledger import import_ledger, ledger_path, write_ledger
 
     def teacher_sha256(params: dict[str, Any]) -> Any:
@@ -688,8 +690,8 @@ def _ledger(args: argparse.Namespace, setup: _Setup, study: optuna.Study,
 
     path = ledger_path(Path(args.out), study.study_name)
     if args.worker_index is None:
-        added = import_ledger(path, study, lambda p: run_of(p, setup.sweep),
-                              teacher_sha256)
+        added = import_ledger(path, study, lambda p: run_of(p, setup.sweep), teacher_sha256,
+                              resolve_precision(setup.cfg.student_train.precision, ctx.device))
         if added:
             print(f"{added} finished run(s) taken from the run ledger {path} (this store "
                   f"lacked them)", flush=True)
@@ -767,23 +769,79 @@ def analyse_group(table_of: Callable[[str], Table], design: dict[str, tuple[str 
     return res
 
 
+def run_row(number: int, params: dict[str, Any], value: float | None,
+            user_attrs: dict[str, Any]) -> dict[str, Any]:
+    """One finished run as a flat row of the results JSON: its parameters, validation
+    accuracy, metrics and robust accuracies."""
+    from kdig_study.corruptions import robust_metric
+
+    return {"number": number, **params, "val_acc": value, **user_attrs.get("metrics", {}),
+            **{robust_metric(k): v for k, v in user_attrs.get("robust", {}).items()}}
+
+
+def _ledger_runs(path: Path, cfg: StudyConfig
+                 ) -> tuple[dict[str, Any], list[str], list[dict[str, Any]]]:
+    """A run ledger's (factor levels, controls, run rows), checked against this command's
+    study config (the ledger's runs must have been made with it)."""
+    from kdig_study.ledger import read_ledger
+
+    data = read_ledger(path)
+    header = data.get("header", {})
+    ablation = header.get("ablation", {})
+    if header.get("config_fingerprint") != cfg.fingerprint():
+        raise KdigError(f"--reanalyse {path}: its runs were made with another study config "
+                        f"than --study {cfg.name} --scale {cfg.scale} with these --set items; "
+                        f"give the study, scale and --set items the ablation ran with")
+    if ablation.get("sweep_key") or ablation.get("teachers", 1) > 1:
+        raise KdigError(f"--reanalyse {path}: a sweep's or several teachers' ledger; run "
+                        f"`ablate` with its command on a machine like the ledger's")
+    recorded = ablation.get("analysis")
+    if recorded is not None and recorded != dataclasses.asdict(cfg.analysis):
+        print(f"note: the ablation declared {recorded} before it ran; judged here under "
+              f"{dataclasses.asdict(cfg.analysis)}")
+    return ablation["levels"], list(ablation.get("controls", [])), [
+        run_row(r.get("number", i), r["params"], r["value"], r["user_attrs"])
+        for i, r in enumerate(data["runs"])]
+
+
+def complete_replicates(runs: list[dict[str, Any]], names: Iterable[str]
+                        ) -> tuple[list[dict[str, Any]], list[int]]:
+    """The runs of the replicates that hold every condition in ``names``, and the
+    replicates left out: every comparison of the family then has the same n (a stopped
+    study's last, partial replicate would otherwise enter some rows and not others)."""
+    have: dict[int, set[str]] = {}
+    for r in runs:
+        have.setdefault(int(r["replicate"]), set()).add(r["condition"])
+    partial = sorted(k for k, v in have.items() if not set(names) <= v)
+    return [r for r in runs if int(r["replicate"]) not in partial], partial
+
+
 def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
     """The analysis of a results JSON that ``ablate`` wrote (its ``runs``, ``factors`` and
-    ``controls``), under this command's declared [analysis]: e.g. a study run before
-    equivalence tests and verdicts existed, judged now, its runs untouched."""
+    ``controls``) or of a run ledger (``<study>.runs.json``: what a stopped study holds),
+    under this command's declared [analysis]: e.g. a study run before equivalence tests and
+    verdicts existed, judged now, or a study that cannot go on (its machine is gone), judged
+    on its complete replicates; the runs untouched."""
     from kdig_study.stats import conditions, design_from_levels
 
     try:
         done = json.loads(path.read_text())
-        levels, runs = done["factors"], done["runs"]
-        controls = tuple(done.get("controls", ()))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise KdigError(f"--reanalyse {path}: not a results JSON of ablate "
+        if isinstance(done, dict) and "header" in done:
+            levels, ctrl, runs = _ledger_runs(path, cfg)
+        else:
+            levels, runs, ctrl = done["factors"], done["runs"], done.get("controls", ())
+        controls = tuple(ctrl)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise KdigError(f"--reanalyse {path}: not a results JSON or run ledger of ablate "
                         f"({type(e).__name__}: {e})") from None
     if any(k in r for r in runs for k in SWEEP_NAMES):
         raise KdigError(f"--reanalyse {path}: a sweep's results; re-run `ablate` on its store")
     design = design_from_levels(levels)
     names = {condition_name(c): c for c in conditions(design, controls)}
+    runs, partial = complete_replicates(runs, names)
+    if partial:
+        print(f"left out {len(partial)} replicate(s) that lack a condition "
+              f"({', '.join(map(str, partial))}): every comparison has the same n")
 
     def table_of(metric: str) -> Table:
         table: Table = {}
@@ -794,12 +852,15 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
         return table
 
     blocks: list[tuple[str, str, dict[str, Any]]] = []
-    print(f"{path}: {len(runs)} runs of {len(names)} conditions; analysis: "
-          + analysis_text(cfg))
+    replicates = sorted({int(r["replicate"]) for r in runs})
+    print(f"{path}: {len(runs)} runs of {len(names)} conditions x {len(replicates)} "
+          f"replicates; analysis: " + analysis_text(cfg))
     results = {"all": analyse_group(table_of, design, controls, cfg, None, blocks)}
-    target = out_dir / f"{safe_name(path.stem)}.verdicts.json"
+    stem = path.stem.removesuffix(".runs")  # a ledger's verdicts sit beside its results
+    target = out_dir / f"{safe_name(stem)}.verdicts.json"
     write_json(target, _finite({"source": str(path), "analysis":
-                                dataclasses.asdict(cfg.analysis), "results": results}))
+                                dataclasses.asdict(cfg.analysis), "replicates": replicates,
+                                "left_out": partial, "results": results}))
     print(f"written: {target}")
 
 
@@ -837,7 +898,6 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
     """Statistics of the planned runs per sweep group and metric: printed, and written as
     JSON and CSV."""
     from kdig_study.ablation import planned_trials, results_table
-    from kdig_study.corruptions import robust_metric
     from kdig_study.objectives import teacher_cache_line
     from kdig_study.stats import primary_pair
 
@@ -875,10 +935,7 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
                 lambda k, value=value: results_table(trials, s.cfg.analysis.metric,
                                                      s.sweep, value, teacher=k),
                 s, out["results"][group])
-    out["runs"] = [{"number": t.number, **t.params, "val_acc": t.value,
-                    **t.user_attrs.get("metrics", {}),
-                    **{robust_metric(k): v for k, v in t.user_attrs.get("robust", {}).items()}}
-                   for t in trials]
+    out["runs"] = [run_row(t.number, t.params, t.value, t.user_attrs) for t in trials]
     stem = safe_name(name)
     write_json(out_dir / f"{stem}.json", _finite(out))
     text = _csv(blocks)

@@ -60,7 +60,8 @@ def write_ledger(path: Path, study: optuna.Study, complete: list[FrozenTrial]) -
                           "header": _header(study), "runs": [_run(t) for t in complete]})
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_ledger(path: Path) -> dict[str, Any]:
+    """A ledger's contents (version, study, header, runs), or a one-line error."""
     try:
         data = json.loads(path.read_text())
         if data.get("version") != VERSION or not isinstance(data.get("runs"), list):
@@ -71,6 +72,11 @@ def _read(path: Path) -> dict[str, Any]:
                         f"it away to start without it") from None
 
 
+def _precision(run: dict[str, Any]) -> str | None:
+    """The precision a run trained at (recorded in its metrics), None where not recorded."""
+    return run["user_attrs"].get("metrics", {}).get("precision")
+
+
 def _same_teacher(run: dict[str, Any], teacher_sha256: Any) -> bool:
     recorded = run["user_attrs"].get("provenance", {})
     if recorded.get("teacher") is None:  # a run without a teacher (the student alone)
@@ -78,13 +84,16 @@ def _same_teacher(run: dict[str, Any], teacher_sha256: Any) -> bool:
     return recorded.get("teacher_sha256") == teacher_sha256(run["params"])
 
 
-def import_ledger(path: Path, study: optuna.Study, run_key: Any, teacher_sha256: Any) -> int:
+def import_ledger(path: Path, study: optuna.Study, run_key: Any, teacher_sha256: Any,
+                  precision: str | None = None) -> int:
     """Add the ledger's runs that ``study`` has no COMPLETE trial of; return how many.
     ``run_key(params)``: a run's identity; ``teacher_sha256(params)``: the checksum of the
-    teacher this machine has for that run (called only where a run used one)."""
+    teacher this machine has for that run (called only where a run used one, and only after
+    the precision check: it may train the teacher); ``precision``: the precision runs train
+    at here, checked against the runs' own before anything costly."""
     if not path.is_file():
         return 0
-    data = _read(path)
+    data = read_ledger(path)
     mine, theirs = _header(study), data.get("header", {})
     if theirs != mine:
         keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -98,6 +107,16 @@ def import_ledger(path: Path, study: optuna.Study, run_key: Any, teacher_sha256:
                                                          states=(TrialState.COMPLETE,))}
     missing = list({run_key(r["params"]): r for r in data["runs"]
                     if run_key(r["params"]) not in done}.values())
+    other = sorted({p for p in (_precision(r) for r in missing) if p not in (None, precision)})
+    if precision is not None and other:
+        # "auto" resolves by the hardware (bf16 where the CPU or GPU has fast bf16): a run
+        # here would not be the ledger's run, and the teacher check would come an hour later
+        raise KdigError(f"{path}: its runs trained at {'/'.join(other)} and this machine trains "
+                        f"at {precision} (precision 'auto' follows the hardware: bf16 needs "
+                        f"AMX, AVX512-BF16 or a GPU with native bf16); runs made here could not "
+                        f"be pooled with them: finish it on a machine like the ledger's, analyse "
+                        f"what it holds with `ablate --reanalyse {path}`, or start with "
+                        f"another --out")
     for run in missing:  # every run checked before any is added
         if not _same_teacher(run, teacher_sha256):
             raise KdigError(f"{path}: run {run['params'].get('condition')} r"

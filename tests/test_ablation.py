@@ -823,7 +823,37 @@ def test_reanalyse_judges_the_committed_cpu_study_from_its_json(tmp_path: Path) 
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert_one_line_error(run_cli("ablate", "--study", "kd_ig", "--scale", "cpu",
-                                  "--reanalyse", str(bad)), "not a results JSON of ablate")
+                                  "--reanalyse", str(bad)),
+                          "not a results JSON or run ledger of ablate")
+
+
+def test_reanalyse_judges_a_stopped_study_from_its_run_ledger(tmp_path: Path) -> None:
+    """The controls study stopped at 25 complete replicates when its machine was gone (its
+    bf16 runs cannot be continued at fp32): its committed ledger is judged on the complete
+    replicates alone, without a teacher or data; the partial replicate is left out."""
+    data = json.loads((REPO / "reports" / "results" /
+                       "kd_ig-cpu.controls.runs.json").read_text())
+    partial = [r for r in data["runs"] if r["params"]["replicate"] == 25][:3]
+    data["runs"] = [r for r in data["runs"] if r["params"]["replicate"] < 25] + partial
+    src = tmp_path / "kd_ig-cpu.controls.runs.json"  # as far as the study went this session
+    src.write_text(json.dumps(data))
+    base = ("ablate", "--study", "kd_ig", "--scale", "cpu", "--reanalyse", str(src),
+            "--out", str(tmp_path))
+    proc = run_cli(*base, "--set", "analysis.equivalence_margin=0.3")
+    assert proc.returncode == 0, proc.stderr
+    assert "left out 1 replicate(s) that lack a condition (25)" in proc.stdout
+    assert "175 runs of 7 conditions x 25 replicates" in proc.stdout
+    words = proc.stdout.split("In plain words (made from the verdicts above):")[1]
+    assert "KD+IG - KD (primary): -0.77 points, 95% CI [-0.97, -0.58]: worse." in words
+    assert "KD+constant - KD+IG: -0.15 points, 90% CI [-0.33, +0.02] against +-0.30" in words
+    out = json.loads((tmp_path / "kd_ig-cpu.controls.verdicts.json").read_text())
+    assert out["replicates"] == list(range(25)) and out["left_out"] == [25]
+    # the margin it declared (0.3) differs from the study file's (0.4): said, not hidden
+    proc = run_cli(*base)
+    assert proc.returncode == 0 and "note: the ablation declared" in proc.stdout
+    # runs of another config (here: other epochs) are not judged as this study's
+    assert_one_line_error(run_cli(*base, "--set", "student_train.epochs=2"),
+                          "its runs were made with another study config")
 
 
 def test_attention_transfer_pairs_the_cifar_resnets_and_refuses_other_families() -> None:

@@ -30,7 +30,8 @@ def _study(tmp_path: Path, name: str, attrs: dict[str, Any] = ATTRS) -> optuna.S
     return study
 
 
-def _add_run(study: optuna.Study, condition: str, replicate: int, value: float) -> None:
+def _add_run(study: optuna.Study, condition: str, replicate: int, value: float,
+             metrics: dict[str, Any] | None = None) -> None:
     kd = int(condition != "student")
     params = {"condition": condition, "replicate": replicate, "kd": kd}
     study.add_trial(create_trial(
@@ -40,7 +41,8 @@ def _add_run(study: optuna.Study, condition: str, replicate: int, value: float) 
                        "kd": CategoricalDistribution([0, 1])},
         user_attrs={"test_acc": value - 0.01, "robust": {"jpeg": 0.4},
                     "provenance": {"data": "data1", "teacher": "t1" if kd else None,
-                                   "teacher_sha256": SHA if kd else None}},
+                                   "teacher_sha256": SHA if kd else None}}
+        | ({"metrics": metrics} if metrics else {}),
         system_attrs={"fixed_params": params}, intermediate_values={1: value / 2, 2: value}))
 
 
@@ -139,3 +141,26 @@ def test_a_damaged_ledger_is_one_line(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     with pytest.raises(KdigError, match="not a run ledger of ablate.*move it away"):
         import_ledger(path, _study(tmp_path, "x"), _key, lambda p: SHA)
+
+
+def test_runs_of_another_precision_are_refused_before_the_teacher_is_asked(
+        tmp_path: Path) -> None:
+    """precision 'auto' follows the hardware: a ledger of bf16 runs (a CPU with AMX) taken up
+    on an AVX2-only machine (fp32) was refused only by the teacher's checksum, after the
+    teacher had trained for an hour."""
+    study = _study(tmp_path, "first")
+    _add_run(study, "KD", 0, 0.6, {"precision": "bf16"})
+    path = tmp_path / "s.ablation.runs.json"
+    write_ledger(path, study, study.get_trials())
+    asked: list[int] = []
+
+    def teacher(params: dict) -> str:
+        asked.append(1)
+        return SHA
+
+    fresh = _study(tmp_path, "fresh")
+    with pytest.raises(KdigError, match=r"trained at bf16 and this machine trains at fp32.*"
+                                        r"--reanalyse"):
+        import_ledger(path, fresh, _key, teacher, precision="fp32")
+    assert asked == [] and fresh.get_trials() == []
+    assert import_ledger(path, fresh, _key, teacher, precision="bf16") == 1 and asked == [1]
