@@ -836,6 +836,9 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
                         f"({type(e).__name__}: {e})") from None
     if any(k in r for r in runs for k in SWEEP_NAMES):
         raise KdigError(f"--reanalyse {path}: a sweep's results; re-run `ablate` on its store")
+    if any(r.get("teacher") for r in runs):  # replicates nest under teachers: not one table
+        raise KdigError(f"--reanalyse {path}: several teachers' results; re-run `ablate` on "
+                        f"its store")
     design = design_from_levels(levels)
     names = {condition_name(c): c for c in conditions(design, controls)}
     runs, partial = complete_replicates(runs, names)

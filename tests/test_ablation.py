@@ -825,6 +825,13 @@ def test_reanalyse_judges_the_committed_cpu_study_from_its_json(tmp_path: Path) 
     assert_one_line_error(run_cli("ablate", "--study", "kd_ig", "--scale", "cpu",
                                   "--reanalyse", str(bad)),
                           "not a results JSON or run ledger of ablate")
+    # replicates nested under teachers are not one paired table (they were read as one)
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps({"factors": {"kd": ["none", "kd"]}, "runs": [
+        {"condition": c, "replicate": 0, "teacher": k, "test_acc": 0.5 + k / 10}
+        for c in ("student", "KD") for k in (0, 1)]}))
+    assert_one_line_error(run_cli("ablate", "--study", "kd_ig", "--scale", "cpu",
+                                  "--reanalyse", str(two)), "several teachers' results")
 
 
 def test_reanalyse_judges_a_stopped_study_from_its_run_ledger(tmp_path: Path) -> None:
