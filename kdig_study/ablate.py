@@ -4,6 +4,8 @@
     python -m kdig_study.ablate --study kd_ig --params per-condition
     python -m kdig_study.ablate --study kd_ig --factors kd,overlay=none|ig|shuffled|gradcam
     python -m kdig_study.ablate --study kd_ig --params fixed --controls shuffled,random,gradcam
+    python -m kdig_study.ablate --study kd_ig --controls shuffled,constant \
+        --conditions KD,KD+IG,KD+shuffled,KD+constant      (KD held on, the overlay varied)
     python -m kdig_study.ablate --study kd_ig --factors kd,ig,at --params best.toml
     python -m kdig_study.ablate --study kd_ig --factors "kd=none|hinton|dkd|dist|lskd,ig"
     python -m kdig_study.ablate --study kd_ig --monte-carlo 5 --fraction 0.8
@@ -100,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma list of map sources run with KD on only (KD+shuffled, ...), "
                         "beside the factorial design of --factors (which needs kd and ig), "
                         "each compared with KD and with KD+IG")
+    p.add_argument("--conditions", default="", metavar="NAMES",
+                   help="comma list: run only these of the design's conditions (e.g. "
+                        "KD,KD+IG,KD+shuffled,KD+constant); comparisons need both of their "
+                        "conditions, factorial effects every cell; default: all")
     p.add_argument("--params", default=None,
                    help="fixed (default: the study file's settings for every condition) | "
                         "per-condition | best | FILE.toml with [params] (see above)")
@@ -177,6 +183,26 @@ def parse_factors(text: str, cfg: StudyConfig) -> dict[str, tuple[str | None, ..
     if problem:
         raise KdigError(f"--factors {text}: {problem}")
     return design
+
+
+def parse_conditions(text: str, design: dict[str, tuple[str | None, ...]],
+                     controls: tuple[str, ...]) -> tuple[str, ...]:
+    """``KD,KD+IG,KD+shuffled`` -> those of the design's conditions, in the design's order;
+    () (all) where empty."""
+    from kdig_study.stats import conditions
+
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        return ()
+    names = [condition_name(c) for c in conditions(design, controls)]
+    bad = [x for x in items if x not in names or items.count(x) > 1]
+    if bad or len(items) < 2:
+        raise KdigError(f"--conditions {text}: "
+                        + (f"{', '.join(repr(b) for b in dict.fromkeys(bad))} unknown or "
+                           f"repeated; " if bad else "give at least two conditions; ")
+                        + f"this design's conditions (--factors, --controls): "
+                          f"{', '.join(names)}")
+    return tuple(n for n in names if n in items)
 
 
 def parse_controls(text: str, design: dict[str, tuple[str | None, ...]]) -> tuple[str, ...]:
@@ -483,6 +509,7 @@ class _Setup:
     seeds: dict[int, int]  # replicate -> student seed
     runs: list[Run]
     teachers: int = 1  # K of --teachers K
+    only: tuple[str, ...] = ()  # the conditions run (--conditions); () for all
 
     @property
     def levels(self) -> dict[str, list[str]]:
@@ -490,7 +517,8 @@ class _Setup:
 
 
 # (design, controls, sweep)
-_Options = tuple[dict[str, tuple[str | None, ...]], tuple[str, ...], Sweep]
+# (design, controls, sweep, the conditions run: () for all)
+_Options = tuple[dict[str, tuple[str | None, ...]], tuple[str, ...], Sweep, tuple[str, ...]]
 
 
 # An ablation's plan is built, stored and analysed whole: 10,000 runs is 100 seeds of a
@@ -502,6 +530,7 @@ def _options(args: argparse.Namespace, cfg: StudyConfig) -> _Options:
     """The design, controls and sweep the arguments ask for, checked before any store opens."""
     design = parse_factors(args.factors, cfg)
     controls = parse_controls(args.controls, design)
+    only = parse_conditions(args.conditions, design, controls)
     sweep = parse_sweeps(args.sweep, cfg)
     if args.seeds < 1 or args.monte_carlo < 0 or not 0 < args.fraction <= 1 or \
             args.heartbeat < 1 or args.workers < 1 or args.teachers < 1:
@@ -514,7 +543,7 @@ def _options(args: argparse.Namespace, cfg: StudyConfig) -> _Options:
     from kdig_study.stats import conditions
 
     # bounded before anything is built: `--seeds 100000000` took 18.7 GB planning its runs
-    n_conditions = len(conditions(design, controls))
+    n_conditions = len(conditions(design, controls, only))
     levels = len(sweep.levels())
     runs = n_conditions * (args.monte_carlo or args.seeds) * levels * args.teachers
     if runs > MAX_RUNS:
@@ -523,7 +552,7 @@ def _options(args: argparse.Namespace, cfg: StudyConfig) -> _Options:
                         + (f" x {levels} sweep levels" if sweep else "")
                         + (f" x {args.teachers} teachers" if args.teachers > 1 else "")
                         + f"); allowed: at most {MAX_RUNS:,} runs per ablation")
-    return design, controls, sweep
+    return design, controls, sweep, only
 
 
 def seeds_plan(cfg: StudyConfig, options: _Options, url: str, pilot_sd: float | None) -> str:
@@ -532,9 +561,9 @@ def seeds_plan(cfg: StudyConfig, options: _Options, url: str, pilot_sd: float | 
     at alpha and at Holm's strictest step (alpha / the family's rows)."""
     from kdig_study.stats import analyse, n_for_detection, n_for_equivalence, primary_pair
 
-    design, controls = options[0], options[1]
+    design, controls, _, only = options
     a = cfg.analysis
-    pair = primary_pair(a, design, controls)
+    pair = primary_pair(a, design, controls, only)
     if pair is None:
         raise KdigError(f"--plan: the primary comparison {a.primary!r} is not among this "
                         f"ablation's conditions; declare one with --set analysis.primary='A - B'")
@@ -557,7 +586,7 @@ def seeds_plan(cfg: StudyConfig, options: _Options, url: str, pilot_sd: float | 
                             f"small ablation first (e.g. --seeds 5)")
         sd, name, n = found
         origin = f"study '{name}', {n} replicates"
-    empty = analyse({}, design, controls)
+    empty = analyse({}, design, controls, only=only)
     rows = len(empty["comparisons"]) + len(empty["effects"])
     margin = a.equivalence_margin / 100
     lines = [f"plan for {a.primary} on {a.metric}: equivalence margin +-"
@@ -580,9 +609,9 @@ def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, 
     from kdig_study.ablation import plan
     from kdig_study.stats import conditions
 
-    design, controls, sweep = options
+    design, controls, sweep, only = options
     search_name = args.from_study or f"{cfg.name}-{cfg.scale}"
-    conds = {condition_name(c): c for c in conditions(design, controls)}
+    conds = {condition_name(c): c for c in conditions(design, controls, only)}
     names = list(conds)
     mode, params, origin = condition_params(args, storage, url, cfg, conds)
     replicates = args.monte_carlo or args.seeds
@@ -595,10 +624,10 @@ def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, 
                         f"{', '.join(sorted(set().union(*(used[s] for s in clash))))}: a "
                         f"replicate would be a run the search selected on its luck; change "
                         f"student_train.seed")
-    runs = plan(design, list(range(replicates)), sweep, controls, args.teachers)
+    runs = plan(design, list(range(replicates)), sweep, controls, args.teachers, only)
     return _Setup(cfg, design, controls, sweep,
                   args.fraction if args.monte_carlo else None, search_name, names, mode,
-                  params, origin, replicates, seeds, runs, args.teachers)
+                  params, origin, replicates, seeds, runs, args.teachers, only)
 
 
 def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
@@ -618,6 +647,8 @@ def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
         ident["controls"] = list(setup.controls)
     if setup.teachers > 1:  # likewise
         ident["teachers"] = setup.teachers
+    if setup.only:  # likewise
+        ident["conditions"] = list(setup.only)
     old = study.user_attrs.get("ablation")
     declared = dataclasses.asdict(setup.cfg.analysis)
     if old is not None and old.get("analysis", declared) != declared:
@@ -627,8 +658,8 @@ def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
         raise KdigError(f"ablation study '{name}' in {url} declared another analysis before it "
                         f"ran ({diff}); an analysis is declared before the runs: restore "
                         f"[analysis], or give this one its own --study-name")
-    # the keys recorded only where given (controls, teachers) count when either side has them
-    keys = [*ident, *(k for k in ("controls", "teachers") if k not in ident)]
+    # the keys recorded only where given count when either side has them
+    keys = [*ident, *(k for k in ("controls", "teachers", "conditions") if k not in ident)]
     if old is not None and any(old.get(k) != ident.get(k) for k in keys):
         changed = [k for k in keys if old.get(k) != ident.get(k)]
         raise KdigError(f"ablation study '{name}' in {url} ran with another {', '.join(changed)}"
@@ -655,7 +686,7 @@ def analysis_line(setup: _Setup) -> str:
     """The declared analysis, as the banner says it before any run."""
     from kdig_study.stats import primary_pair
 
-    pair = primary_pair(setup.cfg.analysis, setup.design, setup.controls)
+    pair = primary_pair(setup.cfg.analysis, setup.design, setup.controls, setup.only)
     return "analysis (declared in [analysis], recorded on the study): " + \
         analysis_text(setup.cfg, pair is not None)
 
@@ -726,7 +757,7 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
             AblationRunner(ctx, study, setup.params, setup.design, setup.sweep,
                            setup.fraction, poll_s=max(1.0, args.heartbeat / 2),
                            storage=storage, controls=setup.controls, teachers=setup.teachers,
-                           tracker=tracker).run(
+                           tracker=tracker, only=setup.only).run(
                 setup.runs, log=lambda *a, **k: print(prefix + " ".join(map(str, a)), **k),
                 on_finished=write_ledger)
         finally:
@@ -737,10 +768,12 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
 
 def analyse_group(table_of: Callable[[str], Table], design: dict[str, tuple[str | None, ...]],
                   controls: tuple[str, ...], cfg: StudyConfig, group: str | None,
-                  blocks: list[tuple[str, str, dict[str, Any]]]) -> dict[str, Any]:
+                  blocks: list[tuple[str, str, dict[str, Any]]], only: tuple[str, ...] = ()
+                  ) -> dict[str, Any]:
     """Every metric's analysis of one group of runs (``table_of(metric)``: its table), the
     robust comparisons by corruption family, and the plain words made from the verdicts:
-    printed, appended to ``blocks`` (the CSV's), returned (the JSON's)."""
+    printed, appended to ``blocks`` (the CSV's), returned (the JSON's). ``only``: the
+    conditions run (--conditions), all where empty."""
     from kdig_study.ablation import analyse_metric, robust_by_family
     from kdig_study.stats import plain_words
 
@@ -750,13 +783,13 @@ def analyse_group(table_of: Callable[[str], Table], design: dict[str, tuple[str 
         table = table_of(metric)
         if not table:  # e.g. robustness switched off
             continue
-        res[metric] = analyse_metric(table, design, controls, metric, cfg.analysis)
+        res[metric] = analyse_metric(table, design, controls, metric, cfg.analysis, only)
         blocks.append((label, metric, res[metric]))
         print(render(res[metric], f"{title}, % ({group})" if group else f"{title}, %"))
     split = None
     if "robust_test_acc" in res:
         split = robust_by_family(table_of, cfg.robustness.corruptions, design, controls,
-                                 cfg.analysis, res["robust_test_acc"])
+                                 cfg.analysis, res["robust_test_acc"], only)
     if split is not None:
         blocks.extend((label, f"robust_test_{f}", a) for f, a in split["families"].items())
         res["robust_by_family"] = split
@@ -779,10 +812,10 @@ def run_row(number: int, params: dict[str, Any], value: float | None,
             **{robust_metric(k): v for k, v in user_attrs.get("robust", {}).items()}}
 
 
-def _ledger_runs(path: Path, cfg: StudyConfig
-                 ) -> tuple[dict[str, Any], list[str], list[dict[str, Any]]]:
-    """A run ledger's (factor levels, controls, run rows), checked against this command's
-    study config (the ledger's runs must have been made with it)."""
+def _ledger_results(path: Path, cfg: StudyConfig) -> dict[str, Any]:
+    """A run ledger as the part of a results JSON that --reanalyse reads (factors,
+    controls, conditions, runs), checked against this command's study config (the ledger's
+    runs must have been made with it)."""
     from kdig_study.ledger import read_ledger
 
     data = read_ledger(path)
@@ -799,9 +832,10 @@ def _ledger_runs(path: Path, cfg: StudyConfig
     if recorded is not None and recorded != dataclasses.asdict(cfg.analysis):
         print(f"note: the ablation declared {recorded} before it ran; judged here under "
               f"{dataclasses.asdict(cfg.analysis)}")
-    return ablation["levels"], list(ablation.get("controls", [])), [
-        run_row(r.get("number", i), r["params"], r["value"], r["user_attrs"])
-        for i, r in enumerate(data["runs"])]
+    return {"factors": ablation["levels"], "controls": ablation.get("controls", []),
+            "conditions": ablation.get("conditions", []),
+            "runs": [run_row(r.get("number", i), r["params"], r["value"], r["user_attrs"])
+                     for i, r in enumerate(data["runs"])]}
 
 
 def complete_replicates(runs: list[dict[str, Any]], names: Iterable[str]
@@ -827,10 +861,10 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
     try:
         done = json.loads(path.read_text())
         if isinstance(done, dict) and "header" in done:
-            levels, ctrl, runs = _ledger_runs(path, cfg)
-        else:
-            levels, runs, ctrl = done["factors"], done["runs"], done.get("controls", ())
-        controls = tuple(ctrl)
+            done = _ledger_results(path, cfg)
+        levels, runs = done["factors"], done["runs"]
+        controls = tuple(done.get("controls", ()))
+        only = tuple(done.get("conditions", ()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise KdigError(f"--reanalyse {path}: not a results JSON or run ledger of ablate "
                         f"({type(e).__name__}: {e})") from None
@@ -840,7 +874,7 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
         raise KdigError(f"--reanalyse {path}: several teachers' results; re-run `ablate` on "
                         f"its store")
     design = design_from_levels(levels)
-    names = {condition_name(c): c for c in conditions(design, controls)}
+    names = {condition_name(c): c for c in conditions(design, controls, only)}
     runs, partial = complete_replicates(runs, names)
     if partial:
         print(f"left out {len(partial)} replicate(s) that lack a condition "
@@ -858,7 +892,7 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
     replicates = sorted({int(r["replicate"]) for r in runs})
     print(f"{path}: {len(runs)} runs of {len(names)} conditions x {len(replicates)} "
           f"replicates; analysis: " + analysis_text(cfg))
-    results = {"all": analyse_group(table_of, design, controls, cfg, None, blocks)}
+    results = {"all": analyse_group(table_of, design, controls, cfg, None, blocks, only)}
     stem = path.stem.removesuffix(".runs")  # a ledger's verdicts sit beside its results
     target = out_dir / f"{safe_name(stem)}.verdicts.json"
     write_json(target, _finite({"source": str(path), "analysis":
@@ -874,7 +908,8 @@ def teacher_effects(table_of: Callable[[int], Table], setup: _Setup,
     (``table_of(k)``: teacher k's table); printed and returned."""
     from kdig_study.stats import conditions, random_teacher
 
-    names = {condition_name(c): c for c in conditions(setup.design, setup.controls)}
+    names = {condition_name(c): c for c in conditions(setup.design, setup.controls,
+                                                      setup.only)}
     tables = {k: table_of(k) for k in range(setup.teachers)}
     out = []
     print(f"random teacher effect on {dict(METRICS)[setup.cfg.analysis.metric]} (pooled over "
@@ -913,11 +948,11 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
         "study": name, "design": s.mode, "design_text": _DESIGN_TEXT[s.mode],
         "params": {n: effective(s.cfg, p) | p for n, p in s.params.items()},
         "origin": s.origin, "factors": s.levels, "controls": list(s.controls),
-        "replicates": s.replicates, "seeds": {str(r): v for r, v in s.seeds.items()},
+        "conditions": list(s.only) or s.names, "replicates": s.replicates, "seeds": {str(r): v for r, v in s.seeds.items()},
         "teachers": s.teachers,
         "scale": s.cfg.scale, "analysis": dataclasses.asdict(s.cfg.analysis),
         "primary": f"{s.cfg.analysis.primary} on {dict(METRICS)[s.cfg.analysis.metric]}"
-        if primary_pair(s.cfg.analysis, s.design, s.controls) is not None else None,
+        if primary_pair(s.cfg.analysis, s.design, s.controls, s.only) is not None else None,
         "results": {}}
     print(f"design: {_DESIGN_TEXT[s.mode]} (--params {s.mode})")
     if s.teachers > 1:
@@ -927,12 +962,12 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
         out["results"][group] = analyse_group(
             lambda metric, value=value: results_table(trials, metric, s.sweep, value),
             s.design, s.controls, s.cfg, group if s.sweep or s.teachers > 1 else None,
-            blocks)
+            blocks, s.only)
         for k in range(s.teachers if s.teachers > 1 else 0):
             out["results"][f"{group}, teacher {k}"] = analyse_group(
                 lambda metric, value=value, k=k: results_table(trials, metric, s.sweep,
                                                                 value, teacher=k),
-                s.design, s.controls, s.cfg, f"{group}, teacher {k}", blocks)
+                s.design, s.controls, s.cfg, f"{group}, teacher {k}", blocks, s.only)
         if s.teachers > 1:
             out["results"][group]["random_teacher"] = teacher_effects(
                 lambda k, value=value: results_table(trials, s.cfg.analysis.metric,
@@ -974,7 +1009,7 @@ def main() -> int:
     setup = resolve_plan(args, cfg, options, storage, url)
     from kdig_study.stats import primary_pair
 
-    primary_pair(setup.cfg.analysis, setup.design, setup.controls)  # before the study exists
+    primary_pair(setup.cfg.analysis, setup.design, setup.controls, setup.only)  # before the study
     name = args.study_name or ablation_study_name(setup.search_name, setup.fraction,
                                                   setup.sweep.name or None)
     from kdig_study.experiment import Context

@@ -102,12 +102,14 @@ def parse_ablation_study_name(name: str) -> AblationName | None:
 
 
 def analyse_metric(table: Table, design: Design, controls: tuple[str, ...],
-                   metric: str, analysis: AnalysisConfig) -> dict[str, Any]:
+                   metric: str, analysis: AnalysisConfig, only: tuple[str, ...] = ()
+                   ) -> dict[str, Any]:
     """:func:`kdig_study.stats.analyse` of one metric's table, judged as ``analysis``
     declares (alpha, equivalence margin in points), the primary comparison counted on its
-    declared metric only."""
+    declared metric only; ``only``: the conditions run (--conditions), all where empty."""
     judge = Judgement(alpha=analysis.alpha, margin=analysis.equivalence_margin / 100)
-    a = analyse(table, design, controls, judge, primary_pair(analysis, design, controls))
+    a = analyse(table, design, controls, judge,
+                primary_pair(analysis, design, controls, only), only)
     if metric != analysis.metric:
         for r in a["comparisons"]:
             r["primary"] = False
@@ -117,7 +119,8 @@ def analyse_metric(table: Table, design: Design, controls: tuple[str, ...],
 
 def robust_by_family(table_of: Callable[[str], Table], families: Iterable[str],
                      design: Design, controls: tuple[str, ...], analysis: AnalysisConfig,
-                     robust: dict[str, Any]) -> dict[str, Any] | None:
+                     robust: dict[str, Any], only: tuple[str, ...] = ()
+                     ) -> dict[str, Any] | None:
     """The robust comparisons under each corruption family (``table_of(metric)``: that
     metric's table; ``robust``: the analysis over all families), as
     :func:`kdig_study.stats.by_family` with each family's own analysis under "families";
@@ -127,7 +130,7 @@ def robust_by_family(table_of: Callable[[str], Table], families: Iterable[str],
         table = table_of(robust_metric(family))
         if table:
             out[family] = analyse_metric(table, design, controls, robust_metric(family),
-                                         analysis)
+                                         analysis, only)
     return by_family(robust, out) | {"families": out} if out else None
 
 
@@ -207,13 +210,14 @@ def run_of(params: dict[str, Any], sweep: Sweep) -> Run:
 
 
 def plan(design: Design, replicates: list[int], sweep: Sweep = NO_SWEEP,
-         controls: tuple[str, ...] = (), teachers: int = 1) -> list[Run]:
+         controls: tuple[str, ...] = (), teachers: int = 1, only: tuple[str, ...] = ()
+         ) -> list[Run]:
     """Replicates outermost (then teachers) within each sweep level, so an interrupted
     ablation has whole replicates to analyse. ``teachers`` > 1: every replicate under each
-    teacher."""
+    teacher; ``only``: the conditions run (--conditions), all where empty."""
     ks: list[int | None] = list(range(teachers)) if teachers > 1 else [None]
     return [Run(c, r, v, k) for v in sweep.levels() for r in replicates for k in ks
-            for c in conditions(design, controls)]
+            for c in conditions(design, controls, only)]
 
 
 def teacher_config(cfg: StudyConfig, teacher: int | None) -> StudyConfig:
@@ -257,11 +261,13 @@ class AblationRunner:
                  design: Design, sweep: Sweep = NO_SWEEP,
                  fraction: float | None = None, poll_s: float = 5.0,
                  storage: RDBStorage | None = None, controls: tuple[str, ...] = (),
-                 teachers: int = 1, tracker: Tracker | None = None) -> None:
+                 teachers: int = 1, tracker: Tracker | None = None,
+                 only: tuple[str, ...] = ()) -> None:
         """``params``: each condition's method hyperparameters, by condition name;
         ``storage``: the study's RDB storage (for the lock that hands out runs);
         ``controls``: map sources run with KD on only, beside the factorial design;
-        ``teachers``: K of --teachers K; ``tracker``: --track's, fed each run's epochs."""
+        ``teachers``: K of --teachers K; ``tracker``: --track's, fed each run's epochs;
+        ``only``: the conditions run (--conditions), all where empty."""
         self.ctx, self.study, self.params = ctx, study, params
         self.tracker = tracker or Guarded([])
         self.teachers = teachers
@@ -269,7 +275,7 @@ class AblationRunner:
         self.poll_s = poll_s
         self.lock = SlotLock(storage or rdb_storage_of(study), study.study_name)
         self._profiles: dict[str, dict[str, Any]] = {}
-        self._names = [condition_name(c) for c in conditions(design, controls)]
+        self._names = [condition_name(c) for c in conditions(design, controls, only)]
         self._overlay = ["none", *overlay_sources(design, controls)]
         methods = [str(k) for k in design.get("kd", (None, "kd"))[1:]]
         self._kd: list[Any] = [0, 1] if methods == ["kd"] else [0, *methods]

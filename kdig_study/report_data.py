@@ -218,13 +218,14 @@ class Ablation:
 
 
 def _recorded(study: optuna.Study) -> tuple[dict[str, Any], dict[str, list[str]], Design,
-                                            tuple[str, ...], AnalysisConfig]:
+                                            tuple[str, ...], AnalysisConfig, tuple[str, ...]]:
     """What an ablation study recorded of itself: its record, factor levels, design,
-    controls and declared analysis (ablations made before it was recorded: the defaults)."""
+    controls, declared analysis and the conditions it runs (--conditions; () for all)
+    (ablations made before these were recorded: the defaults)."""
     info = study.user_attrs.get("ablation", {})
     levels = info.get("levels") or {"kd": ["none", "kd"], "overlay": ["none", "ig"]}
     return (info, levels, design_from_levels(levels), tuple(info.get("controls", ())),
-            AnalysisConfig(**info.get("analysis", {})))
+            AnalysisConfig(**info.get("analysis", {})), tuple(info.get("conditions", ())))
 
 
 def ablation_data(storage: Any, search_name: str,
@@ -237,20 +238,20 @@ def ablation_data(storage: Any, search_name: str,
     trials = planned_trials(study.get_trials(deepcopy=False), None)
     if not trials:
         return None
-    info, levels, design, controls, declared = _recorded(study)
+    info, levels, design, controls, declared, only = _recorded(study)
     analysis, points = {}, {}
     for metric in metrics:
         table = results_table(trials, metric)
         if not table:
             continue
-        analysis[metric] = analyse_metric(table, design, controls, metric, declared)
+        analysis[metric] = analyse_metric(table, design, controls, metric, declared, only)
         points[metric] = {condition_name(c): v for c, v in table.items()}
     split = None
     if "robust_test_acc" in analysis:
         families = sorted({k for t in trials for k in t.user_attrs.get("robust", {})
                            if "-" not in k})  # "jpeg", not the severity "jpeg-2"
         split = robust_by_family(lambda m: results_table(trials, m), families, design,
-                                 controls, declared, analysis["robust_test_acc"])
+                                 controls, declared, analysis["robust_test_acc"], only)
     return Ablation(study.study_name, levels, analysis, points, info.get("params", {}),
                     info.get("design", ""), info.get("design_text", ""), info.get("seeds", {}),
                     list(info.get("controls", [])), split)
@@ -300,7 +301,7 @@ def dose_response_data(storage: Any, search_name: str) -> list[dict[str, Any]]:
             if study is not None else []
         if study is None or not trials:
             continue
-        _, _, design, controls, declared = _recorded(study)
+        _, _, design, controls, declared, only = _recorded(study)
         rows, primary = [], []
         for level in sorted({sweep.level_of(t.params) for t in trials}):
             where = {"level": list(level), "value": level[0],
@@ -316,7 +317,7 @@ def dose_response_data(storage: Any, search_name: str) -> list[dict[str, Any]]:
                                    r["condition"] == condition_name(cond))
                         row["robust_test_acc"] = statistics.fmean(vals.values())
             a = analyse_metric(results_table(trials, declared.metric, sweep, level), design,
-                               controls, declared.metric, declared)
+                               controls, declared.metric, declared, only)
             p = next((r for r in a["comparisons"] if r["primary"]), None)
             if p is not None:
                 primary.append(where | {"name": p["name"], "mean": p["mean"],

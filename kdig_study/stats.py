@@ -77,10 +77,12 @@ def overlay_sources(design: Design, controls: Sequence[str] = ()) -> list[str]:
     return [str(x) for x in design.get("overlay", (None,))[1:]] + list(controls)
 
 
-def conditions(design: Design | Sequence[str], controls: Sequence[str] = ()) -> list[Condition]:
+def conditions(design: Design | Sequence[str], controls: Sequence[str] = (),
+               only: Sequence[str] = ()) -> list[Condition]:
     """Every combination of levels, from none (the student) to all factors on, in a stable
     order: by how many factors are on, then by factor and level order; then each control
-    source with KD on (with each KD level, where the kd factor has several)."""
+    source with KD on (with each KD level, where the kd factor has several). ``only``: the
+    names of the conditions an ablation runs (--conditions), all where empty."""
     d = design_of(design) if not isinstance(design, Mapping) else design
     factors = _factor_order(d)
     out = []
@@ -89,8 +91,9 @@ def conditions(design: Design | Sequence[str], controls: Sequence[str] = ()) -> 
             for levels in itertools.product(*(d[f][1:] for f in subset)):
                 out.append(frozenset(str(x) for x in levels))
     kd_levels = [str(k) for k in d.get("kd", (None, "kd"))[1:]]
-    return out + [c for c in (frozenset({k, src}) for k in kd_levels for src in controls)
-                  if c not in out]
+    out += [c for c in (frozenset({k, src}) for k in kd_levels for src in controls)
+            if c not in out]
+    return [c for c in out if condition_name(c) in only] if only else out
 
 
 @dataclass(frozen=True)
@@ -279,7 +282,8 @@ def paired(a_name: str, a: dict[int, float], b_name: str, b: dict[int, float],
                     judge, a=a_name, b=b_name, primary=primary)
 
 
-def effects(table: Table, design: Design, judge: Judgement = Judgement()) -> list[Paired]:
+def effects(table: Table, design: Design, judge: Judgement = Judgement(),
+            only: Sequence[str] = ()) -> list[Paired]:
     """Factorial effects, per seed, summarised over seeds.
 
     For a set S of factors, each at one non-reference level L_f: at every setting o of the
@@ -288,8 +292,12 @@ def effects(table: Table, design: Design, judge: Judgement = Judgement()) -> lis
     that is the main effect, mean over the others of (on - off); for two, the interaction,
     the mean difference of differences. With binary factors only this is the classical
     2^k factorial contrast; a multi-level factor gives each level its effect against none.
+    An ablation that runs only some conditions (``only``) has no effects unless it runs
+    every cell of the factorial.
     """
     conds = conditions(design)
+    if only and any(condition_name(c) not in only for c in conds):
+        return []
     present = [set(table.get(c, {})) for c in conds]
     seeds = sorted(set.intersection(*present)) if present else []
     factors = _factor_order(design)
@@ -317,14 +325,17 @@ def effects(table: Table, design: Design, judge: Judgement = Judgement()) -> lis
 
 def comparisons(table: Table, design: Design, controls: Sequence[str] = (),
                 judge: Judgement = Judgement(),
-                primary: tuple[Condition, Condition] | None = PRIMARY) -> list[Paired]:
+                primary: tuple[Condition, Condition] | None = PRIMARY,
+                only: Sequence[str] = ()) -> list[Paired]:
     """Each condition against the student; the primary comparison (by default KD+IG - KD);
     where the kd factor has several methods, each method against the first one and IG with
     each method against that method alone; and for every other overlay level and control:
-    against no overlay and against IG, at each setting of the other factors."""
-    conds = conditions(design, controls)
+    against no overlay and against IG, at each setting of the other factors. ``only``:
+    the conditions run (--conditions); a pair needs both."""
+    conds = conditions(design, controls, only)
     student = frozenset()
-    pairs: list[tuple[Condition, Condition]] = [(c, student) for c in conds if c != student]
+    pairs: list[tuple[Condition, Condition]] = \
+        [(c, student) for c in conds if c != student] if student in conds else []
     primary_pair = primary if primary is not None and all(c in conds for c in primary) \
         else None
     if primary_pair is not None and primary_pair not in pairs:
@@ -333,7 +344,8 @@ def comparisons(table: Table, design: Design, controls: Sequence[str] = (),
     if len(methods) > 1:
         first = methods[0]
         for m in methods[1:]:  # which method distils best, with no overlay
-            pairs.append((frozenset({m}), frozenset({first})))
+            if frozenset({m}) in conds and frozenset({first}) in conds:
+                pairs.append((frozenset({m}), frozenset({first})))
         for m in methods:  # the overlay's effect with each method
             pair = (frozenset({m, "ig"}), frozenset({m}))
             if all(c in conds for c in pair) and pair not in pairs:
@@ -369,12 +381,12 @@ def _holm(ps: list[float]) -> list[float]:
     return out
 
 
-def primary_pair(analysis: AnalysisConfig, design: Design, controls: tuple[str, ...] = ()
-                 ) -> tuple[Condition, Condition] | None:
+def primary_pair(analysis: AnalysisConfig, design: Design, controls: tuple[str, ...] = (),
+                 only: Sequence[str] = ()) -> tuple[Condition, Condition] | None:
     """The declared primary comparison ("A - B") as two of the ablation's conditions. The
     default (KD+IG - KD) is simply absent from an ablation without those conditions; one
     declared in the study file or with --set must be among them (one line otherwise)."""
-    names = {condition_name(c): c for c in conditions(design, controls)}
+    names = {condition_name(c): c for c in conditions(design, controls, only)}
     parts = [x.strip() for x in analysis.primary.split(" - ")]
     if len(parts) == 2 and all(x in names for x in parts):
         return names[parts[0]], names[parts[1]]
@@ -425,14 +437,16 @@ def verdict_text(row: Mapping[str, Any]) -> str:
 
 def analyse(table: Table, design: Design | Sequence[str], controls: Sequence[str] = (),
             judge: Judgement = Judgement(),
-            primary: tuple[Condition, Condition] | None = PRIMARY) -> dict[str, Any]:
+            primary: tuple[Condition, Condition] | None = PRIMARY,
+            only: Sequence[str] = ()) -> dict[str, Any]:
     """Summaries, comparisons and effects of one metric, with Holm-adjusted p-values over
     that family (comparisons and effects together), equivalence tests within
     ``judge.margin``, each row's Holm level, MDE at that level, and verdict."""
     d = design_of(design) if not isinstance(design, Mapping) else design
-    conds = conditions(d, controls)
+    conds = conditions(d, controls, only)
     summaries = [summarise(condition_name(c), table.get(c, {}).values()) for c in conds]
-    family = comparisons(table, d, controls, judge, primary) + effects(table, d, judge)
+    family = comparisons(table, d, controls, judge, primary, only) + \
+        effects(table, d, judge, only)
     t_holm = _holm([x.t_p for x in family])
     w_holm = _holm([x.wilcoxon_p for x in family])
     e_holm = _holm([x.tost_p for x in family])

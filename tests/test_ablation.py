@@ -360,6 +360,40 @@ def test_controls_run_with_kd_only_through_the_cli(tmp_path: Path,
                           "ran with another", f"controls={controls}")
 
 
+@pytest.mark.slow  # 8 runs
+def test_only_some_conditions_run_through_the_cli(tmp_path: Path, isolated_storage: Path,
+                                                  warm_cache: Path) -> None:
+    """KD held on, the overlay varied (--conditions): no student or IG-alone runs, the
+    comparisons among the conditions run, no factorial effects (their cells are missing),
+    the same analysis in the report's data; recorded, so the full design is refused."""
+    only = ["KD", "KD+IG", "KD+shuffled", "KD+constant"]
+    args = ("--seeds", "2", "--factors", "kd,ig", "--controls", "shuffled,constant",
+            "--params", _params_file(tmp_path), "--out", str(tmp_path))
+    proc = _ablate(*args, "--conditions", "KD+constant,KD,KD+shuffled,KD+IG")
+    assert proc.returncode == 0, proc.stderr
+    assert "8 runs (4 conditions x 2 replicates)" in proc.stdout
+    res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
+    assert res["conditions"] == only  # in the design's order
+    assert sorted({r["condition"] for r in res["runs"]}) == sorted(only)
+    test = res["results"]["all"]["test_acc"]
+    assert [s["condition"] for s in test["summaries"]] == only
+    assert [c["name"] for c in test["comparisons"]] == [
+        "KD+IG - KD", "KD+shuffled - KD", "KD+shuffled - KD+IG", "KD+constant - KD",
+        "KD+constant - KD+IG"]
+    assert test["effects"] == [] and test["primary"] == "KD+IG - KD"
+    assert all(c["n"] == 2 for c in test["comparisons"])
+    from kdig_study.report_data import ablation_data
+
+    storage = f"sqlite:///{isolated_storage}/kdig.db"
+    data = ablation_data(storage, "kd_ig-smoke")
+    assert data is not None
+    assert [c["name"] for c in data.analysis["test_acc"]["comparisons"]] == \
+        [c["name"] for c in test["comparisons"]]
+    study = optuna.load_study(study_name="kd_ig-smoke.ablation", storage=storage)
+    assert study.user_attrs["ablation"]["conditions"] == only
+    assert_one_line_error(_ablate(*args), "ran with another", "conditions")
+
+
 @pytest.mark.slow  # two more end-to-end ablations (about 10 s)
 def test_sweep_and_monte_carlo_through_the_cli(tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
     params = _params_file(tmp_path)
@@ -477,12 +511,16 @@ def test_two_sweeps_crossed_through_the_cli(tmp_path: Path, isolated_storage: Pa
     ("controls", "ig", ["--controls ig", "'ig'", "allowed: shuffled"]),
     ("controls", "shuffled,shuffled", ["'shuffled'", "repeated"]),
     ("controls", "gradcam with kd,overlay=none|ig|gradcam", ["already an overlay level"]),
+    ("conditions", "KD,KD+XX", ["'KD+XX' unknown", "conditions (--factors, --controls): "
+                                "student, KD, IG, KD+IG"]),
+    ("conditions", "KD,KD", ["'KD' unknown or repeated"]),
+    ("conditions", "KD", ["at least two"]),
 ])
 def test_bad_factors_sweeps_and_controls_are_one_line(kind: str, text: str,
                                                       fragments: list[str]) -> None:
     """The argument checks themselves; test_bad_input_is_one_line sends a few through the
     command line."""
-    from kdig_study.ablate import parse_controls, parse_factors
+    from kdig_study.ablate import parse_conditions, parse_controls, parse_factors
     from kdig_study.errors import KdigError
 
     cfg = load_study("kd_ig", "smoke")
@@ -491,6 +529,8 @@ def test_bad_factors_sweeps_and_controls_are_one_line(kind: str, text: str,
             parse_factors(text, cfg)
         elif kind == "sweep":
             parse_sweeps(text.split("|"), cfg)
+        elif kind == "conditions":
+            parse_conditions(text, parse_factors("kd,ig", cfg), ())
         else:
             controls, _, factors = text.partition(" with ")
             parse_controls(controls, parse_factors(factors or "kd,ig", cfg))
@@ -509,6 +549,7 @@ def test_bad_factors_sweeps_and_controls_are_one_line(kind: str, text: str,
     (["--teachers", "0"], ["--teachers"]),
     (["--params", "missing.toml"], ["--params missing.toml: no such file"]),
     (["--controls", "ig"], ["--controls ig", "'ig'", "allowed: shuffled"]),
+    (["--conditions", "KD,KD+shuffled"], ["--conditions KD,KD+shuffled", "'KD+shuffled'"]),
 ])
 def test_bad_input_is_one_line(args: list[str], fragments: list[str]) -> None:
     assert_one_line_error(_ablate(*args), *fragments)

@@ -327,3 +327,23 @@ def test_no_spread_is_never_called_equivalent() -> None:
     table = {frozenset(): {0: 0.1, 1: 0.1}, frozenset({"kd"}): {0: 0.1, 1: 0.1}}
     row = analyse(table, ["kd"], judge=Judgement(margin=0.004))["comparisons"][0]
     assert math.isnan(row["tost_p"]) and row["verdict"] == "inconclusive"
+
+
+def test_an_ablation_of_some_conditions_keeps_its_pairs_and_its_effects_only_if_whole() -> None:
+    """--conditions: a comparison needs both of its conditions, the factorial effects every
+    cell; the student is no reference where it is not run."""
+    const = frozenset({"kd", "constant"})
+    table = TABLE | {const: {0: 0.73, 1: 0.74, 2: 0.74}}
+    design = design_of(["kd", "ig"])
+    whole = analyse(table, design, ["constant"],
+                    only=["student", "KD", "IG", "KD+IG", "KD+constant"])
+    assert [e["name"] for e in whole["effects"]] == ["KD", "IG", "KD x IG"]
+    assert "KD+constant - student" in [c["name"] for c in whole["comparisons"]]
+    kd_on = analyse(table, design, ["constant"], only=["KD", "KD+IG", "KD+constant"])
+    assert [c["name"] for c in kd_on["comparisons"]] == \
+        ["KD+IG - KD", "KD+constant - KD", "KD+constant - KD+IG"]
+    assert kd_on["effects"] == [] and kd_on["primary"] == "KD+IG - KD"
+    # the Holm family is the three rows run: the smallest p is multiplied by 3, not by 12
+    ps = sorted(c["t_p"] for c in kd_on["comparisons"])
+    assert min(c["t_p_holm"] for c in kd_on["comparisons"]) == pytest.approx(3 * ps[0])
+    assert conditions(design, ["constant"], ["KD+constant", "KD"]) == [KD, const]
