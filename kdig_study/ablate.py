@@ -188,8 +188,8 @@ def parse_factors(text: str, cfg: StudyConfig) -> dict[str, tuple[str | None, ..
 def parse_conditions(text: str, design: dict[str, tuple[str | None, ...]],
                      controls: tuple[str, ...]) -> tuple[str, ...]:
     """``KD,KD+IG,KD+shuffled`` -> those of the design's conditions, in the design's order;
-    () (all) where empty."""
-    from kdig_study.stats import conditions
+    () (all) where empty or naming every one (the same ablation as without the flag)."""
+    from kdig_study.stats import analyse, conditions
 
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
@@ -202,7 +202,15 @@ def parse_conditions(text: str, design: dict[str, tuple[str | None, ...]],
                            f"repeated; " if bad else "give at least two conditions; ")
                         + f"this design's conditions (--factors, --controls): "
                           f"{', '.join(names)}")
-    return tuple(n for n in names if n in items)
+    if len(items) == len(names):
+        return ()
+    only = tuple(n for n in names if n in items)
+    empty = analyse({}, design, controls, only=only)
+    if not empty["comparisons"] and not empty["effects"]:
+        raise KdigError(f"--conditions {text}: no comparison among these (a pair needs a "
+                        f"condition and its reference: the student, the same without the "
+                        f"overlay, or KD+IG for a control); e.g. KD,KD+IG, or add student")
+    return only
 
 
 def parse_controls(text: str, design: dict[str, tuple[str | None, ...]]) -> tuple[str, ...]:
@@ -586,7 +594,7 @@ def seeds_plan(cfg: StudyConfig, options: _Options, url: str, pilot_sd: float | 
                             f"small ablation first (e.g. --seeds 5)")
         sd, name, n = found
         origin = f"study '{name}', {n} replicates"
-    empty = analyse({}, design, controls, only=only)
+    empty = analyse({}, design, controls, primary=pair, only=only)
     rows = len(empty["comparisons"]) + len(empty["effects"])
     margin = a.equivalence_margin / 100
     lines = [f"plan for {a.primary} on {a.metric}: equivalence margin +-"
@@ -737,7 +745,7 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
          ctx: Context, tracker: Tracker) -> None:
     """The planned runs: maps up front (first process), then here or in --workers processes;
     the run ledger is read first and rewritten after each finished run."""
-    from kdig_study.ablation import AblationRunner
+    from kdig_study.ablation import AblationRunner, overlay_level
     from kdig_study.objectives import attach_gallery
     from kdig_study.stats import overlay_sources
     from kdig_study.store import artifact_store
@@ -746,7 +754,8 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
     write_ledger = _ledger(args, setup, study, ctx)
     if worker is None:
         _maps_up_front(ctx, setup.params, setup.runs, setup.sweep)
-        levels_on = overlay_sources(setup.design, setup.controls)
+        run = {overlay_level(r.condition) for r in setup.runs}  # --conditions may drop some
+        levels_on = [s for s in overlay_sources(setup.design, setup.controls) if s in run]
         if levels_on:
             attach_gallery(study, artifact_store(), ctx.gallery(levels_on))
     if worker is None and args.workers > 1:
@@ -856,7 +865,7 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
     under this command's declared [analysis]: e.g. a study run before equivalence tests and
     verdicts existed, judged now, or a study that cannot go on (its machine is gone), judged
     on its complete replicates; the runs untouched."""
-    from kdig_study.stats import conditions, design_from_levels
+    from kdig_study.stats import conditions, design_from_levels, primary_pair
 
     try:
         done = json.loads(path.read_text())
@@ -876,6 +885,9 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
     design = design_from_levels(levels)
     names = {condition_name(c): c for c in conditions(design, controls, only)}
     runs, partial = complete_replicates(runs, names)
+    if not runs:
+        raise KdigError(f"--reanalyse {path}: no replicate holds every condition "
+                        f"({', '.join(names)}); nothing to pair")
     if partial:
         print(f"left out {len(partial)} replicate(s) that lack a condition "
               f"({', '.join(map(str, partial))}): every comparison has the same n")
@@ -890,8 +902,9 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
 
     blocks: list[tuple[str, str, dict[str, Any]]] = []
     replicates = sorted({int(r["replicate"]) for r in runs})
+    has_primary = primary_pair(cfg.analysis, design, controls, only) is not None
     print(f"{path}: {len(runs)} runs of {len(names)} conditions x {len(replicates)} "
-          f"replicates; analysis: " + analysis_text(cfg))
+          f"replicates; analysis: " + analysis_text(cfg, has_primary))
     results = {"all": analyse_group(table_of, design, controls, cfg, None, blocks, only)}
     stem = path.stem.removesuffix(".runs")  # a ledger's verdicts sit beside its results
     target = out_dir / f"{safe_name(stem)}.verdicts.json"

@@ -392,6 +392,20 @@ def test_only_some_conditions_run_through_the_cli(tmp_path: Path, isolated_stora
     study = optuna.load_study(study_name="kd_ig-smoke.ablation", storage=storage)
     assert study.user_attrs["ablation"]["conditions"] == only
     assert_one_line_error(_ablate(*args), "ran with another", "conditions")
+    # every condition named is the same ablation as none named: not "another conditions"
+    every = "student,KD,IG,KD+IG,KD+shuffled,KD+constant"
+    proc = _ablate(*args, "--conditions", every, "--study-name", "every", "--seeds", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "conditions" not in optuna.load_study(study_name="every", storage=storage) \
+        .user_attrs["ablation"]
+    # no overlay run, no map gallery (it computed the maps of every source of the design)
+    from optuna.artifacts import get_all_artifact_meta
+
+    assert any(m.filename.startswith("gallery-") for m in get_all_artifact_meta(study))
+    proc = _ablate(*args, "--conditions", "student,KD", "--study-name", "no-overlay")
+    assert proc.returncode == 0, proc.stderr
+    assert get_all_artifact_meta(optuna.load_study(study_name="no-overlay",
+                                                   storage=storage)) == []
 
 
 @pytest.mark.slow  # two more end-to-end ablations (about 10 s)
@@ -515,6 +529,7 @@ def test_two_sweeps_crossed_through_the_cli(tmp_path: Path, isolated_storage: Pa
                                 "student, KD, IG, KD+IG"]),
     ("conditions", "KD,KD", ["'KD' unknown or repeated"]),
     ("conditions", "KD", ["at least two"]),
+    ("conditions", "KD,IG", ["no comparison among these"]),
 ])
 def test_bad_factors_sweeps_and_controls_are_one_line(kind: str, text: str,
                                                       fragments: list[str]) -> None:
@@ -899,6 +914,10 @@ def test_reanalyse_judges_a_stopped_study_from_its_run_ledger(tmp_path: Path) ->
     # the margin it declared (0.3) differs from the study file's (0.4): said, not hidden
     proc = run_cli(*base)
     assert proc.returncode == 0 and "note: the ablation declared" in proc.stdout
+    # a ledger stopped before its first whole replicate has nothing to pair
+    data["runs"] = partial
+    src.write_text(json.dumps(data))
+    assert_one_line_error(run_cli(*base), "no replicate holds every condition")
     # runs of another config (here: other epochs) are not judged as this study's
     assert_one_line_error(run_cli(*base, "--set", "student_train.epochs=2"),
                           "its runs were made with another study config")
