@@ -57,7 +57,6 @@ from kdig_study.config import (
     StudyConfig,
     apply_params,
     at_pair_problem,
-    condition_name,
     condition_study,
     kd_level,
     load_params,
@@ -189,12 +188,12 @@ def parse_conditions(text: str, design: dict[str, tuple[str | None, ...]],
                      controls: tuple[str, ...]) -> tuple[str, ...]:
     """``KD,KD+IG,KD+shuffled`` -> those of the design's conditions, in the design's order;
     () (all) where empty or naming every one (the same ablation as without the flag)."""
-    from kdig_study.stats import analyse, conditions
+    from kdig_study.stats import analyse, named_conditions
 
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
         return ()
-    names = [condition_name(c) for c in conditions(design, controls)]
+    names = list(named_conditions(design, controls))
     bad = [x for x in items if x not in names or items.count(x) > 1]
     if bad or len(items) < 2:
         raise KdigError(f"--conditions {text}: "
@@ -615,11 +614,11 @@ def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, 
     """Every condition's parameters, the replicates' seeds (none a search trial used) and the
     planned runs."""
     from kdig_study.ablation import plan
-    from kdig_study.stats import conditions
+    from kdig_study.stats import named_conditions
 
     design, controls, sweep, only = options
     search_name = args.from_study or f"{cfg.name}-{cfg.scale}"
-    conds = {condition_name(c): c for c in conditions(design, controls, only)}
+    conds = named_conditions(design, controls, only)
     names = list(conds)
     mode, params, origin = condition_params(args, storage, url, cfg, conds)
     replicates = args.monte_carlo or args.seeds
@@ -865,7 +864,7 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
     under this command's declared [analysis]: e.g. a study run before equivalence tests and
     verdicts existed, judged now, or a study that cannot go on (its machine is gone), judged
     on its complete replicates; the runs untouched."""
-    from kdig_study.stats import conditions, design_from_levels, primary_pair
+    from kdig_study.stats import design_from_levels, named_conditions, primary_pair
 
     try:
         done = json.loads(path.read_text())
@@ -883,7 +882,7 @@ def reanalyse(path: Path, cfg: StudyConfig, out_dir: Path) -> None:
         raise KdigError(f"--reanalyse {path}: several teachers' results; re-run `ablate` on "
                         f"its store")
     design = design_from_levels(levels)
-    names = {condition_name(c): c for c in conditions(design, controls, only)}
+    names = named_conditions(design, controls, only)
     runs, partial = complete_replicates(runs, names)
     if not runs:
         raise KdigError(f"--reanalyse {path}: no replicate holds every condition "
@@ -919,10 +918,9 @@ def teacher_effects(table_of: Callable[[int], Table], setup: _Setup,
     """Every comparison of the declared metric pooled over the teachers with a random
     teacher effect (stats.random_teacher), from each teacher's paired differences
     (``table_of(k)``: teacher k's table); printed and returned."""
-    from kdig_study.stats import conditions, random_teacher
+    from kdig_study.stats import named_conditions, random_teacher
 
-    names = {condition_name(c): c for c in conditions(setup.design, setup.controls,
-                                                      setup.only)}
+    names = named_conditions(setup.design, setup.controls, setup.only)
     tables = {k: table_of(k) for k in range(setup.teachers)}
     out = []
     print(f"random teacher effect on {dict(METRICS)[setup.cfg.analysis.metric]} (pooled over "
@@ -961,7 +959,8 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
         "study": name, "design": s.mode, "design_text": _DESIGN_TEXT[s.mode],
         "params": {n: effective(s.cfg, p) | p for n, p in s.params.items()},
         "origin": s.origin, "factors": s.levels, "controls": list(s.controls),
-        "conditions": list(s.only) or s.names, "replicates": s.replicates, "seeds": {str(r): v for r, v in s.seeds.items()},
+        "conditions": s.names, "replicates": s.replicates,
+        "seeds": {str(r): v for r, v in s.seeds.items()},
         "teachers": s.teachers,
         "scale": s.cfg.scale, "analysis": dataclasses.asdict(s.cfg.analysis),
         "primary": f"{s.cfg.analysis.primary} on {dict(METRICS)[s.cfg.analysis.metric]}"

@@ -55,6 +55,7 @@ from kdig_study.stats import (
     by_family,
     condition_name,
     conditions,
+    named_conditions,
     overlay_sources,
     primary_pair,
 )
@@ -275,7 +276,7 @@ class AblationRunner:
         self.poll_s = poll_s
         self.lock = SlotLock(storage or rdb_storage_of(study), study.study_name)
         self._profiles: dict[str, dict[str, Any]] = {}
-        self._names = [condition_name(c) for c in conditions(design, controls, only)]
+        self._names = list(named_conditions(design, controls, only))
         self._overlay = ["none", *overlay_sources(design, controls)]
         methods = [str(k) for k in design.get("kd", (None, "kd"))[1:]]
         self._kd: list[Any] = [0, 1] if methods == ["kd"] else [0, *methods]

@@ -96,6 +96,12 @@ def conditions(design: Design | Sequence[str], controls: Sequence[str] = (),
     return [c for c in out if condition_name(c) in only] if only else out
 
 
+def named_conditions(design: Design | Sequence[str], controls: Sequence[str] = (),
+                     only: Sequence[str] = ()) -> dict[str, Condition]:
+    """:func:`conditions` by name, in the same order."""
+    return {condition_name(c): c for c in conditions(design, controls, only)}
+
+
 @dataclass(frozen=True)
 class ConditionSummary:
     condition: str
@@ -386,7 +392,7 @@ def primary_pair(analysis: AnalysisConfig, design: Design, controls: tuple[str, 
     """The declared primary comparison ("A - B") as two of the ablation's conditions. The
     default (KD+IG - KD) is simply absent from an ablation without those conditions; one
     declared in the study file or with --set must be among them (one line otherwise)."""
-    names = {condition_name(c): c for c in conditions(design, controls, only)}
+    names = named_conditions(design, controls, only)
     parts = [x.strip() for x in analysis.primary.split(" - ")]
     if len(parts) == 2 and all(x in names for x in parts):
         return names[parts[0]], names[parts[1]]
