@@ -719,7 +719,7 @@ def _ledger(args: argparse.Namespace, setup: _Setup, study: optuna.Study,
     """Add back the runs the store lacks from the study's run ledger (first process only);
     return what rewrites the ledger after each finished run."""
     from kdig_study.ablation import planned_trials, run_of, teacher_context
-    from kdig_study.engine import resolve_precision
+    from kdig_study.engine import bf16_kernels, resolve_precision
     from kdig_study.ledger import import_ledger, ledger_path, write_ledger
 
     def teacher_sha256(params: dict[str, Any]) -> Any:
@@ -728,8 +728,9 @@ def _ledger(args: argparse.Namespace, setup: _Setup, study: optuna.Study,
 
     path = ledger_path(Path(args.out), study.study_name)
     if args.worker_index is None:
+        precision = resolve_precision(setup.cfg.student_train.precision, ctx.device)
         added = import_ledger(path, study, lambda p: run_of(p, setup.sweep), teacher_sha256,
-                              resolve_precision(setup.cfg.student_train.precision, ctx.device))
+                              precision, bf16_kernels(precision, ctx.device))
         if added:
             print(f"{added} finished run(s) taken from the run ledger {path} (this store "
                   f"lacked them)", flush=True)

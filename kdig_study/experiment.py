@@ -33,6 +33,7 @@ from kdig_study.engine import (
     Distillation,
     EpochCallback,
     TrainResult,
+    bf16_kernels,
     resolve_device,
     resolve_precision,
     seeded_model,
@@ -292,6 +293,8 @@ class RunMetrics:
     # KD/AT runs: steps whose teacher outputs came from the cache, and steps that ran it
     teacher_steps_cached: int = 0
     teacher_steps_computed: int = 0
+    # the CPU's bf16 kernel family (engine.bf16_kernels): None off the CPU or at fp32
+    kernels: str | None = None
 
     def stored(self) -> dict[str, Any]:
         """The figures a trial records, by their stored names (what reports read back)."""
@@ -304,7 +307,8 @@ class RunMetrics:
             "teacher_steps_cached": self.teacher_steps_cached,
             "teacher_steps_computed": self.teacher_steps_computed} | self._robust_means()
         out |= {k: v for k, v in (("source", self.source), ("ig_steps", self.ig_steps),
-                                  ("ig_gap_median", self.ig_gap_median)) if v is not None}
+                                  ("ig_gap_median", self.ig_gap_median),
+                                  ("kernels", self.kernels)) if v is not None}
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -422,5 +426,6 @@ def run_student(ctx: Context, cfg: StudyConfig | None = None, *,
         eval_s=sum(h.val_seconds for h in result.history) + result.test_s,
         wall_s=time.perf_counter() - t0, robust=robust,
         teacher_steps_cached=result.teacher_steps_cached,
-        teacher_steps_computed=result.teacher_steps_computed, **ig_info)
+        teacher_steps_computed=result.teacher_steps_computed,
+        kernels=bf16_kernels(result.precision, ctx.device), **ig_info)
     return StudentRun(model, result, metrics)

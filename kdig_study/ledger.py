@@ -9,7 +9,9 @@ portable copy, small enough to commit (a few KB per run), unlike the database.
 A ledger is taken only by the same ablation: the same config, data, design, parameters,
 levels, sweep and declared analysis (its header), and runs whose teacher had the same
 weights, checked by their checksum (a teacher trained again on another machine must be the
-same file, or the runs learned from another teacher). Anything else is refused in one line.
+same file, or the runs learned from another teacher). Runs made at another precision, or
+under bf16 on a CPU of another bf16 kernel family, are refused before the teacher is trained
+(they would fail its checksum an hour later). Anything else is refused in one line.
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ def _precision(run: dict[str, Any]) -> str | None:
     return run["user_attrs"].get("metrics", {}).get("precision")
 
 
+def _kernels(run: dict[str, Any]) -> str | None:
+    """The CPU bf16 kernel family a run trained with (recorded in its metrics since
+    2026-12-07), None where not recorded or not a CPU bf16 run."""
+    return run["user_attrs"].get("metrics", {}).get("kernels")
+
+
 def _same_teacher(run: dict[str, Any], teacher_sha256: Any) -> bool:
     recorded = run["user_attrs"].get("provenance", {})
     if recorded.get("teacher") is None:  # a run without a teacher (the student alone)
@@ -85,12 +93,13 @@ def _same_teacher(run: dict[str, Any], teacher_sha256: Any) -> bool:
 
 
 def import_ledger(path: Path, study: optuna.Study, run_key: Any, teacher_sha256: Any,
-                  precision: str | None = None) -> int:
+                  precision: str | None = None, kernels: str | None = None) -> int:
     """Add the ledger's runs that ``study`` has no COMPLETE trial of; return how many.
     ``run_key(params)``: a run's identity; ``teacher_sha256(params)``: the checksum of the
     teacher this machine has for that run (called only where a run used one, and only after
     the precision check: it may train the teacher); ``precision``: the precision runs train
-    at here, checked against the runs' own before anything costly."""
+    at here, and ``kernels`` the CPU bf16 kernel family they use (engine.bf16_kernels),
+    both checked against the runs' own before anything costly."""
     if not path.is_file():
         return 0
     data = read_ledger(path)
@@ -117,6 +126,16 @@ def import_ledger(path: Path, study: optuna.Study, run_key: Any, teacher_sha256:
                         f"be pooled with them: finish it on a machine like the ledger's, analyse "
                         f"what it holds with `ablate --reanalyse {path}`, or start with "
                         f"another --out")
+    if precision == "bf16":  # an fp32 ledger's runs were refused just above
+        families = sorted({k for k in (_kernels(r) for r in missing) if k not in (None, kernels)})
+        if families:
+            raise KdigError(f"{path}: its runs trained with {'/'.join(families)} bf16 kernels "
+                            f"and this machine "
+                            f"{'uses ' + kernels if kernels else 'runs bf16 on a GPU'}: the same "
+                            f"recipe trains to other weights on each, so runs made here could "
+                            f"not be pooled with them: finish it on a machine like the "
+                            f"ledger's, analyse what it holds with `ablate --reanalyse "
+                            f"{path}`, or start with another --out")
     for run in missing:  # every run checked before any is added
         if not _same_teacher(run, teacher_sha256):
             raise KdigError(f"{path}: run {run['params'].get('condition')} r"

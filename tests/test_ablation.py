@@ -216,6 +216,12 @@ def _the_run_ledger_outlives_the_store(tmp_path: Path, out: Path, name: str, url
     shas = {r["user_attrs"]["provenance"]["teacher_sha256"] for r in ledger["runs"]
             if r["params"]["kd"] or r["params"]["overlay"] != "none"}
     assert len(shas) == 1 and len(shas.pop()) == 64
+    # each run names its CPU bf16 kernel family (none at fp32), checked before the teacher
+    from kdig_study.engine import bf16_kernels
+
+    made = {(r["user_attrs"]["metrics"]["precision"], r["user_attrs"]["metrics"].get("kernels"))
+            for r in ledger["runs"]}
+    assert made == {(p, bf16_kernels(p, torch.device("cpu"))) for p, _ in made}, made
     Path(url.removeprefix("sqlite:///")).unlink()  # the machine's store is gone
     again = _ablate("--seeds", "2", "--params", _params_file(tmp_path), "--out", str(out),
                     epochs=2)

@@ -164,3 +164,63 @@ def test_runs_of_another_precision_are_refused_before_the_teacher_is_asked(
         import_ledger(path, fresh, _key, teacher, precision="fp32")
     assert asked == [] and fresh.get_trials() == []
     assert import_ledger(path, fresh, _key, teacher, precision="bf16") == 1 and asked == [1]
+
+
+def test_bf16_runs_of_another_cpu_kernel_family_are_refused_before_the_teacher_is_asked(
+        tmp_path: Path) -> None:
+    """A ledger of bf16 runs made on an Intel CPU with AMX, taken up on an AMD EPYC with
+    AVX512-BF16: both train at bf16, but the teacher came out as other weights there and was
+    refused by its checksum only after 37 minutes of training."""
+    study = _study(tmp_path, "first")
+    _add_run(study, "KD", 0, 0.6, {"precision": "bf16", "kernels": "amx"})
+    path = tmp_path / "s.ablation.runs.json"
+    write_ledger(path, study, study.get_trials())
+    asked: list[int] = []
+
+    def teacher(params: dict) -> str:
+        asked.append(1)
+        return SHA
+
+    fresh = _study(tmp_path, "fresh")
+    for here, says in (("avx512_bf16", "uses avx512_bf16"), (None, "runs bf16 on a GPU")):
+        with pytest.raises(KdigError, match=rf"trained with amx bf16 kernels and this machine "
+                                            rf"{says}: .*--reanalyse"):
+            import_ledger(path, fresh, _key, teacher, precision="bf16", kernels=here)
+    assert asked == [] and fresh.get_trials() == []
+    assert import_ledger(path, fresh, _key, teacher, precision="bf16", kernels="amx") == 1
+    assert asked == [1]
+
+
+def test_runs_that_recorded_no_kernel_family_go_on_to_the_teacher_check(tmp_path: Path) -> None:
+    """Ledgers written before the family was recorded are judged by the teacher's checksum."""
+    study = _study(tmp_path, "first")
+    _add_run(study, "KD", 0, 0.6, {"precision": "bf16"})
+    path = tmp_path / "s.ablation.runs.json"
+    write_ledger(path, study, study.get_trials())
+    fresh = _study(tmp_path, "fresh")
+    assert import_ledger(path, fresh, _key, lambda p: SHA, precision="bf16",
+                         kernels="avx512_bf16") == 1
+
+
+def test_the_cpu_bf16_kernel_family_is_read_from_the_cpu_flags(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import builtins
+
+    import torch
+
+    from kdig_study import engine
+
+    real_open = builtins.open
+    cpu = torch.device("cpu")
+    for flags, family in (("fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "amx"),
+                          ("fpu avx2 avx512f avx512_bf16", "avx512_bf16"),
+                          ("fpu avx2 fma", None)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(
+            info if p == "/proc/cpuinfo" else p, *a, **k))
+        assert engine.cpu_bf16_kernels() == family
+        assert engine.resolve_precision("auto", cpu) == ("fp32" if family is None else "bf16")
+        assert engine.bf16_kernels("bf16", cpu) == family
+        assert engine.bf16_kernels("fp32", cpu) is None
+        assert engine.bf16_kernels("bf16", torch.device("meta")) is None

@@ -534,7 +534,7 @@ def test_export_finds_the_teacher_at_the_precision_its_study_recorded(
     made_at = engine.resolve_precision("auto", cpu)
     here = cached_teacher(cfg, data, cpu)
     assert here is not None
-    monkeypatch.setattr(engine, "_cpu_has_fast_bf16", lambda: made_at == "fp32")
+    monkeypatch.setattr(engine, "cpu_bf16_kernels", lambda: "amx" if made_at == "fp32" else None)
     assert engine.resolve_precision("auto", cpu) != made_at  # now "other hardware"
     assert cached_teacher(cfg, data, cpu) is None
     found = cached_teacher(cfg, data, cpu, made_at)
