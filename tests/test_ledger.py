@@ -212,13 +212,13 @@ def test_the_cpu_bf16_kernel_family_is_read_from_the_cpu_flags(
 
     real_open = builtins.open
     cpu = torch.device("cpu")
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(
+        info if p == "/proc/cpuinfo" else p, *a, **k))
     for flags, family in (("fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "amx"),
                           ("fpu avx2 avx512f avx512_bf16", "avx512_bf16"),
                           ("fpu avx2 fma", None)):
-        info = tmp_path / "cpuinfo"
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
-        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(
-            info if p == "/proc/cpuinfo" else p, *a, **k))
         assert engine.cpu_bf16_kernels() == family
         assert engine.resolve_precision("auto", cpu) == ("fp32" if family is None else "bf16")
         assert engine.bf16_kernels("bf16", cpu) == family
