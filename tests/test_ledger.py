@@ -143,21 +143,32 @@ def test_a_damaged_ledger_is_one_line(tmp_path: Path, text: str) -> None:
         import_ledger(path, _study(tmp_path, "x"), _key, lambda p: SHA)
 
 
-def test_runs_of_another_precision_are_refused_before_the_teacher_is_asked(
-        tmp_path: Path) -> None:
-    """precision 'auto' follows the hardware: a ledger of bf16 runs (a CPU with AMX) taken up
-    on an AVX2-only machine (fp32) was refused only by the teacher's checksum, after the
-    teacher had trained for an hour."""
+def _one_kd_run(tmp_path: Path, metrics: dict[str, Any]) -> Path:
+    """A ledger of one KD run that recorded ``metrics``."""
     study = _study(tmp_path, "first")
-    _add_run(study, "KD", 0, 0.6, {"precision": "bf16"})
+    _add_run(study, "KD", 0, 0.6, metrics)
     path = tmp_path / "s.ablation.runs.json"
     write_ledger(path, study, study.get_trials())
+    return path
+
+
+def _counting_teacher() -> tuple[list[int], Any]:
+    """A teacher_sha256 stand-in that notes each call (a call may train the teacher)."""
     asked: list[int] = []
 
     def teacher(params: dict) -> str:
         asked.append(1)
         return SHA
+    return asked, teacher
 
+
+def test_runs_of_another_precision_are_refused_before_the_teacher_is_asked(
+        tmp_path: Path) -> None:
+    """precision 'auto' follows the hardware: a ledger of bf16 runs (a CPU with AMX) taken up
+    on an AVX2-only machine (fp32) was refused only by the teacher's checksum, after the
+    teacher had trained for an hour."""
+    path = _one_kd_run(tmp_path, {"precision": "bf16"})
+    asked, teacher = _counting_teacher()
     fresh = _study(tmp_path, "fresh")
     with pytest.raises(KdigError, match=r"trained at bf16 and this machine trains at fp32.*"
                                         r"--reanalyse"):
@@ -171,16 +182,8 @@ def test_bf16_runs_of_another_cpu_kernel_family_are_refused_before_the_teacher_i
     """A ledger of bf16 runs made on an Intel CPU with AMX, taken up on an AMD EPYC with
     AVX512-BF16: both train at bf16, but the teacher came out as other weights there and was
     refused by its checksum only after 37 minutes of training."""
-    study = _study(tmp_path, "first")
-    _add_run(study, "KD", 0, 0.6, {"precision": "bf16", "kernels": "amx"})
-    path = tmp_path / "s.ablation.runs.json"
-    write_ledger(path, study, study.get_trials())
-    asked: list[int] = []
-
-    def teacher(params: dict) -> str:
-        asked.append(1)
-        return SHA
-
+    path = _one_kd_run(tmp_path, {"precision": "bf16", "kernels": "amx"})
+    asked, teacher = _counting_teacher()
     fresh = _study(tmp_path, "fresh")
     for here, says in (("avx512_bf16", "uses avx512_bf16"), (None, "runs bf16 on a GPU")):
         with pytest.raises(KdigError, match=rf"trained with amx bf16 kernels and this machine "
@@ -193,10 +196,7 @@ def test_bf16_runs_of_another_cpu_kernel_family_are_refused_before_the_teacher_i
 
 def test_runs_that_recorded_no_kernel_family_go_on_to_the_teacher_check(tmp_path: Path) -> None:
     """Ledgers written before the family was recorded are judged by the teacher's checksum."""
-    study = _study(tmp_path, "first")
-    _add_run(study, "KD", 0, 0.6, {"precision": "bf16"})
-    path = tmp_path / "s.ablation.runs.json"
-    write_ledger(path, study, study.get_trials())
+    path = _one_kd_run(tmp_path, {"precision": "bf16"})
     fresh = _study(tmp_path, "fresh")
     assert import_ledger(path, fresh, _key, lambda p: SHA, precision="bf16",
                          kernels="avx512_bf16") == 1
