@@ -648,6 +648,29 @@ def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
     study = open_study(storage, name, setup.cfg, optuna.samplers.RandomSampler(),
                        optuna.pruners.NopPruner(), ["maximize"], url,
                        **ctx.study_identity())
+    old = study.user_attrs.get("ablation")
+    ident = check_recorded(old, setup, name, url)
+    study.set_user_attr("ablation", ident | {
+        "analysis": (old or {}).get("analysis", dataclasses.asdict(setup.cfg.analysis)),
+        "search_study": setup.search_name, "origin": setup.origin,
+        "design_text": _DESIGN_TEXT[setup.mode],
+        "seeds": {str(r): s for r, s in setup.seeds.items()} | (old or {}).get("seeds", {})})
+    return study
+
+
+def recorded_ablation(storage: Any, name: str) -> dict[str, Any] | None:
+    """What ablation study ``name`` recorded of itself in the store, None where it is not
+    there (yet)."""
+    try:
+        return storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get("ablation")
+    except KeyError:
+        return None
+
+
+def check_recorded(old: dict[str, Any] | None, setup: _Setup, name: str, url: str
+                   ) -> dict[str, Any]:
+    """This ablation's identity (as the study records it), refused in one line where the
+    study recorded another (``old``: what it recorded; None for a new study)."""
     ident = {"design": setup.mode, "params": setup.params, "levels": setup.levels,
              "fraction": setup.fraction, **setup.sweep.identity()}
     if setup.controls:  # only where given: ablations recorded before controls still match
@@ -656,7 +679,6 @@ def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
         ident["teachers"] = setup.teachers
     if setup.only:  # likewise
         ident["conditions"] = list(setup.only)
-    old = study.user_attrs.get("ablation")
     declared = dataclasses.asdict(setup.cfg.analysis)
     if old is not None and old.get("analysis", declared) != declared:
         was = old["analysis"]
@@ -672,12 +694,7 @@ def open_ablation_study(storage: Any, url: str, name: str, setup: _Setup,
         raise KdigError(f"ablation study '{name}' in {url} ran with another {', '.join(changed)}"
                         f" ({', '.join(f'{k}={old.get(k)}' for k in changed)}); give this one "
                         f"its own --study-name, or run it as it was")
-    study.set_user_attr("ablation", ident | {
-        "analysis": (old or {}).get("analysis", declared),
-        "search_study": setup.search_name, "origin": setup.origin,
-        "design_text": _DESIGN_TEXT[setup.mode],
-        "seeds": {str(r): s for r, s in setup.seeds.items()} | (old or {}).get("seeds", {})})
-    return study
+    return ident
 
 
 def analysis_text(cfg: StudyConfig, has_primary: bool = True) -> str:
@@ -944,6 +961,57 @@ def teacher_effects(table_of: Callable[[int], Table], setup: _Setup,
     return out
 
 
+def results_identity(s: _Setup) -> dict[str, Any]:
+    """What an ablation's results JSON records of the ablation that wrote it: all another
+    ablation must share to write its results over them (more seeds of the same ablation do)."""
+    return _finite({"design": s.mode,
+                    "params": {n: effective(s.cfg, p) | p for n, p in s.params.items()},
+                    "factors": s.levels, "controls": list(s.controls), "conditions": s.names,
+                    "teachers": s.teachers, "scale": s.cfg.scale,
+                    "analysis": dataclasses.asdict(s.cfg.analysis), **s.sweep.identity()})
+
+
+# What results written before a key was recorded held (a key absent with no default here
+# is not compared: those files cannot say).
+_RECORDED_BEFORE = {"teachers": 1}
+
+
+def _differs(key: str, old: Any, new: Any) -> bool:
+    """Whether a recorded identity value differs; a condition's parameters are compared on
+    those both record (a parameter added later, e.g. kd_method, was at its default before)."""
+    if key != "params" or not isinstance(old, dict) or set(old) != set(new):
+        return old != new
+    return any(not isinstance(old[c], dict)
+               or any(old[c][p] != v for p, v in new[c].items() if p in old[c]) for c in new)
+
+
+def check_results_file(path: Path, setup: _Setup) -> None:
+    """Refuse, in one line and before any run, an ablation whose results would be written
+    over ``path`` when ``path`` holds another ablation's (a fresh store does not know the
+    name was used: ``--teachers`` or ``--conditions`` without ``--study-name`` get the plain
+    ablation's name)."""
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise KdigError(f"{path}: not an ablation's results ({type(e).__name__}: {e}); this "
+                        f"ablation would write its results there: move it away, or give this "
+                        f"one its own --study-name or --out") from None
+    mine = json.loads(json.dumps(results_identity(setup)))  # as the file holds it
+    changed = [k for k, v in mine.items() if (k in old or k in _RECORDED_BEFORE)
+               and _differs(k, old.get(k, _RECORDED_BEFORE.get(k)), v)]
+    if changed:
+        diff = ", ".join(k if k in ("params", "analysis") else
+                         f"{k} {old.get(k, _RECORDED_BEFORE.get(k))} -> {mine[k]}"
+                         for k in changed)
+        raise KdigError(f"{path} holds the results of another ablation named "
+                        f"'{old.get('study', path.stem)}' (differs in {diff}); give this one its "
+                        f"own --study-name, or another --out")
+
+
 def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None:
     """Statistics of the planned runs per sweep group and metric: printed, and written as
     JSON and CSV."""
@@ -957,13 +1025,9 @@ def analyse_and_write(setup: _Setup, study: optuna.Study, out_dir: Path) -> None
     blocks: list[tuple[str, str, dict[str, Any]]] = []
     groups = [(s.sweep.text(v), v) for v in s.sweep.levels()] if s.sweep else [("all", ())]
     out: dict[str, Any] = {
-        "study": name, "design": s.mode, "design_text": _DESIGN_TEXT[s.mode],
-        "params": {n: effective(s.cfg, p) | p for n, p in s.params.items()},
-        "origin": s.origin, "factors": s.levels, "controls": list(s.controls),
-        "conditions": s.names, "replicates": s.replicates,
+        "study": name, **results_identity(s), "design_text": _DESIGN_TEXT[s.mode],
+        "origin": s.origin, "replicates": s.replicates,
         "seeds": {str(r): v for r, v in s.seeds.items()},
-        "teachers": s.teachers,
-        "scale": s.cfg.scale, "analysis": dataclasses.asdict(s.cfg.analysis),
         "primary": f"{s.cfg.analysis.primary} on {dict(METRICS)[s.cfg.analysis.metric]}"
         if primary_pair(s.cfg.analysis, s.design, s.controls, s.only) is not None else None,
         "results": {}}
@@ -1025,6 +1089,10 @@ def main() -> int:
     primary_pair(setup.cfg.analysis, setup.design, setup.controls, setup.only)  # before the study
     name = args.study_name or ablation_study_name(setup.search_name, setup.fraction,
                                                   setup.sweep.name or None)
+    if args.worker_index is None:  # before the data: a study's own record first, then the
+        # results file (workers write none), and no study is created where either refuses
+        check_recorded(recorded_ablation(storage, name), setup, name, url)
+        check_results_file(Path(args.out) / f"{safe_name(name)}.json", setup)
     from kdig_study.experiment import Context
 
     # the data before the study: its fingerprint is part of the study's identity

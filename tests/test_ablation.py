@@ -205,6 +205,53 @@ def test_smoke_ablation_end_to_end(tmp_path: Path, isolated_storage: Path, warm_
     _the_run_ledger_outlives_the_store(tmp_path, out, name, url, res)
 
 
+class _PastTheChecks(BaseException):
+    """Raised where an ablation would start loading its data: every check before it passed
+    (a BaseException: the command's own handlers let it through)."""
+
+
+def test_results_of_another_ablation_are_never_written_over(
+        tmp_path: Path, isolated_storage: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a fresh store, `--teachers 2 --conditions KD,KD+IG` without --study-name took the
+    plain ablation's name and its results JSON overwrote the committed kd_ig-cpu.ablation.json
+    when it finished: now refused in one line before any data, teacher or run."""
+    from kdig_study import experiment
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise _PastTheChecks
+
+    monkeypatch.setattr(experiment.Context, "create", stop)
+    out = tmp_path / "out"
+    out.mkdir()
+    results = out / "kd_ig-cpu.ablation.json"
+    committed = (REPO / "reports" / "results" / "kd_ig-cpu.ablation.json").read_bytes()
+    results.write_bytes(committed)
+    base = ("--study", "kd_ig", "--scale", "cpu", "--params", "fixed", "--seeds", "10",
+            "--out", str(out), "--no-progress")
+    line = assert_one_line_error(
+        run_cli("ablate", *base, "--conditions", "KD,KD+IG", "--teachers", "2"),
+        f"{results} holds the results of another ablation named 'kd_ig-cpu.ablation'",
+        "controls ['shuffled', 'random', 'gradcam'] -> []", "teachers 1 -> 2", "--study-name")
+    assert "ran with another" not in line  # the file, not the (empty) store, refused it
+    assert results.read_bytes() == committed
+    with pytest.raises(KeyError):  # no study was created
+        trials_of(f"sqlite:///{isolated_storage}/kdig.db", "kd_ig-cpu.ablation")
+    # other parameters are another ablation too
+    assert_one_line_error(run_cli("ablate", *base, "--controls", "shuffled,random,gradcam",
+                                  "--set", "kd.temperature=4"), "differs in params")
+    # the ablation that wrote it goes on (to load its data) and may write it again: its
+    # parameters recorded before kd_method and the DKD/DIST settings existed still match
+    with pytest.raises(_PastTheChecks):
+        run_cli("ablate", *base, "--controls", "shuffled,random,gradcam")
+    # as does another ablation under its own name
+    with pytest.raises(_PastTheChecks):
+        run_cli("ablate", *base, "--conditions", "KD,KD+IG", "--teachers", "2",
+                "--study-name", "kd_ig-cpu.teachers")
+    results.write_text("[1, 2")
+    assert_one_line_error(run_cli("ablate", *base, "--controls", "shuffled,random,gradcam"),
+                          "not an ablation's results", "move it away")
+
+
 def _the_run_ledger_outlives_the_store(tmp_path: Path, out: Path, name: str, url: str,
                                        res: dict) -> None:
     """A study's runs, written to its ledger as they finish, come back into a fresh store
