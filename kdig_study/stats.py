@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from scipy import stats as sps
 from statsmodels.stats.power import TTestPower
 from statsmodels.stats.weightstats import DescrStatsW
@@ -179,6 +180,24 @@ _TIE_DECIMALS = 10
 _EXACT_TIES_N = 16
 
 
+def _signed_rank_exact(nonzero: Sequence[float]) -> float:
+    """Two-sided p of the signed-rank statistic (the sum of the positive differences' ranks,
+    midranks for ties) over all 2^n sign flips of the ``nonzero`` differences: Wilcoxon's
+    zero method, exact with ties. Not ``sps.wilcoxon(method=PermutationMethod(...))``: it
+    flips the zeros too, so its 2^n_nonzero resamples were a random draw from the 2^n flips
+    (another p on every call wherever a difference was zero), and it calls its statistic
+    once per flip in Python (30x slower than this vectorised one)."""
+    x = np.asarray(nonzero, dtype=float)  # [n]
+    ranks = sps.rankdata(np.abs(x))  # [n]
+
+    def r_plus(flipped: np.ndarray, axis: int = -1) -> np.ndarray:  # [..., n] -> [...]
+        return np.sum(ranks * (flipped > 0), axis=axis)
+
+    return float(sps.permutation_test((x,), r_plus, permutation_type="samples",
+                                      vectorized=True, n_resamples=np.inf,
+                                      alternative="two-sided").pvalue)
+
+
 def _wilcoxon_p(values: Sequence[float]) -> tuple[float, str]:
     n = len(values)
     if n < WILCOXON_MIN_N:
@@ -193,9 +212,7 @@ def _wilcoxon_p(values: Sequence[float]) -> tuple[float, str]:
         if not ties:
             return float(sps.wilcoxon(d, zero_method="wilcox", method="exact").pvalue), ""
         if len(nonzero) <= _EXACT_TIES_N:
-            method = sps.PermutationMethod(n_resamples=2 ** len(nonzero))
-            return float(sps.wilcoxon(d, zero_method="wilcox", method=method).pvalue), \
-                "ties or zeros: exact over all sign flips"
+            return _signed_rank_exact(nonzero), "ties or zeros: exact over all sign flips"
         return float(sps.wilcoxon(d, zero_method="wilcox", method="asymptotic").pvalue), \
             "ties or zeros: tie-corrected normal approximation"
     except ValueError as e:  # e.g. every difference zero after ties
@@ -556,8 +573,6 @@ def random_teacher(diffs: Mapping[int, Sequence[float]], alpha: float = ALPHA
     are returned, not hidden."""
     import warnings
 
-    import numpy as np
-    from scipy import stats as sps
     from statsmodels.regression.mixed_linear_model import MixedLM
 
     groups = [t for t, v in diffs.items() for _ in v]

@@ -279,6 +279,27 @@ def test_wilcoxon_float_noise_ties_tie_and_ties_are_tested_exactly() -> None:
     assert a.wilcoxon_p == pytest.approx(extreme / 2 ** len(clean))
 
 
+def test_wilcoxon_with_zero_differences_is_exact_and_the_same_every_time() -> None:
+    """Two replicates at the same accuracy give a zero difference: Wilcoxon drops it and
+    flips the signs of the others. scipy's permutation method flipped the zeros too, so its
+    2^8 resamples were a random draw from 2^10 flips: p was 0.093, 0.125, 0.117... call by
+    call (exact: 0.1016)."""
+    import itertools
+
+    from kdig_study.stats import contrast
+
+    d = [0.0, 0.003, -0.001, 0.002, 0.0, 0.002, 0.004, -0.002, 0.001, 0.005]
+    ps = {contrast("a", "comparison", d).wilcoxon_p for _ in range(5)}
+    assert len(ps) == 1
+    nonzero = [x for x in d if x != 0]
+    ranks = sps.rankdata([abs(x) for x in nonzero])
+    observed = sum(r for r, x in zip(ranks, nonzero, strict=True) if x > 0)
+    extreme = sum(abs(sum(r for r, on in zip(ranks, signs, strict=True) if on)
+                      - ranks.sum() / 2) >= abs(observed - ranks.sum() / 2) - 1e-9
+                  for signs in itertools.product((0, 1), repeat=len(nonzero)))
+    assert ps.pop() == pytest.approx(extreme / 2 ** len(nonzero)) == pytest.approx(0.1015625)
+
+
 def test_each_row_is_judged_and_its_mde_given_at_its_holm_level() -> None:
     from kdig_study.stats import holm_levels, minimum_detectable
 
