@@ -259,6 +259,26 @@ def test_the_equivalence_sample_size_is_where_tost_reaches_80_percent_power() ->
     assert power(n) >= 0.78 and power(n - 2) < 0.8  # simulated, not the formula again
 
 
+def test_the_equivalence_sample_size_search_finds_the_first_n_counting_up_finds() -> None:
+    """The n is found by bisection (power grows with n): the same n as counting up from 2,
+    at small, large and unreachable sizes and at the bounds."""
+    from kdig_study.stats import n_for_equivalence
+
+    def counted(sd: float, margin: float, alpha: float, n_max: int) -> int | None:
+        for n in range(2, n_max + 1):
+            crit = sps.t.ppf(1 - alpha, n - 1)
+            if 2 * sps.t.cdf(margin * math.sqrt(n) / sd - crit, n - 1) - 1 >= 0.8:
+                return n
+        return None
+
+    cases = [(sd, margin, alpha, n_max) for sd in (0.0001, 0.001, 0.0036, 0.01, 0.05, 0.4)
+             for margin in (0.003, 0.004) for alpha in (0.05, 0.005) for n_max in (2, 3000)]
+    found = [n_for_equivalence(sd, m, a, n_max=k) for sd, m, a, k in cases]
+    assert found == [counted(*c) for c in cases]
+    assert {n is None for n in found} == {True, False} and 2 in found
+    assert any(n is not None and n > 1000 for n in found)
+
+
 def test_wilcoxon_float_noise_ties_tie_and_ties_are_tested_exactly() -> None:
     import itertools
 
