@@ -340,12 +340,13 @@ def test_a_map_store_too_large_for_its_disk_is_one_line_not_a_bus_error(
     import subprocess
     import sys
 
+    # the bare process imports numpy only (the package brings torch: seconds per process)
     code = ("import numpy as np, sys\n"
-            "from kdig_study.attribution.store import _reserve\n"
-            "from kdig_study.errors import KdigError\n"
             f"f = {str(full_disk / 'maps.npy')!r}\n"
             "a = np.lib.format.open_memmap(f, mode='w+', dtype=np.float16, shape=(64, 64, 64))\n"
             "if sys.argv[1] == 'reserve':\n"
+            "    from kdig_study.attribution.store import _reserve\n"
+            "    from kdig_study.errors import KdigError\n"
             "    try:\n"
             "        _reserve(__import__('pathlib').Path(f).parent, [__import__('pathlib').Path(f)])\n"
             "    except KdigError as e:\n"
