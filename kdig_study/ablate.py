@@ -386,16 +386,16 @@ def _maps_up_front(ctx: Context, params: dict[str, Params], runs: list[Run],
     from kdig_study.ablation import run_config, teacher_context
     from kdig_study.experiment import store_counts
 
-    needed = set()
+    needed: dict[tuple[int, tuple[int, ...], str], set[int]] = {}  # -> the steps run at
     for r in runs:
         c = run_config(ctx.cfg, params[r.name], r, sweep)
         if c.method.ig:
-            steps = c.ig.steps
-            needed.add((r.teacher or 0, store_counts(ctx.cfg, steps), c.ig.source))
+            key = (r.teacher or 0, store_counts(ctx.cfg, c.ig.steps), c.ig.source)
+            needed.setdefault(key, set()).add(c.ig.steps)
     for teacher in sorted({r.teacher or 0 for r in runs}):
         teacher_context(ctx, teacher).teacher()
-    for teacher, counts, source in sorted(needed):
-        teacher_context(ctx, teacher).maps(counts, source)
+    for (teacher, counts, source), steps in sorted(needed.items()):
+        teacher_context(ctx, teacher).maps(counts, source, tuple(sorted(steps)))
 
 
 def render(analysis: dict[str, Any], title: str) -> str:

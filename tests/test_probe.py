@@ -103,6 +103,29 @@ def test_a_nan_completeness_gap_fails_the_gap_check(isolated_storage: Path) -> N
     assert "nan%" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_only_the_step_counts_a_run_trains_at_are_held_to_max_gap(warm_cache: Path) -> None:
+    """One nested pass makes the maps of every step count a study may search (8 and 16 at
+    smoke scale). A fixed ablation at 16 steps on a second cpu teacher was stopped because
+    the 8-step maps it never uses had a 5.28% gap (> 5%), after the teacher had trained."""
+    from kdig_study.experiment import Context
+
+    ctx = Context.create(load_study("kd_ig", "smoke"), progress=False)
+    store = ctx.maps(None, "ig").store
+    g8, g16 = store.gap(8)["median"], store.gap(16)["median"]
+    assert g8 > g16 and store.counts == (8, 16)
+    between = load_study("kd_ig", "smoke", [f"ig.max_gap={(g8 + g16) / 2}"])
+    ctx = Context.create(between, progress=False)
+    ctx.log = lambda *a, **k: None
+    # a run at 16 steps: the same store (no recomputation), and its shuffled control
+    assert ctx.maps(None, "ig", (16,)).store.root == store.root
+    assert ctx.maps(None, "shuffled", (16,)).computed_images == 0
+    # a run at 8 steps, or a search that may pick either: refused, naming the 8 steps
+    for steps in ((8,), None):
+        with pytest.raises(KdigError) as e:
+            ctx.maps(None, "ig", steps)
+        assert "(8 steps: " in str(e.value) and "16 steps" not in str(e.value)
+
+
 @pytest.mark.parametrize("flag,value", [("--images", "0"), ("--images", "-5"),
                                         ("--ig-images", "0"), ("--adaptive-images", "0"),
                                         ("--trials", "0"), ("--repeats", "0")])
