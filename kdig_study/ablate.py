@@ -411,16 +411,17 @@ def render(analysis: dict[str, Any], title: str) -> str:
              (" (effect)" if r["kind"] == "effect" else "") for r in rows]
     heading = "comparison (paired) / effect"  # was cut to its first 26 characters
     w = max(len(n) for n in [heading, *names]) + 1
-    lines.append(f"  {heading:<{w}}{'n':>3}{'mean':>8}  {'95% CI':<17}{'t p':>8}{'Holm':>8}"
-                 f"{'Wilc. p':>9}{'Holm':>8}{'TOST p':>10}{'Holm':>9}{'d_z':>7}{'MDE':>7}"
-                 f"  verdict")
+    # p columns 10 wide: 3 significant digits take up to 9 ("7.19e-11" ran into its Holm)
+    p_cols = ("t_p", "t_p_holm", "wilcoxon_p", "wilcoxon_p_holm", "tost_p", "tost_p_holm")
+    lines.append(f"  {heading:<{w}}{'n':>3}{'mean':>8}  {'95% CI':<17}"
+                 + "".join(f"{h:>10}" for h in ("t p", "Holm", "Wilc. p", "Holm", "TOST p",
+                                                 "Holm"))
+                 + f"{'d_z':>7}{'MDE':>7}  verdict")
     for name, r in zip(names, rows, strict=True):
         ci = f"[{pts(r['ci_low'], sign=True)}, {pts(r['ci_high'], sign=True)}]"
         lines.append(f"  {name:<{w}}{r['n']:>3}{pts(r['mean'], sign=True):>8}  {ci:<17}"
-                     f"{pval(r['t_p']):>8}{pval(r['t_p_holm']):>8}{pval(r['wilcoxon_p']):>9}"
-                     f"{pval(r['wilcoxon_p_holm']):>8}{pval(r['tost_p']):>10}"
-                     f"{pval(r['tost_p_holm']):>9}{formats.number(r['d_z']):>7}"
-                     f"{pts(r['mde']):>7}  {verdict_text(r)}")
+                     + "".join(f"{pval(r[k]):>10}" for k in p_cols)
+                     + f"{formats.number(r['d_z']):>7}{pts(r['mde']):>7}  {verdict_text(r)}")
     notes = []
     if analysis.get("primary"):
         notes.append(f"* primary comparison, declared in advance: {analysis['primary']}")

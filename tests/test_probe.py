@@ -324,6 +324,12 @@ def test_the_ablation_table_heading_is_whole_and_aligned() -> None:
     assert head.index(" n ") + 2 == line.index(" 10 ") + 3
     assert head.endswith("  verdict")
     assert line.endswith("  inconclusive (equivalence n=40, difference n=19)")
+    # p-values of 8 and 9 characters stay apart ("7.19e-117.19e-11" in the teachers study)
+    tiny = row | {"t_p": 7.19e-11, "t_p_holm": 7.19e-11, "wilcoxon_p": 0.000481,
+                  "wilcoxon_p_holm": 1.23e-100, "tost_p": 1.0, "tost_p_holm": 1.0}
+    line = render({"summaries": [], "comparisons": [tiny], "effects": [], "correction": "Holm",
+                   "alpha": 0.05, "equivalence_margin": 0.004}, "t").splitlines()[3]
+    assert line.split()[8:14] == ["7.19e-11", "7.19e-11", "0.000481", "1.23e-100", "1", "1"]
 
 
 @pytest.fixture
