@@ -165,10 +165,11 @@ class Context:
         median completeness gap above ig.max_gap is recomputed in fp32 if it was bf16, and
         stops the run if it is still above."""
         cfg = self.cfg
-        report = self._maps.get(("ig", counts))
-        spec = self.map_spec(counts, report.store.meta["spec"]["precision"] if report else None)
+        # every run asks: a store already checked is only re-checked (its gaps are in its meta)
+        report, precision = self._maps.get(("ig", counts)), None
         while True:
             if report is None:
+                spec = self.map_spec(counts, precision)
                 train_set, index = self.data.train_subset(cfg.student_train.train_size)
                 report = build_store(spec, self.teacher().model, train_set.images,
                                      train_set.labels, index, self.data.mean, self.data.std,
@@ -180,11 +181,11 @@ class Context:
                 self._maps[("ig", counts)] = report
                 return report
             worst = ", ".join(f"{s} steps: {g:.2%}" for s, g in bad.items())
-            if spec.precision == "bf16":
+            if report.store.meta["spec"]["precision"] == "bf16":
                 self.log(f"IG maps under bf16 have a median completeness gap above "
                          f"ig.max_gap = {cfg.ig.max_gap:.2%} ({worst}); using fp32 maps instead "
                          f"(computed once, then read from the cache)")
-                spec, report = self.map_spec(counts, precision="fp32"), None
+                report, precision = None, "fp32"
                 continue
             raise KdigError(f"IG maps ({cfg.ig.method} rule, fp32) have a median completeness "
                             f"gap above ig.max_gap = {cfg.ig.max_gap:.2%} ({worst}); use more "
