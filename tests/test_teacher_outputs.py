@@ -19,6 +19,7 @@ from kdig_study.errors import KdigError
 from kdig_study.experiment import Context, StudentRun, run_student
 
 from cli_helpers import run_cli
+from conftest import REPO
 
 METHODS = {"KD": ["method.kd=true", "method.ig=false"],
            "KD+IG": ["method.kd=true", "method.ig=true"],
@@ -206,3 +207,20 @@ def test_two_processes_writing_one_stream_never_read_a_partial_file(tmp_path: Pa
     assert len({(r["val_acc"], r["test_acc"]) for r in res}) == 1
     weights = [Path(r["checkpoint"]).read_bytes() for r in res]
     assert weights[0] == weights[1] == weights[2]
+
+
+@pytest.mark.slow  # two smoke ablations of 3 runs each through the script (about 60 s)
+def test_the_end_to_end_script_times_two_identical_ablations(tmp_path: Path) -> None:
+    out = tmp_path / "e2e.json"
+    env = {**os.environ, "SCALE": "smoke", "SEEDS": "1", "CONTROLS": "shuffled"}
+    proc = subprocess.run(["bash", "scripts/teacher_cache_e2e.sh", "ablate", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["identical_trials"] is True
+    computing, cached = res["computing"], res["cached"]
+    assert computing["trials"] == cached["trials"] == 5  # student, KD, IG, KD+IG, KD+shuffled
+    # 3 runs use the teacher; the first computes the replicate's stream, the other 2 read it.
+    assert computing["teacher_steps_cached"] == 0 and computing["teacher_steps_computed"] > 0
+    assert cached["teacher_steps_cached"] == 2 * cached["teacher_steps_computed"]
+    assert res["speedup"] == pytest.approx(computing["wall_s"] / cached["wall_s"], abs=1e-3)
