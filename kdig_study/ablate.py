@@ -26,7 +26,9 @@ Replicate r trains at student_train.seed + 1000 + r: never a seed a search trial
 Runs live in the same store as the search, in the study `<search study>.ablation`; a
 re-run skips finished runs. Each finished run is also written to the run ledger
 `<--out>/<study>.runs.json` (a few KB a run: commit it), and a store that lacks a ledger's
-runs (a fresh machine) takes them back, if the ablation and its teacher are the same. Statistics (paired by replicate; primary comparison KD+IG - KD
+runs (a fresh machine) takes them back, if the ablation and its teacher are the same; so
+with the searches that tune conditions (`<--out>/<their study>.trials.json`).
+Statistics (paired by replicate; primary comparison KD+IG - KD
 on test accuracy; Holm-adjusted p-values; d_z; the minimum detectable difference) are
 printed and written as JSON and CSV.
 """
@@ -324,19 +326,38 @@ def tune_condition(args: argparse.Namespace, cfg: StudyConfig, name: str,
                    cond: frozenset[str], tuned: str, storage: Any, url: str) -> None:
     """Run (or top up) the search that tunes condition ``name``: the study file's own search
     (its trial budget, sampler and seed, like every condition's) with the condition's
-    settings, as `optimize` in a child process (its progress, resume and signals)."""
-    import subprocess
-
+    settings, as `optimize` in a child process (its progress, resume and signals). Its
+    finished trials are kept in its ledger in --out (:func:`search_ledger_path`), and a
+    store that lacks the search takes them from there."""
     import optuna
 
+    from kdig_study.ledger import import_search_ledger, search_ledger_path, write_search_ledger
     from kdig_study.search import finished_trials
 
+    path = search_ledger_path(Path(args.out), tuned)
+    added = import_search_ledger(path, storage, tuned)
+    if added:
+        print(f"{added} finished trial(s) of the search tuning {name} taken from its ledger "
+              f"{path} (this store lacked it)", flush=True)
     try:
-        if finished_trials(optuna.load_study(study_name=tuned, storage=storage)) >= \
-                cfg.search.n_trials:
-            return
+        done = finished_trials(optuna.load_study(study_name=tuned, storage=storage))
     except KeyError:  # not begun yet
-        pass
+        done = 0
+    try:
+        if done < cfg.search.n_trials:
+            _run_tuning(args, cfg, name, cond, tuned, url)
+    finally:
+        try:  # also after a stopped search: the trials it finished
+            write_search_ledger(path, optuna.load_study(study_name=tuned, storage=storage))
+        except KeyError:
+            pass
+
+
+def _run_tuning(args: argparse.Namespace, cfg: StudyConfig, name: str,
+                cond: frozenset[str], tuned: str, url: str) -> None:
+    """The tuning search as `optimize` in a child process."""
+    import subprocess
+
     cmd = [sys.executable, "-m", "kdig_study.optimize", "--study", args.study, "--scale",
            cfg.scale, "--study-name", tuned, "--storage", url, "--device", args.device]
     for item in [*args.overrides, *condition_settings(cfg, cond)]:
@@ -759,6 +780,32 @@ def _ledger(args: argparse.Namespace, setup: _Setup, study: optuna.Study,
     return write
 
 
+def _check_tuning_teacher(setup: _Setup, storage: Any, ctx: Context) -> None:
+    """Refuse, in one line, a tuning search whose trials learned from a teacher with other
+    weights than this machine's (its trials taken from a ledger made on another machine):
+    the runs would not be at the parameters tuned for their own teacher."""
+    import optuna
+
+    from kdig_study.ablation import teacher_context
+
+    if setup.mode != "per-condition":
+        return
+    sha = teacher_context(ctx, 0).teacher().meta.get("sha256")
+    for n in setup.names:
+        if condition_study(n) is not None:  # a search the user ran, not ablate
+            continue
+        name = condition_search(setup.search_name, setup.cfg.scale, n)
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        other = {t.user_attrs.get("provenance", {}).get("teacher_sha256") for t in trials} \
+            - {None, sha}
+        if other:
+            raise KdigError(f"the search tuning {n} (study '{name}') learned from a teacher "
+                            f"whose weights differ from this machine's (checksum "
+                            f"{sorted(other)[0][:12]}, here {str(sha)[:12]}): put that "
+                            f"teacher in the cache (KDIG_CACHE), or tune again under another "
+                            f"--study-name")
+
+
 def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: Any,
          ctx: Context, tracker: Tracker) -> None:
     """The planned runs: maps up front (first process), then here or in --workers processes;
@@ -772,6 +819,7 @@ def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: 
     write_ledger = _ledger(args, setup, study, ctx)
     if worker is None:
         _maps_up_front(ctx, setup.params, setup.runs, setup.sweep)
+        _check_tuning_teacher(setup, storage, ctx)
         run = {overlay_level(r.condition) for r in setup.runs}  # --conditions may drop some
         levels_on = [s for s in overlay_sources(setup.design, setup.controls) if s in run]
         if levels_on:

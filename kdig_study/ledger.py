@@ -45,7 +45,8 @@ def _header(study: optuna.Study) -> dict[str, Any]:
 
 
 def _run(t: FrozenTrial) -> dict[str, Any]:
-    return {"number": t.number, "params": t.params, "value": t.value,
+    one = t.values is not None and len(t.values) == 1  # a pruned or multi-objective trial: None
+    return {"number": t.number, "params": t.params, "value": t.values[0] if one else None,
             "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
             "user_attrs": {k: v for k, v in t.user_attrs.items() if k != "from_ledger"},
             "fixed_params": t.system_attrs.get("fixed_params"),
@@ -62,16 +63,18 @@ def write_ledger(path: Path, study: optuna.Study, complete: list[FrozenTrial]) -
                           "header": _header(study), "runs": [_run(t) for t in complete]})
 
 
-def read_ledger(path: Path) -> dict[str, Any]:
-    """A ledger's contents (version, study, header, runs), or a one-line error."""
+def read_ledger(path: Path, items: str = "runs") -> dict[str, Any]:
+    """A ledger's contents (version, study, header, runs; a search's: its ``trials``), or a
+    one-line error."""
     try:
         data = json.loads(path.read_text())
-        if data.get("version") != VERSION or not isinstance(data.get("runs"), list):
-            raise ValueError(f"version {data.get('version')!r}")
+        if data.get("version") != VERSION or not isinstance(data.get(items), list):
+            raise ValueError(f"version {data.get('version')!r}, no list of {items}")
         return data
     except (OSError, ValueError, AttributeError) as e:
-        raise KdigError(f"{path}: not a run ledger of ablate ({type(e).__name__}: {e}); move "
-                        f"it away to start without it") from None
+        what = "run ledger of ablate" if items == "runs" else "search ledger"
+        raise KdigError(f"{path}: not a {what} ({type(e).__name__}: {e}); move it away to "
+                        f"start without it") from None
 
 
 def _precision(run: dict[str, Any]) -> str | None:
@@ -152,3 +155,62 @@ def import_ledger(path: Path, study: optuna.Study, run_key: Any, teacher_sha256:
             system_attrs={"fixed_params": run["fixed_params"]} if run["fixed_params"] else {},
             intermediate_values={int(k): v for k, v in run["intermediate_values"].items()}))
     return len(missing)
+
+
+# A search that tunes one condition for `ablate --params per-condition` lives only in the
+# store; its ledger (`<out>/<search>.trials.json`) is its portable copy, so that an ablation
+# whose tuning spans machines keeps the searches already run.
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+_IMPORTING = "importing"  # the marker a half-imported search carries (a killed import)
+
+
+def search_ledger_path(out_dir: Path, study_name: str) -> Path:
+    return out_dir / f"{safe_name(study_name)}.trials.json"
+
+
+def write_search_ledger(path: Path, study: optuna.Study) -> int:
+    """The search's finished trials (complete and pruned) with the study's attributes,
+    atomically; returns how many trials it holds."""
+    trials = study.get_trials(deepcopy=False, states=_FINISHED)
+    with FileLock(f"{path}.lock"):
+        write_json(path, {
+            "version": VERSION, "kind": "search", "study": study.study_name,
+            "directions": [d.name.lower() for d in study.directions],
+            "user_attrs": {k: v for k, v in study.user_attrs.items() if k != "ledger_import"},
+            "trials": [{**_run(t), "values": t.values, "state": t.state.name}
+                       for t in trials]})
+    return len(trials)
+
+
+def import_search_ledger(path: Path, storage: Any, name: str) -> int:
+    """Make search ``name`` from its ledger where the store lacks it (a fresh machine, a
+    deleted store); return how many trials it took. A store that has the search keeps it
+    (the store is the record) unless a killed import left it half made: that one is made
+    again."""
+    if not path.is_file():
+        return 0
+    try:
+        sid = storage.get_study_id_from_name(name)
+        if storage.get_study_user_attrs(sid).get("ledger_import") != _IMPORTING:
+            return 0
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:
+        pass
+    data = read_ledger(path, "trials")
+    if data.get("kind") != "search" or data.get("study") != name:
+        raise KdigError(f"{path}: holds {data.get('kind', '?')} '{data.get('study')}', not the "
+                        f"search '{name}'; move it away to run the search again")
+    study = optuna.create_study(storage=storage, study_name=name,
+                                directions=data["directions"])
+    study.set_user_attr("ledger_import", _IMPORTING)
+    for k, v in data["user_attrs"].items():
+        study.set_user_attr(k, v)
+    study.add_trials([create_trial(
+        state=TrialState[t["state"]], values=t["values"], params=t["params"],
+        distributions={k: json_to_distribution(d) for k, d in t["distributions"].items()},
+        user_attrs=t["user_attrs"] | {"from_ledger": str(path)},
+        system_attrs={"fixed_params": t["fixed_params"]} if t["fixed_params"] else {},
+        intermediate_values={int(k): v for k, v in t["intermediate_values"].items()})
+        for t in data["trials"]])
+    study.set_user_attr("ledger_import", str(path))
+    return len(data["trials"])

@@ -658,7 +658,7 @@ def test_per_condition_design_takes_each_conditions_own_search(tmp_path: Path,
     assert (p["IG"]["overlay_prob"], p["IG"]["temperature"]) == (0.25, cfg.kd.temperature)
 
 
-@pytest.mark.slow  # two searches of 2 trials and 4 runs (about 30 s)
+@pytest.mark.slow  # three searches of 2 trials, 5 runs, and the same again from ledgers (60 s)
 def test_per_condition_tunes_any_condition_with_the_same_search(
         tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
     """A condition with no study file of its own (a KD method, a control) is tuned by the
@@ -700,6 +700,28 @@ def test_per_condition_tunes_any_condition_with_the_same_search(
     again = _ablate(*args)
     assert again.returncode == 0, again.stderr
     assert "tuning " not in again.stdout  # the finished searches are taken as they are
+    # A fresh machine: the store lacks the tuning searches and the ablation; their ledgers
+    # in --out make them again, and nothing is tuned or run twice.
+    for name in ("kd_ig-smoke.ablation", *(f"kd_ig-smoke.tune-{n}"
+                                           for n in ("DKD", "DKD+IG", "DKD+shuffled"))):
+        optuna.delete_study(study_name=name, storage=url)
+    fresh = _ablate(*args)
+    assert fresh.returncode == 0, fresh.stderr
+    assert not [line for line in fresh.stdout.splitlines() if line.startswith("tuning ")]
+    assert fresh.stdout.count("taken from its ledger") == 3
+    assert json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())["params"] == \
+        res["params"]
+    # ... unless a search learned from a teacher with other weights than this machine's
+    ledger = tmp_path / "kd_ig-smoke.tune-DKD.trials.json"
+    data = json.loads(ledger.read_text())
+    for t in data["trials"]:
+        t["user_attrs"]["provenance"]["teacher_sha256"] = "f" * 64
+    ledger.write_text(json.dumps(data))
+    optuna.delete_study(study_name="kd_ig-smoke.tune-DKD", storage=url)
+    other = _ablate(*args)
+    assert other.returncode != 0
+    assert "the search tuning DKD (study 'kd_ig-smoke.tune-DKD') learned from a teacher " \
+           "whose weights differ" in other.stderr and "Traceback" not in other.stderr
 
 
 def test_the_default_design_is_fixed_and_the_banner_says_so(

@@ -10,11 +10,18 @@ from typing import Any
 
 import optuna
 import pytest
-from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from kdig_study.errors import KdigError
-from kdig_study.ledger import import_ledger, ledger_path, write_ledger
+from kdig_study.ledger import (
+    import_ledger,
+    import_search_ledger,
+    ledger_path,
+    search_ledger_path,
+    write_ledger,
+    write_search_ledger,
+)
 
 SHA = "a" * 64
 ATTRS = {"config_fingerprint": "cfg1", "data_fingerprint": "data1",
@@ -224,3 +231,67 @@ def test_the_cpu_bf16_kernel_family_is_read_from_the_cpu_flags(
         assert engine.bf16_kernels("bf16", cpu) == family
         assert engine.bf16_kernels("fp32", cpu) is None
         assert engine.bf16_kernels("bf16", torch.device("meta")) is None
+
+
+def _search(storage: str, name: str = "kd_ig-cpu.tune-DKD") -> optuna.Study:
+    """A tuning search of three trials: two complete, one pruned after an epoch."""
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    study.set_user_attr("config_fingerprint", "cfg1")
+    study.set_user_attr("config", {"kd": {"method": "dkd"}})
+    dist = {"temperature": FloatDistribution(1.0, 8.0)}
+    for i, (state, value) in enumerate([(TrialState.COMPLETE, 0.61),
+                                        (TrialState.PRUNED, None),
+                                        (TrialState.COMPLETE, 0.64)]):
+        study.add_trial(create_trial(
+            state=state, value=value, params={"temperature": 2.0 + i}, distributions=dist,
+            user_attrs={"metrics": {"seed": 7 + i}}, intermediate_values={1: 0.3 + i / 10}))
+    return study
+
+
+def _summary(study: optuna.Study) -> list[tuple[Any, ...]]:
+    return [(t.state, t.values, t.params, t.intermediate_values,
+             {k: v for k, v in t.user_attrs.items() if k != "from_ledger"})
+            for t in study.get_trials()]
+
+
+def test_a_search_ledger_makes_the_search_again_in_a_store_that_lacks_it(
+        tmp_path: Path) -> None:
+    first = _search(f"sqlite:///{tmp_path / 'a.db'}")
+    path = search_ledger_path(tmp_path, first.study_name)
+    assert write_search_ledger(path, first) == 3
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'b.db'}")
+    assert import_search_ledger(path, storage, first.study_name) == 3
+    again = optuna.load_study(study_name=first.study_name, storage=storage)
+    assert _summary(again) == _summary(first)
+    assert again.user_attrs["config"] == {"kd": {"method": "dkd"}}
+    assert again.best_trial.params == {"temperature": 4.0}
+    # a store that has the search keeps it: nothing is added twice
+    assert import_search_ledger(path, storage, first.study_name) == 0
+    assert len(again.get_trials()) == 3
+
+
+def test_a_half_imported_search_is_made_again(tmp_path: Path) -> None:
+    """An import killed between its first and last trial leaves the marker: the next one
+    deletes that search and imports it whole."""
+    first = _search(f"sqlite:///{tmp_path / 'a.db'}")
+    path = search_ledger_path(tmp_path, first.study_name)
+    write_search_ledger(path, first)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'b.db'}")
+    half = optuna.create_study(study_name=first.study_name, storage=storage)
+    half.set_user_attr("ledger_import", "importing")
+    half.add_trial(first.get_trials()[0])
+    assert import_search_ledger(path, storage, first.study_name) == 3
+    assert _summary(optuna.load_study(study_name=first.study_name,
+                                      storage=storage)) == _summary(first)
+
+
+def test_a_search_ledger_of_another_search_is_refused(tmp_path: Path) -> None:
+    first = _search(f"sqlite:///{tmp_path / 'a.db'}")
+    path = search_ledger_path(tmp_path, "kd_ig-cpu.tune-DIST")
+    write_search_ledger(path, first)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'b.db'}")
+    with pytest.raises(KdigError, match="not the search 'kd_ig-cpu.tune-DIST'"):
+        import_search_ledger(path, storage, "kd_ig-cpu.tune-DIST")
+    path.write_text(json.dumps({"version": 1, "runs": []}))
+    with pytest.raises(KdigError, match="not a search ledger"):
+        import_search_ledger(path, storage, "kd_ig-cpu.tune-DIST")
