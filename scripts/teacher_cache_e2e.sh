@@ -37,7 +37,7 @@ if [[ $kind == search ]]; then
   $py -m kdig_study.optimize "${common[@]}" --study-name e2e-warm --n-trials 1 --no-teacher-cache
   for name in computing cached; do
     flag=(); [[ $name == computing ]] && flag=(--no-teacher-cache)
-    echo "search, $name the teacher's outputs"
+    echo "search ${name/cached/reading} the teacher's outputs"
     $py -m kdig_study.optimize "${common[@]}" --study-name "e2e-$name" \
       --n-trials "${N_TRIALS:-20}" "${flag[@]}"
   done
@@ -45,7 +45,7 @@ else
   # Teacher and every map store are made before an ablation's first run, so outside its span.
   for name in computing cached; do
     flag=(); [[ $name == computing ]] && flag=(--no-teacher-cache)
-    echo "ablation, $name the teacher's outputs"
+    echo "ablation ${name/cached/reading} the teacher's outputs"
     $py -m kdig_study.ablate "${common[@]}" --study-name "e2e-$name" --params fixed \
       --seeds "${SEEDS:-3}" --controls "${CONTROLS:-shuffled,random,gradcam}" \
       --out "$work/out-$name" "${flag[@]}"
