@@ -216,8 +216,10 @@ def attach_gallery(study: optuna.Study, artifacts: Any, path: Path) -> None:
 
 
 def teacher_cache_line(trials: list[FrozenTrial], whose: str) -> str:
-    """How many KD/AT steps of ``trials`` read the teacher's outputs from the cache."""
+    """How many KD/AT steps of ``trials`` read the teacher's outputs from the cache. Only
+    a finished run records its counts: a pruned trial's steps are not in them (said)."""
     cached = computed = 0
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
     for t in trials:
         m = t.user_attrs.get("metrics", {})
         cached += m.get("teacher_steps_cached", 0)
@@ -225,4 +227,5 @@ def teacher_cache_line(trials: list[FrozenTrial], whose: str) -> str:
     if cached + computed == 0:
         return f"teacher outputs: none of {whose} ran the teacher (no KD or AT)"
     return (f"teacher outputs: {cached:,} of {cached + computed:,} KD/AT steps of {whose} "
-            f"read from the teacher-output cache ({cached / (cached + computed):.0%})")
+            f"read from the teacher-output cache ({cached / (cached + computed):.0%})"
+            + (f"; the {pruned} pruned trial(s) record no count" if pruned else ""))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 
@@ -224,3 +225,25 @@ def test_the_end_to_end_script_times_two_identical_ablations(tmp_path: Path) -> 
     assert computing["teacher_steps_cached"] == 0 and computing["teacher_steps_computed"] > 0
     assert cached["teacher_steps_cached"] == 2 * cached["teacher_steps_computed"]
     assert res["speedup"] == pytest.approx(computing["wall_s"] / cached["wall_s"], abs=1e-3)
+
+
+def test_the_cache_line_says_pruned_trials_record_no_count() -> None:
+    """A pruned trial stops before its run records the counts: the line must not pass its
+    steps off as counted (the 20-trial search said "5,616 of 6,240 steps of the study's
+    trials" while 10 pruned trials' steps were in neither number)."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from kdig_study.objectives import teacher_cache_line
+
+    def trial(state: TrialState, metrics: dict[str, int]) -> optuna.trial.FrozenTrial:
+        return create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
+                            params={"t": 2.0}, distributions={"t": FloatDistribution(1, 8)},
+                            user_attrs={"metrics": metrics})
+
+    done = trial(TrialState.COMPLETE, {"teacher_steps_cached": 30, "teacher_steps_computed": 10})
+    pruned = trial(TrialState.PRUNED, {"epochs_run": 5})
+    assert teacher_cache_line([done, pruned, pruned], "the study's trials") == (
+        "teacher outputs: 30 of 40 KD/AT steps of the study's trials read from the "
+        "teacher-output cache (75%); the 2 pruned trial(s) record no count")
+    assert teacher_cache_line([done], "the study's trials").endswith("cache (75%)")
