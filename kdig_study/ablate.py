@@ -802,8 +802,9 @@ def _check_tuning_teacher(setup: _Setup, storage: Any, ctx: Context) -> None:
             raise KdigError(f"the search tuning {n} (study '{name}') learned from a teacher "
                             f"whose weights differ from this machine's (checksum "
                             f"{sorted(other)[0][:12]}, here {str(sha)[:12]}): put that "
-                            f"teacher in the cache (KDIG_CACHE), or tune again under another "
-                            f"--study-name")
+                            f"teacher in the cache (KDIG_CACHE), or tune again: delete the "
+                            f"study (optuna delete-study --study-name '{name}') and move its "
+                            f".trials.json ledger out of --out")
 
 
 def _run(args: argparse.Namespace, setup: _Setup, study: optuna.Study, storage: Any,

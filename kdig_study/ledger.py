@@ -146,15 +146,21 @@ def import_ledger(path: Path, study: optuna.Study, run_key: Any, teacher_sha256:
                             f"weights differ from this machine's (checksum); its runs cannot "
                             f"be pooled with runs made here: put the ledger's teacher in the "
                             f"cache (KDIG_CACHE), or start with another --out")
-    for run in missing:
-        study.add_trial(create_trial(
-            state=TrialState.COMPLETE, value=run["value"], params=run["params"],
-            distributions={k: json_to_distribution(d)
-                           for k, d in run["distributions"].items()},
-            user_attrs=run["user_attrs"] | {"from_ledger": str(path)},
-            system_attrs={"fixed_params": run["fixed_params"]} if run["fixed_params"] else {},
-            intermediate_values={int(k): v for k, v in run["intermediate_values"].items()}))
+    study.add_trials([_frozen(run, path) for run in missing])
     return len(missing)
+
+
+def _frozen(record: dict[str, Any], path: Path) -> FrozenTrial:
+    """A ledger's record (:func:`_run`; a search's also has ``state`` and ``values``) as the
+    trial it was, marked as taken from ``path``."""
+    return create_trial(
+        state=TrialState[record.get("state", "COMPLETE")],
+        values=record["values"] if "values" in record else [record["value"]],
+        params=record["params"],
+        distributions={k: json_to_distribution(d) for k, d in record["distributions"].items()},
+        user_attrs=record["user_attrs"] | {"from_ledger": str(path)},
+        system_attrs={"fixed_params": record["fixed_params"]} if record["fixed_params"] else {},
+        intermediate_values={int(k): v for k, v in record["intermediate_values"].items()})
 
 
 # A search that tunes one condition for `ablate --params per-condition` lives only in the
@@ -205,12 +211,6 @@ def import_search_ledger(path: Path, storage: Any, name: str) -> int:
     study.set_user_attr("ledger_import", _IMPORTING)
     for k, v in data["user_attrs"].items():
         study.set_user_attr(k, v)
-    study.add_trials([create_trial(
-        state=TrialState[t["state"]], values=t["values"], params=t["params"],
-        distributions={k: json_to_distribution(d) for k, d in t["distributions"].items()},
-        user_attrs=t["user_attrs"] | {"from_ledger": str(path)},
-        system_attrs={"fixed_params": t["fixed_params"]} if t["fixed_params"] else {},
-        intermediate_values={int(k): v for k, v in t["intermediate_values"].items()})
-        for t in data["trials"]])
+    study.add_trials([_frozen(t, path) for t in data["trials"]])
     study.set_user_attr("ledger_import", str(path))
     return len(data["trials"])
