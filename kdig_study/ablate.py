@@ -62,6 +62,7 @@ from kdig_study.config import (
     condition_study,
     kd_level,
     load_params,
+    load_study,
     param_values,
 )
 from kdig_study.errors import KdigError
@@ -340,9 +341,12 @@ def tune_condition(args: argparse.Namespace, cfg: StudyConfig, name: str,
         print(f"{added} finished trial(s) of the search tuning {name} taken from its ledger "
               f"{path} (this store lacked it)", flush=True)
     try:
-        done = finished_trials(optuna.load_study(study_name=tuned, storage=storage))
+        study = optuna.load_study(study_name=tuned, storage=storage)
     except KeyError:  # not begun yet
         done = 0
+    else:
+        _check_tuning_config(study, tuning_config(args, cfg, cond), name, path, url)
+        done = finished_trials(study)
     try:
         if done < cfg.search.n_trials:
             _run_tuning(args, cfg, name, cond, tuned, url)
@@ -351,6 +355,30 @@ def tune_condition(args: argparse.Namespace, cfg: StudyConfig, name: str,
             write_search_ledger(path, optuna.load_study(study_name=tuned, storage=storage))
         except KeyError:
             pass
+
+
+def tuning_config(args: argparse.Namespace, cfg: StudyConfig, cond: frozenset[str]
+                  ) -> StudyConfig:
+    """The config the search tuning ``cond`` runs with (:func:`_run_tuning`'s --set items)."""
+    return load_study(args.study, cfg.scale, [*args.overrides, *condition_settings(cfg, cond)])
+
+
+def _check_tuning_config(study: Any, want: StudyConfig, name: str, path: Path, url: str
+                         ) -> None:
+    """Refuse a tuning search made with another config: a finished one (from the store or
+    its ledger) would otherwise hand its parameters to a changed design unnoticed, since
+    `optimize`, which refuses a changed config, never runs again for it."""
+    from kdig_study.store import changed_keys, study_attrs
+
+    if study.user_attrs.get("config_fingerprint") in (None, want.fingerprint()):
+        return
+    keys = changed_keys(study.user_attrs.get("config", {}), study_attrs(want)["config"])
+    raise KdigError(
+        f"--params per-condition: the search tuning {name} (study '{study.study_name}', "
+        f"ledger {path}) was made with another config (changed: "
+        f"{', '.join(keys[:6]) or 'unknown'}{' ...' if len(keys) > 6 else ''}): restore the "
+        f"config, or move the ledger away and delete the study (`optuna delete-study "
+        f"--study-name '{study.study_name}' --storage {url}`) to tune again")
 
 
 def _run_tuning(args: argparse.Namespace, cfg: StudyConfig, name: str,

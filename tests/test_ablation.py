@@ -724,6 +724,43 @@ def test_per_condition_tunes_any_condition_with_the_same_search(
            "whose weights differ" in other.stderr and "Traceback" not in other.stderr
 
 
+def test_a_finished_tuning_search_of_another_config_is_refused(
+        tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
+    """A finished tuning search is taken as it is, with no `optimize` run to refuse a
+    changed config: its own config must be checked, or its parameters (e.g. tuned with
+    another DKD warm-up) pass to a changed design unnoticed."""
+    from kdig_study.ablate import condition_settings
+    from kdig_study.store import study_attrs
+
+    url = f"sqlite:///{isolated_storage}/kdig.db"
+    isolated_storage.mkdir(parents=True, exist_ok=True)
+    _search_study(url, "student-smoke", {"lr": 0.002}, 0.5)
+    args = ("--seeds", "1", "--factors", "kd=none|dkd", "--params", "per-condition",
+            "--out", str(tmp_path), "--set", "search.n_trials=1")
+    base = load_study("kd_ig", "smoke")
+    settings = ["student_train.epochs=1", "search.n_trials=1",
+                *condition_settings(base, frozenset({"dkd"}))]
+
+    def tuned(extra: list[str]) -> None:
+        name = "kd_ig-smoke.tune-DKD"
+        if name in optuna.get_all_study_names(url):
+            optuna.delete_study(study_name=name, storage=url)
+        _search_study(url, name, {"temperature": 3.5}, 0.6)
+        study = optuna.load_study(study_name=name, storage=url)
+        for k, v in study_attrs(load_study("kd_ig", "smoke", settings + extra)).items():
+            study.set_user_attr(k, v)
+
+    tuned(["kd.dkd_warmup=3"])
+    assert_one_line_error(_ablate(*args), "the search tuning DKD (study 'kd_ig-smoke.tune-DKD'",
+                          "another config (changed: kd.dkd_warmup)", "optuna delete-study")
+    tuned([])  # the same config: taken as it is, not tuned again
+    proc = _ablate(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "tuning " not in proc.stdout
+    res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
+    assert res["params"]["DKD"]["temperature"] == 3.5
+
+
 def test_the_default_design_is_fixed_and_the_banner_says_so(
         tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
     """Without --params no search is needed (the default used to be `best`, tuned for KD+IG
