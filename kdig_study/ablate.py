@@ -59,6 +59,7 @@ from kdig_study.config import (
     StudyConfig,
     apply_params,
     at_pair_problem,
+    condition_name,
     condition_study,
     kd_level,
     load_params,
@@ -1039,11 +1040,21 @@ def teacher_effects(table_of: Callable[[int], Table], setup: _Setup,
     return out
 
 
+def condition_values(s: _Setup, name: str) -> dict[str, Any]:
+    """Condition ``name``'s parameters as its runs train with them: its own (searched or
+    given), the study file's for the rest, and the KD method its level names (a DKD
+    condition is recorded as dkd, not as the study file's method)."""
+    values = effective(s.cfg, s.params[name]) | s.params[name]
+    cond = next((r.condition for r in s.runs if condition_name(r.condition) == name), None)
+    method = kd_level(cond or ())
+    return values | ({"kd_method": method} if method in KD_METHODS else {})
+
+
 def results_identity(s: _Setup) -> dict[str, Any]:
     """What an ablation's results JSON records of the ablation that wrote it: all another
     ablation must share to write its results over them (more seeds of the same ablation do)."""
     return _finite({"design": s.mode,
-                    "params": {n: effective(s.cfg, p) | p for n, p in s.params.items()},
+                    "params": {n: condition_values(s, n) for n in s.params},
                     "factors": s.levels, "controls": list(s.controls), "conditions": s.names,
                     "teachers": s.teachers, "scale": s.cfg.scale,
                     "analysis": dataclasses.asdict(s.cfg.analysis), **s.sweep.identity()})

@@ -759,6 +759,9 @@ def test_a_finished_tuning_search_of_another_config_is_refused(
     assert "tuning " not in proc.stdout
     res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
     assert res["params"]["DKD"]["temperature"] == 3.5
+    # recorded as the method its runs train with, not the study file's (hinton)
+    assert res["params"]["DKD"]["kd_method"] == "dkd"
+    assert [r["kd"] for r in res["runs"] if r["condition"] == "DKD"] == ["dkd"]
 
 
 def test_the_default_design_is_fixed_and_the_banner_says_so(

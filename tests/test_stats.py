@@ -8,6 +8,7 @@ import pytest
 from scipy import stats as sps
 
 from kdig_study.stats import (
+    Judgement,
     analyse,
     condition_name,
     conditions,
@@ -15,6 +16,7 @@ from kdig_study.stats import (
     effects,
     minimum_detectable,
     paired,
+    plain_words,
     summarise,
 )
 
@@ -200,6 +202,37 @@ def test_controls_beside_the_factorial_design() -> None:
     assert cmp["KD+IG - KD"]["t_p"] == pytest.approx(
         next(c["t_p"] for c in plain["comparisons"] if c["name"] == "KD+IG - KD"))
     assert cmp["KD+IG - KD"]["t_p_holm"] >= p_plain["KD+IG - KD"]
+
+
+def test_plain_words_compare_kd_methods_and_ig_with_its_controls_under_any_kd() -> None:
+    """The plain words answer the KD-methods study (each method against the reference one)
+    and, under a KD method, whether IG adds to it and whether the map's content matters
+    (IG against its control)."""
+    design = {"kd": (None, "hinton", "dkd"), "overlay": (None, "ig")}
+    rng = [0.0, 0.01, -0.01, 0.02, 0.0, -0.02, 0.01, -0.01]  # mean 0
+    h, d = frozenset({"hinton"}), frozenset({"dkd"})
+    hig, dig, dsh = h | {"ig"}, d | {"ig"}, d | {"shuffled"}
+    table = {h: {r: 0.70 + x for r, x in enumerate(rng)},
+             d: {r: 0.72 + x / 2 for r, x in enumerate(rng)},
+             hig: {r: 0.70 + x / 3 for r, x in enumerate(rng)},
+             dig: {r: 0.71 + x for r, x in enumerate(rng)},
+             dsh: {r: 0.71 + x / 4 for r, x in enumerate(rng)}}
+    a = analyse(table, design, ("shuffled",), Judgement(margin=0.004), None,
+                ("Hinton", "DKD", "Hinton+IG", "DKD+IG", "DKD+shuffled"))
+    words = plain_words(a | {"equivalence_margin": 0.004})
+    rows = {r["name"]: r for r in a["comparisons"]}
+    assert rows["DKD - Hinton"]["verdict"] == "better"
+    assert f"DKD - Hinton: +2.00 points, 95% CI [{100 * rows['DKD - Hinton']['ci_low']:+.2f}" \
+        in words[0] and words[0].endswith(": better.")
+    # IG's effect under each method: -1.00 (DKD), +0.00 (Hinton)
+    assert [w.split(" points")[0] for w in words[1:3]] == \
+        ["Hinton+IG - Hinton: +0.00", "DKD+IG - DKD: -1.00"]
+    assert words[3].startswith("DKD+shuffled - DKD+IG: +0.00 points, 90% CI [")
+    assert words[3].endswith("against +-0.40 (TOST Holm p "
+                             f"{rows['DKD+shuffled - DKD+IG']['tost_p_holm']:.3g}): "
+                             "inconclusive (equivalence n=54).")
+    # a control against no overlay is not a question the words answer
+    assert len(words) == 4 and "DKD+shuffled - DKD:" not in " ".join(words)
 
 
 def test_degenerate_inputs_do_not_crash() -> None:
