@@ -274,17 +274,17 @@ def condition_params(args: argparse.Namespace, storage: Any, url: str, cfg: Stud
     if args.params == "fixed":
         return "fixed", {n: {} for n in names}, {n: {"study file": cfg.source} for n in names}
     if args.params == "per-condition":
+        tuned = {n: condition_search(search_name, cfg.scale, n) for n in names
+                 if condition_study(n) is None}  # no study file of its own: tuned here
+        tune_conditions(args, cfg, {n: (conds[n], tuned[n]) for n in tuned}, storage, url)
         out, origin = {}, {}
         for n in names:
-            study_file = condition_study(n)
-            searched = condition_search(search_name, cfg.scale, n)
-            if study_file is not None:  # its own study file (student, kd, ig, kd_ig)
-                out[n], origin[n] = _best(storage, searched, url, cfg, study_file)
-            else:  # any other condition: the study file's search, run for it here
-                tuned = searched
-                tune_condition(args, cfg, n, conds[n], tuned, storage, url)
-                out[n], origin[n] = _best(storage, tuned, url, cfg, cfg.name)
+            if n in tuned:
+                out[n], origin[n] = _best(storage, tuned[n], url, cfg, cfg.name)
                 origin[n]["settings"] = condition_settings(cfg, conds[n])
+            else:  # its own study file (student, kd, ig, kd_ig)
+                out[n], origin[n] = _best(storage, condition_search(search_name, cfg.scale, n),
+                                          url, cfg, condition_study(n) or cfg.name)
         return "per-condition", out, origin
     params = load_params(args.params)
     return "file", {n: dict(params) for n in names}, {n: {"file": args.params} for n in names}
@@ -324,38 +324,44 @@ def condition_settings(cfg: StudyConfig, cond: frozenset[str]) -> list[str]:
     return out + [f"search.hold={json.dumps(sorted(set(hold)))}"]
 
 
-def tune_condition(args: argparse.Namespace, cfg: StudyConfig, name: str,
-                   cond: frozenset[str], tuned: str, storage: Any, url: str) -> None:
-    """Run (or top up) the search that tunes condition ``name``: the study file's own search
-    (its trial budget, sampler and seed, like every condition's) with the condition's
-    settings, as `optimize` in a child process (its progress, resume and signals). Its
-    finished trials are kept in its ledger in --out (:func:`search_ledger_path`), and a
-    store that lacks the search takes them from there."""
+def tune_conditions(args: argparse.Namespace, cfg: StudyConfig,
+                    todo: dict[str, tuple[frozenset[str], str]], storage: Any, url: str
+                    ) -> None:
+    """Run (or top up) the search that tunes each condition of ``todo`` (name -> (its
+    levels, its search study)): the study file's own search (its trial budget, sampler
+    and seed, like every condition's) with the condition's settings, as `optimize` in
+    child processes (their progress, resume and signals), --workers of them at once. Each
+    search's finished trials are kept in its ledger in --out (:func:`search_ledger_path`),
+    and a store that lacks the search takes them from there."""
     import optuna
 
     from kdig_study.ledger import import_search_ledger, search_ledger_path, write_search_ledger
     from kdig_study.search import finished_trials
 
-    path = search_ledger_path(Path(args.out), tuned)
-    added = import_search_ledger(path, storage, tuned)
-    if added:
-        print(f"{added} finished trial(s) of the search tuning {name} taken from its ledger "
-              f"{path} (this store lacked it)", flush=True)
+    paths = {n: search_ledger_path(Path(args.out), tuned) for n, (_, tuned) in todo.items()}
+    pending = []
+    for n, (cond, tuned) in todo.items():
+        added = import_search_ledger(paths[n], storage, tuned)
+        if added:
+            print(f"{added} finished trial(s) of the search tuning {n} taken from its ledger "
+                  f"{paths[n]} (this store lacked it)", flush=True)
+        try:
+            study = optuna.load_study(study_name=tuned, storage=storage)
+        except KeyError:  # not begun yet
+            pending.append(n)
+            continue
+        _check_tuning_config(study, tuning_config(args, cfg, cond), n, paths[n], url)
+        if finished_trials(study) < cfg.search.n_trials:
+            pending.append(n)
     try:
-        study = optuna.load_study(study_name=tuned, storage=storage)
-    except KeyError:  # not begun yet
-        done = 0
-    else:
-        _check_tuning_config(study, tuning_config(args, cfg, cond), name, path, url)
-        done = finished_trials(study)
-    try:
-        if done < cfg.search.n_trials:
-            _run_tuning(args, cfg, name, cond, tuned, url)
+        _run_tunings(args, cfg, {n: todo[n] for n in pending}, url)
     finally:
-        try:  # also after a stopped search: the trials it finished
-            write_search_ledger(path, optuna.load_study(study_name=tuned, storage=storage))
-        except KeyError:
-            pass
+        for n, (_, tuned) in todo.items():
+            try:  # also after a stopped search: the trials it finished
+                write_search_ledger(paths[n], optuna.load_study(study_name=tuned,
+                                                                storage=storage))
+            except KeyError:
+                pass
 
 
 def tuning_config(args: argparse.Namespace, cfg: StudyConfig, cond: frozenset[str]
@@ -382,29 +388,59 @@ def _check_tuning_config(study: Any, want: StudyConfig, name: str, path: Path, u
         f"--study-name '{study.study_name}' --storage {url}`) to tune again")
 
 
-def _run_tuning(args: argparse.Namespace, cfg: StudyConfig, name: str,
-                cond: frozenset[str], tuned: str, url: str) -> None:
-    """The tuning search as `optimize` in a child process."""
+def _run_tunings(args: argparse.Namespace, cfg: StudyConfig,
+                 todo: dict[str, tuple[frozenset[str], str]], url: str) -> None:
+    """The tuning searches as `optimize` child processes: one after another, or with
+    --workers N, N at once (each with its share of the cores, its lines prefixed with its
+    condition). Searches of different conditions share nothing but the teacher and maps,
+    which are made under a lock, so each runs exactly as it would alone."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "kdig_study.optimize", "--study", args.study, "--scale",
-           cfg.scale, "--study-name", tuned, "--storage", url, "--device", args.device]
-    for item in [*args.overrides, *condition_settings(cfg, cond)]:
-        cmd += ["--set", item]
-    if args.data_dir:
-        cmd += ["--data-dir", args.data_dir]
-    if args.track:
-        cmd += ["--track", args.track]
-    if args.no_progress:
-        cmd.append("--no-progress")
-    if getattr(args, "no_teacher_cache", False):
-        cmd.append("--no-teacher-cache")
-    print(f"tuning {name} ({cfg.search.n_trials} trials, the study file's search with "
-          f"{' '.join(condition_settings(cfg, cond))}): study '{tuned}'", flush=True)
-    code = subprocess.call(cmd)
-    if code != 0:
-        raise KdigError(f"--params per-condition: the search tuning {name} (study '{tuned}') "
-                        f"stopped with exit status {code}; run the command again to resume it")
+    from kdig_study.cli import run_children
+
+    parallel = max(1, min(args.workers, len(todo)))
+    cmds = {}
+    for name, (cond, tuned) in todo.items():
+        cmd = [sys.executable, "-m", "kdig_study.optimize", "--study", args.study, "--scale",
+               cfg.scale, "--study-name", tuned, "--storage", url, "--device", args.device]
+        for item in [*args.overrides, *condition_settings(cfg, cond)]:
+            cmd += ["--set", item]
+        if args.data_dir:
+            cmd += ["--data-dir", args.data_dir]
+        if args.track:
+            cmd += ["--track", args.track]
+        if args.no_progress or parallel > 1:  # bars of several searches would overwrite
+            cmd.append("--no-progress")
+        if getattr(args, "no_teacher_cache", False):
+            cmd.append("--no-teacher-cache")
+        cmds[name] = cmd
+
+    def announce(name: str) -> None:
+        cond, tuned = todo[name]
+        print(f"tuning {name} ({cfg.search.n_trials} trials, the study file's search with "
+              f"{' '.join(condition_settings(cfg, cond))}): study '{tuned}'"
+              + (f"; {parallel} searches at once" if parallel > 1 else ""), flush=True)
+
+    codes: dict[str, int] = {}
+    if parallel == 1:
+        for name, cmd in cmds.items():
+            announce(name)
+            codes[name] = subprocess.call(cmd)
+            if codes[name] != 0:
+                break
+    else:
+        for name in cmds:
+            announce(name)
+        codes = run_children(list(cmds.items()), parallel)
+    for name in cmds:
+        if codes.get(name, 0) != 0:
+            raise KdigError(f"--params per-condition: the search tuning {name} (study "
+                            f"'{todo[name][1]}') stopped with exit status {codes[name]}; "
+                            f"run the command again to resume it")
+        if name not in codes:
+            raise KdigError(f"--params per-condition: the search tuning {name} (study "
+                            f"'{todo[name][1]}') did not start, as another search failed; "
+                            f"run the command again")
 
 
 def search_seeds(storage: Any, names: list[str]) -> dict[int, set[str]]:

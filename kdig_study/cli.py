@@ -130,6 +130,55 @@ def run(main: Callable[[], int | None]) -> NoReturn:
     sys.exit(code)
 
 
+def run_children(cmds: list[tuple[str, list[str]]], parallel: int) -> dict[str, int]:
+    """Commands (label, argv), ``parallel`` at a time, torch threads split so that
+    parallel x threads <= cores; each line they print comes out prefixed "[label] ".
+    Returns each label's exit status; after a failure no further command starts. Ctrl-C
+    and SIGTERM stop those running (SIGTERM: their own clean stop) and wait for them."""
+    import threading
+    import time
+
+    from kdig_study.measure import default_threads
+
+    threads = str(max(1, default_threads() // parallel))
+    env = os.environ.copy() | {"OMP_NUM_THREADS": threads, "KDIG_THREADS": threads,
+                               _PARENT_ENV: str(os.getpid())}
+
+    def relay(label: str, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(f"[{label}] {line}", end="", flush=True)
+
+    queue, codes = list(cmds), {}
+    running: dict[str, tuple[subprocess.Popen[str], threading.Thread]] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < parallel:
+                label, argv = queue.pop(0)
+                proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, bufsize=1)
+                relay_thread = threading.Thread(target=relay, args=(label, proc), daemon=True)
+                relay_thread.start()
+                running[label] = (proc, relay_thread)
+            time.sleep(0.2)
+            for label, (proc, relay_thread) in list(running.items()):
+                if proc.poll() is not None:
+                    relay_thread.join()
+                    codes[label] = proc.returncode
+                    del running[label]
+                    if proc.returncode != 0:
+                        queue.clear()
+    except KeyboardInterrupt:
+        for proc, _ in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, relay_thread in running.values():
+            proc.wait()
+            relay_thread.join()
+        raise
+    return codes
+
+
 def spawn_workers(module: str, argv: list[str], n: int) -> None:
     """N copies of a command (``python -m module argv --worker-index i --no-progress``) that
     share one study through its store; torch threads split so workers x threads <= cores.

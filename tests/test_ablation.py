@@ -724,6 +724,28 @@ def test_per_condition_tunes_any_condition_with_the_same_search(
            "whose weights differ" in other.stderr and "Traceback" not in other.stderr
 
 
+@pytest.mark.slow  # two searches of 2 trials at once, then 2 runs (40 s)
+def test_workers_tune_several_conditions_at_once(
+        tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
+    """--workers 2 runs two conditions' tuning searches at once, each as it would run alone
+    (its own study, budget and seed), their lines labelled; the ablation then takes both."""
+    url = f"sqlite:///{isolated_storage}/kdig.db"
+    isolated_storage.mkdir(parents=True, exist_ok=True)
+    proc = _ablate("--seeds", "1", "--factors", "kd=none|dkd|dist", "--conditions", "DKD,DIST",
+                   "--params", "per-condition", "--out", str(tmp_path), "--workers", "2",
+                   "--set", "search.n_trials=2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("; 2 searches at once") == 2
+    for n, method in (("DKD", "dkd"), ("DIST", "dist")):
+        assert f"[{n}] searching temperature, alpha with TPE" in proc.stdout, proc.stdout
+        study = optuna.load_study(study_name=f"kd_ig-smoke.tune-{n}", storage=url)
+        assert len(study.get_trials()) == 2
+        assert study.user_attrs["config"]["kd"]["method"] == method
+        assert (tmp_path / f"kd_ig-smoke.tune-{n}.trials.json").is_file()
+    res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
+    assert sorted(r["condition"] for r in res["runs"]) == ["DIST", "DKD"]
+
+
 def test_a_finished_tuning_search_of_another_config_is_refused(
         tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
     """A finished tuning search is taken as it is, with no `optimize` run to refuse a

@@ -43,3 +43,24 @@ def test_commands_parse_their_arguments_before_importing_heavy_libraries() -> No
                           cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_children_run_a_few_at_a_time_with_their_lines_labelled(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """run_children (ablate's tuning searches, --workers at once): each child's lines
+    prefixed with its label, torch threads split between those running at once, and no
+    child started after one failed."""
+    from kdig_study.cli import run_children
+    from kdig_study.measure import default_threads
+
+    def child(text: str, code: int = 0) -> list[str]:
+        return [sys.executable, "-c", f"import os, sys, time; time.sleep(0.3); "
+                f"print({text!r}, os.environ['KDIG_THREADS']); sys.exit({code})"]
+
+    codes = run_children([("a", child("one")), ("b", child("two", 3)), ("c", child("no"))], 2)
+    assert codes == {"a": 0, "b": 3}  # c was still waiting when b failed
+    out = capsys.readouterr().out.splitlines()
+    threads = max(1, default_threads() // 2)
+    assert sorted(out) == [f"[a] one {threads}", f"[b] two {threads}"]
+    assert run_children([("x", child("alone"))], 1) == {"x": 0}
+    assert capsys.readouterr().out == f"[x] alone {default_threads()}\n"
