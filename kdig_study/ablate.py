@@ -366,7 +366,7 @@ def tune_conditions(args: argparse.Namespace, cfg: StudyConfig,
 
 def tuning_config(args: argparse.Namespace, cfg: StudyConfig, cond: frozenset[str]
                   ) -> StudyConfig:
-    """The config the search tuning ``cond`` runs with (:func:`_run_tuning`'s --set items)."""
+    """The config the search tuning ``cond`` runs with (:func:`_run_tunings`' --set items)."""
     return load_study(args.study, cfg.scale, [*args.overrides, *condition_settings(cfg, cond)])
 
 
@@ -392,8 +392,9 @@ def _run_tunings(args: argparse.Namespace, cfg: StudyConfig,
                  todo: dict[str, tuple[frozenset[str], str]], url: str) -> None:
     """The tuning searches as `optimize` child processes: one after another, or with
     --workers N, N at once (each with its share of the cores, its lines prefixed with its
-    condition). Searches of different conditions share nothing but the teacher and maps,
-    which are made under a lock, so each runs exactly as it would alone."""
+    condition). Searches of different conditions share nothing but the teacher, maps and
+    teacher outputs, each made once under a lock: each runs as it would alone (its study,
+    budget, sampler seed), on fewer threads (float sums may differ in their last bits)."""
     import subprocess
 
     from kdig_study.cli import run_children
