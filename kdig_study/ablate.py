@@ -353,15 +353,19 @@ def tune_conditions(args: argparse.Namespace, cfg: StudyConfig,
         _check_tuning_config(study, tuning_config(args, cfg, cond), n, paths[n], url)
         if finished_trials(study) < cfg.search.n_trials:
             pending.append(n)
+
+    def save(n: str) -> None:  # as each search ends, and after a stop: its finished trials
+        try:
+            write_search_ledger(paths[n], optuna.load_study(study_name=todo[n][1],
+                                                            storage=storage))
+        except KeyError:  # never begun
+            pass
+
     try:
-        _run_tunings(args, cfg, {n: todo[n] for n in pending}, url)
+        _run_tunings(args, cfg, {n: todo[n] for n in pending}, url, save)
     finally:
-        for n, (_, tuned) in todo.items():
-            try:  # also after a stopped search: the trials it finished
-                write_search_ledger(paths[n], optuna.load_study(study_name=tuned,
-                                                                storage=storage))
-            except KeyError:
-                pass
+        for n in todo:
+            save(n)
 
 
 def tuning_config(args: argparse.Namespace, cfg: StudyConfig, cond: frozenset[str]
@@ -389,12 +393,15 @@ def _check_tuning_config(study: Any, want: StudyConfig, name: str, path: Path, u
 
 
 def _run_tunings(args: argparse.Namespace, cfg: StudyConfig,
-                 todo: dict[str, tuple[frozenset[str], str]], url: str) -> None:
+                 todo: dict[str, tuple[frozenset[str], str]], url: str,
+                 ended: Callable[[str], None]) -> None:
     """The tuning searches as `optimize` child processes: one after another, or with
     --workers N, N at once (each with its share of the cores, its lines prefixed with its
     condition). Searches of different conditions share nothing but the teacher, maps and
     teacher outputs, each made once under a lock: each runs as it would alone (its study,
-    budget, sampler seed), on fewer threads (float sums may differ in their last bits)."""
+    budget, sampler seed), on fewer threads (float sums may differ in their last bits).
+    ``ended(name)`` runs as each search ends (its ledger is written then, not after the
+    slowest)."""
     import subprocess
 
     from kdig_study.cli import run_children
@@ -427,12 +434,13 @@ def _run_tunings(args: argparse.Namespace, cfg: StudyConfig,
         for name, cmd in cmds.items():
             announce(name)
             codes[name] = subprocess.call(cmd)
+            ended(name)
             if codes[name] != 0:
                 break
     else:
         for name in cmds:
             announce(name)
-        codes = run_children(list(cmds.items()), parallel)
+        codes = run_children(list(cmds.items()), parallel, lambda name, _: ended(name))
     for name in cmds:
         if codes.get(name, 0) != 0:
             raise KdigError(f"--params per-condition: the search tuning {name} (study "

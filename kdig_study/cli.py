@@ -130,11 +130,15 @@ def run(main: Callable[[], int | None]) -> NoReturn:
     sys.exit(code)
 
 
-def run_children(cmds: list[tuple[str, list[str]]], parallel: int) -> dict[str, int]:
+def run_children(cmds: list[tuple[str, list[str]]], parallel: int,
+                 on_exit: Callable[[str, int], None] = lambda label, code: None
+                 ) -> dict[str, int]:
     """Commands (label, argv), ``parallel`` at a time, torch threads split so that
     parallel x threads <= cores; each line they print comes out prefixed "[label] ".
-    Returns each label's exit status; after a failure no further command starts. Ctrl-C
-    and SIGTERM stop those running (SIGTERM: their own clean stop) and wait for them."""
+    ``on_exit(label, status)`` runs as each one ends (e.g. to save its results while the
+    others go on). Returns each label's exit status; after a failure no further command
+    starts. Ctrl-C and SIGTERM stop those running (SIGTERM: their own clean stop) and
+    wait for them."""
     import threading
     import time
 
@@ -166,6 +170,7 @@ def run_children(cmds: list[tuple[str, list[str]]], parallel: int) -> dict[str, 
                     relay_thread.join()
                     codes[label] = proc.returncode
                     del running[label]
+                    on_exit(label, proc.returncode)
                     if proc.returncode != 0:
                         queue.clear()
     except KeyboardInterrupt:

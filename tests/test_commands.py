@@ -57,8 +57,11 @@ def test_children_run_a_few_at_a_time_with_their_lines_labelled(
         return [sys.executable, "-c", f"import os, sys, time; time.sleep(0.3); "
                 f"print({text!r}, os.environ['KDIG_THREADS']); sys.exit({code})"]
 
-    codes = run_children([("a", child("one")), ("b", child("two", 3)), ("c", child("no"))], 2)
+    ended: list[tuple[str, int]] = []
+    codes = run_children([("a", child("one")), ("b", child("two", 3)), ("c", child("no"))], 2,
+                         lambda label, code: ended.append((label, code)))
     assert codes == {"a": 0, "b": 3}  # c was still waiting when b failed
+    assert sorted(ended) == [("a", 0), ("b", 3)]
     out = capsys.readouterr().out.splitlines()
     threads = max(1, default_threads() // 2)
     assert sorted(out) == [f"[a] one {threads}", f"[b] two {threads}"]
