@@ -429,6 +429,8 @@ def _run_tunings(args: argparse.Namespace, cfg: StudyConfig,
               f"{' '.join(condition_settings(cfg, cond))}): study '{tuned}'"
               + (f"; {parallel} searches at once" if parallel > 1 else ""), flush=True)
 
+    if parallel > 1:
+        _prepare_searches(args, cfg, todo)
     codes: dict[str, int] = {}
     if parallel == 1:
         for name, cmd in cmds.items():
@@ -450,6 +452,32 @@ def _run_tunings(args: argparse.Namespace, cfg: StudyConfig,
             raise KdigError(f"--params per-condition: the search tuning {name} (study "
                             f"'{todo[name][1]}') did not start, as another search failed; "
                             f"run the command again")
+
+
+def _prepare_searches(args: argparse.Namespace, cfg: StudyConfig,
+                      todo: dict[str, tuple[frozenset[str], str]]) -> None:
+    """The teacher and the maps that searches about to run at once need, made here on every
+    core: otherwise the first search makes them, under a lock, on its share of the cores
+    while the others wait."""
+    import time
+
+    from kdig_study.experiment import Context
+    from kdig_study.search import search_sources
+
+    t0, made = time.perf_counter(), []
+    ctx: Context | None = None
+    for cond, _ in todo.values():
+        tcfg = tuning_config(args, cfg, cond)
+        ctx = Context.create(tcfg, args.data_dir, args.device, not args.no_progress) \
+            if ctx is None else ctx.with_config(tcfg)
+        if ctx.teacher().trained_now:
+            made.append("the teacher")
+        for source in search_sources(tcfg) if tcfg.method.ig else []:
+            if ctx.maps(None, source).computed_images:
+                made.append(f"the {source} maps")
+    if made:
+        print(f"made {', '.join(made)} for the searches here, on every core, in "
+              f"{(time.perf_counter() - t0) / 60:.1f} min", flush=True)
 
 
 def search_seeds(storage: Any, names: list[str]) -> dict[int, set[str]]:

@@ -66,6 +66,7 @@ def cached_parts(ctx: Context) -> dict[str, bool]:
     from kdig_study.attribution.store import MapSpec, index_hash, open_store
     from kdig_study.engine import resolve_precision
     from kdig_study.experiment import adaptive_spec_fields, ig_counts
+    from kdig_study.search import search_sources
     from kdig_study.teacher import teacher_fingerprint, teacher_path
 
     cfg = ctx.cfg
@@ -95,12 +96,6 @@ def cached_parts(ctx: Context) -> dict[str, bool]:
         stream = teacher_stream(ctx, cfg, fp, index, tap)
         outputs = stream.cached_epochs() >= cfg.student_train.epochs
     return {"teacher": teacher, "maps": maps, "teacher_outputs": outputs}
-
-
-def search_sources(cfg: StudyConfig) -> list[str]:
-    """The map sources a search may overlay: the `source` choices, or the study's source."""
-    space = cfg.search.space.get("source")
-    return [str(c) for c in space.choices] if space else [cfg.ig.source]
 
 
 def banner(cfg: StudyConfig, n_trials: int, to_run: int | None = None,
@@ -150,6 +145,7 @@ def prepare(study: optuna.Study, ctx: Context) -> None:
     a user needs both before trusting trials built on them."""
     from kdig_study.attribution.store import gap_summary
     from kdig_study.objectives import attach_gallery
+    from kdig_study.search import search_sources
     from kdig_study.store import artifact_store
 
     cfg = ctx.cfg

@@ -109,3 +109,9 @@ def finished_trials(study: optuna.Study) -> int:
     """COMPLETE and PRUNED trials: what counts towards a search's trial budget."""
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                for t in study.get_trials(deepcopy=False))
+
+
+def search_sources(cfg: StudyConfig) -> list[str]:
+    """The map sources a search may overlay: the `source` choices, or the study's source."""
+    space = cfg.search.space.get("source")
+    return [str(c) for c in space.choices] if space else [cfg.ig.source]

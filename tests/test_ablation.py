@@ -28,6 +28,7 @@ from kdig_study.ablation import (
 from kdig_study.config import AnalysisConfig, load_study
 from kdig_study.data import load_bundle
 from kdig_study.experiment import Context
+from kdig_study.ledger import search_ledger_path
 from kdig_study.stats import design_of
 from kdig_study.sweep import NO_SWEEP, Sweep, parse_sweeps
 
@@ -724,26 +725,31 @@ def test_per_condition_tunes_any_condition_with_the_same_search(
            "whose weights differ" in other.stderr and "Traceback" not in other.stderr
 
 
-@pytest.mark.slow  # two searches of 2 trials at once, then 2 runs (40 s)
+@pytest.mark.slow  # the maps, two searches of 2 trials at once, then 2 runs (60 s)
 def test_workers_tune_several_conditions_at_once(
-        tmp_path: Path, isolated_storage: Path, warm_cache: Path) -> None:
+        tmp_path: Path, isolated_storage: Path, warm_teacher: Path) -> None:
     """--workers 2 runs two conditions' tuning searches at once, each as it would run alone
-    (its own study, budget and seed), their lines labelled; the ablation then takes both."""
+    (its own study, budget and seed), their lines labelled, after the maps they share were
+    made on every core (not by one search on its share while the other waits); the
+    ablation then takes both."""
     url = f"sqlite:///{isolated_storage}/kdig.db"
     isolated_storage.mkdir(parents=True, exist_ok=True)
-    proc = _ablate("--seeds", "1", "--factors", "kd=none|dkd|dist", "--conditions", "DKD,DIST",
-                   "--params", "per-condition", "--out", str(tmp_path), "--workers", "2",
-                   "--set", "search.n_trials=2")
+    proc = _ablate("--seeds", "1", "--factors", "kd=none|dkd,ig", "--controls", "shuffled",
+                   "--conditions", "DKD+IG,DKD+shuffled", "--params", "per-condition",
+                   "--out", str(tmp_path), "--workers", "2", "--set", "search.n_trials=2")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("; 2 searches at once") == 2
-    for n, method in (("DKD", "dkd"), ("DIST", "dist")):
-        assert f"[{n}] searching temperature, alpha with TPE" in proc.stdout, proc.stdout
+    made = proc.stdout.index("made the ig maps, the shuffled maps for the searches here")
+    for n, source in (("DKD+IG", "ig"), ("DKD+shuffled", "shuffled")):
+        assert proc.stdout.index(f"[{n}] {source} maps (") > made
+        assert f"[{n}] searching temperature, alpha, overlay_strength" in proc.stdout
         study = optuna.load_study(study_name=f"kd_ig-smoke.tune-{n}", storage=url)
         assert len(study.get_trials()) == 2
-        assert study.user_attrs["config"]["kd"]["method"] == method
-        assert (tmp_path / f"kd_ig-smoke.tune-{n}.trials.json").is_file()
+        assert study.user_attrs["config"]["ig"]["source"] == source
+        assert search_ledger_path(tmp_path, f"kd_ig-smoke.tune-{n}").is_file()
+    assert "from the cache" in proc.stdout.split("[DKD+IG] ig maps (")[1].splitlines()[0]
     res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
-    assert sorted(r["condition"] for r in res["runs"]) == ["DIST", "DKD"]
+    assert sorted(r["condition"] for r in res["runs"]) == ["DKD+IG", "DKD+shuffled"]
 
 
 def test_a_finished_tuning_search_of_another_config_is_refused(
