@@ -59,7 +59,6 @@ from kdig_study.config import (
     StudyConfig,
     apply_params,
     at_pair_problem,
-    condition_name,
     condition_study,
     kd_level,
     load_params,
@@ -429,10 +428,8 @@ def _run_tunings(args: argparse.Namespace, cfg: StudyConfig,
               f"{' '.join(condition_settings(cfg, cond))}): study '{tuned}'"
               + (f"; {parallel} searches at once" if parallel > 1 else ""), flush=True)
 
-    if parallel > 1:
-        _prepare_searches(args, cfg, todo)
     codes: dict[str, int] = {}
-    if parallel == 1:
+    if parallel == 1:  # in this terminal: the search's own progress bars
         for name, cmd in cmds.items():
             announce(name)
             codes[name] = subprocess.call(cmd)
@@ -440,18 +437,15 @@ def _run_tunings(args: argparse.Namespace, cfg: StudyConfig,
             if codes[name] != 0:
                 break
     else:
+        _prepare_searches(args, cfg, todo)
         for name in cmds:
             announce(name)
         codes = run_children(list(cmds.items()), parallel, lambda name, _: ended(name))
-    for name in cmds:
-        if codes.get(name, 0) != 0:
-            raise KdigError(f"--params per-condition: the search tuning {name} (study "
-                            f"'{todo[name][1]}') stopped with exit status {codes[name]}; "
-                            f"run the command again to resume it")
-        if name not in codes:
-            raise KdigError(f"--params per-condition: the search tuning {name} (study "
-                            f"'{todo[name][1]}') did not start, as another search failed; "
-                            f"run the command again")
+    failed = next((n for n in cmds if codes.get(n, 0) != 0), None)
+    if failed is not None:  # the searches not yet started stay so: one failure stops all
+        raise KdigError(f"--params per-condition: the search tuning {failed} (study "
+                        f"'{todo[failed][1]}') stopped with exit status {codes[failed]}; "
+                        f"run the command again to resume it")
 
 
 def _prepare_searches(args: argparse.Namespace, cfg: StudyConfig,
@@ -1117,9 +1111,10 @@ def condition_values(s: _Setup, name: str) -> dict[str, Any]:
     """Condition ``name``'s parameters as its runs train with them: its own (searched or
     given), the study file's for the rest, and the KD method its level names (a DKD
     condition is recorded as dkd, not as the study file's method)."""
+    from kdig_study.stats import named_conditions
+
     values = effective(s.cfg, s.params[name]) | s.params[name]
-    cond = next((r.condition for r in s.runs if condition_name(r.condition) == name), None)
-    method = kd_level(cond or ())
+    method = kd_level(named_conditions(s.design, s.controls).get(name, ()))
     return values | ({"kd_method": method} if method in KD_METHODS else {})
 
 

@@ -7,8 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
-from typing import NoReturn
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn
 
 from kdig_study.config import SCALES, StudyConfig, load_study
 from kdig_study.errors import KdigError
@@ -130,23 +130,39 @@ def run(main: Callable[[], int | None]) -> NoReturn:
     sys.exit(code)
 
 
+def _child_env(children: int) -> dict[str, str]:
+    """The environment of one of ``children`` processes run at once: torch threads split so
+    that children x threads <= cores, and this process's pid (a child stops when it dies)."""
+    from kdig_study.measure import default_threads
+
+    threads = str(max(1, default_threads() // children))
+    return os.environ.copy() | {"OMP_NUM_THREADS": threads, "KDIG_THREADS": threads,
+                                _PARENT_ENV: str(os.getpid())}
+
+
+def _stop(procs: Iterable[subprocess.Popen[Any]]) -> None:
+    """After Ctrl-C or SIGTERM here: SIGTERM to the children still running (a terminal's
+    Ctrl-C reached them too, a background start ignores SIGINT; SIGTERM is their own clean
+    stop), then wait for each."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.wait()
+
+
 def run_children(cmds: list[tuple[str, list[str]]], parallel: int,
                  on_exit: Callable[[str, int], None] = lambda label, code: None
                  ) -> dict[str, int]:
-    """Commands (label, argv), ``parallel`` at a time, torch threads split so that
-    parallel x threads <= cores; each line they print comes out prefixed "[label] ".
-    ``on_exit(label, status)`` runs as each one ends (e.g. to save its results while the
-    others go on). Returns each label's exit status; after a failure no further command
-    starts. Ctrl-C and SIGTERM stop those running (SIGTERM: their own clean stop) and
-    wait for them."""
+    """Commands (label, argv), ``parallel`` at a time (:func:`_child_env`); each line they
+    print comes out prefixed "[label] ". ``on_exit(label, status)`` runs as each one ends
+    (e.g. to save its results while the others go on). Returns each label's exit status;
+    after a failure no further command starts. Ctrl-C and SIGTERM stop those running."""
     import threading
     import time
 
-    from kdig_study.measure import default_threads
-
-    threads = str(max(1, default_threads() // parallel))
-    env = os.environ.copy() | {"OMP_NUM_THREADS": threads, "KDIG_THREADS": threads,
-                               _PARENT_ENV: str(os.getpid())}
+    env = _child_env(parallel)
 
     def relay(label: str, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
@@ -174,11 +190,8 @@ def run_children(cmds: list[tuple[str, list[str]]], parallel: int,
                     if proc.returncode != 0:
                         queue.clear()
     except KeyboardInterrupt:
-        for proc, _ in running.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, relay_thread in running.values():
-            proc.wait()
+        _stop(proc for proc, _ in running.values())
+        for _, relay_thread in running.values():
             relay_thread.join()
         raise
     return codes
@@ -192,14 +205,10 @@ def spawn_workers(module: str, argv: list[str], n: int) -> None:
     measures img/s at 1, 2, 4 and 8 workers). Ctrl-C reaches every worker."""
     import torch
 
-    from kdig_study.measure import default_threads
-
-    threads = max(1, default_threads() // n)
     gpus = torch.cuda.device_count()
     procs = []
     for i in range(n):
-        env = os.environ.copy() | {"OMP_NUM_THREADS": str(threads),
-                                   "KDIG_THREADS": str(threads), _PARENT_ENV: str(os.getpid())}
+        env = _child_env(n)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         procs.append(subprocess.Popen([sys.executable, "-m", module, *argv,
@@ -207,11 +216,7 @@ def spawn_workers(module: str, argv: list[str], n: int) -> None:
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
-        for p in procs:  # a terminal's Ctrl-C reached them too; make sure, then wait
-            if p.poll() is None:  # (SIGTERM: a background start ignores SIGINT)
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait()
+        _stop(procs)
         raise
     failed = [c for c in codes if c != 0]
     if failed:

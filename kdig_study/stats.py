@@ -552,10 +552,14 @@ def plain_words(analysis: Mapping[str, Any], split: Mapping[str, Any] | None = N
     """What one metric's analysis says, in sentences made only from its verdicts and
     numbers (points): the primary comparison; every comparison of IG with another map source
     (does the map's content matter?); every comparison of two KD methods (which one distils
-    best here?) and of a KD method with and without IG (does IG add to it?); and, from ``split`` (:func:`by_family`), each difference one corruption
-    family carries. Nothing here is written by hand over them."""
+    best here?) and of a KD method with and without IG (does IG add to it?); and, from
+    ``split`` (:func:`by_family`), each difference one corruption family carries. Nothing here is written by hand over them."""
     def pt(x: float) -> str:
         return f"{100 * x:+.2f}" if math.isfinite(x) else "n/a"
+
+    def difference(r: Mapping[str, Any]) -> str:
+        return (f"{r['name']}: {pt(r['mean'])} points, 95% CI [{pt(r['ci_low'])}, "
+                f"{pt(r['ci_high'])}] (Holm p {r['t_p_holm']:.3g}): {verdict_text(r)}.")
 
     lines = []
     rows = analysis["comparisons"]
@@ -563,28 +567,20 @@ def plain_words(analysis: Mapping[str, Any], split: Mapping[str, Any] | None = N
         if r["primary"]:
             lines.append(f"{r['name']} (primary): {pt(r['mean'])} points, 95% CI "
                          f"[{pt(r['ci_low'])}, {pt(r['ci_high'])}]: {verdict_text(r)}.")
-    for r in rows:
-        # the two conditions' parts ("DKD+shuffled" -> DKD, shuffled): where all but one
-        # part each are the same, the two that differ say what the row compares
+    for r in (r for r in rows if not r["primary"]):
+        # the parts of the two conditions ("DKD+shuffled": DKD, shuffled) that differ say
+        # what the row compares
         a, b = (set(r.get(k, "").split("+")) for k in ("a", "b"))
         differ = a ^ b
-        if r["primary"]:
-            continue
         if differ == {"IG"} and a & b & _KD_NAMES:  # does IG add to this KD method?
-            lines.append(f"{r['name']}: {pt(r['mean'])} points, 95% CI [{pt(r['ci_low'])}, "
-                         f"{pt(r['ci_high'])}] (Holm p {r['t_p_holm']:.3g}): "
-                         f"{verdict_text(r)}.")
-        elif len(differ) != 2:
-            continue
-        elif "IG" in differ and not differ & (_KD_NAMES | {"KD", "AT"}):
+            lines.append(difference(r))
+        elif len(differ) == 2 and differ <= _KD_NAMES:  # which KD method distils best?
+            lines.append(difference(r))
+        elif len(differ) == 2 and "IG" in differ and not differ & (_KD_NAMES | {"KD", "AT"}):
             # IG against another map source: does the map's content matter?
             lines.append(f"{r['name']}: {pt(r['mean'])} points, 90% CI [{pt(r['eq_ci_low'])}, "
                          f"{pt(r['eq_ci_high'])}] against +-{100 * analysis['equivalence_margin']:.2f}"
                          f" (TOST Holm p {r['tost_p_holm']:.3g}): {verdict_text(r)}.")
-        elif differ <= _KD_NAMES:  # two KD methods: which distils best here?
-            lines.append(f"{r['name']}: {pt(r['mean'])} points, 95% CI [{pt(r['ci_low'])}, "
-                         f"{pt(r['ci_high'])}] (Holm p {r['t_p_holm']:.3g}): "
-                         f"{verdict_text(r)}.")
     for r in (split or {}).get("comparisons", []):
         c = r.get("carried_by")
         if c is not None:
