@@ -254,10 +254,18 @@ def _best(storage: Any, name: str, url: str, cfg: StudyConfig, study_file: str
         raise KdigError(f"study '{name}' in {url} has no completed trials: let "
                         f"`python -m kdig_study.optimize --study {study_file} --scale "
                         f"{cfg.scale}` finish some, or give --params fixed or FILE.toml")
-    print(f"parameters of trial {best.number} of '{name}' (val acc {best.values[0]:.2%}; "
-          f"rule: {rule}): " + formats.params(best.params))
     return dict(best.params), {"study": name, "trial": best.number, "rule": rule,
                                "val_acc": best.values[0]}
+
+
+def say_params(params: dict[str, Params], origin: dict[str, Any]) -> None:
+    """One line per search whose trial some condition takes (--params best shares one)."""
+    said = set()
+    for n, o in origin.items():
+        if "study" in o and o["study"] not in said:
+            said.add(o["study"])
+            print(f"parameters of trial {o['trial']} of '{o['study']}' (val acc "
+                  f"{o['val_acc']:.2%}; rule: {o['rule']}): " + formats.params(params[n]))
 
 
 def condition_params(args: argparse.Namespace, storage: Any, url: str, cfg: StudyConfig,
@@ -739,6 +747,8 @@ def resolve_plan(args: argparse.Namespace, cfg: StudyConfig, options: _Options, 
     conds = named_conditions(design, controls, only)
     names = list(conds)
     mode, params, origin = condition_params(args, storage, url, cfg, conds)
+    if args.worker_index is None:  # the parent says it; its workers resolve the same
+        say_params(params, origin)
     replicates = args.monte_carlo or args.seeds
     seeds = {r: ablation_seed(cfg.student_train.seed, r) for r in range(replicates)}
     searches = [search_name] + [condition_search(search_name, cfg.scale, n) for n in names]

@@ -725,7 +725,7 @@ def test_per_condition_tunes_any_condition_with_the_same_search(
            "whose weights differ" in other.stderr and "Traceback" not in other.stderr
 
 
-@pytest.mark.slow  # the maps, two searches of 2 trials at once, then 2 runs (60 s)
+@pytest.mark.slow  # the maps, two searches of 2 trials at once, then 4 runs (60 s)
 def test_workers_tune_several_conditions_at_once(
         tmp_path: Path, isolated_storage: Path, warm_teacher: Path) -> None:
     """--workers 2 runs two conditions' tuning searches at once, each as it would run alone
@@ -734,7 +734,7 @@ def test_workers_tune_several_conditions_at_once(
     ablation then takes both."""
     url = f"sqlite:///{isolated_storage}/kdig.db"
     isolated_storage.mkdir(parents=True, exist_ok=True)
-    proc = _ablate("--seeds", "1", "--factors", "kd=none|dkd,ig", "--controls", "shuffled",
+    proc = _ablate("--seeds", "2", "--factors", "kd=none|dkd,ig", "--controls", "shuffled",
                    "--conditions", "DKD+IG,DKD+shuffled", "--params", "per-condition",
                    "--out", str(tmp_path), "--workers", "2", "--set", "search.n_trials=2")
     assert proc.returncode == 0, proc.stderr
@@ -749,7 +749,9 @@ def test_workers_tune_several_conditions_at_once(
         assert search_ledger_path(tmp_path, f"kd_ig-smoke.tune-{n}").is_file()
     assert "from the cache" in proc.stdout.split("[DKD+IG] ig maps (")[1].splitlines()[0]
     res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
-    assert sorted(r["condition"] for r in res["runs"]) == ["DKD+IG", "DKD+shuffled"]
+    assert sorted(r["condition"] for r in res["runs"]) == ["DKD+IG"] * 2 + ["DKD+shuffled"] * 2
+    # each condition's chosen trial said once, by the command, not again by each run worker
+    assert proc.stdout.count("parameters of trial") == 2
 
 
 def test_a_finished_tuning_search_of_another_config_is_refused(
