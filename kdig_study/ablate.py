@@ -358,6 +358,7 @@ def tune_conditions(args: argparse.Namespace, cfg: StudyConfig,
             pending.append(n)
             continue
         _check_tuning_config(study, tuning_config(args, cfg, cond), n, paths[n], url)
+        _check_tuning_machine(args, cfg, study, n, paths[n], url)
         if finished_trials(study) < cfg.search.n_trials:
             pending.append(n)
 
@@ -397,6 +398,26 @@ def _check_tuning_config(study: Any, want: StudyConfig, name: str, path: Path, u
         f"{', '.join(keys[:6]) or 'unknown'}{' ...' if len(keys) > 6 else ''}): restore the "
         f"config, or move the ledger away and delete the study (`optuna delete-study "
         f"--study-name '{study.study_name}' --storage {url}`) to tune again")
+
+
+def _check_tuning_machine(args: argparse.Namespace, cfg: StudyConfig, study: Any, name: str,
+                          path: Path, url: str) -> None:
+    """Refuse, before the teacher trains, a tuning search whose trials trained at another
+    precision or bf16 kernel family than this machine's (its ledger made on another kind of
+    machine): their teacher comes out as other weights here, which _check_tuning_teacher
+    would say only after an hour of training it."""
+    from kdig_study.engine import bf16_kernels, resolve_device, resolve_precision
+    from kdig_study.ledger import check_machine
+
+    device = resolve_device(args.device)
+    precision = resolve_precision(cfg.student_train.precision, device)
+    check_machine([{"user_attrs": t.user_attrs} for t in study.get_trials(deepcopy=False)],
+                  precision, bf16_kernels(precision, device),
+                  f"--params per-condition: the search tuning {name} (study "
+                  f"'{study.study_name}', ledger {path})",
+                  f"finish it on a machine like the ledger's, or tune again here: move the "
+                  f"ledger away and delete the study (`optuna delete-study --study-name "
+                  f"'{study.study_name}' --storage {url}`)")
 
 
 def _run_tunings(args: argparse.Namespace, cfg: StudyConfig,

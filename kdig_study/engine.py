@@ -197,17 +197,23 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int
 
 
 def cpu_bf16_kernels() -> str | None:
-    """Which of oneDNN's fast bf16 kernel families this CPU runs: "amx" (Intel AMX) or
-    "avx512_bf16" (e.g. AMD Zen 4); None with neither. They round differently: the cpu-scale
-    teacher recipe trained to other weights on each (test 89.69% on AMX, 89.65% on an AMD
-    EPYC with AVX512-BF16), so bf16 runs made on one cannot be pooled with the other's."""
+    """Which of oneDNN's fast bf16 kernel families this CPU runs, by its ISA level: "amx"
+    (Intel AMX), "avx512_fp16" (AVX512-BF16 with AVX512-FP16 and no AMX: an Intel Sapphire
+    Rapids with AMX off) or "avx512_bf16" (AVX512-BF16 alone, e.g. AMD Zen 4); None with
+    none. They round differently: the cpu-scale teacher recipe trained to three different
+    files on the three (test 89.69% on AMX, 89.90% on AVX512-FP16, 89.65% on an AMD EPYC),
+    each reproduced bit for bit on its own kind, so bf16 runs made on one cannot be pooled
+    with another's."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((set(line.split()) for line in f if line.startswith("flags")), set())
     except OSError:
         return None
-    return next((k for k, flag in (("amx", "amx_bf16"), ("avx512_bf16", "avx512_bf16"))
-                 if flag in flags), None)
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_fp16" if "avx512_fp16" in flags else "avx512_bf16"
+    return None
 
 
 def bf16_kernels(precision: str, device: torch.device) -> str | None:

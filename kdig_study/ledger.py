@@ -95,6 +95,30 @@ def _same_teacher(run: dict[str, Any], teacher_sha256: Any) -> bool:
     return recorded.get("teacher_sha256") == teacher_sha256(run["params"])
 
 
+def check_machine(records: list[dict[str, Any]], precision: str | None, kernels: str | None,
+                  whose: str, remedy: str) -> None:
+    """Refuse, before anything costly, ledger records (runs or search trials) trained at
+    another precision or, at bf16 on a CPU, with another bf16 kernel family than this
+    machine's ``precision`` and ``kernels`` (engine.bf16_kernels): the teacher would come out
+    as other weights here, which its checksum says only after it trained. ``whose`` starts
+    the message ("<ledger>: its runs"), ``remedy`` ends it."""
+    other = sorted({p for p in (_precision(r) for r in records) if p not in (None, precision)})
+    if precision is not None and other:
+        # "auto" resolves by the hardware (bf16 where the CPU or GPU has fast bf16): a run
+        # here would not be the ledger's run, and the teacher check would come an hour later
+        raise KdigError(f"{whose} trained at {'/'.join(other)} and this machine trains at "
+                        f"{precision} (precision 'auto' follows the hardware: bf16 needs AMX, "
+                        f"AVX512-BF16 or a GPU with native bf16); what is made here could not "
+                        f"be pooled with them: {remedy}")
+    if precision == "bf16":  # an fp32 ledger's records were refused just above
+        families = sorted({k for k in (_kernels(r) for r in records) if k not in (None, kernels)})
+        if families:
+            raise KdigError(f"{whose} trained with {'/'.join(families)} bf16 kernels and this "
+                            f"machine {'uses ' + kernels if kernels else 'runs bf16 on a GPU'}: "
+                            f"the same recipe trains to other weights on each, so what is made "
+                            f"here could not be pooled with them: {remedy}")
+
+
 def import_ledger(path: Path, study: optuna.Study, run_key: Any, teacher_sha256: Any,
                   precision: str | None = None, kernels: str | None = None) -> int:
     """Add the ledger's runs that ``study`` has no COMPLETE trial of; return how many.
@@ -119,26 +143,9 @@ def import_ledger(path: Path, study: optuna.Study, run_key: Any, teacher_sha256:
                                                          states=(TrialState.COMPLETE,))}
     missing = list({run_key(r["params"]): r for r in data["runs"]
                     if run_key(r["params"]) not in done}.values())
-    other = sorted({p for p in (_precision(r) for r in missing) if p not in (None, precision)})
-    if precision is not None and other:
-        # "auto" resolves by the hardware (bf16 where the CPU or GPU has fast bf16): a run
-        # here would not be the ledger's run, and the teacher check would come an hour later
-        raise KdigError(f"{path}: its runs trained at {'/'.join(other)} and this machine trains "
-                        f"at {precision} (precision 'auto' follows the hardware: bf16 needs "
-                        f"AMX, AVX512-BF16 or a GPU with native bf16); runs made here could not "
-                        f"be pooled with them: finish it on a machine like the ledger's, analyse "
-                        f"what it holds with `ablate --reanalyse {path}`, or start with "
-                        f"another --out")
-    if precision == "bf16":  # an fp32 ledger's runs were refused just above
-        families = sorted({k for k in (_kernels(r) for r in missing) if k not in (None, kernels)})
-        if families:
-            raise KdigError(f"{path}: its runs trained with {'/'.join(families)} bf16 kernels "
-                            f"and this machine "
-                            f"{'uses ' + kernels if kernels else 'runs bf16 on a GPU'}: the same "
-                            f"recipe trains to other weights on each, so runs made here could "
-                            f"not be pooled with them: finish it on a machine like the "
-                            f"ledger's, analyse what it holds with `ablate --reanalyse "
-                            f"{path}`, or start with another --out")
+    check_machine(missing, precision, kernels, f"{path}: its runs",
+                  f"finish it on a machine like the ledger's, analyse what it holds with "
+                  f"`ablate --reanalyse {path}`, or start with another --out")
     for run in missing:  # every run checked before any is added
         if not _same_teacher(run, teacher_sha256):
             raise KdigError(f"{path}: run {run['params'].get('condition')} r"

@@ -224,6 +224,8 @@ def test_the_cpu_bf16_kernel_family_is_read_from_the_cpu_flags(
         info if p == "/proc/cpuinfo" else p, *a, **k))
     for flags, family in (("fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "amx"),
                           ("fpu avx2 avx512f avx512_bf16", "avx512_bf16"),
+                          # an Intel Xeon with AMX off: its teacher was a third file
+                          ("fpu avx2 avx512f avx512_bf16 avx512_fp16", "avx512_fp16"),
                           ("fpu avx2 fma", None)):
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
         assert engine.cpu_bf16_kernels() == family
@@ -231,6 +233,45 @@ def test_the_cpu_bf16_kernel_family_is_read_from_the_cpu_flags(
         assert engine.bf16_kernels("bf16", cpu) == family
         assert engine.bf16_kernels("fp32", cpu) is None
         assert engine.bf16_kernels("bf16", torch.device("meta")) is None
+
+
+def test_a_tuning_search_made_with_another_bf16_kernel_family_is_refused_before_the_teacher(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tuning search taken from a ledger made on an AMD EPYC (avx512_bf16), on an Intel
+    Xeon with AMX off (avx512_fp16): the teacher came out as another file there, and the
+    search was refused by its checksum only after the teacher's hour of training."""
+    import argparse
+
+    from kdig_study import ablate, engine
+    from kdig_study.config import load_study
+
+    url = f"sqlite:///{tmp_path}/kdig.db"
+    study = optuna.create_study(study_name="kd_ig-cpu.tune-DKD", storage=url,
+                                direction="maximize")
+    for kernels in ("avx512_bf16", None):  # a pruned trial records no metrics
+        study.add_trial(create_trial(
+            value=0.7, params={"temperature": 4.0},
+            distributions={"temperature": FloatDistribution(1.0, 10.0)},
+            user_attrs={"metrics": {"precision": "bf16", "kernels": kernels}} if kernels
+            else {}))
+    cfg = load_study("kd_ig", "cpu")
+    assert cfg.student_train.precision == "auto"
+    args = argparse.Namespace(device="cpu")
+    ledger = tmp_path / "kd_ig-cpu.tune-DKD.trials.json"
+
+    def check() -> None:
+        ablate._check_tuning_machine(args, cfg, study, "DKD", ledger, url)
+
+    monkeypatch.setattr(engine, "cpu_bf16_kernels", lambda: "avx512_fp16")
+    with pytest.raises(KdigError, match=r"^--params per-condition: the search tuning DKD "
+                                        r".* trained with avx512_bf16 bf16 kernels and this "
+                                        r"machine uses avx512_fp16: .*optuna delete-study"):
+        check()
+    monkeypatch.setattr(engine, "cpu_bf16_kernels", lambda: None)  # fp32 here
+    with pytest.raises(KdigError, match=r"trained at bf16 and this machine trains at fp32"):
+        check()
+    monkeypatch.setattr(engine, "cpu_bf16_kernels", lambda: "avx512_bf16")
+    check()  # the same family: on to the teacher's checksum
 
 
 def _search(storage: str, name: str = "kd_ig-cpu.tune-DKD") -> optuna.Study:
