@@ -197,13 +197,14 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int
 
 
 def cpu_bf16_kernels() -> str | None:
-    """Which of oneDNN's fast bf16 kernel families this CPU runs, by its ISA level: "amx"
-    (Intel AMX), "avx512_fp16" (AVX512-BF16 with AVX512-FP16 and no AMX: an Intel Sapphire
-    Rapids with AMX off) or "avx512_bf16" (AVX512-BF16 alone, e.g. AMD Zen 4); None with
-    none. They round differently: the cpu-scale teacher recipe trained to three different
-    files on the three (test 89.69% on AMX, 89.90% on AVX512-FP16, 89.65% on an AMD EPYC),
-    each reproduced bit for bit on its own kind, so bf16 runs made on one cannot be pooled
-    with another's."""
+    """Which kind of fast-bf16 CPU this is, by its flags: "amx" (Intel AMX), "avx512_fp16"
+    (AVX512-BF16 with AVX512-FP16 and no AMX: an Intel Xeon with AMX off, which oneDNN
+    calls AVX 10.1) or "avx512_bf16" (AVX512-BF16 alone, e.g. AMD Zen 4); None with none.
+    bf16 training rounds differently on each: the cpu-scale teacher recipe trained to three
+    different files on the three (test 89.69% on AMX, 89.90% on AVX512-FP16, 89.65% on an
+    AMD EPYC), each reproduced bit for bit on its own kind, so bf16 runs made on one cannot
+    be pooled with another's. (oneDNN runs the same avx512_core_bf16 convolutions on both
+    AVX512-BF16 kinds: where their bits part is not known, only that they do.)"""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((set(line.split()) for line in f if line.startswith("flags")), set())
