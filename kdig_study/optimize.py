@@ -114,15 +114,18 @@ def banner(cfg: StudyConfig, n_trials: int, to_run: int | None = None,
     to_run = n_trials if to_run is None else to_run
     cached = cached or {"teacher": False, "maps": False}
     e = cfg.expected
-    parts, minutes = [], 0.0
+    parts, minutes, unmeasured = [], 0.0, False
     for part, needed in (("teacher", True), ("maps", cfg.method.ig)):
         if not needed:
             continue
         if cached[part]:
             parts.append(f"{part} cached")
-        else:
+        elif getattr(e, part):
             minutes += getattr(e, part)
             parts.append(f"{part} ~{getattr(e, part):.0f} min")
+        else:  # 0: not measured on any machine yet (a total would leave it out)
+            unmeasured = True
+            parts.append(f"{part} not measured")
     if (cfg.method.kd or cfg.method.at) and cfg.teacher_cache.enabled and e.trial_cached:
         # the trials share one data stream: its first run writes the teacher's outputs
         first = 0 if cached.get("teacher_outputs") else min(1, to_run)
@@ -133,8 +136,12 @@ def banner(cfg: StudyConfig, n_trials: int, to_run: int | None = None,
     else:
         minutes += to_run * e.trial
         parts.append(f"{to_run} trial(s) to run x ~{e.trial:.1f} min")
-    expected = f"; expected about {minutes:.0f} min on {e.machine} ({', '.join(parts)})" \
-        if e.trial else f" ({', '.join(parts[:-1])})" if parts[:-1] else ""
+    if e.trial and not unmeasured:
+        expected = f"; expected about {minutes:.0f} min on {e.machine} ({', '.join(parts)})"
+    else:  # no total: say what is known (a trial of unmeasured length says nothing)
+        shown = parts if e.trial else parts[:-1]
+        expected = f" ({', '.join(shown)}; measured on {e.machine})" \
+            if any(not p.endswith("not measured") for p in shown) else ""
     return (f"study {cfg.name} at scale {cfg.scale} ({gpu}): {n_trials} trials of a "
             f"{student / 1e6:.2f} M-parameter {cfg.student.arch} student ({mode}) on {n_train} "
             f"training images x {cfg.student_train.epochs} epochs{expected}")

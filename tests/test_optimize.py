@@ -126,6 +126,15 @@ def test_banner_scales_the_estimate_by_trials_left_and_the_cache() -> None:
     warm = banner(cfg, 20, 3, {"teacher": True, "maps": True})
     assert f"expected about {3 * e.trial:.0f} min" in warm
     assert "teacher cached, maps cached" in warm
+    # a part never measured (0) is said so, and no total leaves it out
+    part = load_study("kd_ig", "cpu", ["teacher_cache.enabled=false", "expected.maps=0"])
+    said = banner(part, 8, 8, {"teacher": False, "maps": False})
+    assert "expected about" not in said and "maps ~0 min" not in said
+    assert f"(teacher ~{e.teacher:.0f} min, maps not measured, 8 trial(s) to run x " \
+           f"~{e.trial:.1f} min; measured on {e.machine})" in said
+    none = load_study("kd_ig", "cpu", ["expected.teacher=0", "expected.maps=0",
+                                       "expected.trial=0"])
+    assert banner(none, 8).endswith("x 8 epochs")  # nothing measured: no estimate
 
 
 def test_samplers_of_workers_and_resumed_runs_do_not_replay_start_up_proposals() -> None:
