@@ -260,7 +260,7 @@ def _best(storage: Any, name: str, url: str, cfg: StudyConfig, study_file: str
 
 def say_params(params: dict[str, Params], origin: dict[str, Any]) -> None:
     """One line per search whose trial some condition takes (--params best shares one)."""
-    said = set()
+    said: set[str] = set()
     for n, o in origin.items():
         if "study" in o and o["study"] not in said:
             said.add(o["study"])

@@ -114,7 +114,7 @@ def banner(cfg: StudyConfig, n_trials: int, to_run: int | None = None,
     to_run = n_trials if to_run is None else to_run
     cached = cached or {"teacher": False, "maps": False}
     e = cfg.expected
-    parts, minutes, unmeasured = [], 0.0, False
+    parts, minutes, unmeasured = [], 0.0, 0
     for part, needed in (("teacher", True), ("maps", cfg.method.ig)):
         if not needed:
             continue
@@ -124,7 +124,7 @@ def banner(cfg: StudyConfig, n_trials: int, to_run: int | None = None,
             minutes += getattr(e, part)
             parts.append(f"{part} ~{getattr(e, part):.0f} min")
         else:  # 0: not measured on any machine yet (a total would leave it out)
-            unmeasured = True
+            unmeasured += 1
             parts.append(f"{part} not measured")
     if (cfg.method.kd or cfg.method.at) and cfg.teacher_cache.enabled and e.trial_cached:
         # the trials share one data stream: its first run writes the teacher's outputs
@@ -141,7 +141,7 @@ def banner(cfg: StudyConfig, n_trials: int, to_run: int | None = None,
     else:  # no total: say what is known (a trial of unmeasured length says nothing)
         shown = parts if e.trial else parts[:-1]
         expected = f" ({', '.join(shown)}; measured on {e.machine})" \
-            if any(not p.endswith("not measured") for p in shown) else ""
+            if len(shown) > unmeasured else ""
     return (f"study {cfg.name} at scale {cfg.scale} ({gpu}): {n_trials} trials of a "
             f"{student / 1e6:.2f} M-parameter {cfg.student.arch} student ({mode}) on {n_train} "
             f"training images x {cfg.student_train.epochs} epochs{expected}")

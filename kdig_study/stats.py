@@ -553,7 +553,8 @@ def plain_words(analysis: Mapping[str, Any], split: Mapping[str, Any] | None = N
     numbers (points): the primary comparison; every comparison of IG with another map source
     (does the map's content matter?); every comparison of two KD methods (which one distils
     best here?) and of a KD method with and without IG (does IG add to it?); and, from
-    ``split`` (:func:`by_family`), each difference one corruption family carries. Nothing here is written by hand over them."""
+    ``split`` (:func:`by_family`), each difference one corruption family carries. Nothing
+    here is written by hand over them."""
     def pt(x: float) -> str:
         return f"{100 * x:+.2f}" if math.isfinite(x) else "n/a"
 
