@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from kdig_study.experiment import Context
 
 BENCHES = ("loader", "engine", "ig", "adaptive", "sources", "cache", "trials", "robustness",
-           "compile", "deploy", "teacher-cache")
+           "compile", "deploy", "teacher-cache", "precision")
 
 
 def _deploy_student(cfg: StudyConfig, ctx: Context) -> tuple[torch.nn.Module, str]:
@@ -102,6 +102,7 @@ def main() -> int:
     from kdig_study.bench_train import (
         bench_engine,
         bench_loader,
+        bench_precision,
         bench_robustness,
         bench_teacher_cache,
         bench_trials,
@@ -144,6 +145,8 @@ def main() -> int:
         ctx = Context(cfg, data, torch.device("cpu"), progress=True)
         student, trained = _deploy_student(cfg, ctx)
         results += bench_deploy(ctx, student, trained)
+    if "precision" in only:
+        results += bench_precision(cfg, data, args.images, args.repeats, device)
     if "robustness" in only:
         results.append(bench_robustness(cfg, data, device, args.repeats))
     if "teacher-cache" in only:

@@ -8,7 +8,7 @@ import dataclasses
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,16 @@ import torch.nn.functional as F
 from optuna.artifacts import FileSystemArtifactStore
 
 from kdig_study.bench_result import Result, median_time
-from kdig_study.config import StudyConfig, load_study
+from kdig_study.config import ModelConfig, StudyConfig, TrainConfig, load_study
 from kdig_study.data import BatchLoader, DataBundle, load_bundle
-from kdig_study.engine import autocast, resolve_precision, seeded_model, train
+from kdig_study.engine import (
+    autocast,
+    cpu_bf16_kernels,
+    make_optimizer,
+    resolve_precision,
+    seeded_model,
+    train,
+)
 from kdig_study.experiment import Context
 from kdig_study.models import build_model
 
@@ -90,7 +97,74 @@ def bench_loader(data: DataBundle, n: int, batch: int, repeats: int, device: tor
 
 
 # ---------------------------------------------------------------------------------------------
+# The precision "auto" picks against the other one
+
+
+def bench_precision(cfg: StudyConfig, data: DataBundle, n: int, repeats: int,
+                    device: torch.device) -> list[Result]:
+    """A training step of the teacher and of the student at the precision ``auto`` resolves
+    to here against the other of fp32 and bf16 autocast: whether auto's choice is the faster
+    on this machine. Which is faster depends on the CPU's bf16 kernels (AMX, AVX512-BF16 with
+    or without AVX512-FP16) and on the architecture, so it is measured, not assumed. Each
+    role takes its own batch size and ``n`` images' worth of steps (at least 2); the two
+    precisions alternate, so drift in machine speed hits both alike."""
+    auto = resolve_precision("auto", device)
+    other = "fp32" if auto == "bf16" else "bf16"
+    kernels = cpu_bf16_kernels() if device.type == "cpu" else device.type
+    out = []
+    for role, model_cfg, tc in (("teacher", cfg.teacher, cfg.teacher_train),
+                                ("student", cfg.student, cfg.student_train)):
+        steps = max(2, n // tc.batch_size)
+        run_steps = _pure_steps(model_cfg, tc, data, steps, device)
+        times: dict[str, list[float]] = {auto: [], other: []}
+        for prec in times:  # warm-up: oneDNN builds each precision's kernels on first use
+            run_steps(prec)
+        for _ in range(repeats):
+            for prec in times:
+                t0 = time.perf_counter()
+                run_steps(prec)
+                times[prec].append((time.perf_counter() - t0) / steps)
+        ours, base = statistics.median(times[auto]), statistics.median(times[other])
+        out.append(Result(
+            f"training step, {role} {model_cfg.arch} at batch {tc.batch_size}: precision auto "
+            f"= {auto} ({kernels or 'no bf16 kernels'})", ours, base, "s/step",
+            f"the same step at {other}", False, ">= 1x: auto picks the faster precision",
+            {"steps": steps, "batch": tc.batch_size, "kernels": kernels,
+             f"{auto}_s_per_step": times[auto], f"{other}_s_per_step": times[other]},
+            headline=f"{base / ours:.2f}x: {auto} takes {ours:.3g} s a step, {other} "
+                     f"{base:.3g} s"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Engine epoch vs pure compute
+
+
+def _pure_steps(model_cfg: ModelConfig, tc: TrainConfig, data: DataBundle, steps: int,
+                device: torch.device) -> Callable[[str], None]:
+    """``run(precision)``: a fresh model (seed 0) trained ``steps`` steps at ``precision``
+    on tensors made beforehand ([steps][batch, C, H, W] at the data's size, labels of its
+    classes), with the engine's optimizer: forward, loss, backward, step and nothing else."""
+    classes = len(data.classes)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(tc.batch_size, *data.train.images.shape[1:], generator=g).to(device)
+          .contiguous(memory_format=torch.channels_last) for _ in range(steps)]
+    ys = [torch.randint(0, classes, (tc.batch_size,), generator=g).to(device)
+          for _ in range(steps)]
+
+    def run(precision: str) -> None:
+        model = seeded_model(lambda: build_model(model_cfg, classes), 0).to(device).to(
+            memory_format=torch.channels_last).train()
+        opt = make_optimizer(model, tc)
+        for x, y in zip(xs, ys, strict=True):
+            with autocast(precision, device):
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return run
 
 
 def bench_engine(cfg: StudyConfig, data: DataBundle, n: int, repeats: int,
@@ -101,28 +175,14 @@ def bench_engine(cfg: StudyConfig, data: DataBundle, n: int, repeats: int,
     n_used = steps * tc.batch_size
 
     def build() -> torch.nn.Module:
-        return seeded_model(lambda: build_model(cfg.student), 0).to(device).to(
-            memory_format=torch.channels_last)
-
-    # Pure compute: forward, loss, backward, step on tensors made beforehand.
-    g = torch.Generator().manual_seed(0)
-    xs = torch.randn(steps, tc.batch_size, 3, 32, 32, generator=g).to(device)
-    xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
-    ys = torch.randint(0, 10, (steps, tc.batch_size), generator=g).to(device)
+        return seeded_model(lambda: build_model(cfg.student, len(data.classes)), 0).to(
+            device).to(memory_format=torch.channels_last)
 
     precision = resolve_precision(tc.precision, device)
+    run_pure = _pure_steps(cfg.student, tc, data, steps, device)
 
     def pure() -> None:
-        model = build().train()
-        opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
-        for x, y in zip(xs, ys, strict=True):
-            with autocast(precision, device):
-                loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        run_pure(precision)
 
     # The engine's training phase of one epoch (its own timer; validation is not counted).
     tiny_val = dataclasses.replace(data, val=data.val.take(torch.arange(10)))

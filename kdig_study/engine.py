@@ -160,7 +160,8 @@ def _param_groups(model: Net, cfg: TrainConfig) -> list[dict[str, Any]]:
              "weight_decay": cfg.weight_decay / cfg.bias_lr_scale}]
 
 
-def _optimizer(model: Net, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: Net, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names over ``model``'s parameter groups."""
     groups = _param_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
@@ -306,7 +307,7 @@ def train(model: Net, train_set: ImageSet, data: DataBundle, cfg: TrainConfig, *
         sample = train_set.images[:5000].to(device).float().div(255)
         init_whitening(model, (sample - loader.mean) * loader.inv_std)
     lookahead = Lookahead(model, steps, cfg.ema_start) if cfg.ema else None
-    opt = _optimizer(model, cfg)
+    opt = make_optimizer(model, cfg)
     sched = _scheduler(opt, cfg, steps)
     teacher = distill.teacher.to(device).eval() if distill else None
     # torch.compile shares the module's parameters: training steps run the compiled graph,
