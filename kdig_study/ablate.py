@@ -113,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
                         "per-condition | best | FILE.toml with [params] (see above)")
     p.add_argument("--storage", default=None, help="default: sqlite:///storage/kdig.db")
     p.add_argument("--from-study", default=None,
-                   help="the search study for --params best (default: <study>-<scale>)")
+                   help="the search study for --params best, and the prefix of the searches "
+                   "--params per-condition runs, <name>.tune-<condition> (default: "
+                   "<study>-<scale>)")
     p.add_argument("--teachers", type=int, default=1, metavar="K",
                    help="K teachers (seeds teacher_train.seed + 0..K-1), each with its own maps "
                         "and controls; every replicate runs under each; analysed per teacher "

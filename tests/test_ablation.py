@@ -731,24 +731,27 @@ def test_workers_tune_several_conditions_at_once(
     """--workers 2 runs two conditions' tuning searches at once, each as it would run alone
     (its own study, budget and seed), their lines labelled, after the maps they share were
     made on every core (not by one search on its share while the other waits); the
-    ablation then takes both."""
+    ablation then takes both. --from-study names the searches (another machine's tuning
+    must not write over the ledgers of the first)."""
     url = f"sqlite:///{isolated_storage}/kdig.db"
     isolated_storage.mkdir(parents=True, exist_ok=True)
     proc = _ablate("--seeds", "2", "--factors", "kd=none|dkd,ig", "--controls", "shuffled",
                    "--conditions", "DKD+IG,DKD+shuffled", "--params", "per-condition",
-                   "--out", str(tmp_path), "--workers", "2", "--set", "search.n_trials=2")
+                   "--out", str(tmp_path), "--workers", "2", "--set", "search.n_trials=2",
+                   "--from-study", "kd_ig-smoke.other")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("; 2 searches at once") == 2
     made = proc.stdout.index("made the ig maps, the shuffled maps for the searches here")
     for n, source in (("DKD+IG", "ig"), ("DKD+shuffled", "shuffled")):
         assert proc.stdout.index(f"[{n}] {source} maps (") > made
         assert f"[{n}] searching temperature, alpha, overlay_strength" in proc.stdout
-        study = optuna.load_study(study_name=f"kd_ig-smoke.tune-{n}", storage=url)
+        study = optuna.load_study(study_name=f"kd_ig-smoke.other.tune-{n}", storage=url)
         assert len(study.get_trials()) == 2
         assert study.user_attrs["config"]["ig"]["source"] == source
-        assert search_ledger_path(tmp_path, f"kd_ig-smoke.tune-{n}").is_file()
+        assert search_ledger_path(tmp_path, f"kd_ig-smoke.other.tune-{n}").is_file()
+        assert not search_ledger_path(tmp_path, f"kd_ig-smoke.tune-{n}").exists()
     assert "from the cache" in proc.stdout.split("[DKD+IG] ig maps (")[1].splitlines()[0]
-    res = json.loads((tmp_path / "kd_ig-smoke.ablation.json").read_text())
+    res = json.loads((tmp_path / "kd_ig-smoke.other.ablation.json").read_text())
     assert sorted(r["condition"] for r in res["runs"]) == ["DKD+IG"] * 2 + ["DKD+shuffled"] * 2
     # each condition's chosen trial said once, by the command, not again by each run worker
     assert proc.stdout.count("parameters of trial") == 2
