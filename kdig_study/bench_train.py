@@ -15,16 +15,15 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-import torch.nn.functional as F
 from optuna.artifacts import FileSystemArtifactStore
 
 from kdig_study.bench_result import Result, median_time
 from kdig_study.config import ModelConfig, StudyConfig, TrainConfig, load_study
 from kdig_study.data import BatchLoader, DataBundle, load_bundle
 from kdig_study.engine import (
-    autocast,
     cpu_bf16_kernels,
     make_optimizer,
+    plain_steps,
     resolve_precision,
     seeded_model,
     train,
@@ -155,15 +154,8 @@ def _pure_steps(model_cfg: ModelConfig, tc: TrainConfig, data: DataBundle, steps
     def run(precision: str) -> None:
         model = seeded_model(lambda: build_model(model_cfg, classes), 0).to(device).to(
             memory_format=torch.channels_last).train()
-        opt = make_optimizer(model, tc)
-        for x, y in zip(xs, ys, strict=True):
-            with autocast(precision, device):
-                loss = F.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        plain_steps(model, make_optimizer(model, tc), zip(xs, ys, strict=True), precision,
+                    device)
     return run
 
 

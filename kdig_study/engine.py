@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,22 @@ def make_optimizer(model: Net, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=cfg.lr)
+
+
+def plain_steps(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], precision: str,
+                device: torch.device) -> None:
+    """One plain training step per (images, labels) batch: forward, cross-entropy on fp32
+    logits, backward, optimizer step, nothing else (the compute the benchmarks and the
+    device check time); waits for the GPU at the end."""
+    for x, y in batches:
+        with autocast(precision, device):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def triangle(step: int, steps: int, start: float = 0.2, peak_at: float = 0.23,

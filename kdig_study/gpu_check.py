@@ -18,6 +18,7 @@ summary.txt to OUT.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -74,9 +75,8 @@ def _train_steps(role: str, n_images: int, batch: int, device: torch.device, tin
     ``barrier`` (folder, processes): after its warm-up, each process waits there until all
     are warm, so that the timed windows overlap."""
     import torch
-    import torch.nn.functional as F
 
-    from kdig_study.engine import autocast, resolve_precision
+    from kdig_study.engine import plain_steps, resolve_precision
 
     model = _model(role, tiny).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -87,14 +87,7 @@ def _train_steps(role: str, n_images: int, batch: int, device: torch.device, tin
     steps = max(1, n_images // batch)
 
     def run_steps(k: int) -> None:
-        for _ in range(k):
-            with autocast(precision, device):
-                loss = F.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        plain_steps(model, opt, itertools.repeat((x, y), k), precision, device)
 
     run_steps(min(steps, 10))  # warm-up
     if barrier is not None:
